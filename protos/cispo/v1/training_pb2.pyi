@@ -1,0 +1,260 @@
+from google.rpc import status_pb2 as _status_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_INT64: DType
+DTYPE_INT32: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "raw_data", "int64_data", "float_data", "double_data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    RAW_DATA_FIELD_NUMBER: _ClassVar[int]
+    INT64_DATA_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_DATA_FIELD_NUMBER: _ClassVar[int]
+    DOUBLE_DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    raw_data: bytes
+    int64_data: _containers.RepeatedScalarFieldContainer[int]
+    float_data: _containers.RepeatedScalarFieldContainer[float]
+    double_data: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., raw_data: _Optional[bytes] = ..., int64_data: _Optional[_Iterable[int]] = ..., float_data: _Optional[_Iterable[float]] = ..., double_data: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class LossFnInputs(_message.Message):
+    __slots__ = ("target_tokens", "logprobs", "advantages", "weights")
+    TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    target_tokens: Tensor
+    logprobs: Tensor
+    advantages: Tensor
+    weights: Tensor
+    def __init__(self, target_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Datum(_message.Message):
+    __slots__ = ("model_input", "loss_fn_inputs")
+    MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    model_input: Tensor
+    loss_fn_inputs: LossFnInputs
+    def __init__(self, model_input: _Optional[_Union[Tensor, _Mapping]] = ..., loss_fn_inputs: _Optional[_Union[LossFnInputs, _Mapping]] = ...) -> None: ...
+
+class ForwardBackwardInput(_message.Message):
+    __slots__ = ("data", "loss_fn", "loss_fn_config")
+    class LossFnConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    data: _containers.RepeatedCompositeFieldContainer[Datum]
+    loss_fn: str
+    loss_fn_config: _containers.ScalarMap[str, float]
+    def __init__(self, data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class LossFnOutput(_message.Message):
+    __slots__ = ("logprobs",)
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprobs: Tensor
+    def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ForwardBackwardOutput(_message.Message):
+    __slots__ = ("loss_fn_outputs", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    LOSS_FN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    loss_fn_outputs: _containers.RepeatedCompositeFieldContainer[LossFnOutput]
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, loss_fn_outputs: _Optional[_Iterable[_Union[LossFnOutput, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class AdamParams(_message.Message):
+    __slots__ = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_clip_norm: float
+    def __init__(self, learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ...) -> None: ...
+
+class OptimStepRequest(_message.Message):
+    __slots__ = ("adam_params",)
+    ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    adam_params: AdamParams
+    def __init__(self, adam_params: _Optional[_Union[AdamParams, _Mapping]] = ...) -> None: ...
+
+class OptimStepResponse(_message.Message):
+    __slots__ = ("grad_norm", "step", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    grad_norm: float
+    step: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SaveStateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SaveStateResponse(_message.Message):
+    __slots__ = ("name", "path", "step")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    step: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class LoadStateRequest(_message.Message):
+    __slots__ = ("name", "with_optimizer")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    with_optimizer: bool
+    def __init__(self, name: _Optional[str] = ..., with_optimizer: _Optional[bool] = ...) -> None: ...
+
+class LoadStateResponse(_message.Message):
+    __slots__ = ("name", "step")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    step: int
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LossFunctionInfo(_message.Message):
+    __slots__ = ("name", "default_config", "required_inputs")
+    class DefaultConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    default_config: _containers.ScalarMap[str, float]
+    required_inputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., default_config: _Optional[_Mapping[str, float]] = ..., required_inputs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_tokens_per_request", "max_sequence_length")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_tokens_per_request: int
+    max_sequence_length: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+
+class GetInfoResponse(_message.Message):
+    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    vocab_size: int
+    max_sequence_length: int
+    loss_functions: _containers.RepeatedCompositeFieldContainer[LossFunctionInfo]
+    limits: Limits
+    device: str
+    dtype: str
+    world_size: int
+    step: int
+    num_parameters: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("request_id", "forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    OPTIM_STEP_FIELD_NUMBER: _ClassVar[int]
+    SAVE_STATE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
+    GET_INFO_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    forward: ForwardBackwardInput
+    forward_backward: ForwardBackwardInput
+    optim_step: OptimStepRequest
+    save_state: SaveStateRequest
+    load_state: LoadStateRequest
+    get_info: GetInfoRequest
+    def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardInput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardInput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepRequest, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateRequest, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateRequest, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoRequest, _Mapping]] = ...) -> None: ...
+
+class StreamResponse(_message.Message):
+    __slots__ = ("request_id", "forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    OPTIM_STEP_FIELD_NUMBER: _ClassVar[int]
+    SAVE_STATE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
+    GET_INFO_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    forward: ForwardBackwardOutput
+    forward_backward: ForwardBackwardOutput
+    optim_step: OptimStepResponse
+    save_state: SaveStateResponse
+    load_state: LoadStateResponse
+    get_info: GetInfoResponse
+    error: _status_pb2.Status
+    def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResponse, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateResponse, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateResponse, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,212 @@
+"""The training state and its operations: forward, forward_backward, optim_step, save, load.
+
+One Engine is one training state on one device (one data-parallel rank). Every public method
+validates its whole input before computing anything and leaves the state unchanged when it
+fails. Not thread-safe: the service runs operations one at a time, in order.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cispo.worker import checkpoint
+from cispo.worker.batch import MicroBatch, Sample, pack, plan_micro_batches
+from cispo.worker.errors import ComputeFailed, StateNotFound
+from cispo.worker.logprob_head import target_logprobs
+from cispo.worker.loss_stats import BatchStats
+from cispo.worker.losses import LOSS_FUNCTIONS, LossFunction, TokenInputs, get_loss_function
+from cispo.worker.model import PolicyModel
+from cispo.worker.optimizer import AdamParams, Optimizer
+from cispo.worker.validation import validate_batch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and sizes of the engine."""
+
+    checkpoint_dir: Path = Path("checkpoints")
+    """Where save_state writes and load_state reads named states."""
+    micro_batch_tokens: int = 8192
+    """Token budget of one packed micro-batch (bounds activation memory)."""
+    max_tokens_per_request: int = 1 << 20
+    """Most tokens in one forward/forward_backward request."""
+    head_chunk_tokens: int | None = None
+    """Tokens per chunk of the LM head; None sizes chunks like the hidden states."""
+
+    def __post_init__(self):
+        if self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if self.max_tokens_per_request < 1:
+            raise ValueError(f"max_tokens_per_request must be >= 1, got {self.max_tokens_per_request}")
+        if self.head_chunk_tokens is not None and self.head_chunk_tokens < 1:
+            raise ValueError(f"head_chunk_tokens must be >= 1 or None, got {self.head_chunk_tokens}")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Per-datum target logprobs ((N_i,) fp32, CPU, request order) and the batch's stats."""
+
+    logprobs: list[torch.Tensor]
+    stats: BatchStats
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.stats.metrics()
+
+
+@dataclass(frozen=True)
+class OptimResult:
+    grad_norm: float  # pre-clip global L2 norm
+    step: int  # steps taken so far, this one included
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_name: str
+    vocab_size: int
+    max_sequence_length: int
+    device: str
+    dtype: str
+    num_parameters: int
+    step: int
+    loss_functions: dict[str, LossFunction] = field(default_factory=lambda: dict(LOSS_FUNCTIONS))
+
+
+# Sums gradients across data-parallel ranks in place (None on a single rank).
+GradientReducer = Callable[[list[torch.Tensor]], None]
+
+
+class Engine:
+    def __init__(self, policy: PolicyModel, config: EngineConfig = EngineConfig(),
+                 gradient_reducer: GradientReducer | None = None):
+        self.policy = policy
+        self.config = config
+        self.gradient_reducer = gradient_reducer
+        self.named_params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
+        self.optimizer = Optimizer(self.named_params)
+
+    def info(self) -> EngineInfo:
+        p = self.policy
+        return EngineInfo(
+            model_name=p.name, vocab_size=p.vocab_size, max_sequence_length=p.max_sequence_length,
+            device=p.device.type, dtype=str(p.compute_dtype).removeprefix("torch."),
+            num_parameters=sum(t.numel() for t in self.named_params.values()), step=self.optimizer.step_count,
+        )
+
+    # -- forward / forward_backward -------------------------------------------------------------
+
+    def validate(self, samples: list[Sample], loss_fn: str, loss_fn_config: Mapping[str, float] | None):
+        """The loss and its resolved config; raises InvalidInput/LimitExceeded, computes nothing."""
+        loss = get_loss_function(loss_fn)
+        config = loss.resolve_config(loss_fn_config)
+        validate_batch(samples, loss, self.policy.vocab_size, self.policy.max_sequence_length,
+                       self.config.max_tokens_per_request)
+        return loss, config
+
+    def forward(self, samples: list[Sample], loss_fn: str = "cispo",
+                loss_fn_config: Mapping[str, float] | None = None) -> BatchResult:
+        """Target logprobs and loss stats; no gradient."""
+        loss, config = self.validate(samples, loss_fn, loss_fn_config)
+        with torch.no_grad():
+            return self._run(samples, loss, config, backward=False)
+
+    def forward_backward(self, samples: list[Sample], loss_fn: str = "cispo",
+                         loss_fn_config: Mapping[str, float] | None = None) -> BatchResult:
+        """As forward, and adds the loss gradient to the accumulated gradient.
+
+        The new gradient is accumulated apart from the old one and added only on success,
+        so a failure mid-way (e.g. out of memory) leaves the accumulated gradient exactly as
+        it was.
+        """
+        loss, config = self.validate(samples, loss_fn, loss_fn_config)
+        params = list(self.named_params.values())
+        previous = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            result = self._run(samples, loss, config, backward=True)
+        except Exception as exc:
+            for p, g in zip(params, previous):
+                p.grad = g
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            raise ComputeFailed(
+                f"forward_backward failed ({'out of memory' if oom else type(exc).__name__}: {exc}); "
+                "the accumulated gradient is unchanged", out_of_memory=oom,
+            ) from exc
+        for p, g in zip(params, previous):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        return result
+
+    def _run(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
+             backward: bool) -> BatchResult:
+        lengths = [s.length for s in samples]
+        logprobs: list[torch.Tensor | None] = [None] * len(samples)
+        stats = BatchStats()
+        input_names = ("target_tokens", *loss.required_inputs)
+        for indices in plan_micro_batches(lengths, self.config.micro_batch_tokens):
+            mb = pack(samples, indices, input_names, self.policy.device)
+            logp_T, mb_loss, mb_stats = self._micro_batch(mb, loss, config)
+            if backward:
+                mb_loss.backward()
+            stats = stats.merge(mb_stats)
+            for i, lp in zip(mb.indices, logp_T.detach().float().cpu().split(mb.lengths)):
+                logprobs[i] = lp
+        return BatchResult(logprobs=logprobs, stats=stats)
+
+    def _micro_batch(self, mb: MicroBatch, loss: LossFunction, config: Mapping[str, float]):
+        """Trunk, chunked head, loss: (logp (T,) fp32, loss scalar, BatchStats)."""
+        with self.policy.autocast():
+            hidden_TD = self.policy.hidden_states(mb.input_ids_1T, mb.position_ids_1T)
+        weight_VD = self.policy.head_weight_VD.to(hidden_TD.dtype)
+        logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, self.config.head_chunk_tokens)
+        inputs = TokenInputs(mb.logprobs_T, mb.advantages_T, mb.weights_T)
+        mb_loss, fields = loss(logp_T, inputs, config)
+        stats = BatchStats(loss_sum=float(mb_loss.detach()), tokens=int(mb.input_ids_1T.shape[1]), **fields)
+        return logp_T, mb_loss, stats
+
+    # -- optimizer ------------------------------------------------------------------------------
+
+    def optim_step(self, adam: AdamParams) -> OptimResult:
+        """Sum gradients across ranks, clip, AdamW step, zero the gradient."""
+        if self.gradient_reducer is not None:
+            self.gradient_reducer([p.grad for p in self.named_params.values()])
+        grad_norm = self.optimizer.step(adam)
+        return OptimResult(grad_norm=grad_norm, step=self.optimizer.step_count, learning_rate=adam.learning_rate)
+
+    # -- states ---------------------------------------------------------------------------------
+
+    def save_state(self, name: str) -> Path:
+        """Write weights, optimizer state and step count under `name`."""
+        return checkpoint.save_state(
+            self.config.checkpoint_dir, name, dict(self.named_params), self.optimizer.state_tensors(),
+            self.optimizer.step_count, self.policy.name,
+        )
+
+    def load_state(self, name: str, with_optimizer: bool = False) -> int:
+        """Restore weights (and, if asked, optimizer state and step count; else a fresh
+        optimizer at step 0). Drops the accumulated gradient. Returns the state's step count.
+        Checks every tensor before changing anything."""
+        state = checkpoint.load_state(self.config.checkpoint_dir, name, with_optimizer)
+        expected = {n: tuple(p.shape) for n, p in self.named_params.items()}
+        found = {n: tuple(t.shape) for n, t in state.weights.items()}
+        if found != expected:
+            missing = sorted(set(expected) - set(found))[:3]
+            unexpected = sorted(set(found) - set(expected))[:3]
+            reshaped = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])[:3]
+            raise StateNotFound(
+                f"state '{name}' does not fit this model (missing {missing}, unexpected {unexpected}, "
+                f"different shapes {reshaped})"
+            )
+        with torch.no_grad():
+            for n, p in self.named_params.items():
+                p.copy_(state.weights[n])
+                p.grad = None
+        if with_optimizer:
+            self.optimizer.load_state_tensors(state.optimizer, state.step)
+        else:
+            self.optimizer.reset()
+        return state.step

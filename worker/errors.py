@@ -1,0 +1,43 @@
+"""Errors the engine raises. The service maps each to a gRPC status; nothing here knows gRPC."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field: `field` is a path such as "data[3].loss_fn_inputs.logprobs"."""
+
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+class InvalidInput(ValueError):
+    """The request is malformed; nothing was computed or changed (INVALID_ARGUMENT)."""
+
+    def __init__(self, violations: list[FieldViolation]):
+        assert violations, "InvalidInput needs at least one violation"
+        self.violations = list(violations)
+        super().__init__("; ".join(str(v) for v in self.violations))
+
+
+class LimitExceeded(ValueError):
+    """The request is over a configured limit, named in `limit` (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, limit: str, message: str):
+        self.limit = limit
+        super().__init__(message)
+
+
+class StateNotFound(LookupError):
+    """A state to load does not exist or cannot be used (FAILED_PRECONDITION)."""
+
+
+class ComputeFailed(RuntimeError):
+    """Compute failed mid-way (e.g. out of memory); the accumulated gradient is unchanged."""
+
+    def __init__(self, message: str, out_of_memory: bool = False):
+        self.out_of_memory = out_of_memory
+        super().__init__(message)

@@ -1,0 +1,92 @@
+"""Target log-probabilities through the LM head without materialising [tokens x vocab] logits.
+
+    logp_T[i] = log_softmax(hidden_TD[i] @ weight_VD.T)[targets_T[i]]
+
+The head, log-softmax, gather and their backward run over chunks of tokens, so the extra
+peak memory is a few (chunk x V) buffers instead of (T x V). Autograd carries the per-token
+upstream gradient (e.g. -coef * A for CISPO) into each chunk's logits gradient before it is
+summed into the weight gradient. Torch >= 2.13 does this in `F.linear_cross_entropy`;
+`ChunkedTargetLogprobs` is the same computation for older torch and gives the same numbers.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+HAS_LINEAR_CROSS_ENTROPY = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+def default_chunk_tokens(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk whose (chunk x V) logits are about the size of the (T x d) hidden states."""
+    return max(1, min(num_tokens, math.ceil(num_tokens / math.ceil(vocab_size / hidden_size))))
+
+
+def target_logprobs(
+    hidden_TD: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_T: torch.Tensor,
+    chunk_tokens: int | None = None,
+    use_torch_op: bool = HAS_LINEAR_CROSS_ENTROPY,
+) -> torch.Tensor:
+    """(T,) log-probabilities (fp32, or fp64 for an fp64 model) of `targets_T` (int64) under softmax(hidden_TD @ weight_VD.T).
+
+    Differentiable w.r.t. hidden_TD and weight_VD. `chunk_tokens` bounds the logits buffer;
+    None picks `default_chunk_tokens`. `use_torch_op=False` forces the portable fallback.
+    """
+    T, D = hidden_TD.shape
+    chunk = chunk_tokens or default_chunk_tokens(T, D, weight_VD.shape[0])
+    if use_torch_op:
+        low_precision = hidden_TD.dtype in (torch.float16, torch.bfloat16)
+        options = torch.nn.LinearCrossEntropyOptions(
+            batch_chunk_size=chunk, chunking_method=None, acc_dtype=torch.float32 if low_precision else None
+        )
+        nll_T = F.linear_cross_entropy(hidden_TD, weight_VD, targets_T, reduction="none", options=options)
+        return -nll_T.to(_acc_dtype(hidden_TD.dtype))
+    return ChunkedTargetLogprobs.apply(hidden_TD, weight_VD, targets_T, chunk)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 models; fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(hidden_CD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor:
+    """(C, V) logits of one chunk in the accumulation dtype."""
+    return (hidden_CD @ weight_VD.T).to(_acc_dtype(hidden_CD.dtype))
+
+
+class ChunkedTargetLogprobs(torch.autograd.Function):
+    """Chunked head + log-softmax + gather; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden_TD, weight_VD, targets_T, chunk_tokens):
+        logp_T = torch.empty(hidden_TD.shape[0], dtype=_acc_dtype(hidden_TD.dtype), device=hidden_TD.device)
+        lse_T = torch.empty_like(logp_T)
+        for start in range(0, hidden_TD.shape[0], chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            logits_CV = _chunk_logits(hidden_TD[sl], weight_VD)
+            lse_T[sl] = torch.logsumexp(logits_CV, dim=-1)
+            logp_T[sl] = logits_CV.gather(1, targets_T[sl, None])[:, 0] - lse_T[sl]
+        ctx.save_for_backward(hidden_TD, weight_VD, targets_T, lse_T)
+        ctx.chunk_tokens = chunk_tokens
+        return logp_T
+
+    @staticmethod
+    def backward(ctx, grad_logp_T):
+        hidden_TD, weight_VD, targets_T, lse_T = ctx.saved_tensors
+        grad_hidden_TD = torch.empty_like(hidden_TD) if ctx.needs_input_grad[0] else None
+        acc = _acc_dtype(hidden_TD.dtype)
+        grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
+        for start in range(0, hidden_TD.shape[0], ctx.chunk_tokens):
+            sl = slice(start, start + ctx.chunk_tokens)
+            h_CD, g_C = hidden_TD[sl], grad_logp_T[sl].to(acc)
+            # d logp / d logits = onehot(target) - softmax; scaled per token before any sum.
+            grad_logits_CV = (_chunk_logits(h_CD, weight_VD) - lse_T[sl, None]).exp_().mul_(-g_C[:, None])
+            grad_logits_CV.scatter_add_(1, targets_T[sl, None], g_C[:, None])
+            grad_logits_CV = grad_logits_CV.to(hidden_TD.dtype)  # matmuls in the model dtype
+            if grad_hidden_TD is not None:
+                grad_hidden_TD[sl] = grad_logits_CV @ weight_VD
+            grad_weight_VD += grad_logits_CV.T @ h_CD
+        grad_weight_VD = grad_weight_VD.to(weight_VD.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden_TD, grad_weight_VD, None, None

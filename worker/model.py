@@ -1,0 +1,122 @@
+"""The policy model: a local Hugging Face causal-LM checkpoint, or the embedded tiny default.
+
+Nothing is downloaded: a checkpoint is a directory with config.json and safetensors weights.
+The engine uses the model as a trunk (`decoder`, hidden states (1, T, D)) plus the LM head's
+weight (V, D), so that the head can run chunked.
+
+Parameters, gradients and optimizer state stay fp32 ("master weights"); `compute_dtype` (bf16 on
+GPU) is applied with autocast, so small learning-rate updates are not lost to bf16 rounding.
+The model is kept in eval mode: dropout would make the trainer's logprobs disagree with the
+sampler's even on-policy.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
+EMBEDDED_MODEL_NAME = "embedded-tiny-llama"
+EMBEDDED_SEED = 0
+
+
+def embedded_config() -> LlamaConfig:
+    """A tiny Llama: every operation runs on a laptop CPU in milliseconds."""
+    return LlamaConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+
+
+def build_embedded_model() -> PreTrainedModel:
+    """The embedded default, deterministically initialised (seeded) on the CPU in fp32."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EMBEDDED_SEED)
+        return AutoModelForCausalLM.from_config(embedded_config(), attn_implementation="sdpa", dtype=torch.float32)
+
+
+@dataclass
+class PolicyModel:
+    """A loaded causal LM and what the engine needs to know about it."""
+
+    name: str
+    model: PreTrainedModel
+    device: torch.device
+    compute_dtype: torch.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def max_sequence_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 20)
+
+    @property
+    def head_weight_VD(self) -> torch.nn.Parameter:
+        return self.model.get_output_embeddings().weight
+
+    def autocast(self) -> torch.autocast:
+        """Run the compute in `compute_dtype` (a no-op for fp32)."""
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
+
+    def hidden_states(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor) -> torch.Tensor:
+        """(T, D) final hidden states of a packed sequence; position resets separate datums."""
+        out = self.model.get_decoder()(input_ids=input_ids_1T, position_ids=position_ids_1T, use_cache=False)
+        return out.last_hidden_state[0]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """"auto"/None: cuda when available, else cpu."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """"auto"/None: bfloat16 on cuda, float32 on cpu; else a torch dtype name."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown dtype '{dtype}' (use float32, bfloat16 or float16)")
+    return resolved
+
+
+def load_policy_model(path: str | None = None, device: str | None = None, dtype: str | None = None) -> PolicyModel:
+    """Load `path` (a local HF checkpoint dir) or, when None/"", the embedded model.
+
+    `dtype` is the compute dtype; parameters are held in fp32 whatever the checkpoint's dtype.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if path in (None, "", EMBEDDED_MODEL_NAME):
+        name, model = EMBEDDED_MODEL_NAME, build_embedded_model()
+    else:
+        checkpoint = Path(path)
+        if not (checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+        _check_supported(AutoConfig.from_pretrained(checkpoint, local_files_only=True))
+        name = str(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
+        )
+    model.to(device=dev, dtype=torch.float32)
+    model.eval()
+    if model.get_output_embeddings().bias is not None:
+        raise ValueError(f"{name}: LM heads with a bias are not supported")
+    return PolicyModel(name=name, model=model, device=dev, compute_dtype=dt)
+
+
+def _check_supported(config) -> None:
+    """Reject models whose logits are not plain `hidden @ head.T` (the chunked head assumes it)."""
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"model type '{config.model_type}' transforms its logits ({attr}); not supported")
