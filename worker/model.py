@@ -63,8 +63,8 @@ class PolicyModel:
         return self.model.get_output_embeddings().weight
 
     def autocast(self) -> torch.autocast:
-        """Run the compute in `compute_dtype` (a no-op for fp32)."""
-        enabled = self.compute_dtype != torch.float32
+        """Run the compute in `compute_dtype` (a no-op for fp32/fp64)."""
+        enabled = self.compute_dtype in (torch.bfloat16, torch.float16)
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
 
     def hidden_states(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor) -> torch.Tensor:

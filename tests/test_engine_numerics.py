@@ -1,0 +1,247 @@
+"""The engine against plain references: the seed's four lines on materialised logits, autograd
+on the naive model, finite differences, packing, accumulation and checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model
+from cispo.worker.loss_stats import RATIO_BUCKET_EDGES
+from cispo.worker.model import PolicyModel
+from reference import make_samples, naive_target_logprobs, seed_cispo_loss
+
+LENGTHS = [37, 5, 64, 12, 90, 1, 23]
+
+
+def assert_grad_close(actual, expected, name, rel=1e-5):
+    """Equal up to fp32 summation order: error small relative to the tensor's scale."""
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * expected.abs().max().item() + 1e-8, f"{name}: max error {err}"
+
+
+def reference_grads(model, samples, lo=0.0, hi=4.0):
+    """(t per datum, loss, {name: grad}) from the seed formula on materialised logits."""
+    model.zero_grad(set_to_none=True)
+    ts, total = [], 0.0
+    for s in samples:
+        t = naive_target_logprobs(model, s)
+        loss = seed_cispo_loss(t, s.loss_fn_inputs["logprobs"], s.loss_fn_inputs["advantages"], lo, hi)
+        loss.backward()
+        ts.append(t.detach())
+        total += loss.item()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return ts, total, grads
+
+
+@pytest.mark.parametrize("thresholds", [None, (0.5, 2.0)])
+def test_cispo_matches_seed_formula_and_autograd(engine, thresholds):
+    samples = make_samples(LENGTHS, seed=1)
+    cfg = None if thresholds is None else dict(zip(("clip_low_threshold", "clip_high_threshold"), thresholds))
+    ts, ref_loss, ref_grads = reference_grads(engine.policy.model, samples, *(thresholds or (0.0, 4.0)))
+    result = engine.forward_backward(samples, "cispo", cfg)
+
+    ratios = torch.cat([(t - s.loss_fn_inputs["logprobs"]).exp() for t, s in zip(ts, samples)])
+    assert ratios.max() > 50 and ratios.min() < 0.05, "data must reach far outside the band on both sides"
+    assert result.metrics["loss:sum"] == pytest.approx(ref_loss, rel=1e-5)
+    for t, lp in zip(ts, result.logprobs):
+        torch.testing.assert_close(lp, t, rtol=1e-5, atol=1e-5)
+    for name, p in engine.named_params.items():
+        assert_grad_close(p.grad, ref_grads[name], name)
+
+
+def test_default_config_is_exactly_explicit_defaults(tmp_path):
+    samples = make_samples(LENGTHS, seed=2)
+    results = []
+    for cfg in (None, {}, {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}):
+        e = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
+        r = e.forward_backward(samples, "cispo", cfg)
+        results.append((r.metrics, [p.grad.clone() for p in e.named_params.values()]))
+    for metrics, grads in results[1:]:
+        assert metrics == results[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+
+
+def test_clip_counts_kl_and_buckets_match_reference(engine):
+    samples = make_samples(LENGTHS, seed=3)
+    lo, hi = 0.5, 2.0
+    result = engine.forward(samples, "cispo", {"clip_low_threshold": lo, "clip_high_threshold": hi})
+    t = torch.cat([naive_target_logprobs(engine.policy.model, s).detach() for s in samples]).double()
+    s = torch.cat([x.loss_fn_inputs["logprobs"] for x in samples]).double()
+    a = torch.cat([x.loss_fn_inputs["advantages"] for x in samples])
+    active = a != 0
+    r = (t - s).exp()[active]
+    m = result.metrics
+    assert m["tokens:sum"] == sum(LENGTHS)
+    assert m["active_tokens:sum"] == int(active.sum())
+    assert m["clipped_high:sum"] == int((r > hi).sum())
+    assert m["clipped_low:sum"] == int((r < lo).sum())
+    assert m["ratio:min"] == pytest.approx(r.min().item(), rel=1e-4)
+    assert m["ratio:max"] == pytest.approx(r.max().item(), rel=1e-4)
+    assert m["ratio:mean"] == pytest.approx(r.mean().item(), rel=1e-4)
+    assert m["kl_k1:mean"] == pytest.approx((s - t)[active].mean().item(), rel=1e-4)
+    assert m["kl_k3:mean"] == pytest.approx((r - 1 - r.log()).mean().item(), rel=1e-4)
+    # Prometheus `le` buckets: count of ratios in (edge[i-1], edge[i]].
+    edges = [0.0, *RATIO_BUCKET_EDGES, math.inf]
+    expected = [int(((r > lo_e) & (r <= hi_e)).sum()) for lo_e, hi_e in zip(edges, edges[1:])]
+    assert list(result.stats.ratio_bucket_counts) == expected
+
+
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "cross_entropy"])
+def test_other_losses_match_their_formulas(engine, loss_fn):
+    samples = make_samples(LENGTHS, seed=4, spread=1.0, with_weights=True)
+    model = engine.policy.model
+    ref = 0.0
+    for x in samples:
+        t = naive_target_logprobs(model, x)
+        s, a, w = (x.loss_fn_inputs[k] for k in ("logprobs", "advantages", "weights"))
+        r = (t - s).exp()
+        loss = {
+            "importance_sampling": lambda: -(r * a).sum(),
+            "ppo": lambda: -torch.minimum(r * a, r.clamp(0.8, 1.2) * a).sum(),
+            "cross_entropy": lambda: -(w * t).sum(),
+        }[loss_fn]()
+        loss.backward()
+        ref += loss.item()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    result = engine.forward_backward(samples, loss_fn)
+    assert result.metrics["loss:sum"] == pytest.approx(ref, rel=1e-5)
+    for name, p in engine.named_params.items():
+        assert_grad_close(p.grad, ref_grads[name], name)
+
+
+def test_finite_differences_on_tiny_fp64_model(tmp_path):
+    """The cispo gradient at theta0 is the gradient of sum(-coef0 * A * t(theta)) with coef0
+    frozen, i.e. cross_entropy with weights coef0 * A, whose value we can difference.
+    GPT-2 (tied embeddings) runs wholly in fp64, unlike Llama whose RMSNorm rounds to fp32."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=1024, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double().eval()
+    policy = PolicyModel("tiny-gpt2", model, torch.device("cpu"), torch.float64)
+    engine = Engine(policy, EngineConfig(checkpoint_dir=tmp_path, micro_batch_tokens=12))
+    samples = make_samples([9, 4, 6], seed=5)
+    engine.forward_backward(samples, "cispo")
+    t0 = engine.forward(samples).logprobs
+    frozen = []
+    for s, t in zip(samples, t0):
+        coef = (t.double() - s.loss_fn_inputs["logprobs"].double()).exp().clamp(0.0, 4.0)
+        w = (coef * s.loss_fn_inputs["advantages"].double()).float()
+        frozen.append(Sample(s.model_input, {"target_tokens": s.loss_fn_inputs["target_tokens"], "weights": w}))
+    g = torch.Generator().manual_seed(0)
+    eps = 1e-6
+    for name in ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.ln_f.bias"]:
+        p = engine.named_params[name]
+        v = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        analytic = float((p.grad * v).sum())
+        with torch.no_grad():
+            p.add_(eps * v)
+            up = engine.forward(frozen, "cross_entropy").metrics["loss:sum"]
+            p.sub_(2 * eps * v)
+            down = engine.forward(frozen, "cross_entropy").metrics["loss:sum"]
+            p.add_(eps * v)
+        assert (up - down) / (2 * eps) == pytest.approx(analytic, rel=1e-6, abs=1e-9), name
+
+
+def test_packed_results_equal_per_datum_results(tmp_path):
+    samples = make_samples(LENGTHS, seed=6)
+    packed = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path, micro_batch_tokens=4096))
+    alone = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path, micro_batch_tokens=1))
+    rp, ra = packed.forward_backward(samples), alone.forward_backward(samples)
+    for a, b in zip(rp.logprobs, ra.logprobs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert rp.metrics["loss:sum"] == pytest.approx(ra.metrics["loss:sum"], rel=1e-5)
+    for (n, p), q in zip(packed.named_params.items(), alone.named_params.values()):
+        assert_grad_close(p.grad, q.grad, n)
+
+
+def test_k_calls_then_step_equal_one_call(tmp_path):
+    samples = make_samples(LENGTHS, seed=7)
+    split = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
+    whole = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
+    for chunk in (samples[:2], samples[2:5], samples[5:]):
+        split.forward_backward(chunk)
+    whole.forward_backward(samples)
+    adam = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0)
+    assert split.optim_step(adam).grad_norm == pytest.approx(whole.optim_step(adam).grad_norm, rel=1e-5)
+    for (n, p), q in zip(split.named_params.items(), whole.named_params.values()):
+        assert_grad_close(p, q, n)
+        assert p.grad is None
+
+
+def test_save_load_step_reproduces_uninterrupted_run(tmp_path):
+    adam = AdamParams(learning_rate=1e-3)
+    batches = [make_samples([20, 11], seed=s) for s in (8, 9, 10)]
+    straight = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
+    for b in batches:
+        straight.forward_backward(b)
+        straight.optim_step(adam)
+
+    first = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
+    first.forward_backward(batches[0])
+    first.optim_step(adam)
+    first.save_state("after-1")
+    resumed = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
+    assert resumed.load_state("after-1", with_optimizer=True) == 1
+    for b in batches[1:]:
+        resumed.forward_backward(b)
+        resumed.optim_step(adam)
+    assert resumed.optimizer.step_count == 3
+    for (n, p), q in zip(straight.named_params.items(), resumed.named_params.values()):
+        assert torch.equal(p, q), n
+
+
+def test_load_weights_only_resets_optimizer(tmp_path):
+    e = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
+    e.forward_backward(make_samples([10], seed=11))
+    e.optim_step(AdamParams())
+    e.save_state("s")
+    e.forward_backward(make_samples([10], seed=12))
+    assert e.load_state("s") == 1
+    assert e.optimizer.step_count == 0 and not e.optimizer.adamw.state
+    assert all(p.grad is None for p in e.named_params.values())
+
+
+def test_fallback_head_gives_the_torch_op_numbers():
+    from cispo.worker.logprob_head import HAS_LINEAR_CROSS_ENTROPY, target_logprobs
+
+    torch.manual_seed(0)
+    h = torch.randn(300, 48, requires_grad=True)
+    w = (torch.randn(2000, 48) * 0.1).requires_grad_()
+    tgt = torch.randint(0, 2000, (300,))
+    g = torch.randn(300)
+    ref = torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None])[:, 0]
+    ref_grads = torch.autograd.grad((ref * g).sum(), [h, w])
+    paths = [False, True] if HAS_LINEAR_CROSS_ENTROPY else [False]
+    for use_torch_op in paths:
+        lp = target_logprobs(h, w, tgt, chunk_tokens=37, use_torch_op=use_torch_op)
+        assert lp.dtype == torch.float32
+        torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad((lp * g).sum(), [h, w]), ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_finite_results(tmp_path):
+    policy = load_policy_model(dtype="bfloat16")
+    e = Engine(policy, EngineConfig(checkpoint_dir=tmp_path))
+    samples = make_samples(LENGTHS, seed=13)
+    r = e.forward_backward(samples)
+    ref = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path)).forward(samples)
+    assert all(lp.dtype == torch.float32 for lp in r.logprobs)
+    for a, b in zip(r.logprobs, ref.logprobs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.1)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in e.named_params.values())
+    assert math.isfinite(e.optim_step(AdamParams()).grad_norm)
+
+
+def test_extreme_ratios_never_reach_metrics_as_inf_or_nan(engine):
+    samples = make_samples([16, 16], seed=14)
+    samples[0].loss_fn_inputs["logprobs"][:] = -1e30  # exp(t - s) overflows without care
+    samples[1].loss_fn_inputs["logprobs"][:] = -0.0
+    for loss_fn in ("cispo", "importance_sampling", "ppo"):
+        r = engine.forward_backward(samples, loss_fn)
+        assert all(math.isfinite(v) for v in r.metrics.values()), (loss_fn, r.metrics)
+        assert all(torch.isfinite(p.grad).all() for p in engine.named_params.values())
