@@ -1,0 +1,1 @@
+"""The cispo gRPC front: decode + validate, the ordered pipeline, health, reflection, metrics."""

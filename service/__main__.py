@@ -1,0 +1,3 @@
+from cispo.service.cli import main
+
+main()

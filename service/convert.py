@@ -1,0 +1,131 @@
+"""Conversions between the wire types (cispo.v1) and the engine's (cispo.worker).
+
+Decoding never loops over elements in Python: raw bytes become `np.frombuffer` views and typed
+fields go through numpy in one call. Malformed tensors become field violations, so the caller
+can reject the whole request before any compute.
+"""
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from cispo.v1 import training_pb2 as pb
+from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, Sample
+from cispo.worker.batch import LOSS_INPUT_KINDS
+
+RAW_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+}
+TYPED_FIELDS: dict[str, tuple[int, np.dtype]] = {
+    "int64_data": (pb.DTYPE_INT64, np.dtype(np.int64)),
+    "float_data": (pb.DTYPE_FLOAT32, np.dtype(np.float32)),
+    "double_data": (pb.DTYPE_FLOAT64, np.dtype(np.float64)),
+}
+
+
+class _Violations(list):
+    """Collects FieldViolations; `raise_if_any` rejects the request with all of them."""
+
+    def add(self, field: str, description: str) -> None:
+        self.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self:
+            raise InvalidInput(list(self))
+
+
+def tensor_to_torch(t: pb.Tensor, field: str, violations: _Violations) -> torch.Tensor | None:
+    """A 1-D CPU tensor from the wire form, or None (with a violation added) if malformed."""
+    present = [name for name in ("raw_data", *TYPED_FIELDS) if _has(t, name)]
+    if len(present) > 1:
+        violations.add(field, f"set exactly one of raw_data, int64_data, float_data, double_data; got {', '.join(present)}")
+        return None
+    name = present[0] if present else ("raw_data" if t.dtype != pb.DTYPE_UNSPECIFIED else None)
+    if name is None:
+        array = np.zeros(0, dtype=np.int64)  # an empty tensor; length checks report it
+    elif name == "raw_data":
+        dtype = RAW_DTYPES.get(t.dtype)
+        if dtype is None:
+            violations.add(f"{field}.dtype", "raw_data needs dtype INT64, INT32, FLOAT32 or FLOAT64")
+            return None
+        if len(t.raw_data) % dtype.itemsize:
+            violations.add(f"{field}.raw_data", f"{len(t.raw_data)} bytes is not a multiple of the {pb.DType.Name(t.dtype)} size {dtype.itemsize}")
+            return None
+        array = np.frombuffer(t.raw_data, dtype=dtype)
+    else:
+        declared, dtype = TYPED_FIELDS[name]
+        if t.dtype not in (pb.DTYPE_UNSPECIFIED, declared):
+            violations.add(f"{field}.dtype", f"{pb.DType.Name(t.dtype)} disagrees with {name}")
+            return None
+        array = np.asarray(getattr(t, name), dtype=dtype)
+    if len(t.shape) and list(t.shape) != [array.shape[0]]:
+        violations.add(f"{field}.shape", f"shape {list(t.shape)} does not match {array.shape[0]} elements (tensors are 1-D)")
+        return None
+    if not array.flags.writeable:
+        array = array.copy() if array.dtype.byteorder == ">" else array
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False)) if array.size else torch.from_numpy(array.copy())
+
+
+def _has(t: pb.Tensor, name: str) -> bool:
+    return len(getattr(t, name)) > 0
+
+
+def decode_forward_backward(req: pb.ForwardBackwardInput) -> tuple[list[Sample], str, dict[str, float]]:
+    """(samples, loss_fn, loss_fn_config) of a request; InvalidInput for malformed tensors."""
+    violations = _Violations()
+    samples = []
+    for i, datum in enumerate(req.data):
+        where = f"data[{i}]"
+        if not datum.HasField("model_input"):
+            violations.add(f"{where}.model_input", "required")
+        tokens = tensor_to_torch(datum.model_input, f"{where}.model_input", violations)
+        inputs = {}
+        for name in LOSS_INPUT_KINDS:
+            if datum.loss_fn_inputs.HasField(name):
+                value = tensor_to_torch(getattr(datum.loss_fn_inputs, name), f"{where}.loss_fn_inputs.{name}", violations)
+                if value is not None:
+                    inputs[name] = value
+        if tokens is not None:
+            samples.append(Sample(tokens, inputs))
+    violations.raise_if_any()
+    return samples, req.loss_fn or "cispo", dict(req.loss_fn_config)
+
+
+def encode_batch_result(result: BatchResult) -> pb.ForwardBackwardOutput:
+    """Per-datum logprobs as raw little-endian float32, plus the metrics."""
+    return pb.ForwardBackwardOutput(
+        loss_fn_outputs=[
+            pb.LossFnOutput(logprobs=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[lp.numel()],
+                                               raw_data=lp.numpy().astype("<f4", copy=False).tobytes()))
+            for lp in result.logprobs
+        ],
+        metrics=result.metrics,
+    )
+
+
+def decode_adam_params(req: pb.OptimStepRequest) -> AdamParams:
+    """AdamParams with defaults for unset fields; InvalidInput for out-of-range values."""
+    given = {f.name: value for f, value in req.adam_params.ListFields()}
+    return AdamParams(**given)
+
+
+def encode_info(info: EngineInfo, limits: Mapping[str, int], world_size: int) -> pb.GetInfoResponse:
+    return pb.GetInfoResponse(
+        model_name=info.model_name,
+        vocab_size=info.vocab_size,
+        max_sequence_length=info.max_sequence_length,
+        loss_functions=[
+            pb.LossFunctionInfo(name=f.name, default_config=dict(f.defaults), required_inputs=list(f.required_inputs))
+            for f in info.loss_functions.values()
+        ],
+        limits=pb.Limits(**limits),
+        device=info.device,
+        dtype=info.dtype,
+        world_size=world_size,
+        step=info.step,
+        num_parameters=info.num_parameters,
+    )

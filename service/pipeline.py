@@ -1,0 +1,59 @@
+"""The ordered operation pipeline of the one training state.
+
+Operations run one at a time, in the order submitted, on a dedicated engine thread, while the
+event loop goes on decoding and validating the next requests. At most `capacity` operations
+wait; `submit` blocks beyond that, so a stream's reader stops reading and gRPC flow control
+slows the client (back-pressure) instead of memory growing.
+"""
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+_STOP = object()
+
+
+class OperationPipeline:
+    def __init__(self, capacity: int = 8):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=capacity)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cispo-engine")
+        self._runner: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        """Operations accepted and waiting to run."""
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run())
+
+    async def submit(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Queue `fn` (waiting for room) and return the future of its result."""
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((fn, future))
+        return future
+
+    async def close(self) -> None:
+        """Run everything already accepted, then stop the engine thread."""
+        await self._queue.put((_STOP, None))
+        if self._runner is not None:
+            await self._runner
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            fn, future = await self._queue.get()
+            if fn is _STOP:
+                return
+            try:
+                result = await loop.run_in_executor(self._executor, fn)
+            except Exception as exc:  # handed to the waiting caller
+                if not future.cancelled():
+                    future.set_exception(exc)
+            else:
+                if not future.cancelled():
+                    future.set_result(result)
