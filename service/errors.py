@@ -5,7 +5,7 @@ import logging
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from cispo.worker import ComputeFailed, InvalidInput, LimitExceeded, StateNotFound
+from cispo.worker import ComputeFailed, InvalidInput, LimitExceeded, RankUnavailable, StateNotFound
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         return _status(code_pb2.RESOURCE_EXHAUSTED, str(exc), details)
     if isinstance(exc, StateNotFound):
         return _status(code_pb2.FAILED_PRECONDITION, str(exc))
-    if isinstance(exc, Unavailable):
+    if isinstance(exc, (Unavailable, RankUnavailable)):
         return _status(code_pb2.UNAVAILABLE, str(exc))
     if isinstance(exc, ComputeFailed):
         code = code_pb2.RESOURCE_EXHAUSTED if exc.out_of_memory else code_pb2.INTERNAL

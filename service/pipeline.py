@@ -21,6 +21,8 @@ class OperationPipeline:
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=capacity)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cispo-engine")
         self._runner: asyncio.Task | None = None
+        self._running: asyncio.Future | None = None
+        self._failure: BaseException | None = None
 
     @property
     def depth(self) -> int:
@@ -32,12 +34,32 @@ class OperationPipeline:
 
     async def submit(self, fn: Callable[[], Any]) -> asyncio.Future:
         """Queue `fn` (waiting for room) and return the future of its result."""
+        if self._failure is not None:
+            raise self._failure
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((fn, future))
         return future
 
+    def fail(self, exc: BaseException) -> None:
+        """The engine can no longer run (e.g. a rank is lost): fail the running and queued
+        operations with `exc` now, and every later submit too. The engine thread may stay
+        blocked; `close` does not wait for it."""
+        self._failure = exc
+        pending = [self._running] if self._running is not None else []
+        while not self._queue.empty():
+            fn, future = self._queue.get_nowait()
+            pending.append(future)
+        for future in pending:
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
     async def close(self) -> None:
         """Run everything already accepted, then stop the engine thread."""
+        if self._failure is not None:
+            if self._runner is not None:
+                self._runner.cancel()
+            self._executor.shutdown(wait=False)
+            return
         await self._queue.put((_STOP, None))
         if self._runner is not None:
             await self._runner
@@ -49,11 +71,14 @@ class OperationPipeline:
             fn, future = await self._queue.get()
             if fn is _STOP:
                 return
+            self._running = future
             try:
                 result = await loop.run_in_executor(self._executor, fn)
             except Exception as exc:  # handed to the waiting caller
-                if not future.cancelled():
+                if not future.done():
                     future.set_exception(exc)
             else:
-                if not future.cancelled():
+                if not future.done():
                     future.set_result(result)
+            finally:
+                self._running = None

@@ -54,6 +54,7 @@ class TrainingServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._http = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
         options = [("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -67,6 +68,7 @@ class TrainingServer:
         if self.config.metrics_port >= 0:
             self._http, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
             self.metrics_port = self._http.server_port
+        self._loop = asyncio.get_running_loop()
         self.pipeline.start()
         await server.start()
         self._server = server
@@ -77,6 +79,14 @@ class TrainingServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in HEALTH_SERVICE_NAMES:
             await self.health.set(name, status)
+
+    def rank_lost(self, error: Exception) -> None:
+        """From any thread: a worker rank is gone. NOT_SERVING; fail what is in flight now."""
+        def on_loop():
+            log.error("worker group broken: %s", error)
+            self.pipeline.fail(error)
+            asyncio.ensure_future(self.set_serving(False))
+        self._loop.call_soon_threadsafe(on_loop)
 
     async def drain(self) -> None:
         """Stop accepting work, answer everything accepted (within drain_seconds), stop."""

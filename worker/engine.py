@@ -77,14 +77,17 @@ class EngineInfo:
 
 # Sums gradients across data-parallel ranks in place (None on a single rank).
 GradientReducer = Callable[[list[torch.Tensor]], None]
+# Given this rank's failure (or None), returns the group's first failure (or None).
+FailureAgreement = Callable[[ComputeFailed | None], ComputeFailed | None]
 
 
 class Engine:
     def __init__(self, policy: PolicyModel, config: EngineConfig = EngineConfig(),
-                 gradient_reducer: GradientReducer | None = None):
+                 gradient_reducer: GradientReducer | None = None, agree_on_failure: FailureAgreement | None = None):
         self.policy = policy
         self.config = config
         self.gradient_reducer = gradient_reducer
+        self.agree_on_failure = agree_on_failure
         self.named_params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
         self.optimizer = Optimizer(self.named_params)
 
@@ -110,32 +113,45 @@ class Engine:
                 loss_fn_config: Mapping[str, float] | None = None) -> BatchResult:
         """Target logprobs and loss stats; no gradient."""
         loss, config = self.validate(samples, loss_fn, loss_fn_config)
+        return self.run_forward(samples, loss, config)
+
+    def run_forward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
+        """forward on already validated samples (possibly none)."""
+        if not samples:
+            return BatchResult([], BatchStats())
         with torch.no_grad():
             return self._run(samples, loss, config, backward=False)
 
     def forward_backward(self, samples: list[Sample], loss_fn: str = "cispo",
                          loss_fn_config: Mapping[str, float] | None = None) -> BatchResult:
-        """As forward, and adds the loss gradient to the accumulated gradient.
-
-        The new gradient is accumulated apart from the old one and added only on success,
-        so a failure mid-way (e.g. out of memory) leaves the accumulated gradient exactly as
-        it was.
-        """
+        """As forward, and adds the loss gradient to the accumulated gradient."""
         loss, config = self.validate(samples, loss_fn, loss_fn_config)
+        return self.run_forward_backward(samples, loss, config)
+
+    def run_forward_backward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
+        """forward_backward on already validated samples (possibly none: a rank's empty shard).
+
+        The new gradient is accumulated apart from the old one and added only when every rank
+        succeeded (`agree_on_failure`), so a failure mid-way (e.g. out of memory) on any rank
+        leaves the accumulated gradient exactly as it was.
+        """
         params = list(self.named_params.values())
         previous = [p.grad for p in params]
         for p in params:
             p.grad = None
+        failure, error = None, None
         try:
-            result = self._run(samples, loss, config, backward=True)
+            result = self._run(samples, loss, config, backward=True) if samples else BatchResult([], BatchStats())
         except Exception as exc:
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            failure, error = ComputeFailed(f"{'out of memory' if oom else type(exc).__name__}: {exc}", oom), exc
+        if self.agree_on_failure is not None:
+            failure = self.agree_on_failure(failure)
+        if failure is not None:
             for p, g in zip(params, previous):
                 p.grad = g
-            oom = isinstance(exc, torch.OutOfMemoryError)
-            raise ComputeFailed(
-                f"forward_backward failed ({'out of memory' if oom else type(exc).__name__}: {exc}); "
-                "the accumulated gradient is unchanged", out_of_memory=oom,
-            ) from exc
+            raise ComputeFailed(f"forward_backward failed ({failure}); the accumulated gradient is unchanged",
+                                failure.out_of_memory) from error
         for p, g in zip(params, previous):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad.add_(g)

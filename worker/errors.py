@@ -41,3 +41,11 @@ class ComputeFailed(RuntimeError):
     def __init__(self, message: str, out_of_memory: bool = False):
         self.out_of_memory = out_of_memory
         super().__init__(message)
+
+
+class RankUnavailable(RuntimeError):
+    """A data-parallel rank died or stopped answering; the group cannot train (UNAVAILABLE)."""
+
+    def __init__(self, rank: int | None, message: str):
+        self.rank = rank
+        super().__init__(message)

@@ -1,0 +1,346 @@
+"""The connection: a private event-loop thread that owns the grpc.aio channel.
+
+Why a thread of its own: a grpc.aio channel belongs to the event loop it was made in. Owning
+the loop lets the client work the same from plain sync code, from inside any user event loop
+(or several, e.g. one `asyncio.run` after another), and from several threads, and lets
+`APIFuture.result()` block even on a thread that runs an event loop without deadlocking it.
+The user's loop only ever waits on `concurrent.futures.Future`s (via `asyncio.wrap_future`).
+
+Two paths, both over the one channel:
+  * `submit`: an operation on the long-lived bidirectional `Stream`. It is given the next
+    request id and queued in call order (call order = server execution order); a reader task
+    resolves the pending futures as answers arrive. If the stream breaks, every pending future
+    fails with UnavailableError, and the next submit opens a new stream.
+  * `unary`: a blocking unary call. It first waits until every operation submitted earlier
+    has been answered, so unary calls also run in call order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from cispo.v1 import training_pb2 as pb
+from cispo.v1 import training_pb2_grpc as pb_grpc
+
+from .errors import (
+    CispoError,
+    UnavailableError,
+    error_for_code,
+    error_from_rpc_error,
+    error_from_status,
+)
+
+logger = logging.getLogger(__name__)
+
+_END_OF_REQUESTS = object()  # queued to half-close a stream
+
+
+class _Pending:
+    """A submitted stream request awaiting its answer."""
+
+    __slots__ = ("future", "expected", "decode")
+
+    def __init__(self, future: concurrent.futures.Future, expected: str, decode: Callable) -> None:
+        self.future = future  # RUNNING concurrent future handed to the caller
+        self.expected = expected  # the StreamResponse.result field the answer must carry
+        self.decode = decode  # that field's message -> client type
+
+    def resolve(self, response: pb.StreamResponse) -> None:
+        which = response.WhichOneof("result")
+        try:
+            if which == "error":
+                raise error_from_status(response.error)
+            if which != self.expected:
+                raise CispoError(
+                    f"protocol error: answer to request {response.request_id!r} carries "
+                    f"{which!r}, expected {self.expected!r}",
+                    code=grpc.StatusCode.INTERNAL,
+                )
+            value = self.decode(getattr(response, which))
+        except Exception as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(value)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _StreamSession:
+    """One `Stream` call: the queue of requests to write and the requests awaiting answers.
+
+    Lives on the I/O loop; no locking needed.
+    """
+
+    def __init__(self, stub: pb_grpc.TrainingServiceStub, call_kwargs: dict, target: str) -> None:
+        self.target = target
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pending: dict[str, _Pending] = {}  # insertion order = request order
+        self.broken = False  # the call has ended; no more answers will come
+        self.half_closed = False  # no more requests will be written
+        self.closing = False  # the client is closing (for the failure message)
+        self.idle = asyncio.Event()  # set while nothing is pending
+        self.idle.set()
+        self.call = stub.Stream(self._requests(), **call_kwargs)
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _requests(self):
+        while True:
+            request = await self.queue.get()
+            if request is _END_OF_REQUESTS:
+                return
+            yield request
+
+    def add(self, request: pb.StreamRequest, pending: _Pending) -> None:
+        self.pending[request.request_id] = pending
+        self.idle.clear()
+        self.queue.put_nowait(request)
+
+    def half_close(self) -> None:
+        if not self.half_closed:
+            self.half_closed = True
+            self.queue.put_nowait(_END_OF_REQUESTS)
+
+    async def _read(self) -> None:
+        code, details = grpc.StatusCode.UNAVAILABLE, "the server ended the stream"
+        try:
+            async for response in self.call:
+                pending = self.pending.pop(response.request_id, None)
+                if pending is None:
+                    logger.warning("answer to unknown request id %r ignored", response.request_id)
+                    continue
+                pending.resolve(response)
+                if not self.pending:
+                    self.idle.set()
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+        except asyncio.CancelledError:
+            code, details = grpc.StatusCode.CANCELLED, "the stream was cancelled"
+        except Exception as exc:  # a bug or a decoding failure: end this stream, keep the client
+            logger.exception("stream reader failed")
+            code, details = grpc.StatusCode.INTERNAL, f"stream reader failed: {exc!r}"
+        finally:
+            self.broken = True
+            pending, self.pending = self.pending, {}
+            for item in pending.values():
+                item.fail(self._failure(code, details))
+            self.idle.set()
+
+    def _failure(self, code: grpc.StatusCode, details: str) -> CispoError:
+        if self.closing:
+            return UnavailableError(
+                "the client was closed before the answer arrived; the operation may or may "
+                "not have run"
+            )
+        message = (
+            f"stream to {self.target} broke before the answer arrived ({code.name}: {details}); "
+            "the operation may or may not have run"
+        )
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return error_for_code(code, message)  # e.g. a message over the server's limit
+        return UnavailableError(message)
+
+
+class Transport:
+    """One channel to the server, on a private I/O thread started on first use."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_message_bytes: int,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        metadata: Sequence[tuple[str, str]] = (),
+        wait_for_ready: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        self.target = target
+        self.max_message_bytes = max_message_bytes
+        self._credentials = credentials
+        self._channel_options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *channel_options,
+        ]
+        self._call_kwargs = {"metadata": tuple(metadata) or None, "wait_for_ready": wait_for_ready}
+        self._timeout = timeout
+        self._lock = threading.Lock()  # guards the fields below
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_id = 0
+        self._inflight: set[concurrent.futures.Future] = set()
+        self._closed = False
+        # Touched on the I/O loop only:
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.TrainingServiceStub | None = None
+        self._session: _StreamSession | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def _start_locked(self) -> asyncio.AbstractEventLoop:
+        if self._closed:
+            raise RuntimeError("the TrainingClient is closed")
+        if self._loop is None:
+            ready = threading.Event()
+            failure: list[BaseException] = []
+            thread = threading.Thread(
+                target=self._run, args=(ready, failure), name="cispo-client-io", daemon=True
+            )
+            thread.start()
+            ready.wait()
+            if failure:
+                raise failure[0]
+            self._thread = thread
+        return self._loop  # type: ignore[return-value]
+
+    def _run(self, ready: threading.Event, failure: list) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._open_channel())
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+            loop.close()
+            return
+        self._loop = loop
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _open_channel(self) -> None:
+        if self._credentials is not None:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._credentials, options=self._channel_options
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._channel_options)
+        self._stub = pb_grpc.TrainingServiceStub(self._channel)
+
+    def _on_io_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def close(self, grace: float | None = None) -> None:
+        """Half-close the stream, wait up to `grace` seconds (None: until all are answered)
+        for the answers in flight, fail the rest, close the channel and stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if self._on_io_thread():
+            raise RuntimeError("close() called from a future's callback")
+        asyncio.run_coroutine_threadsafe(self._aclose(grace), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+
+    def close_nowait(self) -> None:
+        """Close like `close(None)` in the background, without waiting (for finalizers)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        async def shut_down() -> None:
+            try:
+                await self._aclose(None)
+            finally:
+                loop.stop()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shut_down(), loop)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    async def _aclose(self, grace: float | None) -> None:
+        session = self._session
+        if session is not None and not session.broken:
+            session.half_close()
+            if grace is None or grace > 0:
+                try:
+                    await asyncio.wait_for(session.idle.wait(), grace)
+                except asyncio.TimeoutError:
+                    pass
+            session.closing = True
+        if self._channel is not None:
+            await self._channel.close()
+        if session is not None:
+            await asyncio.gather(session.reader, return_exceptions=True)
+
+    # --- stream ---------------------------------------------------------------------------
+
+    def submit(
+        self, request: pb.StreamRequest, expected: str, decode: Callable
+    ) -> tuple[str, concurrent.futures.Future]:
+        """Queue `request` on the stream in call order; its future gets `decode(answer)`.
+
+        `expected` is the StreamResponse.result field of a successful answer.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            loop = self._start_locked()
+            self._next_id += 1
+            request.request_id = str(self._next_id)
+            self._inflight.add(future)
+            loop.call_soon_threadsafe(self._enqueue, request, _Pending(future, expected, decode))
+        future.add_done_callback(self._forget)
+        return request.request_id, future
+
+    def _forget(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._inflight.discard(future)
+
+    def _enqueue(self, request: pb.StreamRequest, pending: _Pending) -> None:
+        """On the I/O loop, in call order: put the request on the current stream."""
+        session = self._session
+        if session is None or session.broken or session.half_closed:
+            try:
+                session = self._session = _StreamSession(self._stub, self._call_kwargs, self.target)
+            except Exception as exc:
+                pending.fail(UnavailableError(f"cannot open a stream to {self.target}: {exc!r}"))
+                return
+        session.add(request, pending)
+
+    # --- unary ----------------------------------------------------------------------------
+
+    def unary(self, method: str, request: Any) -> Any:
+        """Call the unary `method` (e.g. "ForwardBackward") and return the response message,
+        after every earlier submitted operation has been answered. Raises CispoError."""
+        with self._lock:
+            loop = self._start_locked()
+            earlier = list(self._inflight)
+        if self._on_io_thread():
+            raise RuntimeError("a blocking call was made from a future's callback")
+        if earlier:
+            concurrent.futures.wait(earlier)
+        return asyncio.run_coroutine_threadsafe(self._unary(method, request), loop).result()
+
+    async def _unary(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self._stub, method)(
+                request, timeout=self._timeout, **self._call_kwargs
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc_error(exc) from None

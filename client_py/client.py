@@ -1,0 +1,273 @@
+"""`TrainingClient`: the training operations of one cispo server, sync and async.
+
+    client = TrainingClient("localhost:50051")
+    out = client.forward_backward(data, loss_fn="cispo")          # blocks; a unary RPC
+    step = client.optim_step(AdamParams(learning_rate=1e-5))
+
+    fwd_bwd_future = await client.forward_backward_async(data=data, loss_fn="cispo")
+    optim_future = await client.optim_step_async(AdamParams())    # pipelined on one Stream
+    fwd_bwd_result = await fwd_bwd_future.result_async()
+
+Operations run on the server in the order this client submits them, sync and async alike.
+An `_async` method returns once its request is queued (in call order); many requests may be
+in flight at once, which keeps the server busy. Failures raise `CispoError` subclasses that
+carry the server's field violations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from cispo.v1 import training_pb2 as pb
+
+from . import wire
+from ._transport import Transport
+from .errors import ResourceExhaustedError
+from .futures import APIFuture
+from .types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    LoadStateResponse,
+    OptimStepResponse,
+    SaveStateResponse,
+)
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "TrainingClient"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""The server's default request-size limit (--max-message-bytes)."""
+
+
+class TrainingClient:
+    """A client of one cispo server's training state.
+
+    Thread-safe. Nothing connects until the first call; the connection and its I/O thread
+    live until `close()` (or the end of a `with` / `async with` block).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout: float | None = None,
+        wait_for_ready: bool = False,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """
+        target: "host:port" of the server (any gRPC target string).
+        max_message_bytes: the largest message sent or received; a request over it raises
+            ResourceExhaustedError before it is sent. Keep it at or below the server's.
+        timeout: deadline in seconds for each sync (unary) call; None waits forever.
+        wait_for_ready: queue calls while the server is unreachable instead of failing fast.
+        credentials: TLS channel credentials (`grpc.ssl_channel_credentials()`); None is
+            plaintext.
+        channel_options: extra gRPC channel options, e.g. [("grpc.keepalive_time_ms", 30000)].
+        metadata: extra request headers for every call, e.g. [("authorization", "Bearer ...")].
+        """
+        if max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        self.target = target
+        self.max_message_bytes = max_message_bytes
+        self._transport = Transport(
+            target,
+            max_message_bytes=max_message_bytes,
+            credentials=credentials,
+            channel_options=channel_options,
+            metadata=metadata,
+            wait_for_ready=wait_for_ready,
+            timeout=timeout,
+        )
+        # A client dropped without close(): finish what is in flight, then free the thread.
+        self._finalizer = weakref.finalize(self, self._transport.close_nowait)
+        self._finalizer.atexit = False
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _check_size(self, request: Any, op: str) -> None:
+        size = request.ByteSize()
+        if size > self.max_message_bytes:
+            raise ResourceExhaustedError(
+                f"{op} request of {size} bytes is over max_message_bytes={self.max_message_bytes}; "
+                "split the batch"
+            )
+
+    def _unary(self, method: str, request: Any, op: str, decode: Callable) -> Any:
+        self._check_size(request, op)
+        return decode(self._transport.unary(method, request))
+
+    def _submit(self, request: pb.StreamRequest, op: str, decode: Callable) -> APIFuture:
+        self._check_size(request, op)
+        request_id, future = self._transport.submit(request, op, decode)
+        return APIFuture(future, request_id)
+
+    @staticmethod
+    def _fwd_stream_request(
+        op: str, data: Iterable[Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None
+    ) -> pb.StreamRequest:
+        request = pb.StreamRequest()
+        wire.forward_backward_input_to_pb(data, loss_fn, loss_fn_config, out=getattr(request, op))
+        return request
+
+    @staticmethod
+    def _load_request(name: str, with_optimizer: bool) -> pb.LoadStateRequest:
+        return pb.LoadStateRequest(name=name, with_optimizer=with_optimizer)
+
+    # --- sync API: unary calls --------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cispo",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """Run the batch forward and backward through `loss_fn`; the gradient is added to the
+        accumulated gradient.
+
+        data: the batch, one Datum per sequence (lengths may differ).
+        loss_fn: "cispo", "importance_sampling", "ppo" or "cross_entropy".
+        loss_fn_config: loss hyper-parameters, e.g. {"clip_low_threshold": 0.0,
+            "clip_high_threshold": 4.0}; unset keys take the server's defaults.
+        Returns per-datum target logprobs (`loss_fn_outputs[i]["logprobs"]`, shape (N_i,))
+        and batch metrics (`metrics["loss:sum"]`, ...).
+        """
+        request = wire.forward_backward_input_to_pb(data, loss_fn, loss_fn_config)
+        return self._unary(
+            "ForwardBackward", request, "forward_backward", wire.forward_backward_output_from_pb
+        )
+
+    def forward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cispo",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """Like `forward_backward`, without the backward pass: no gradient is accumulated."""
+        request = wire.forward_backward_input_to_pb(data, loss_fn, loss_fn_config)
+        return self._unary("Forward", request, "forward", wire.forward_backward_output_from_pb)
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> OptimStepResponse:
+        """Apply the accumulated gradient with AdamW (defaults when None), then zero it.
+        Returns the pre-clip gradient norm and the step count."""
+        request = pb.OptimStepRequest(adam_params=wire.adam_params_to_pb(adam_params))
+        return self._unary("OptimStep", request, "optim_step", wire.optim_step_response_from_pb)
+
+    def save_state(self, name: str) -> SaveStateResponse:
+        """Save weights, optimizer state and step count under `name` (letters, digits, '.',
+        '_', '-'; replaces an existing state atomically)."""
+        request = pb.SaveStateRequest(name=name)
+        return self._unary("SaveState", request, "save_state", wire.save_state_response_from_pb)
+
+    def load_state(self, name: str) -> LoadStateResponse:
+        """Load the weights saved under `name`; the optimizer state is left as it is.
+        Raises FailedPreconditionError if there is no such state."""
+        return self._unary(
+            "LoadState",
+            self._load_request(name, False),
+            "load_state",
+            wire.load_state_response_from_pb,
+        )
+
+    def load_state_with_optimizer(self, name: str) -> LoadStateResponse:
+        """Load the weights and the optimizer state (moments, step count) saved under `name`."""
+        return self._unary(
+            "LoadState",
+            self._load_request(name, True),
+            "load_state",
+            wire.load_state_response_from_pb,
+        )
+
+    def get_info(self) -> GetInfoResponse:
+        """The model, vocabulary size, limits and loss functions with their defaults."""
+        return self._unary(
+            "GetInfo", pb.GetInfoRequest(), "get_info", wire.get_info_response_from_pb
+        )
+
+    # --- async API: pipelined on one Stream ---------------------------------------------------
+
+    async def forward_backward_async(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cispo",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Queue a `forward_backward` (see there) and return its future at once."""
+        request = self._fwd_stream_request("forward_backward", data, loss_fn, loss_fn_config)
+        return self._submit(request, "forward_backward", wire.forward_backward_output_from_pb)
+
+    async def forward_async(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cispo",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Queue a `forward` (see there) and return its future at once."""
+        request = self._fwd_stream_request("forward", data, loss_fn, loss_fn_config)
+        return self._submit(request, "forward", wire.forward_backward_output_from_pb)
+
+    async def optim_step_async(
+        self, adam_params: AdamParams | None = None
+    ) -> APIFuture[OptimStepResponse]:
+        """Queue an `optim_step` (see there) and return its future at once."""
+        request = pb.StreamRequest()
+        request.optim_step.SetInParent()
+        wire.adam_params_to_pb(adam_params, out=request.optim_step.adam_params)
+        return self._submit(request, "optim_step", wire.optim_step_response_from_pb)
+
+    async def save_state_async(self, name: str) -> APIFuture[SaveStateResponse]:
+        """Queue a `save_state` (see there) and return its future at once."""
+        request = pb.StreamRequest(save_state=pb.SaveStateRequest(name=name))
+        return self._submit(request, "save_state", wire.save_state_response_from_pb)
+
+    async def load_state_async(self, name: str) -> APIFuture[LoadStateResponse]:
+        """Queue a `load_state` (see there) and return its future at once."""
+        request = pb.StreamRequest(load_state=self._load_request(name, False))
+        return self._submit(request, "load_state", wire.load_state_response_from_pb)
+
+    async def load_state_with_optimizer_async(self, name: str) -> APIFuture[LoadStateResponse]:
+        """Queue a `load_state_with_optimizer` (see there) and return its future at once."""
+        request = pb.StreamRequest(load_state=self._load_request(name, True))
+        return self._submit(request, "load_state", wire.load_state_response_from_pb)
+
+    async def get_info_async(self) -> APIFuture[GetInfoResponse]:
+        """Queue a `get_info` and return its future at once."""
+        request = pb.StreamRequest()
+        request.get_info.SetInParent()
+        return self._submit(request, "get_info", wire.get_info_response_from_pb)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def close(self, grace: float | None = None) -> None:
+        """Stop taking requests, wait up to `grace` seconds (None: until answered) for the
+        answers in flight, then close the connection. Unanswered futures fail with
+        UnavailableError. Idempotent."""
+        self._transport.close(grace)
+
+    async def close_async(self, grace: float | None = None) -> None:
+        """`close()` without blocking the running event loop."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close, grace)
+
+    def __enter__(self) -> TrainingClient:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Leaving on an error: do not wait for answers nobody will read.
+        self.close(grace=0 if exc_type is not None else None)
+
+    async def __aenter__(self) -> TrainingClient:
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self.close_async(grace=0 if exc_type is not None else None)
+
+    def __repr__(self) -> str:
+        return f"TrainingClient({self.target!r})"

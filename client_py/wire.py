@@ -1,0 +1,263 @@
+"""Conversions between the client's types and the `cispo.v1` protobuf messages.
+
+Tensors travel on the fast path: `Tensor(dtype, shape=[N], raw_data=<little-endian bytes>)`,
+one `tobytes()` per tensor and one `np.frombuffer` per decoded tensor, no per-element Python.
+The typed fields (`int64_data`, `float_data`, `double_data`), which other languages and grpcurl
+send, are decoded too.
+
+Encoders take an optional `out` message to fill in place, so a request can be built directly
+inside a `StreamRequest` without copying its bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from cispo.v1 import training_pb2 as pb
+
+from .types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    Limits,
+    LoadStateResponse,
+    LossFunctionInfo,
+    ModelInput,
+    OptimStepResponse,
+    SaveStateResponse,
+    TensorData,
+)
+
+__all__ = [
+    "adam_params_to_pb",
+    "datum_from_pb",
+    "datum_to_pb",
+    "forward_backward_input_to_pb",
+    "forward_backward_output_from_pb",
+    "get_info_response_from_pb",
+    "load_state_response_from_pb",
+    "optim_step_response_from_pb",
+    "save_state_response_from_pb",
+    "tensor_from_pb",
+    "tensor_to_pb",
+]
+
+# Wire dtype -> (DType enum, little-endian numpy dtype), and back.
+_TO_WIRE: dict[str, tuple[int, np.dtype]] = {
+    "int64": (pb.DTYPE_INT64, np.dtype("<i8")),
+    "int32": (pb.DTYPE_INT32, np.dtype("<i4")),
+    "float32": (pb.DTYPE_FLOAT32, np.dtype("<f4")),
+    "float64": (pb.DTYPE_FLOAT64, np.dtype("<f8")),
+}
+_FROM_WIRE: dict[int, tuple[np.dtype, np.dtype]] = {
+    code: (little_endian, np.dtype(name)) for name, (code, little_endian) in _TO_WIRE.items()
+}
+# Typed field -> (the DType it implies, numpy dtype).
+_TYPED_FIELDS: dict[str, tuple[int, np.dtype]] = {
+    "int64_data": (pb.DTYPE_INT64, np.dtype(np.int64)),
+    "float_data": (pb.DTYPE_FLOAT32, np.dtype(np.float32)),
+    "double_data": (pb.DTYPE_FLOAT64, np.dtype(np.float64)),
+}
+
+
+# --- tensors ------------------------------------------------------------------------------
+
+
+def _array_to_pb(array: np.ndarray, out: pb.Tensor) -> pb.Tensor:
+    """Fill `out` with a 1-D array of a wire dtype: dtype, shape [N], raw little-endian bytes."""
+    code, little_endian = _TO_WIRE[array.dtype.name]
+    out.dtype = code
+    out.shape[:] = [array.shape[0]]
+    out.raw_data = array.astype(little_endian, copy=False).tobytes()
+    return out
+
+
+def tensor_to_pb(tensor: TensorData | Any, out: pb.Tensor | None = None) -> pb.Tensor:
+    """A `Tensor` message on the raw-bytes fast path.
+
+    tensor: TensorData, or anything TensorData.from_numpy/from_torch/lists accept, shape (N,).
+    Raises ValueError for non-1-D or non-numeric data.
+    """
+    if not isinstance(tensor, TensorData):
+        tensor = TensorData(tensor)
+    return _array_to_pb(tensor.to_numpy(), pb.Tensor() if out is None else out)
+
+
+def tensor_from_pb(message: pb.Tensor, what: str = "tensor") -> TensorData:
+    """TensorData from a `Tensor` message in either form (raw bytes or a typed field).
+
+    Raw bytes are read with one `np.frombuffer` and one copy into a writable native array.
+    Raises ValueError for a malformed tensor (no dtype with raw_data, a byte length that is not
+    a multiple of the element size, several forms set, a dtype that disagrees with the typed
+    field, a shape that is not [N]).
+    """
+    forms = [
+        name
+        for name, present in (
+            ("raw_data", bool(message.raw_data)),
+            ("int64_data", len(message.int64_data) > 0),
+            ("float_data", len(message.float_data) > 0),
+            ("double_data", len(message.double_data) > 0),
+        )
+        if present
+    ]
+    if len(forms) > 1:
+        raise ValueError(f"{what}: more than one of {forms} is set")
+    wire = _FROM_WIRE.get(message.dtype)
+    if forms == ["raw_data"]:
+        if wire is None:
+            raise ValueError(f"{what}: raw_data needs a dtype, got {pb.DType.Name(message.dtype)}")
+        little_endian, native = wire
+        raw = message.raw_data
+        if len(raw) % little_endian.itemsize:
+            raise ValueError(
+                f"{what}: raw_data length {len(raw)} is not a multiple of "
+                f"{little_endian.itemsize} ({pb.DType.Name(message.dtype)})"
+            )
+        array = np.frombuffer(raw, dtype=little_endian).astype(native)
+    elif forms:
+        field = forms[0]
+        declared, dtype = _TYPED_FIELDS[field]
+        if message.dtype not in (pb.DTYPE_UNSPECIFIED, declared):
+            raise ValueError(f"{what}: dtype {pb.DType.Name(message.dtype)} disagrees with {field}")
+        values = getattr(message, field)
+        array = np.fromiter(values, dtype=dtype, count=len(values))
+    else:  # no elements
+        array = np.zeros(0, dtype=wire[1] if wire is not None else np.float32)
+    if len(message.shape) and list(message.shape) != [array.shape[0]]:
+        raise ValueError(
+            f"{what}: shape {list(message.shape)} does not match {array.shape[0]} elements"
+        )
+    return TensorData._wrap(array)
+
+
+# --- requests -----------------------------------------------------------------------------
+
+
+def datum_to_pb(datum: Datum, out: pb.Datum | None = None) -> pb.Datum:
+    """A `Datum` message: model_input and each loss input as raw-bytes tensors."""
+    out = pb.Datum() if out is None else out
+    _array_to_pb(datum.model_input.to_numpy(), out.model_input)
+    out.loss_fn_inputs.SetInParent()
+    for name, tensor in datum.loss_fn_inputs.items():
+        _array_to_pb(tensor.to_numpy(), getattr(out.loss_fn_inputs, name))
+    return out
+
+
+def datum_from_pb(message: pb.Datum, what: str = "datum") -> Datum:
+    """A Datum from a `Datum` message (either tensor form)."""
+    inputs = {
+        descriptor.name: tensor_from_pb(value, f"{what}.loss_fn_inputs.{descriptor.name}")
+        for descriptor, value in message.loss_fn_inputs.ListFields()
+    }
+    tokens = tensor_from_pb(message.model_input, f"{what}.model_input").to_numpy()
+    return Datum(model_input=ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
+
+
+def _as_data_list(data: Iterable[Datum]) -> list[Datum]:
+    """`data` as a list of Datum; TypeError naming the first bad entry."""
+    if isinstance(data, (Datum, str, bytes, Mapping)):
+        raise TypeError(f"data: expected a list of Datum, got {type(data).__name__}")
+    items = list(data)
+    for index, datum in enumerate(items):
+        if not isinstance(datum, Datum):
+            raise TypeError(f"data[{index}]: expected Datum, got {type(datum).__name__}")
+    return items
+
+
+def forward_backward_input_to_pb(
+    data: Iterable[Datum],
+    loss_fn: str = "cispo",
+    loss_fn_config: Mapping[str, float] | None = None,
+    out: pb.ForwardBackwardInput | None = None,
+) -> pb.ForwardBackwardInput:
+    """A `ForwardBackwardInput`: the batch, the loss name and its config (floats).
+
+    Only types are checked here; values (lengths, vocabulary, thresholds) are the server's to
+    judge, so its field violations reach the caller unchanged.
+    """
+    out = pb.ForwardBackwardInput() if out is None else out
+    out.SetInParent()
+    if not isinstance(loss_fn, str):
+        raise TypeError(f"loss_fn: expected a str, got {type(loss_fn).__name__}")
+    for datum in _as_data_list(data):
+        datum_to_pb(datum, out.data.add())
+    out.loss_fn = loss_fn
+    for key, value in (loss_fn_config or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(
+                f"loss_fn_config[{key!r}]: expected a number, got {type(value).__name__}"
+            )
+        out.loss_fn_config[key] = float(value)
+    return out
+
+
+def adam_params_to_pb(params: AdamParams | None, out: pb.AdamParams | None = None) -> pb.AdamParams:
+    """An `AdamParams` message with every field set (None means the defaults)."""
+    params = AdamParams() if params is None else params
+    if not isinstance(params, AdamParams):
+        raise TypeError(f"adam_params: expected AdamParams, got {type(params).__name__}")
+    out = pb.AdamParams() if out is None else out
+    out.learning_rate = params.learning_rate
+    out.beta1 = params.beta1
+    out.beta2 = params.beta2
+    out.eps = params.eps
+    out.weight_decay = params.weight_decay
+    out.grad_clip_norm = params.grad_clip_norm
+    return out
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+def forward_backward_output_from_pb(message: pb.ForwardBackwardOutput) -> ForwardBackwardOutput:
+    """ForwardBackwardOutput: loss_fn_outputs[i]["logprobs"] (N_i,) and metrics."""
+    outputs = [
+        {"logprobs": tensor_from_pb(output.logprobs, f"loss_fn_outputs[{index}].logprobs")}
+        for index, output in enumerate(message.loss_fn_outputs)
+    ]
+    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=dict(message.metrics))
+
+
+def optim_step_response_from_pb(message: pb.OptimStepResponse) -> OptimStepResponse:
+    return OptimStepResponse(
+        grad_norm=message.grad_norm, step=message.step, metrics=dict(message.metrics)
+    )
+
+
+def save_state_response_from_pb(message: pb.SaveStateResponse) -> SaveStateResponse:
+    return SaveStateResponse(name=message.name, path=message.path, step=message.step)
+
+
+def load_state_response_from_pb(message: pb.LoadStateResponse) -> LoadStateResponse:
+    return LoadStateResponse(name=message.name, step=message.step)
+
+
+def get_info_response_from_pb(message: pb.GetInfoResponse) -> GetInfoResponse:
+    return GetInfoResponse(
+        model_name=message.model_name,
+        vocab_size=message.vocab_size,
+        max_sequence_length=message.max_sequence_length,
+        loss_functions=[
+            LossFunctionInfo(
+                name=info.name,
+                default_config=dict(info.default_config),
+                required_inputs=list(info.required_inputs),
+            )
+            for info in message.loss_functions
+        ],
+        limits=Limits(
+            max_message_bytes=message.limits.max_message_bytes,
+            max_tokens_per_request=message.limits.max_tokens_per_request,
+            max_sequence_length=message.limits.max_sequence_length,
+        ),
+        device=message.device,
+        dtype=message.dtype,
+        world_size=message.world_size,
+        step=message.step,
+        num_parameters=message.num_parameters,
+    )

@@ -1,0 +1,315 @@
+"""Data-parallel worker groups on torch.distributed (torchrun, or the same env vars on a cluster).
+
+Rank 0 serves gRPC and drives the group: every operation is scattered to all ranks over a gloo
+control group (each rank gets its shard of the batch, balanced by token count), each rank runs
+it on its own Engine, and the outcomes are gathered back in the original datum order. Gradients
+are summed across ranks (all_reduce on the default group: gloo on CPU, nccl on GPU) before each
+optimizer step; the loss is a sum, so this is exact and the weights stay identical everywhere.
+
+Every rank writes a heartbeat into the rendezvous store; rank 0 watches them, so a rank that
+dies or hangs is named and the service fails over to UNAVAILABLE instead of hanging with it.
+"""
+
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from cispo.worker.batch import Sample
+from cispo.worker.engine import BatchResult, Engine, EngineInfo, OptimResult
+from cispo.worker.errors import ComputeFailed, RankUnavailable
+from cispo.worker.loss_stats import BatchStats
+from cispo.worker.losses import get_loss_function
+from cispo.worker.optimizer import AdamParams
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+# Idle ranks wait for the next operation in a collective; it must not time out between calls.
+CONTROL_TIMEOUT = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class GroupContext:
+    rank: int
+    world_size: int
+    control: dist.ProcessGroup  # gloo: operations, outcomes, states
+    store: dist.Store
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_group(device: torch.device, gradient_timeout: timedelta = timedelta(minutes=10)) -> GroupContext:
+    """Join the group described by torchrun's env vars (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=gradient_timeout)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    store = dist.distributed_c10d._get_default_store()
+    return GroupContext(dist.get_rank(), dist.get_world_size(), control, store)
+
+
+def attach(engine: Engine, ctx: GroupContext) -> None:
+    """Make `engine` one rank of the group: summed gradients, group-wide failure agreement."""
+
+    def reduce_gradients(grads: list[torch.Tensor | None]) -> None:
+        params = list(engine.named_params.values())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def agree_on_failure(failure: ComputeFailed | None) -> ComputeFailed | None:
+        outcomes = [None] * ctx.world_size
+        local = None if failure is None else (str(failure), failure.out_of_memory)
+        dist.all_gather_object(outcomes, local, group=ctx.control)
+        for rank, outcome in enumerate(outcomes):
+            if outcome is not None:
+                return ComputeFailed(f"rank {rank}: {outcome[0]}", outcome[1])
+        return None
+
+    engine.gradient_reducer = reduce_gradients
+    engine.agree_on_failure = agree_on_failure
+
+
+def shard_by_tokens(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Datum indices per rank, balancing token counts (longest first, to the lightest rank)."""
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        shards[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(s) for s in shards]
+
+
+# -- what every rank executes -----------------------------------------------------------------
+
+def _execute(engine: Engine, ctx: GroupContext, op: str, args: tuple):
+    """Run one operation on this rank; returns this rank's outcome."""
+    if op in ("forward", "forward_backward"):
+        samples, loss_fn, config = args
+        run = engine.run_forward if op == "forward" else engine.run_forward_backward
+        return run(samples, get_loss_function(loss_fn), config)
+    if op == "optim_step":
+        return engine.optim_step(*args)
+    if op == "save_state":
+        return engine.save_state(*args) if ctx.rank == 0 else None
+    if op == "load_state":
+        _load_from_rank0(engine, ctx, *args)
+        return engine.optimizer.step_count
+    raise AssertionError(f"unknown group op {op}")
+
+
+def _load_from_rank0(engine: Engine, ctx: GroupContext, name: str, with_optimizer: bool) -> None:
+    """Rank 0 reads and checks the state; every rank then receives it over the control group,
+    so ranks need no shared storage and a group of any size can load it."""
+    failure = None
+    if ctx.rank == 0:
+        try:
+            engine.load_state(name, with_optimizer)
+        except Exception as exc:  # every rank must leave this collective together
+            failure = exc
+    header = [None]
+    if ctx.rank == 0:
+        optimizer = engine.optimizer.state_tensors() if failure is None else {}
+        header = [(pickle.dumps(failure) if failure else None, engine.optimizer.step_count,
+                   [(k, tuple(v.shape), v.dtype) for k, v in optimizer.items()])]
+    dist.broadcast_object_list(header, src=0, group=ctx.control)
+    failed, step_count, optimizer_meta = header[0]
+    if failed is not None:
+        raise pickle.loads(failed)
+    with torch.no_grad():
+        for p in engine.named_params.values():
+            buf = p.detach().cpu() if ctx.rank == 0 else torch.empty(p.shape, dtype=p.dtype)
+            dist.broadcast(buf, src=0, group=ctx.control)
+            if ctx.rank != 0:
+                p.copy_(buf)
+                p.grad = None
+    tensors = {}
+    for key, shape, dtype in optimizer_meta:
+        buf = optimizer[key] if ctx.rank == 0 else torch.empty(shape, dtype=dtype)
+        dist.broadcast(buf, src=0, group=ctx.control)
+        tensors[key] = buf
+    if ctx.rank != 0:
+        if optimizer_meta:
+            engine.optimizer.load_state_tensors(tensors, step_count)
+        else:
+            engine.optimizer.reset()
+
+
+def _outcome(fn: Callable):
+    try:
+        return "ok", fn()
+    except Exception as exc:  # sent to rank 0, which raises it to the caller
+        return "error", exc
+
+
+def run_worker(engine: Engine, ctx: GroupContext) -> None:
+    """The loop of ranks 1..W-1: receive an operation, run it, send the outcome; until shutdown."""
+    attach(engine, ctx)
+    Heartbeat(ctx).start()
+    while True:
+        message = [None]
+        dist.scatter_object_list(message, None, src=0, group=ctx.control)
+        op, args = message[0]
+        if op == "shutdown":
+            log.info("rank %d: shutdown", ctx.rank)
+            return
+        dist.gather_object(_outcome(lambda: _execute(engine, ctx, op, args)), None, dst=0, group=ctx.control)
+
+
+# -- rank 0 -------------------------------------------------------------------------------------
+
+class GroupEngine:
+    """Rank 0's view of the group, with the Engine's interface; the service drives it."""
+
+    def __init__(self, engine: Engine, ctx: GroupContext, rank_timeout: float = 30.0,
+                 on_rank_lost: Callable[[RankUnavailable], None] | None = None):
+        assert ctx.rank == 0
+        attach(engine, ctx)
+        self.local = engine
+        self.ctx = ctx
+        self.config = engine.config
+        self.broken: RankUnavailable | None = None
+        self.monitor = RankMonitor(ctx, rank_timeout, self._rank_lost)
+        self.on_rank_lost = on_rank_lost
+        Heartbeat(ctx).start()
+        self.monitor.start()
+
+    def info(self) -> EngineInfo:
+        return self.local.info()
+
+    def validate(self, samples, loss_fn, loss_fn_config):
+        return self.local.validate(samples, loss_fn, loss_fn_config)
+
+    def forward(self, samples: list[Sample], loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
+        return self._sharded("forward", samples, loss_fn, loss_fn_config)
+
+    def forward_backward(self, samples: list[Sample], loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
+        return self._sharded("forward_backward", samples, loss_fn, loss_fn_config)
+
+    def optim_step(self, adam: AdamParams) -> OptimResult:
+        return self._everywhere("optim_step", (adam,))[0]
+
+    def save_state(self, name: str):
+        return self._everywhere("save_state", (name,))[0]
+
+    def load_state(self, name: str, with_optimizer: bool = False) -> int:
+        return self._everywhere("load_state", (name, with_optimizer))[0]
+
+    def shutdown(self) -> None:
+        """Release the other ranks (they exit their loop)."""
+        if self.broken is None:
+            dist.scatter_object_list([None], [("shutdown", ())] * self.ctx.world_size, src=0, group=self.ctx.control)
+        self.monitor.stop()
+
+    def _sharded(self, op: str, samples, loss_fn, loss_fn_config) -> BatchResult:
+        loss, config = self.local.validate(samples, loss_fn, loss_fn_config)
+        shards = shard_by_tokens([s.length for s in samples], self.ctx.world_size)
+        results = self._call([(op, ([samples[i] for i in shard], loss.name, config)) for shard in shards])
+        logprobs: list = [None] * len(samples)
+        stats = BatchStats()
+        for shard, result in zip(shards, results):
+            stats = stats.merge(result.stats)
+            for i, lp in zip(shard, result.logprobs):
+                logprobs[i] = lp
+        return BatchResult(logprobs=logprobs, stats=stats)
+
+    def _everywhere(self, op: str, args: tuple) -> list:
+        return self._call([(op, args)] * self.ctx.world_size)
+
+    def _call(self, messages: list[tuple[str, tuple]]) -> list:
+        """Scatter one message per rank, run rank 0's, gather every outcome; raise the first error."""
+        if self.broken is not None:
+            raise self.broken
+        try:
+            mine = [None]
+            dist.scatter_object_list(mine, messages, src=0, group=self.ctx.control)
+            outcome = _outcome(lambda: _execute(self.local, self.ctx, *mine[0]))
+            outcomes = [None] * self.ctx.world_size
+            dist.gather_object(outcome, outcomes, dst=0, group=self.ctx.control)
+        except RuntimeError as exc:  # a collective failed: some rank is gone
+            raise self._diagnose(exc) from exc
+        for kind, value in outcomes:
+            if kind == "error":
+                raise value
+        return [value for _, value in outcomes]
+
+    def _diagnose(self, exc: Exception) -> RankUnavailable:
+        """Name the lost rank: wait (bounded) for its heartbeat to go stale."""
+        deadline = time.monotonic() + self.monitor.timeout + 2 * HEARTBEAT_SECONDS
+        while self.broken is None and time.monotonic() < deadline:
+            time.sleep(HEARTBEAT_SECONDS / 4)
+            self.monitor.check()
+        if self.broken is None:
+            self._rank_lost(RankUnavailable(None, f"data-parallel group failed: {exc}"))
+        return self.broken
+
+    def _rank_lost(self, error: RankUnavailable) -> None:
+        if self.broken is None:
+            self.broken = error
+            log.error("%s", error)
+            if self.on_rank_lost is not None:
+                self.on_rank_lost(error)
+
+
+class Heartbeat(threading.Thread):
+    """Writes this rank's wall-clock time into the store every HEARTBEAT_SECONDS."""
+
+    def __init__(self, ctx: GroupContext):
+        super().__init__(name=f"cispo-heartbeat-{ctx.rank}", daemon=True)
+        self.key = f"cispo/heartbeat/{ctx.rank}"
+        self.store = ctx.store
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.store.set(self.key, repr(time.time()))
+            except Exception:  # the store lives on rank 0's host; gone means we are done
+                return
+            time.sleep(HEARTBEAT_SECONDS)
+
+
+class RankMonitor(threading.Thread):
+    """On rank 0: a rank whose heartbeat is older than `timeout` seconds is lost."""
+
+    def __init__(self, ctx: GroupContext, timeout: float, on_lost: Callable[[RankUnavailable], None]):
+        super().__init__(name="cispo-rank-monitor", daemon=True)
+        self.ctx, self.timeout, self.on_lost = ctx, timeout, on_lost
+        self.started = time.time()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(HEARTBEAT_SECONDS):
+            self.check()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def check(self) -> None:
+        now = time.time()
+        for rank in range(1, self.ctx.world_size):
+            key = f"cispo/heartbeat/{rank}"
+            try:
+                last = float(self.ctx.store.get(key)) if self.ctx.store.check([key]) else self.started
+            except Exception:
+                continue
+            if now - last > self.timeout:
+                self.on_lost(RankUnavailable(rank, (
+                    f"data-parallel rank {rank} stopped answering (no heartbeat for {now - last:.1f} s); "
+                    "the group must be restarted and can resume from a saved state")))
+                return
