@@ -140,6 +140,7 @@ def tensor_from_pb(message: pb.Tensor, what: str = "tensor") -> TensorData:
 
 def datum_to_pb(datum: Datum, out: pb.Datum | None = None) -> pb.Datum:
     """A `Datum` message: model_input and each loss input as raw-bytes tensors."""
+    datum = Datum(datum.model_input, dict(datum.loss_fn_inputs))  # re-checks inputs set after construction
     out = pb.Datum() if out is None else out
     _array_to_pb(datum.model_input.to_numpy(), out.model_input)
     out.loss_fn_inputs.SetInParent()

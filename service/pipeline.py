@@ -23,6 +23,8 @@ class OperationPipeline:
         self._runner: asyncio.Task | None = None
         self._running: asyncio.Future | None = None
         self._failure: BaseException | None = None
+        self.accepted = 0  # operations submitted so far
+        self.completed = 0  # operations the engine finished (successfully or not)
 
     @property
     def depth(self) -> int:
@@ -38,6 +40,7 @@ class OperationPipeline:
             raise self._failure
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((fn, future))
+        self.accepted += 1
         return future
 
     def fail(self, exc: BaseException) -> None:
@@ -82,3 +85,4 @@ class OperationPipeline:
                     future.set_result(result)
             finally:
                 self._running = None
+                self.completed += 1

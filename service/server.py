@@ -90,14 +90,14 @@ class TrainingServer:
 
     async def drain(self) -> None:
         """Stop accepting work, answer everything accepted (within drain_seconds), stop."""
-        log.info("draining: no new operations; finishing %d accepted", int(self.metrics.inflight._value.get()))
+        log.info("draining: no new operations; finishing those accepted")
         await self.set_serving(False)
         self.servicer.draining.set()
         await self._server.stop(grace=self.config.drain_seconds)
         await self.pipeline.close()
         if self._http is not None:
             self._http.shutdown()
-        log.info("drained")
+        log.info("drained: %d operations accepted, %d completed", self.pipeline.accepted, self.pipeline.completed)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

@@ -93,7 +93,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             while True:
                 next_request = asyncio.ensure_future(requests.__anext__())
                 await asyncio.wait({next_request, drained}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_request.done():
+                if self.draining.is_set():  # a request read now is not accepted: the client retries it
                     next_request.cancel()
                     return "draining"
                 try:

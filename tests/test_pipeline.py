@@ -1,0 +1,88 @@
+"""The ordered operation pipeline: order, back-pressure, failure."""
+
+import asyncio
+import threading
+
+import pytest
+
+from cispo.service.pipeline import OperationPipeline
+
+
+def test_runs_in_submission_order_one_at_a_time():
+    async def main():
+        pipeline = OperationPipeline(capacity=4)
+        pipeline.start()
+        seen, active = [], []
+
+        def op(i):
+            def run():
+                active.append(i)
+                assert len(active) == 1
+                seen.append(i)
+                active.pop()
+                return i * i
+            return run
+
+        futures = [await pipeline.submit(op(i)) for i in range(20)]
+        results = [await f for f in futures]
+        await pipeline.close()
+        return seen, results
+
+    seen, results = asyncio.run(main())
+    assert seen == list(range(20))
+    assert results == [i * i for i in range(20)]
+
+
+def test_submit_waits_when_full_so_readers_stop_reading():
+    async def main():
+        pipeline = OperationPipeline(capacity=2)
+        pipeline.start()
+        release = threading.Event()
+        running = await pipeline.submit(release.wait)  # occupies the engine thread
+        await asyncio.sleep(0.05)
+        queued = [await pipeline.submit(lambda: "q") for _ in range(2)]
+        blocked = asyncio.ensure_future(pipeline.submit(lambda: "late"))
+        await asyncio.sleep(0.1)
+        assert not blocked.done() and pipeline.depth == 2
+        release.set()
+        late = await (await blocked)
+        await asyncio.gather(running, *queued)
+        await pipeline.close()
+        return late
+
+    assert asyncio.run(main()) == "late"
+
+
+def test_errors_reach_their_caller_and_the_pipeline_goes_on():
+    async def main():
+        pipeline = OperationPipeline()
+        pipeline.start()
+        bad = await pipeline.submit(lambda: 1 / 0)
+        good = await pipeline.submit(lambda: "ok")
+        with pytest.raises(ZeroDivisionError):
+            await bad
+        value = await good
+        await pipeline.close()
+        return value
+
+    assert asyncio.run(main()) == "ok"
+
+
+def test_fail_fails_running_queued_and_later_operations_without_waiting():
+    async def main():
+        pipeline = OperationPipeline()
+        pipeline.start()
+        stuck = threading.Event()
+        running = await pipeline.submit(stuck.wait)  # e.g. a collective with a dead rank
+        queued = await pipeline.submit(lambda: "never")
+        await asyncio.sleep(0.05)
+        pipeline.fail(RuntimeError("rank 1 lost"))
+        for f in (running, queued):
+            with pytest.raises(RuntimeError, match="rank 1 lost"):
+                await f
+        with pytest.raises(RuntimeError, match="rank 1 lost"):
+            await pipeline.submit(lambda: "after")
+        await asyncio.wait_for(pipeline.close(), 1)
+        stuck.set()
+
+    asyncio.run(main())
