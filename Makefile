@@ -1,19 +1,22 @@
 # `make serve` and `make test` do all the set-up on a fresh machine.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
-# CPU build by default; a CUDA machine sets TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index).
 TORCH_SPEC ?= torch==2.13.0
+# Without an NVIDIA GPU, take torch's CPU build (PyPI's Linux wheel is the CUDA one, several GB);
+# a local CPU wheel in pip's find-links wins too. With a GPU, PyPI's CUDA build.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIP_ARGS ?= $(if $(shell command -v nvidia-smi),,--extra-index-url $(TORCH_CPU_INDEX))
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-tools protos bench clean
+.PHONY: install serve test test-tools protos manifests bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -28,6 +31,9 @@ test: install test-tools
 
 protos: install
 	$(PY) protos/generate.py
+
+manifests: install
+	$(PY) deploy/k8s/monitoring/generate_prometheusrule.py
 
 bench: install
 	$(PY) bench/bench_logprob_head.py
