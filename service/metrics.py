@@ -83,6 +83,16 @@ class ServiceMetrics:
         for op in ("forward", "forward_backward"):
             self.tokens_processed.labels(op)
 
+    def track_cuda_memory(self, device) -> None:
+        """GPU memory gauges of the engine's device, read at scrape time."""
+        import torch
+
+        for name, read in (("allocated", torch.cuda.memory_allocated), ("reserved", torch.cuda.memory_reserved),
+                           ("max_allocated", torch.cuda.max_memory_allocated)):
+            gauge = Gauge(f"cispo_cuda_memory_{name}_bytes", f"torch.cuda.memory_{name} of the engine's GPU.",
+                          registry=self.registry)
+            gauge.set_function(lambda read=read: read(device))
+
     def observe_batch(self, op: str, loss_fn: str, stats: BatchStats) -> None:
         """Record a successful forward or forward_backward."""
         self.tokens_processed.labels(op).inc(stats.tokens)

@@ -45,6 +45,8 @@ class TrainingServer:
         self.config = config
         self.metrics = ServiceMetrics(registry)
         self.metrics.world_size.set(world_size)
+        if engine.policy.device.type == "cuda":
+            self.metrics.track_cuda_memory(engine.policy.device)
         limits = dict(max_message_bytes=config.max_message_bytes, max_tokens_per_request=config.max_tokens_per_request,
                       max_sequence_length=engine.info().max_sequence_length)
         self.pipeline = OperationPipeline(config.queue_capacity)

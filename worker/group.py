@@ -183,6 +183,7 @@ class GroupEngine:
         attach(engine, ctx)
         self.local = engine
         self.ctx = ctx
+        self.policy = engine.policy
         self.config = engine.config
         self.broken: RankUnavailable | None = None
         self.monitor = RankMonitor(ctx, rank_timeout, self._rank_lost)
