@@ -1,0 +1,122 @@
+"""A Node.js client (@grpc/grpc-js + @grpc/proto-loader) calls ForwardBackward with typed fields
+and gets what Python gets; its invalid call gets INVALID_ARGUMENT with the BadRequest field name.
+
+The client is tests/node/forward_backward.mjs; its npm packages are installed by `make test-tools`.
+"""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import google.rpc
+import grpc
+import numpy as np
+import pytest
+
+from cispo.client import Datum, ModelInput, TrainingClient
+from cispo.v1 import training_pb2 as pb
+from cispo.v1 import training_pb2_grpc
+from server_process import ServerProcess
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_DIR = REPO / "tests" / "node"
+SCRIPT = NODE_DIR / "forward_backward.mjs"
+NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader", "protobufjs")
+# cispo/v1/training.proto, and google/rpc/{status,error_details}.proto from googleapis-common-protos.
+INCLUDE_DIRS = (REPO / "protos", Path(next(iter(google.rpc.__path__))).parent.parent)
+LOSS_FN_CONFIG = {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
+
+
+def make_batch(seed=0, lengths=(5, 9, 4)) -> dict:
+    """Token ids and float32-exact floats, so JSON, float_data and raw bytes all carry the same values."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for n in lengths:
+        advantages = rng.normal(size=n).astype(np.float32)
+        advantages[: n // 3] = 0.0  # prompt tokens
+        # Near the embedded model's own logprobs (about -ln(vocab)), spread so some ratios clip.
+        logprobs = np.minimum(-7.0 + 1.5 * rng.normal(size=n), -1e-3).astype(np.float32)
+        data.append({"model_input": rng.integers(0, 1024, n).tolist(),
+                     "target_tokens": rng.integers(0, 1024, n).tolist(),
+                     "logprobs": logprobs.tolist(), "advantages": advantages.tolist()})
+    return {"data": data, "loss_fn": "cispo", "loss_fn_config": LOSS_FN_CONFIG}
+
+
+@pytest.fixture(scope="module")
+def node():
+    node_bin = shutil.which("node")
+    missing = [p for p in NODE_PACKAGES if not (NODE_DIR / "node_modules" / p / "package.json").is_file()]
+    if node_bin is None or missing:
+        pytest.fail(f"the Node.js client needs node and the npm packages in {NODE_DIR.relative_to(REPO)} "
+                    f"(missing: {'node' if node_bin is None else ', '.join(missing)}); run `make test-tools`",
+                    pytrace=False)
+    return node_bin
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc = ServerProcess(checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    yield proc
+    assert proc.terminate() == 0
+
+
+def run_node_client(node: str, address: str, batch: dict) -> dict:
+    cmd = [node, str(SCRIPT), address, *(arg for d in INCLUDE_DIRS for arg in ("-I", str(d)))]
+    proc = subprocess.run(cmd, input=json.dumps(batch), capture_output=True, text=True, timeout=120, cwd=NODE_DIR)
+    assert proc.returncode == 0, f"node client failed ({proc.returncode}):\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def typed_request(batch: dict) -> pb.ForwardBackwardInput:
+    return pb.ForwardBackwardInput(loss_fn=batch["loss_fn"], loss_fn_config=batch["loss_fn_config"], data=[
+        pb.Datum(model_input=pb.Tensor(int64_data=d["model_input"]), loss_fn_inputs=pb.LossFnInputs(
+            target_tokens=pb.Tensor(int64_data=d["target_tokens"]),
+            logprobs=pb.Tensor(float_data=d["logprobs"]),
+            advantages=pb.Tensor(float_data=d["advantages"])))
+        for d in batch["data"]])
+
+
+def test_node_client_matches_python(node, server):
+    batch = make_batch()
+    from_node = run_node_client(node, server.address, batch)
+
+    # ForwardBackward adds to the accumulated gradient but leaves the weights alone, so Python's
+    # calls on the same server see the same weights. First the raw stub with the same typed fields:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        response = stub.ForwardBackward(typed_request(batch), timeout=60)
+    python_metrics = dict(response.metrics)
+    python_logprobs = [np.frombuffer(out.logprobs.raw_data, "<f4") for out in response.loss_fn_outputs]
+    # then the Python client's Forward, which packs raw little-endian bytes.
+    with TrainingClient(server.address) as client:
+        result = client.forward(data=[
+            Datum(model_input=ModelInput.from_ints(d["model_input"]), loss_fn_inputs={
+                "target_tokens": np.asarray(d["target_tokens"], np.int64),
+                "logprobs": np.asarray(d["logprobs"], np.float32),
+                "advantages": np.asarray(d["advantages"], np.float32)})
+            for d in batch["data"]], loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
+
+    assert from_node["metrics"]["tokens:sum"] == sum(len(d["model_input"]) for d in batch["data"])
+    assert from_node["metrics"]["clipped_high:sum"] > 0  # the batch exercises the clip
+    for metrics in (python_metrics, result.metrics):
+        assert set(from_node["metrics"]) == set(metrics)
+        for key, value in metrics.items():
+            assert from_node["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    assert len(from_node["logprobs"]) == len(batch["data"])
+    for i, d in enumerate(batch["data"]):
+        node_lp = np.asarray(from_node["logprobs"][i], np.float32)
+        assert node_lp.shape == (len(d["model_input"]),)
+        assert np.all(node_lp < 0)
+        np.testing.assert_array_equal(node_lp, python_logprobs[i])
+        np.testing.assert_array_equal(node_lp, result.loss_fn_outputs[i]["logprobs"].to_numpy())
+
+    invalid = from_node["invalid"]
+    assert invalid["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0] == 3
+    assert invalid["code_name"] == "INVALID_ARGUMENT"
+    assert invalid["status"]["code"] == 3
+    n = len(batch["data"][1]["model_input"])
+    assert {"field": "data[1].loss_fn_inputs.logprobs",
+            "description": f"length {n - 1} != model_input length {n}"} in invalid["field_violations"]
