@@ -65,9 +65,8 @@ def tensor_to_torch(t: pb.Tensor, field: str, violations: _Violations) -> torch.
     if len(t.shape) and list(t.shape) != [array.shape[0]]:
         violations.add(f"{field}.shape", f"shape {list(t.shape)} does not match {array.shape[0]} elements (tensors are 1-D)")
         return None
-    if not array.flags.writeable:
-        array = array.copy() if array.dtype.byteorder == ">" else array
-    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False)) if array.size else torch.from_numpy(array.copy())
+    # One vectorised copy into native byte order: torch needs a writable buffer.
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=not array.flags.writeable))
 
 
 def _has(t: pb.Tensor, name: str) -> bool:

@@ -4,6 +4,7 @@ grpc_server_started_total, grpc_server_handled_total{grpc_code}, grpc_server_han
 import time
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from cispo.service.metrics import LATENCY_BUCKETS
@@ -12,12 +13,21 @@ _LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 
 
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, services: tuple[ServiceDescriptor, ...] = ()):
         self.started = Counter("grpc_server_started", "RPCs started on the server.", _LABELS, registry=registry)
         self.handled = Counter("grpc_server_handled", "RPCs completed on the server, by code.",
                                [*_LABELS, "grpc_code"], registry=registry)
         self.seconds = Histogram("grpc_server_handling_seconds", "RPC latency until the server finished.",
                                  _LABELS, buckets=LATENCY_BUCKETS, registry=registry)
+        # Every series of `services` at 0 (as go-grpc-prometheus' InitializeMetrics), so that
+        # rate() sees even errors that all happen between two scrapes.
+        for service in services:
+            for method in service.methods:
+                labels = (_grpc_type(method.client_streaming, method.server_streaming), service.full_name, method.name)
+                self.started.labels(*labels)
+                self.seconds.labels(*labels)
+                for code in grpc.StatusCode:
+                    self.handled.labels(*labels, code.name)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -29,7 +39,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, labels),
                 request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        kind = "bidi_stream" if handler.stream_stream else "server_stream" if handler.unary_stream else "client_stream"
+        kind = _grpc_type(bool(handler.request_streaming), bool(handler.response_streaming))
         labels = (kind, service, method)
         factory = {
             "bidi_stream": grpc.stream_stream_rpc_method_handler,
@@ -78,6 +88,13 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def _finish(self, labels, code: str, started: float) -> None:
         self.handled.labels(*labels, code).inc()
         self.seconds.labels(*labels).observe(time.perf_counter() - started)
+
+
+def _grpc_type(client_streaming: bool, server_streaming: bool) -> str:
+    """go-grpc-prometheus' grpc_type label."""
+    if client_streaming:
+        return "bidi_stream" if server_streaming else "client_stream"
+    return "server_stream" if server_streaming else "unary"
 
 
 def _code(context, default: str) -> str:

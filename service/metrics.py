@@ -14,6 +14,8 @@ from prometheus_client.process_collector import ProcessCollector
 from cispo.worker import LOSS_FUNCTIONS, RATIO_BUCKET_EDGES, BatchStats
 
 OPS = ("get_info", "forward", "forward_backward", "optim_step", "save_state", "load_state")
+# The codes a failed operation can get (service.errors.to_status).
+ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "UNAVAILABLE", "INTERNAL")
 CLIP_FRACTION_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 KL_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 5.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -74,12 +76,17 @@ class ServiceMetrics:
         self.queue_depth = Gauge("cispo_queue_depth", "Operations accepted and waiting to run.", registry=r)
         self.inflight = Gauge("cispo_inflight_requests", "Operations accepted and not yet answered.", registry=r)
         self.world_size = Gauge("cispo_world_size", "Data-parallel ranks training this state.", registry=r)
-        # Series exist at 0 from the start, so rate() ratios are exact from the first scrape.
+        # Series exist at 0 from the start, so rate() sees even the first observations.
         for loss_fn in LOSS_FUNCTIONS:
             for clip in ("high", "low", "none"):
                 self.tokens.labels(loss_fn, clip)
+            self.clip_fraction.labels(loss_fn)
+            if loss_fn != "cross_entropy":
+                self.kl.labels(loss_fn)
         for op in OPS:
             self.request_seconds.labels(op)
+            for code in ERROR_CODES:
+                self.operation_errors.labels(op, code)
         for op in ("forward", "forward_backward"):
             self.tokens_processed.labels(op)
 

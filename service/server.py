@@ -14,7 +14,7 @@ from cispo.service.interceptor import GrpcMetricsInterceptor
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import OperationPipeline
 from cispo.service.servicer import SERVICE_NAME, TrainingServicer
-from cispo.v1 import training_pb2_grpc
+from cispo.v1 import training_pb2, training_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class TrainingServer:
     async def start(self) -> int:
         options = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                    ("grpc.max_send_message_length", self.config.max_message_bytes)]
-        server = grpc.aio.server(interceptors=[GrpcMetricsInterceptor(self.metrics.registry)], options=options)
+        interceptor = GrpcMetricsInterceptor(self.metrics.registry, (training_pb2.DESCRIPTOR.services_by_name["TrainingService"],))
+        server = grpc.aio.server(interceptors=[interceptor], options=options)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

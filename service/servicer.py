@@ -101,10 +101,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 except StopAsyncIteration:
                     return "eof"
                 op = request.WhichOneof("op")
-                if op is None:
-                    pending = _done(to_status(InvalidInput([FieldViolation("op", "set exactly one operation")])))
-                else:
-                    pending = await self._accept(op, getattr(request, op))
+                pending = await self._accept(op, getattr(request, op) if op else None)
                 await answers.put((request.request_id, op, pending))
         finally:
             drained.cancel()
@@ -123,7 +120,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             call, encode = self._prepare(op, request)
             engine_future = await self.pipeline.submit(call)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a Status
-            return _done(self._failed(op, exc, started))
+            return _done(self._failed(op or "none", exc, started))
         self.metrics.queue_depth.set(self.pipeline.depth)
         return asyncio.ensure_future(self._answer(op, engine_future, encode, started))
 
@@ -148,6 +145,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def _prepare(self, op: str, request) -> tuple[Callable, Callable]:
         """(engine call, result encoder) for one operation; raises on invalid input."""
         engine, metrics = self.engine, self.metrics
+        if op is None:
+            raise InvalidInput([FieldViolation("op", "set exactly one operation")])
         if op in ("forward", "forward_backward"):
             samples, loss_fn, config = convert.decode_forward_backward(request)
             engine.validate(samples, loss_fn, config)
