@@ -18,8 +18,11 @@ HAS_LINEAR_CROSS_ENTROPY = hasattr(F, "linear_cross_entropy") and hasattr(torch.
 
 
 def default_chunk_tokens(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Tokens per chunk whose (chunk x V) logits are about the size of the (T x d) hidden states."""
-    return max(1, min(num_tokens, math.ceil(num_tokens / math.ceil(vocab_size / hidden_size))))
+    """Tokens per chunk: (chunk x V) logits about the size of the (T x d) hidden states, but at
+    least d tokens, since every chunk makes a pass over the (V x d) weight gradient (see
+    BENCHMARKS.md: 512 tokens at d=512 halves the time overhead of 131 at the same memory)."""
+    by_memory = math.ceil(num_tokens / math.ceil(vocab_size / hidden_size))
+    return max(1, min(num_tokens, max(hidden_size, by_memory)))
 
 
 def target_logprobs(
@@ -82,11 +85,14 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
             sl = slice(start, start + ctx.chunk_tokens)
             h_CD, g_C = hidden_TD[sl], grad_logp_T[sl].to(acc)
             # d logp / d logits = onehot(target) - softmax; scaled per token before any sum.
-            grad_logits_CV = (_chunk_logits(h_CD, weight_VD) - lse_T[sl, None]).exp_().mul_(-g_C[:, None])
+            grad_logits_CV = _chunk_logits(h_CD, weight_VD).sub_(lse_T[sl, None]).exp_().mul_(-g_C[:, None])
             grad_logits_CV.scatter_add_(1, targets_T[sl, None], g_C[:, None])
             grad_logits_CV = grad_logits_CV.to(hidden_TD.dtype)  # matmuls in the model dtype
             if grad_hidden_TD is not None:
                 grad_hidden_TD[sl] = grad_logits_CV @ weight_VD
-            grad_weight_VD += grad_logits_CV.T @ h_CD
+            if acc == hidden_TD.dtype:
+                grad_weight_VD.addmm_(grad_logits_CV.T, h_CD)
+            else:
+                grad_weight_VD += grad_logits_CV.T @ h_CD
         grad_weight_VD = grad_weight_VD.to(weight_VD.dtype) if ctx.needs_input_grad[1] else None
         return grad_hidden_TD, grad_weight_VD, None, None
