@@ -5,7 +5,9 @@ Forward + backward of the target log-probabilities, on the same inputs, for:
 - `naive`: full logits = hidden @ W.T, log_softmax (fp32), gather; the whole (tokens x vocab) is
   materialised, and so is its gradient;
 - `torch_op`: `target_logprobs(..., use_torch_op=True)` (`F.linear_cross_entropy`, torch >= 2.13);
-- `fallback`: `target_logprobs(..., use_torch_op=False)` (`ChunkedTargetLogprobs`).
+- `fallback`: `target_logprobs(..., use_torch_op=False)` (`ChunkedTargetLogprobs`);
+- `fused`: `fused_head_gradients` (what forward_backward uses): the per-token gradient `g` is
+  applied inside the forward chunk loop, so logits are not recomputed in backward.
 
 The backward is that of `sum(g * logp)` with a per-token upstream gradient `g` (the role of
 `-coef * A` in CISPO; a quarter of the tokens get 0, like prompt tokens). Reported per variant:
@@ -54,13 +56,14 @@ from pathlib import Path
 
 import torch
 
-from cispo.worker.logprob_head import HAS_LINEAR_CROSS_ENTROPY, default_chunk_tokens, target_logprobs
+from cispo.worker.logprob_head import (HAS_LINEAR_CROSS_ENTROPY, default_chunk_tokens, fused_head_gradients,
+                                      target_logprobs)
 
 SIZES = {
     "cpu": {"tokens": 8192, "hidden": 512, "vocab": 32000, "dtype": "float32"},
     "cuda": {"tokens": 16384, "hidden": 2048, "vocab": 131072, "dtype": "bfloat16"},
 }
-VARIANTS = ("naive", "torch_op", "fallback")
+VARIANTS = ("naive", "torch_op", "fallback", "fused")
 MIB = 1 << 20
 TIME_TARGET = {"cpu": 1.10, "cuda": 1.0}  # chunked/naive median time: <= 1.1x on CPU, < 1.0x on CUDA
 MEMORY_TARGET = 0.10  # chunked/naive extra peak memory
@@ -120,10 +123,24 @@ def naive_target_logprobs(hidden_TD, weight_VD, targets_T):
 
 
 def _variant_fn(variant, chunk_tokens):
+    """A function (h, w, t, g) -> logp that runs forward and the backward of sum(g * logp)."""
+    if variant == "fused":
+        def fused(h, w, t, g):
+            surrogate, logp_T = fused_head_gradients(h, w, t, lambda logp_C, sl: g[sl], chunk_tokens)
+            surrogate.backward()
+            return logp_T
+        return fused
     if variant == "naive":
-        return naive_target_logprobs
-    use_torch_op = variant == "torch_op"
-    return lambda h, w, t: target_logprobs(h, w, t, chunk_tokens=chunk_tokens, use_torch_op=use_torch_op)
+        forward = naive_target_logprobs
+    else:
+        use_torch_op = variant == "torch_op"
+        forward = lambda h, w, t: target_logprobs(h, w, t, chunk_tokens=chunk_tokens, use_torch_op=use_torch_op)  # noqa: E731
+
+    def step(h, w, t, g):
+        logp_T = forward(h, w, t)
+        logp_T.backward(g)
+        return logp_T.detach()
+    return step
 
 
 def _step(fn, hidden_TD, weight_VD, targets_T, g_T, sync):
@@ -132,10 +149,9 @@ def _step(fn, hidden_TD, weight_VD, targets_T, g_T, sync):
     weight_VD.grad = None
     sync()
     start = time.perf_counter()
-    logp_T = fn(hidden_TD, weight_VD, targets_T)
-    logp_T.backward(g_T)
+    logp_T = fn(hidden_TD, weight_VD, targets_T, g_T)
     sync()
-    return time.perf_counter() - start, logp_T.detach()
+    return time.perf_counter() - start, logp_T
 
 
 def run_worker(spec: dict) -> None:

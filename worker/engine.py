@@ -14,7 +14,7 @@ import torch
 from cispo.worker import checkpoint
 from cispo.worker.batch import MicroBatch, Sample, pack, plan_micro_batches
 from cispo.worker.errors import ComputeFailed, StateNotFound
-from cispo.worker.logprob_head import target_logprobs
+from cispo.worker.logprob_head import fused_head_gradients, target_logprobs
 from cispo.worker.loss_stats import BatchStats
 from cispo.worker.losses import LOSS_FUNCTIONS, LossFunction, TokenInputs, get_loss_function
 from cispo.worker.model import PolicyModel
@@ -165,24 +165,33 @@ class Engine:
         input_names = ("target_tokens", *loss.required_inputs)
         for indices in plan_micro_batches(lengths, self.config.micro_batch_tokens):
             mb = pack(samples, indices, input_names, self.policy.device)
-            logp_T, mb_loss, mb_stats = self._micro_batch(mb, loss, config)
-            if backward:
-                mb_loss.backward()
+            logp_T, mb_stats = self._micro_batch(mb, loss, config, backward)
             stats = stats.merge(mb_stats)
             for i, lp in zip(mb.indices, logp_T.detach().float().cpu().split(mb.lengths)):
                 logprobs[i] = lp
         return BatchResult(logprobs=logprobs, stats=stats)
 
-    def _micro_batch(self, mb: MicroBatch, loss: LossFunction, config: Mapping[str, float]):
-        """Trunk, chunked head, loss: (logp (T,) fp32, loss scalar, BatchStats)."""
+    def _micro_batch(self, mb: MicroBatch, loss: LossFunction, config: Mapping[str, float], backward: bool):
+        """Trunk, chunked head, loss, and (if `backward`) the gradient: (logp (T,) fp32, stats)."""
         with self.policy.autocast():
             hidden_TD = self.policy.hidden_states(mb.input_ids_1T, mb.position_ids_1T)
         weight_VD = self.policy.head_weight_VD.to(hidden_TD.dtype)
-        logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, self.config.head_chunk_tokens)
         inputs = TokenInputs(mb.logprobs_T, mb.advantages_T, mb.weights_T)
-        mb_loss, fields = loss(logp_T, inputs, config)
-        stats = BatchStats(loss_sum=float(mb_loss.detach()), tokens=int(mb.input_ids_1T.shape[1]), **fields)
-        return logp_T, mb_loss, stats
+        chunk = self.config.head_chunk_tokens
+        if backward:
+            def token_gradient(logp_C: torch.Tensor, sl: slice) -> torch.Tensor:
+                with torch.enable_grad():
+                    leaf_C = logp_C.detach().requires_grad_()
+                    return torch.autograd.grad(loss(leaf_C, inputs[sl], config), leaf_C)[0]
+
+            surrogate, logp_T = fused_head_gradients(hidden_TD, weight_VD, mb.target_tokens_T, token_gradient, chunk)
+            surrogate.backward()
+        else:
+            logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, chunk)
+        with torch.no_grad():
+            loss_sum = float(loss(logp_T, inputs, config))
+        stats = BatchStats(loss_sum=loss_sum, tokens=int(mb.input_ids_1T.shape[1]), **loss.stats(logp_T, inputs, config))
+        return logp_T, stats
 
     # -- optimizer ------------------------------------------------------------------------------
 

@@ -7,7 +7,14 @@ peak memory is a few (chunk x V) buffers instead of (T x V). Autograd carries th
 upstream gradient (e.g. -coef * A for CISPO) into each chunk's logits gradient before it is
 summed into the weight gradient. Torch >= 2.13 does this in `F.linear_cross_entropy`;
 `ChunkedTargetLogprobs` is the same computation for older torch and gives the same numbers.
+
+Both recompute each chunk's logits in backward: four (T x D x V) matmuls to naive's three.
+For training, `fused_head_gradients` avoids that: every loss is a sum of per-token terms, so
+the gradient w.r.t. logp_T[i] is known as soon as logp_T[i] is, and the head's gradients are
+computed in the forward chunk loop itself (three matmuls, like naive).
 """
+
+from collections.abc import Callable
 
 import math
 
@@ -96,3 +103,61 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
                 grad_weight_VD += grad_logits_CV.T @ h_CD
         grad_weight_VD = grad_weight_VD.to(weight_VD.dtype) if ctx.needs_input_grad[1] else None
         return grad_hidden_TD, grad_weight_VD, None, None
+
+
+# (logp of the tokens in `sl`, `sl`) -> d loss / d logp for those tokens, same shape.
+TokenGradient = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+def fused_head_gradients(
+    hidden_TD: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_T: torch.Tensor,
+    token_gradient: TokenGradient,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surrogate, logp_T): logp_T as `target_logprobs` gives it (no gradient), and a zero
+    scalar whose backward carries the loss gradient into hidden_TD and weight_VD.
+
+    `token_gradient` must be the per-token gradient of a loss that is a sum over tokens.
+    """
+    T, D = hidden_TD.shape
+    chunk = chunk_tokens or default_chunk_tokens(T, D, weight_VD.shape[0])
+    return FusedHeadGradients.apply(hidden_TD, weight_VD, targets_T, chunk, token_gradient)
+
+
+class FusedHeadGradients(torch.autograd.Function):
+    """One chunk loop: logits, logp, the loss's per-token gradient, and the head's gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden_TD, weight_VD, targets_T, chunk_tokens, token_gradient):
+        acc = _acc_dtype(hidden_TD.dtype)
+        logp_T = torch.empty(hidden_TD.shape[0], dtype=acc, device=hidden_TD.device)
+        grad_hidden_TD = torch.empty_like(hidden_TD)
+        grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
+        for start in range(0, hidden_TD.shape[0], chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            h_CD, tgt_C1 = hidden_TD[sl], targets_T[sl, None]
+            logits_CV = _chunk_logits(h_CD, weight_VD)
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            logp_T[sl] = logits_CV.gather(1, tgt_C1)[:, 0] - lse_C
+            g_C = token_gradient(logp_T[sl], sl).to(acc)
+            # d logp / d logits = onehot(target) - softmax; scaled per token before any sum.
+            grad_logits_CV = logits_CV.sub_(lse_C[:, None]).exp_().mul_(-g_C[:, None])
+            grad_logits_CV.scatter_add_(1, tgt_C1, g_C[:, None])
+            grad_logits_CV = grad_logits_CV.to(hidden_TD.dtype)  # matmuls in the model dtype
+            grad_hidden_TD[sl] = grad_logits_CV @ weight_VD
+            if acc == hidden_TD.dtype:
+                grad_weight_VD.addmm_(grad_logits_CV.T, h_CD)
+            else:
+                grad_weight_VD += grad_logits_CV.T @ h_CD
+        ctx.gradients = (grad_hidden_TD, grad_weight_VD.to(weight_VD.dtype))
+        ctx.mark_non_differentiable(logp_T)
+        return logp_T.new_zeros(()), logp_T
+
+    @staticmethod
+    def backward(ctx, grad_surrogate, _grad_logp):
+        grad_hidden_TD, grad_weight_VD = ctx.gradients
+        del ctx.gradients
+        scale = grad_surrogate.to(grad_hidden_TD.dtype)
+        return grad_hidden_TD * scale, grad_weight_VD * scale.to(grad_weight_VD.dtype), None, None, None

@@ -33,9 +33,14 @@ class TokenInputs:
     advantages_T: torch.Tensor | None
     weights_T: torch.Tensor | None
 
+    def __getitem__(self, sl: slice) -> "TokenInputs":
+        """The inputs of tokens `sl`."""
+        return TokenInputs(*(None if t is None else t[sl] for t in (self.sampling_logprobs_T, self.advantages_T, self.weights_T)))
 
-# A loss body: (target logprobs (T,) fp32, inputs, resolved config) -> (loss scalar, stats).
-LossBody = Callable[[torch.Tensor, TokenInputs, Mapping[str, float]], tuple[torch.Tensor, dict]]
+
+# A loss body: (target logprobs (T,) fp32, inputs, resolved config) -> loss scalar, a sum of
+# per-token terms (so the gradient w.r.t. logp_T[i] depends on token i alone).
+LossBody = Callable[[torch.Tensor, TokenInputs, Mapping[str, float]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,15 @@ class LossFunction:
             raise InvalidInput(violations)
         return resolved
 
-    def __call__(self, target_logprobs_T, inputs: TokenInputs, config: Mapping[str, float]):
+    def __call__(self, target_logprobs_T, inputs: TokenInputs, config: Mapping[str, float]) -> torch.Tensor:
         return self.body(target_logprobs_T, inputs, config)
+
+    def stats(self, target_logprobs_T, inputs: TokenInputs, config: Mapping[str, float]) -> dict:
+        """Token counts and, for losses with a ratio, ratio statistics over active tokens."""
+        if inputs.sampling_logprobs_T is None:
+            return token_stats(inputs.weights_T != 0)
+        log_ratio_T = _log_ratio(target_logprobs_T.detach(), inputs.sampling_logprobs_T)
+        return token_stats(inputs.advantages_T != 0, log_ratio_T, config.get(CLIP_LOW), config.get(CLIP_HIGH))
 
 
 def _config_violation(key: str, description: str) -> FieldViolation:
@@ -93,27 +105,23 @@ def _cispo(t_T, x: TokenInputs, cfg):
     lo, hi = cfg[CLIP_LOW], cfg[CLIP_HIGH]
     log_ratio_T = _log_ratio(t_T.detach(), x.sampling_logprobs_T)
     coef_T = log_ratio_T.exp().clamp(lo, hi)  # detached: bounds the coefficient, never zeroes a gradient
-    loss = -(coef_T * t_T * x.advantages_T).sum()
-    return loss, token_stats(x.advantages_T != 0, log_ratio_T, lo, hi)
+    return -(coef_T * t_T * x.advantages_T).sum()
 
 
 def _importance_sampling(t_T, x: TokenInputs, cfg):
     log_ratio_T = _log_ratio(t_T, x.sampling_logprobs_T)
-    loss = -(log_ratio_T.exp() * x.advantages_T).sum()
-    return loss, token_stats(x.advantages_T != 0, log_ratio_T.detach())
+    return -(log_ratio_T.exp() * x.advantages_T).sum()
 
 
 def _ppo(t_T, x: TokenInputs, cfg):
     lo, hi = cfg[CLIP_LOW], cfg[CLIP_HIGH]
     log_ratio_T = _log_ratio(t_T, x.sampling_logprobs_T)
     ratio_T, a_T = log_ratio_T.exp(), x.advantages_T
-    loss = -torch.minimum(ratio_T * a_T, ratio_T.clamp(lo, hi) * a_T).sum()
-    return loss, token_stats(a_T != 0, log_ratio_T.detach(), lo, hi)
+    return -torch.minimum(ratio_T * a_T, ratio_T.clamp(lo, hi) * a_T).sum()
 
 
 def _cross_entropy(t_T, x: TokenInputs, cfg):
-    loss = -(x.weights_T * t_T).sum()
-    return loss, token_stats(x.weights_T != 0)
+    return -(x.weights_T * t_T).sum()
 
 
 LOSS_FUNCTIONS: dict[str, LossFunction] = {
