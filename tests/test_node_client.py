@@ -111,7 +111,8 @@ def test_node_client_matches_python(node, server):
         assert node_lp.shape == (len(d["model_input"]),)
         assert np.all(node_lp < 0)
         np.testing.assert_array_equal(node_lp, python_logprobs[i])
-        np.testing.assert_array_equal(node_lp, result.loss_fn_outputs[i]["logprobs"].to_numpy())
+        # Forward's head (no gradient) may round differently from ForwardBackward's fused one.
+        np.testing.assert_allclose(node_lp, result.loss_fn_outputs[i]["logprobs"].to_numpy(), rtol=1e-6, atol=1e-6)
 
     invalid = from_node["invalid"]
     assert invalid["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0] == 3
