@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from cispo.service.interceptor import GrpcMetricsInterceptor
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import OperationPipeline
-from cispo.service.servicer import SERVICE_NAME, TrainingServicer
-from cispo.v1 import training_pb2, training_pb2_grpc
+from cispo.service.servicer import SERVICE_NAME, TrainingServicer, add_training_service
+from cispo.v1 import training_pb2
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TrainingServer:
                    ("grpc.max_send_message_length", self.config.max_message_bytes)]
         interceptor = GrpcMetricsInterceptor(self.metrics.registry, (training_pb2.DESCRIPTOR.services_by_name["TrainingService"],))
         server = grpc.aio.server(interceptors=[interceptor], options=options)
-        training_pb2_grpc.add_TrainingServiceServicer_to_server(self.servicer, server)
+        add_training_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)

@@ -179,6 +179,11 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         raise AssertionError(f"unknown op {op}")
 
 
+def add_training_service(servicer: TrainingServicer, server: grpc.aio.Server) -> None:
+    """Register the TrainingService on `server`."""
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
+
+
 def _done(value) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_result(value)

@@ -35,6 +35,11 @@ class StateNotFound(LookupError):
     """A state to load does not exist or cannot be used (FAILED_PRECONDITION)."""
 
 
+class PermissionDenied(PermissionError):
+    """The caller's identity may not touch this object (e.g. a state another identity saved)
+    (PERMISSION_DENIED)."""
+
+
 class ComputeFailed(RuntimeError):
     """Compute failed mid-way (e.g. out of memory); the accumulated gradient is unchanged."""
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63ispo/v1/training.proto\x12\x08\x63ispo.v1\x1a\x17google/rpc/status.proto\"\x86\x01\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.cispo.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08raw_data\x18\x03 \x01(\x0c\x12\x12\n\nint64_data\x18\x04 \x03(\x03\x12\x12\n\nfloat_data\x18\x05 \x03(\x02\x12\x13\n\x0b\x64ouble_data\x18\x06 \x03(\x01\"\xa4\x01\n\x0cLossFnInputs\x12\'\n\rtarget_tokens\x18\x01 \x01(\x0b\x32\x10.cispo.v1.Tensor\x12\"\n\x08logprobs\x18\x02 \x01(\x0b\x32\x10.cispo.v1.Tensor\x12$\n\nadvantages\x18\x03 \x01(\x0b\x32\x10.cispo.v1.Tensor\x12!\n\x07weights\x18\x04 \x01(\x0b\x32\x10.cispo.v1.Tensor\"^\n\x05\x44\x61tum\x12%\n\x0bmodel_input\x18\x01 \x01(\x0b\x32\x10.cispo.v1.Tensor\x12.\n\x0eloss_fn_inputs\x18\x02 \x01(\x0b\x32\x16.cispo.v1.LossFnInputs\"\xc5\x01\n\x14\x46orwardBackwardInput\x12\x1d\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x0f.cispo.v1.Datum\x12\x0f\n\x07loss_fn\x18\x02 \x01(\t\x12H\n\x0eloss_fn_config\x18\x03 \x03(\x0b\x32\x30.cispo.v1.ForwardBackwardInput.LossFnConfigEntry\x1a\x33\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"2\n\x0cLossFnOutput\x12\"\n\x08logprobs\x18\x01 \x01(\x0b\x32\x10.cispo.v1.Tensor\"\xb7\x01\n\x15\x46orwardBackwardOutput\x12/\n\x0floss_fn_outputs\x18\x01 \x03(\x0b\x32\x16.cispo.v1.LossFnOutput\x12=\n\x07metrics\x18\x02 \x03(\x0b\x32,.cispo.v1.ForwardBackwardOutput.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xec\x01\n\nAdamParams\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03\x65ps\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0egrad_clip_norm\x18\x06 \x01(\x01H\x05\x88\x01\x01\x42\x10\n\x0e_learning_rateB\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_epsB\x0f\n\r_weight_decayB\x11\n\x0f_grad_clip_norm\"=\n\x10OptimStepRequest\x12)\n\x0b\x61\x64\x61m_params\x18\x01 \x01(\x0b\x32\x14.cispo.v1.AdamParams\"\x9f\x01\n\x11OptimStepResponse\x12\x11\n\tgrad_norm\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x39\n\x07metrics\x18\x03 \x03(\x0b\x32(.cispo.v1.OptimStepResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\" \n\x10SaveStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x11SaveStateResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\"8\n\x10LoadStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0ewith_optimizer\x18\x02 \x01(\x08\"/\n\x11LoadStateResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xb6\x01\n\x10LossFunctionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x45\n\x0e\x64\x65\x66\x61ult_config\x18\x02 \x03(\x0b\x32-.cispo.v1.LossFunctionInfo.DefaultConfigEntry\x12\x17\n\x0frequired_inputs\x18\x03 \x03(\t\x1a\x34\n\x12\x44\x65\x66\x61ultConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"`\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_tokens_per_request\x18\x02 \x01(\x03\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x03\"\x85\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x03\x12\x32\n\x0eloss_functions\x18\x04 \x03(\x0b\x32\x1a.cispo.v1.LossFunctionInfo\x12 \n\x06limits\x18\x05 \x01(\x0b\x32\x10.cispo.v1.Limits\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nworld_size\x18\x08 \x01(\x03\x12\x0c\n\x04step\x18\t \x01(\x03\x12\x16\n\x0enum_parameters\x18\n \x01(\x03\"\xdc\x02\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x1e.cispo.v1.ForwardBackwardInputH\x00\x12:\n\x10\x66orward_backward\x18\x03 \x01(\x0b\x32\x1e.cispo.v1.ForwardBackwardInputH\x00\x12\x30\n\noptim_step\x18\x04 \x01(\x0b\x32\x1a.cispo.v1.OptimStepRequestH\x00\x12\x30\n\nsave_state\x18\x05 \x01(\x0b\x32\x1a.cispo.v1.SaveStateRequestH\x00\x12\x30\n\nload_state\x18\x06 \x01(\x0b\x32\x1a.cispo.v1.LoadStateRequestH\x00\x12,\n\x08get_info\x18\x07 \x01(\x0b\x32\x18.cispo.v1.GetInfoRequestH\x00\x42\x04\n\x02op\"\x8c\x03\n\x0eStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x1f.cispo.v1.ForwardBackwardOutputH\x00\x12;\n\x10\x66orward_backward\x18\x03 \x01(\x0b\x32\x1f.cispo.v1.ForwardBackwardOutputH\x00\x12\x31\n\noptim_step\x18\x04 \x01(\x0b\x32\x1b.cispo.v1.OptimStepResponseH\x00\x12\x31\n\nsave_state\x18\x05 \x01(\x0b\x32\x1b.cispo.v1.SaveStateResponseH\x00\x12\x31\n\nload_state\x18\x06 \x01(\x0b\x32\x1b.cispo.v1.LoadStateResponseH\x00\x12-\n\x08get_info\x18\x07 \x01(\x0b\x32\x19.cispo.v1.GetInfoResponseH\x00\x12#\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT64\x10\x01\x12\x0f\n\x0b\x44TYPE_INT32\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x32\x84\x04\n\x0fTrainingService\x12>\n\x07GetInfo\x12\x18.cispo.v1.GetInfoRequest\x1a\x19.cispo.v1.GetInfoResponse\x12J\n\x07\x46orward\x12\x1e.cispo.v1.ForwardBackwardInput\x1a\x1f.cispo.v1.ForwardBackwardOutput\x12R\n\x0f\x46orwardBackward\x12\x1e.cispo.v1.ForwardBackwardInput\x1a\x1f.cispo.v1.ForwardBackwardOutput\x12\x44\n\tOptimStep\x12\x1a.cispo.v1.OptimStepRequest\x1a\x1b.cispo.v1.OptimStepResponse\x12\x44\n\tSaveState\x12\x1a.cispo.v1.SaveStateRequest\x1a\x1b.cispo.v1.SaveStateResponse\x12\x44\n\tLoadState\x12\x1a.cispo.v1.LoadStateRequest\x1a\x1b.cispo.v1.LoadStateResponse\x12?\n\x06Stream\x12\x17.cispo.v1.StreamRequest\x1a\x18.cispo.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63ispo/v1/training.proto\x12\x08\x63ispo.v1\x1a\x17google/rpc/status.proto\"\x86\x01\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.cispo.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08raw_data\x18\x03 \x01(\x0c\x12\x12\n\nint64_data\x18\x04 \x03(\x03\x12\x12\n\nfloat_data\x18\x05 \x03(\x02\x12\x13\n\x0b\x64ouble_data\x18\x06 \x03(\x01\"\xa4\x01\n\x0cLossFnInputs\x12\'\n\rtarget_tokens\x18\x01 \x01(\x0b\x32\x10.cispo.v1.Tensor\x12\"\n\x08logprobs\x18\x02 \x01(\x0b\x32\x10.cispo.v1.Tensor\x12$\n\nadvantages\x18\x03 \x01(\x0b\x32\x10.cispo.v1.Tensor\x12!\n\x07weights\x18\x04 \x01(\x0b\x32\x10.cispo.v1.Tensor\"^\n\x05\x44\x61tum\x12%\n\x0bmodel_input\x18\x01 \x01(\x0b\x32\x10.cispo.v1.Tensor\x12.\n\x0eloss_fn_inputs\x18\x02 \x01(\x0b\x32\x16.cispo.v1.LossFnInputs\"\xf5\x01\n\x14\x46orwardBackwardInput\x12\x1d\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x0f.cispo.v1.Datum\x12\x0f\n\x07loss_fn\x18\x02 \x01(\t\x12H\n\x0eloss_fn_config\x18\x03 \x03(\x0b\x32\x30.cispo.v1.ForwardBackwardInput.LossFnConfigEntry\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x15\n\rtyped_outputs\x18\x05 \x01(\x08\x1a\x33\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"2\n\x0cLossFnOutput\x12\"\n\x08logprobs\x18\x01 \x01(\x0b\x32\x10.cispo.v1.Tensor\"\xb7\x01\n\x15\x46orwardBackwardOutput\x12/\n\x0floss_fn_outputs\x18\x01 \x03(\x0b\x32\x16.cispo.v1.LossFnOutput\x12=\n\x07metrics\x18\x02 \x03(\x0b\x32,.cispo.v1.ForwardBackwardOutput.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xec\x01\n\nAdamParams\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03\x65ps\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0egrad_clip_norm\x18\x06 \x01(\x01H\x05\x88\x01\x01\x42\x10\n\x0e_learning_rateB\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_epsB\x0f\n\r_weight_decayB\x11\n\x0f_grad_clip_norm\"V\n\x10OptimStepRequest\x12)\n\x0b\x61\x64\x61m_params\x18\x01 \x01(\x0b\x32\x14.cispo.v1.AdamParams\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\x9f\x01\n\x11OptimStepResponse\x12\x11\n\tgrad_norm\x18\x01 \x01(\x01\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x39\n\x07metrics\x18\x03 \x03(\x0b\x32(.cispo.v1.OptimStepResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x10SaveStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"=\n\x11SaveStateResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\"Q\n\x10LoadStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0ewith_optimizer\x18\x02 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"/\n\x11LoadStateResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xb6\x01\n\x10LossFunctionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x45\n\x0e\x64\x65\x66\x61ult_config\x18\x02 \x03(\x0b\x32-.cispo.v1.LossFunctionInfo.DefaultConfigEntry\x12\x17\n\x0frequired_inputs\x18\x03 \x03(\t\x1a\x34\n\x12\x44\x65\x66\x61ultConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x85\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_tokens_per_request\x18\x02 \x01(\x03\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x03\x12#\n\x1bidempotency_keys_remembered\x18\x04 \x01(\x03\"\x85\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x03\x12\x32\n\x0eloss_functions\x18\x04 \x03(\x0b\x32\x1a.cispo.v1.LossFunctionInfo\x12 \n\x06limits\x18\x05 \x01(\x0b\x32\x10.cispo.v1.Limits\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nworld_size\x18\x08 \x01(\x03\x12\x0c\n\x04step\x18\t \x01(\x03\x12\x16\n\x0enum_parameters\x18\n \x01(\x03\"\xdc\x02\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x1e.cispo.v1.ForwardBackwardInputH\x00\x12:\n\x10\x66orward_backward\x18\x03 \x01(\x0b\x32\x1e.cispo.v1.ForwardBackwardInputH\x00\x12\x30\n\noptim_step\x18\x04 \x01(\x0b\x32\x1a.cispo.v1.OptimStepRequestH\x00\x12\x30\n\nsave_state\x18\x05 \x01(\x0b\x32\x1a.cispo.v1.SaveStateRequestH\x00\x12\x30\n\nload_state\x18\x06 \x01(\x0b\x32\x1a.cispo.v1.LoadStateRequestH\x00\x12,\n\x08get_info\x18\x07 \x01(\x0b\x32\x18.cispo.v1.GetInfoRequestH\x00\x42\x04\n\x02op\"\x8c\x03\n\x0eStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x1f.cispo.v1.ForwardBackwardOutputH\x00\x12;\n\x10\x66orward_backward\x18\x03 \x01(\x0b\x32\x1f.cispo.v1.ForwardBackwardOutputH\x00\x12\x31\n\noptim_step\x18\x04 \x01(\x0b\x32\x1b.cispo.v1.OptimStepResponseH\x00\x12\x31\n\nsave_state\x18\x05 \x01(\x0b\x32\x1b.cispo.v1.SaveStateResponseH\x00\x12\x31\n\nload_state\x18\x06 \x01(\x0b\x32\x1b.cispo.v1.LoadStateResponseH\x00\x12-\n\x08get_info\x18\x07 \x01(\x0b\x32\x19.cispo.v1.GetInfoResponseH\x00\x12#\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT64\x10\x01\x12\x0f\n\x0b\x44TYPE_INT32\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x32\x84\x04\n\x0fTrainingService\x12>\n\x07GetInfo\x12\x18.cispo.v1.GetInfoRequest\x1a\x19.cispo.v1.GetInfoResponse\x12J\n\x07\x46orward\x12\x1e.cispo.v1.ForwardBackwardInput\x1a\x1f.cispo.v1.ForwardBackwardOutput\x12R\n\x0f\x46orwardBackward\x12\x1e.cispo.v1.ForwardBackwardInput\x1a\x1f.cispo.v1.ForwardBackwardOutput\x12\x44\n\tOptimStep\x12\x1a.cispo.v1.OptimStepRequest\x1a\x1b.cispo.v1.OptimStepResponse\x12\x44\n\tSaveState\x12\x1a.cispo.v1.SaveStateRequest\x1a\x1b.cispo.v1.SaveStateResponse\x12\x44\n\tLoadState\x12\x1a.cispo.v1.LoadStateRequest\x1a\x1b.cispo.v1.LoadStateResponse\x12?\n\x06Stream\x12\x17.cispo.v1.StreamRequest\x1a\x18.cispo.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_LOSSFUNCTIONINFO_DEFAULTCONFIGENTRY']._loaded_options = None
   _globals['_LOSSFUNCTIONINFO_DEFAULTCONFIGENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2883
-  _globals['_DTYPE']._serialized_end=2985
+  _globals['_DTYPE']._serialized_start=3044
+  _globals['_DTYPE']._serialized_end=3146
   _globals['_TENSOR']._serialized_start=63
   _globals['_TENSOR']._serialized_end=197
   _globals['_LOSSFNINPUTS']._serialized_start=200
@@ -49,45 +49,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATUM']._serialized_start=366
   _globals['_DATUM']._serialized_end=460
   _globals['_FORWARDBACKWARDINPUT']._serialized_start=463
-  _globals['_FORWARDBACKWARDINPUT']._serialized_end=660
-  _globals['_FORWARDBACKWARDINPUT_LOSSFNCONFIGENTRY']._serialized_start=609
-  _globals['_FORWARDBACKWARDINPUT_LOSSFNCONFIGENTRY']._serialized_end=660
-  _globals['_LOSSFNOUTPUT']._serialized_start=662
-  _globals['_LOSSFNOUTPUT']._serialized_end=712
-  _globals['_FORWARDBACKWARDOUTPUT']._serialized_start=715
-  _globals['_FORWARDBACKWARDOUTPUT']._serialized_end=898
-  _globals['_FORWARDBACKWARDOUTPUT_METRICSENTRY']._serialized_start=852
-  _globals['_FORWARDBACKWARDOUTPUT_METRICSENTRY']._serialized_end=898
-  _globals['_ADAMPARAMS']._serialized_start=901
-  _globals['_ADAMPARAMS']._serialized_end=1137
-  _globals['_OPTIMSTEPREQUEST']._serialized_start=1139
-  _globals['_OPTIMSTEPREQUEST']._serialized_end=1200
-  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1203
-  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1362
-  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_start=852
-  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_end=898
-  _globals['_SAVESTATEREQUEST']._serialized_start=1364
-  _globals['_SAVESTATEREQUEST']._serialized_end=1396
-  _globals['_SAVESTATERESPONSE']._serialized_start=1398
-  _globals['_SAVESTATERESPONSE']._serialized_end=1459
-  _globals['_LOADSTATEREQUEST']._serialized_start=1461
-  _globals['_LOADSTATEREQUEST']._serialized_end=1517
-  _globals['_LOADSTATERESPONSE']._serialized_start=1519
-  _globals['_LOADSTATERESPONSE']._serialized_end=1566
-  _globals['_GETINFOREQUEST']._serialized_start=1568
-  _globals['_GETINFOREQUEST']._serialized_end=1584
-  _globals['_LOSSFUNCTIONINFO']._serialized_start=1587
-  _globals['_LOSSFUNCTIONINFO']._serialized_end=1769
-  _globals['_LOSSFUNCTIONINFO_DEFAULTCONFIGENTRY']._serialized_start=1717
-  _globals['_LOSSFUNCTIONINFO_DEFAULTCONFIGENTRY']._serialized_end=1769
-  _globals['_LIMITS']._serialized_start=1771
-  _globals['_LIMITS']._serialized_end=1867
-  _globals['_GETINFORESPONSE']._serialized_start=1870
-  _globals['_GETINFORESPONSE']._serialized_end=2131
-  _globals['_STREAMREQUEST']._serialized_start=2134
-  _globals['_STREAMREQUEST']._serialized_end=2482
-  _globals['_STREAMRESPONSE']._serialized_start=2485
-  _globals['_STREAMRESPONSE']._serialized_end=2881
-  _globals['_TRAININGSERVICE']._serialized_start=2988
-  _globals['_TRAININGSERVICE']._serialized_end=3504
+  _globals['_FORWARDBACKWARDINPUT']._serialized_end=708
+  _globals['_FORWARDBACKWARDINPUT_LOSSFNCONFIGENTRY']._serialized_start=657
+  _globals['_FORWARDBACKWARDINPUT_LOSSFNCONFIGENTRY']._serialized_end=708
+  _globals['_LOSSFNOUTPUT']._serialized_start=710
+  _globals['_LOSSFNOUTPUT']._serialized_end=760
+  _globals['_FORWARDBACKWARDOUTPUT']._serialized_start=763
+  _globals['_FORWARDBACKWARDOUTPUT']._serialized_end=946
+  _globals['_FORWARDBACKWARDOUTPUT_METRICSENTRY']._serialized_start=900
+  _globals['_FORWARDBACKWARDOUTPUT_METRICSENTRY']._serialized_end=946
+  _globals['_ADAMPARAMS']._serialized_start=949
+  _globals['_ADAMPARAMS']._serialized_end=1185
+  _globals['_OPTIMSTEPREQUEST']._serialized_start=1187
+  _globals['_OPTIMSTEPREQUEST']._serialized_end=1273
+  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1276
+  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1435
+  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_start=900
+  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_end=946
+  _globals['_SAVESTATEREQUEST']._serialized_start=1437
+  _globals['_SAVESTATEREQUEST']._serialized_end=1494
+  _globals['_SAVESTATERESPONSE']._serialized_start=1496
+  _globals['_SAVESTATERESPONSE']._serialized_end=1557
+  _globals['_LOADSTATEREQUEST']._serialized_start=1559
+  _globals['_LOADSTATEREQUEST']._serialized_end=1640
+  _globals['_LOADSTATERESPONSE']._serialized_start=1642
+  _globals['_LOADSTATERESPONSE']._serialized_end=1689
+  _globals['_GETINFOREQUEST']._serialized_start=1691
+  _globals['_GETINFOREQUEST']._serialized_end=1707
+  _globals['_LOSSFUNCTIONINFO']._serialized_start=1710
+  _globals['_LOSSFUNCTIONINFO']._serialized_end=1892
+  _globals['_LOSSFUNCTIONINFO_DEFAULTCONFIGENTRY']._serialized_start=1840
+  _globals['_LOSSFUNCTIONINFO_DEFAULTCONFIGENTRY']._serialized_end=1892
+  _globals['_LIMITS']._serialized_start=1895
+  _globals['_LIMITS']._serialized_end=2028
+  _globals['_GETINFORESPONSE']._serialized_start=2031
+  _globals['_GETINFORESPONSE']._serialized_end=2292
+  _globals['_STREAMREQUEST']._serialized_start=2295
+  _globals['_STREAMREQUEST']._serialized_end=2643
+  _globals['_STREAMRESPONSE']._serialized_start=2646
+  _globals['_STREAMRESPONSE']._serialized_end=3042
+  _globals['_TRAININGSERVICE']._serialized_start=3149
+  _globals['_TRAININGSERVICE']._serialized_end=3665
 # @@protoc_insertion_point(module_scope)

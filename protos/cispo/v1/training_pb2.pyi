@@ -58,7 +58,7 @@ class Datum(_message.Message):
     def __init__(self, model_input: _Optional[_Union[Tensor, _Mapping]] = ..., loss_fn_inputs: _Optional[_Union[LossFnInputs, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardInput(_message.Message):
-    __slots__ = ("data", "loss_fn", "loss_fn_config")
+    __slots__ = ("data", "loss_fn", "loss_fn_config", "idempotency_key", "typed_outputs")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,10 +69,14 @@ class ForwardBackwardInput(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TYPED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     data: _containers.RepeatedCompositeFieldContainer[Datum]
     loss_fn: str
     loss_fn_config: _containers.ScalarMap[str, float]
-    def __init__(self, data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    idempotency_key: str
+    typed_outputs: bool
+    def __init__(self, data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., idempotency_key: _Optional[str] = ..., typed_outputs: _Optional[bool] = ...) -> None: ...
 
 class LossFnOutput(_message.Message):
     __slots__ = ("logprobs",)
@@ -112,10 +116,12 @@ class AdamParams(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
-    __slots__ = ("adam_params",)
+    __slots__ = ("adam_params", "idempotency_key")
     ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     adam_params: AdamParams
-    def __init__(self, adam_params: _Optional[_Union[AdamParams, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, adam_params: _Optional[_Union[AdamParams, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class OptimStepResponse(_message.Message):
     __slots__ = ("grad_norm", "step", "metrics")
@@ -135,10 +141,12 @@ class OptimStepResponse(_message.Message):
     def __init__(self, grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SaveStateRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "idempotency_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class SaveStateResponse(_message.Message):
     __slots__ = ("name", "path", "step")
@@ -151,12 +159,14 @@ class SaveStateResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class LoadStateRequest(_message.Message):
-    __slots__ = ("name", "with_optimizer")
+    __slots__ = ("name", "with_optimizer", "idempotency_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     with_optimizer: bool
-    def __init__(self, name: _Optional[str] = ..., with_optimizer: _Optional[bool] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, name: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class LoadStateResponse(_message.Message):
     __slots__ = ("name", "step")
@@ -188,14 +198,16 @@ class LossFunctionInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., default_config: _Optional[_Mapping[str, float]] = ..., required_inputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_tokens_per_request", "max_sequence_length")
+    __slots__ = ("max_message_bytes", "max_tokens_per_request", "max_sequence_length", "idempotency_keys_remembered")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEYS_REMEMBERED_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_tokens_per_request: int
     max_sequence_length: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+    idempotency_keys_remembered: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., idempotency_keys_remembered: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
     __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters")
