@@ -50,16 +50,16 @@ def tensor_to_torch(t: pb.Tensor, field: str, violations: _Violations) -> torch.
     elif name == "raw_data":
         dtype = RAW_DTYPES.get(t.dtype)
         if dtype is None:
-            violations.add(f"{field}.dtype", "raw_data needs dtype INT64, INT32, FLOAT32 or FLOAT64")
+            violations.add(f"{field}.dtype", f"raw_data needs dtype INT64, INT32, FLOAT32 or FLOAT64, got {_dtype_name(t.dtype)}")
             return None
         if len(t.raw_data) % dtype.itemsize:
-            violations.add(f"{field}.raw_data", f"{len(t.raw_data)} bytes is not a multiple of the {pb.DType.Name(t.dtype)} size {dtype.itemsize}")
+            violations.add(f"{field}.raw_data", f"{len(t.raw_data)} bytes is not a multiple of the {_dtype_name(t.dtype)} size {dtype.itemsize}")
             return None
         array = np.frombuffer(t.raw_data, dtype=dtype)
     else:
         declared, dtype = TYPED_FIELDS[name]
         if t.dtype not in (pb.DTYPE_UNSPECIFIED, declared):
-            violations.add(f"{field}.dtype", f"{pb.DType.Name(t.dtype)} disagrees with {name}")
+            violations.add(f"{field}.dtype", f"{_dtype_name(t.dtype)} disagrees with {name}")
             return None
         array = np.asarray(getattr(t, name), dtype=dtype)
     if len(t.shape) and list(t.shape) != [array.shape[0]]:
@@ -67,6 +67,11 @@ def tensor_to_torch(t: pb.Tensor, field: str, violations: _Violations) -> torch.
         return None
     # One vectorised copy into native byte order: torch needs a writable buffer.
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=not array.flags.writeable))
+
+
+def _dtype_name(code: int) -> str:
+    """The enum name, or the bare number for a value outside the enum (e.g. 99)."""
+    return pb.DType.Name(code) if code in pb.DType.values() else f"{code} (not a DType)"
 
 
 def _has(t: pb.Tensor, name: str) -> bool:
@@ -94,16 +99,16 @@ def decode_forward_backward(req: pb.ForwardBackwardInput) -> tuple[list[Sample],
     return samples, req.loss_fn or "cispo", dict(req.loss_fn_config)
 
 
-def encode_batch_result(result: BatchResult) -> pb.ForwardBackwardOutput:
-    """Per-datum logprobs as raw little-endian float32, plus the metrics."""
-    return pb.ForwardBackwardOutput(
-        loss_fn_outputs=[
-            pb.LossFnOutput(logprobs=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[lp.numel()],
-                                               raw_data=lp.numpy().astype("<f4", copy=False).tobytes()))
-            for lp in result.logprobs
-        ],
-        metrics=result.metrics,
-    )
+def encode_batch_result(result: BatchResult, typed: bool = False) -> pb.ForwardBackwardOutput:
+    """Per-datum logprobs as raw little-endian float32 (or, if `typed`, in float_data, which
+    JSON clients show as numbers), plus the metrics."""
+    def tensor(lp: torch.Tensor) -> pb.Tensor:
+        if typed:
+            return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[lp.numel()], float_data=lp.numpy())
+        return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[lp.numel()], raw_data=lp.numpy().astype("<f4", copy=False).tobytes())
+
+    return pb.ForwardBackwardOutput(loss_fn_outputs=[pb.LossFnOutput(logprobs=tensor(lp)) for lp in result.logprobs],
+                                    metrics=result.metrics)
 
 
 def decode_adam_params(req: pb.OptimStepRequest) -> AdamParams:

@@ -1,34 +1,56 @@
-"""Exceptions -> google.rpc.Status with rich details. Never UNKNOWN with a traceback."""
+"""Exceptions -> google.rpc.Status with rich details. Never UNKNOWN with a traceback.
+
+A status travels in the response trailers, which gRPC caps (8 KiB by default on the client), so
+everything a client sent and that an error echoes is cut short here: at most MAX_VIOLATIONS
+field violations, each field and description clipped, the message clipped. A 5,000-character
+state name is therefore INVALID_ARGUMENT, not a trailer-size RESOURCE_EXHAUSTED.
+"""
 
 import logging
 
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from cispo.worker import ComputeFailed, InvalidInput, LimitExceeded, RankUnavailable, StateNotFound
+from cispo.worker import (ComputeFailed, FieldViolation, InvalidInput, LimitExceeded, PermissionDenied,
+                          RankUnavailable, StateNotFound, StepRefused)
 
 log = logging.getLogger(__name__)
+
+MAX_VIOLATIONS = 8
+MAX_FIELD_CHARS = 120
+MAX_DESCRIPTION_CHARS = 300
+MAX_MESSAGE_CHARS = 1000
 
 
 class Unavailable(Exception):
     """The server cannot take the operation now (draining, or a worker rank is gone)."""
 
 
+def clip(text: str, limit: int) -> str:
+    """`text`, cut to about `limit` characters with a note of its full length."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
 def to_status(exc: BaseException) -> status_pb2.Status:
     """The rich status a failed operation is answered with."""
     if isinstance(exc, InvalidInput):
+        shown = [FieldViolation(clip(v.field, MAX_FIELD_CHARS), clip(v.description, MAX_DESCRIPTION_CHARS))
+                 for v in exc.violations[:MAX_VIOLATIONS]]
+        more = len(exc.violations) - len(shown)
         details = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in shown
         ])
-        return _status(code_pb2.INVALID_ARGUMENT, f"invalid request: {exc}", details)
+        message = "; ".join(str(v) for v in shown) + (f"; and {more} more" if more else "")
+        return _status(code_pb2.INVALID_ARGUMENT, f"invalid request: {message}", details)
     if isinstance(exc, LimitExceeded):
         details = error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=exc.limit, description=str(exc))
+            error_details_pb2.QuotaFailure.Violation(subject=exc.limit, description=clip(str(exc), MAX_DESCRIPTION_CHARS))
         ])
         return _status(code_pb2.RESOURCE_EXHAUSTED, str(exc), details)
-    if isinstance(exc, StateNotFound):
+    if isinstance(exc, (StateNotFound, StepRefused)):
         return _status(code_pb2.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, PermissionDenied):
+        return _status(code_pb2.PERMISSION_DENIED, str(exc))
     if isinstance(exc, (Unavailable, RankUnavailable)):
         return _status(code_pb2.UNAVAILABLE, str(exc))
     if isinstance(exc, ComputeFailed):
@@ -40,7 +62,7 @@ def to_status(exc: BaseException) -> status_pb2.Status:
 
 
 def _status(code: int, message: str, details=None) -> status_pb2.Status:
-    status = status_pb2.Status(code=code, message=message)
+    status = status_pb2.Status(code=code, message=clip(message, MAX_MESSAGE_CHARS))
     if details is not None:
         packed = any_pb2.Any()
         packed.Pack(details)

@@ -1,67 +1,111 @@
 """cispo.v1.TrainingService: decode, validate, queue on the pipeline, encode, map errors.
 
-Every operation goes through `_accept` (decode + validate on the event loop, then queue) and
-`_answer` (await the engine, encode, record metrics). Failures become a google.rpc.Status: a
-unary call aborts with it, a stream answers that request with it and goes on.
+Requests arrive as bytes (the handlers' deserializer is the identity), so that everything that
+can go wrong with a body is answered here, as a Status, and not by gRPC with UNKNOWN: a body
+that does not parse is INVALID_ARGUMENT naming its message type, a body over the message limit
+is RESOURCE_EXHAUSTED, and on a Stream either gets an error answer of its own while the stream
+goes on. Parsing, validation and encoding run on a small thread pool, never on the event loop,
+so a pathological request cannot stall health checks, metrics or other clients.
+
+Every operation goes through `_accept` (decode + validate off the loop, idempotency, then queue)
+and `_answer` (await the engine, encode, record metrics, log one line). Once accepted, an
+operation is answered whatever happens to its caller: the answer task is shielded from the
+call's cancellation, so its idempotency key still records the result for a retry.
 """
 
 import asyncio
+import contextvars
+import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from cispo.service import convert
-from cispo.service.errors import Unavailable, code_name, to_status
+from cispo.service.auth import current_identity
+from cispo.service.errors import Unavailable, clip, code_name, to_status
+from cispo.service.idempotency import IdempotencyCache, check_key, fingerprint
+from cispo.service.log_limits import RateLimitedLog
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import OperationPipeline
 from cispo.v1 import training_pb2 as pb
-from cispo.v1 import training_pb2_grpc
-from cispo.worker import FieldViolation, InvalidInput
+from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
 from cispo.worker.checkpoint import state_dir
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
 # Answers a stream keeps in flight before it stops reading (bounds per-stream memory).
 STREAM_WINDOW = 64
+# Unary method -> (operation, request message type).
+UNARY_METHODS: dict[str, tuple[str, type]] = {
+    "GetInfo": ("get_info", pb.GetInfoRequest),
+    "Forward": ("forward", pb.ForwardBackwardInput),
+    "ForwardBackward": ("forward_backward", pb.ForwardBackwardInput),
+    "OptimStep": ("optim_step", pb.OptimStepRequest),
+    "SaveState": ("save_state", pb.SaveStateRequest),
+    "LoadState": ("load_state", pb.LoadStateRequest),
+}
+# Threads that parse, validate and encode (they hold the GIL in turns with the event loop).
+CODEC_THREADS = 2
 
 
-class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded, validated operation, ready to queue."""
+
+    call: Callable[[], Any]  # the engine call; runs on the engine thread
+    encode: Callable[[Any], tuple[Any, dict]]  # engine result -> (response message, log fields)
+    idempotency_key: str
+    fingerprint: bytes
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One request off the wire: its op and either the prepared operation or why it failed."""
+
+    op: str
+    request_id: str = ""
+    prepared: Prepared | None = None
+    error: Exception | None = None
+
+
+class TrainingServicer:
     def __init__(self, engine, pipeline: OperationPipeline, metrics: ServiceMetrics, limits: dict[str, int],
-                 world_size: int = 1):
+                 world_size: int = 1, idempotency: IdempotencyCache | None = None):
         self.engine = engine
         self.pipeline = pipeline
         self.metrics = metrics
         self.limits = limits
         self.world_size = world_size
+        self.idempotency = idempotency or IdempotencyCache()
         self.draining = asyncio.Event()
+        self._codec = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="cispo-codec")
+        self._rejections = RateLimitedLog(log, period_seconds=10.0)
+
+    def close(self) -> None:
+        self._codec.shutdown(wait=False, cancel_futures=True)
 
     # -- unary ----------------------------------------------------------------------------------
 
-    async def GetInfo(self, request, context):
-        return await self._unary("get_info", request, context)
+    def unary_behavior(self, method: str):
+        op, message_type = UNARY_METHODS[method]
 
-    async def Forward(self, request, context):
-        return await self._unary("forward", request, context)
+        async def behavior(body: bytes, context):
+            started = time.perf_counter()
+            decoded = await self._decode(lambda: self._decode_unary(op, message_type, body))
+            answer = await asyncio.shield(await self._accept(decoded, started))
+            if isinstance(answer, status_pb2.Status):
+                await context.abort_with_status(rpc_status.to_status(answer))
+            return answer
 
-    async def ForwardBackward(self, request, context):
-        return await self._unary("forward_backward", request, context)
-
-    async def OptimStep(self, request, context):
-        return await self._unary("optim_step", request, context)
-
-    async def SaveState(self, request, context):
-        return await self._unary("save_state", request, context)
-
-    async def LoadState(self, request, context):
-        return await self._unary("load_state", request, context)
-
-    async def _unary(self, op: str, request, context):
-        answer = await (await self._accept(op, request))
-        if isinstance(answer, status_pb2.Status):
-            await context.abort_with_status(rpc_status.to_status(answer))
-        return answer
+        return behavior
 
     # -- stream ---------------------------------------------------------------------------------
 
@@ -72,7 +116,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         try:
             while (item := await answers.get()) is not None:
                 request_id, op, pending = item
-                answer = await pending
+                answer = await asyncio.shield(pending)
                 if isinstance(answer, status_pb2.Status):
                     yield pb.StreamResponse(request_id=request_id, error=answer)
                 else:
@@ -86,7 +130,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             reader.cancel()
 
     async def _read_stream(self, request_iterator, answers: asyncio.Queue) -> str:
-        """Accept requests in order until the stream ends ("eof") or the server drains."""
+        """Accept requests in order until the stream ends ("eof"), breaks ("broken") or the
+        server drains ("draining"). Every accepted request's answer is queued before this ends."""
         requests = request_iterator.__aiter__()
         drained = asyncio.ensure_future(self.draining.wait())
         try:
@@ -97,94 +142,195 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                     next_request.cancel()
                     return "draining"
                 try:
-                    request = next_request.result()
+                    body = next_request.result()
                 except StopAsyncIteration:
                     return "eof"
-                op = request.WhichOneof("op")
-                pending = await self._accept(op, getattr(request, op) if op else None)
-                await answers.put((request.request_id, op, pending))
+                except Exception:  # noqa: BLE001 - the call ended (cancelled, or reset by the client)
+                    return "broken"
+                started = time.perf_counter()
+                decoded = await self._decode(lambda body=body: self._decode_stream_item(body))
+                if self.draining.is_set():
+                    return "draining"
+                pending = await self._accept(decoded, started)
+                await answers.put((decoded.request_id, decoded.op, pending))
         finally:
             drained.cancel()
             await answers.put(None)
 
-    # -- the two halves of every operation -------------------------------------------------------
+    # -- decoding (on the codec threads) ---------------------------------------------------------
 
-    async def _accept(self, op: str, request) -> asyncio.Future:
-        """Decode and validate now; queue the engine call. The returned future resolves to the
-        response message or a Status, never raises."""
-        started = time.perf_counter()
-        self.metrics.inflight.inc()
-        try:
-            if self.draining.is_set():
-                raise Unavailable("server is draining and accepts no new operations")
-            call, encode = self._prepare(op, request)
-            engine_future = await self.pipeline.submit(call)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a Status
-            return _done(self._failed(op or "none", exc, started))
-        self.metrics.queue_depth.set(self.pipeline.depth)
-        return asyncio.ensure_future(self._answer(op, engine_future, encode, started))
+    async def _decode(self, decode: Callable[[], Decoded]) -> Decoded:
+        """Run `decode` on a codec thread, in this call's context (its identity)."""
+        return await asyncio.get_running_loop().run_in_executor(self._codec, contextvars.copy_context().run, decode)
 
-    async def _answer(self, op: str, engine_future: asyncio.Future, encode: Callable, started: float):
+    def _decode_unary(self, op: str, message_type: type, body: bytes) -> Decoded:
         try:
-            result = await engine_future
-            response = encode(result)
+            return Decoded(op, prepared=self._prepare(op, self._parse(message_type, body)))
+        except Exception as exc:  # noqa: BLE001 - answered as a Status
+            return Decoded(op, error=exc)
+
+    def _decode_stream_item(self, body: bytes) -> Decoded:
+        try:
+            request = self._parse(pb.StreamRequest, body)
         except Exception as exc:  # noqa: BLE001
-            return self._failed(op, exc, started)
-        self.metrics.queue_depth.set(self.pipeline.depth)
-        self.metrics.inflight.dec()
-        self.metrics.request_seconds.labels(op).observe(time.perf_counter() - started)
-        return response
+            return Decoded("none", error=exc)
+        op = request.WhichOneof("op")
+        try:
+            if op is None:
+                raise InvalidInput([FieldViolation("op", "set exactly one operation")])
+            return Decoded(op, request.request_id, prepared=self._prepare(op, getattr(request, op)))
+        except Exception as exc:  # noqa: BLE001
+            return Decoded(op or "none", request.request_id, error=exc)
 
-    def _failed(self, op: str, exc: Exception, started: float) -> status_pb2.Status:
-        status = to_status(exc)
-        self.metrics.inflight.dec()
-        self.metrics.operation_errors.labels(op, code_name(status)).inc()
-        self.metrics.request_seconds.labels(op).observe(time.perf_counter() - started)
-        return status
+    def _parse(self, message_type: type, body: bytes):
+        limit = self.limits["max_message_bytes"]
+        if len(body) > limit:
+            raise LimitExceeded("max_message_bytes", f"{message_type.DESCRIPTOR.full_name} of {len(body)} bytes is over "
+                                                     f"the limit max_message_bytes={limit}")
+        try:
+            return message_type.FromString(body)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise InvalidInput([FieldViolation("body", f"is not a valid {message_type.DESCRIPTOR.full_name} message "
+                                                       f"({len(body)} bytes: {clip(str(exc), 80)})")]) from None
 
-    def _prepare(self, op: str, request) -> tuple[Callable, Callable]:
-        """(engine call, result encoder) for one operation; raises on invalid input."""
+    def _prepare(self, op: str, request) -> Prepared:
+        """The engine call and result encoder of one operation; raises on invalid input."""
         engine, metrics = self.engine, self.metrics
-        if op is None:
-            raise InvalidInput([FieldViolation("op", "set exactly one operation")])
+        key = getattr(request, "idempotency_key", "")
+        check_key(key)
+        digest = fingerprint(op, request) if key else b""
         if op in ("forward", "forward_backward"):
             samples, loss_fn, config = convert.decode_forward_backward(request)
             engine.validate(samples, loss_fn, config)
             run = engine.forward if op == "forward" else engine.forward_backward
+            typed = request.typed_outputs
 
             def encode_batch(result):
                 metrics.observe_batch(op, loss_fn, result.stats)
-                return convert.encode_batch_result(result)
+                stats = result.stats
+                active = max(stats.active_tokens, 1)
+                return convert.encode_batch_result(result, typed), {
+                    "tokens": stats.tokens, "loss": stats.loss_sum,
+                    "clip_rate": (stats.clipped_high + stats.clipped_low) / active}
 
-            return (lambda: run(samples, loss_fn, config)), encode_batch
+            return Prepared(lambda: run(samples, loss_fn, config), encode_batch, key, digest)
         if op == "optim_step":
             adam = convert.decode_adam_params(request)
 
             def encode_step(result):
                 metrics.observe_step(result.grad_norm)
                 return pb.OptimStepResponse(grad_norm=result.grad_norm, step=result.step, metrics={
-                    "grad_norm:max": result.grad_norm, "learning_rate:max": result.learning_rate})
+                    "grad_norm:max": result.grad_norm, "learning_rate:max": result.learning_rate}), {
+                    "grad_norm": result.grad_norm, "step": result.step}
 
-            return (lambda: engine.optim_step(adam)), encode_step
+            return Prepared(lambda: engine.optim_step(adam), encode_step, key, digest)
+        owner = current_identity()
         if op == "save_state":
-            state_dir(engine.config.checkpoint_dir, request.name)  # reject a bad name before queueing
-            return (lambda: (engine.save_state(request.name), engine.info().step)), (
-                lambda r: pb.SaveStateResponse(name=request.name, path=str(r[0]), step=r[1]))
+            name = request.name
+            state_dir(engine.config.checkpoint_dir, name)  # reject a bad name before queueing
+            return Prepared(lambda: (engine.save_state(name, owner=owner), engine.info().step), lambda r: (
+                pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1]), {"state": name, "step": r[1]}), key, digest)
         if op == "load_state":
-            state_dir(engine.config.checkpoint_dir, request.name)
-            return (lambda: engine.load_state(request.name, request.with_optimizer)), (
-                lambda step: pb.LoadStateResponse(name=request.name, step=step))
+            name, with_optimizer = request.name, request.with_optimizer
+            state_dir(engine.config.checkpoint_dir, name)
+            return Prepared(lambda: engine.load_state(name, with_optimizer, owner=owner), lambda step: (
+                pb.LoadStateResponse(name=name, step=step), {"state": name, "step": step}), key, digest)
         if op == "get_info":
-            return engine.info, lambda info: convert.encode_info(info, self.limits, self.world_size)
+            return Prepared(engine.info, lambda info: (convert.encode_info(info, self.limits, self.world_size), {}),
+                            "", b"")
         raise AssertionError(f"unknown op {op}")
 
+    # -- the two halves of every operation -------------------------------------------------------
 
-def add_training_service(servicer: TrainingServicer, server: grpc.aio.Server) -> None:
-    """Register the TrainingService on `server`."""
-    training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
+    async def _accept(self, decoded: Decoded, started: float) -> asyncio.Future:
+        """Queue a decoded operation (or replay it by its idempotency key). Returns the future
+        of its answer, a response message or a Status; that future never raises."""
+        loop = asyncio.get_running_loop()
+        op, identity = decoded.op, current_identity()
+        self.metrics.inflight.inc()
+        placeholder = None
+        try:
+            if decoded.error is not None:
+                raise decoded.error
+            if self.draining.is_set():
+                raise Unavailable("server is draining and accepts no new operations")
+            prepared = decoded.prepared
+            if prepared.idempotency_key:
+                earlier = self.idempotency.lookup(identity, prepared.idempotency_key, prepared.fingerprint)
+                if earlier is not None:
+                    return asyncio.ensure_future(self._replay(op, earlier, started))
+                placeholder = loop.create_future()
+                self.idempotency.remember(identity, prepared.idempotency_key, prepared.fingerprint, placeholder)
+            engine_future = await self.pipeline.submit(prepared.call)
+        except BaseException as exc:
+            if placeholder is not None:
+                placeholder.set_result(to_status(Unavailable("the operation was not accepted")))
+            if not isinstance(exc, Exception):  # cancelled before it was accepted: nothing to answer
+                self.metrics.inflight.dec()
+                raise
+            return _done(self._failed(op, exc, started))
+        self.metrics.queue_depth.set(self.pipeline.depth)
+        answer = asyncio.ensure_future(self._answer(op, engine_future, prepared.encode, started, identity))
+        if placeholder is not None:
+            answer.add_done_callback(lambda done: placeholder.set_result(done.result()))
+        return answer
+
+    async def _answer(self, op: str, engine_future: asyncio.Future, encode: Callable, started: float,
+                      identity: str | None):
+        try:
+            result = await engine_future
+            response, fields = await asyncio.get_running_loop().run_in_executor(self._codec, encode, result)
+        except Exception as exc:  # noqa: BLE001
+            return self._failed(op, exc, started)
+        self._succeeded(op, started, identity, fields)
+        return response
+
+    async def _replay(self, op: str, earlier: asyncio.Future, started: float):
+        """The answer of an earlier request with the same idempotency key."""
+        answer = await asyncio.shield(earlier)
+        if isinstance(answer, status_pb2.Status):
+            self.metrics.inflight.dec()
+            self.metrics.operation_errors.labels(op, code_name(answer)).inc()
+            return answer
+        self._succeeded(op, started, current_identity(), {"replayed": True})
+        return answer
+
+    def _succeeded(self, op: str, started: float, identity: str | None, fields: dict) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.queue_depth.set(self.pipeline.depth)
+        self.metrics.inflight.dec()
+        self.metrics.request_seconds.labels(op).observe(seconds)
+        fields = {"op": op, "identity": identity or "-", "seconds": round(seconds, 4), **fields}
+        log.info(" ".join(f"{k}={_short(v)}" for k, v in fields.items()), extra={"fields": fields})
+
+    def _failed(self, op: str, exc: Exception, started: float) -> status_pb2.Status:
+        status = to_status(exc)
+        self.metrics.inflight.dec()
+        self.metrics.operation_errors.labels(op, code_name(status)).inc()
+        self.metrics.request_seconds.labels(op).observe(time.perf_counter() - started)
+        self._rejections.info("op=%s identity=%s code=%s: %s", op, current_identity() or "-", code_name(status),
+                              clip(status.message, 200))
+        return status
+
+
+def _short(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _done(value) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_result(value)
     return future
+
+
+def add_training_service(servicer: TrainingServicer, server: grpc.aio.Server) -> None:
+    """Register the TrainingService on `server`, with bodies handed over as bytes."""
+    def identity(body: bytes) -> bytes:
+        return body
+
+    handlers = {method: grpc.unary_unary_rpc_method_handler(
+        servicer.unary_behavior(method), request_deserializer=identity,
+        response_serializer=lambda message: message.SerializeToString()) for method in UNARY_METHODS}
+    handlers["Stream"] = grpc.stream_stream_rpc_method_handler(
+        servicer.Stream, request_deserializer=identity, response_serializer=pb.StreamResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

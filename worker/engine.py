@@ -13,12 +13,12 @@ import torch
 
 from cispo.worker import checkpoint
 from cispo.worker.batch import MicroBatch, Sample, pack, plan_micro_batches
-from cispo.worker.errors import ComputeFailed, StateNotFound
+from cispo.worker.errors import ComputeFailed, FieldViolation, InvalidInput, StateNotFound, StepRefused
 from cispo.worker.logprob_head import fused_head_gradients, target_logprobs
 from cispo.worker.loss_stats import BatchStats
 from cispo.worker.losses import LOSS_FUNCTIONS, LossFunction, TokenInputs, get_loss_function
 from cispo.worker.model import PolicyModel
-from cispo.worker.optimizer import AdamParams, Optimizer
+from cispo.worker.optimizer import MOMENTS, AdamParams, Optimizer
 from cispo.worker.validation import validate_batch
 
 
@@ -75,6 +75,9 @@ class EngineInfo:
     loss_functions: dict[str, LossFunction] = field(default_factory=lambda: dict(LOSS_FUNCTIONS))
 
 
+NON_FINITE_GRADIENT = ("the loss gradient of this batch, added to the accumulated gradient, is not finite in float32 "
+                       "(advantages or weights too large?)")
+
 # Sums gradients across data-parallel ranks in place (None on a single rank).
 GradientReducer = Callable[[list[torch.Tensor]], None]
 # Given this rank's failure (or None), returns the group's first failure (or None).
@@ -88,6 +91,7 @@ class Engine:
         self.config = config
         self.gradient_reducer = gradient_reducer
         self.agree_on_failure = agree_on_failure
+        self.rank = 0  # data-parallel rank (set by worker.group)
         self.named_params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
         self.optimizer = Optimizer(self.named_params)
 
@@ -145,17 +149,29 @@ class Engine:
         except Exception as exc:
             oom = isinstance(exc, torch.OutOfMemoryError)
             failure, error = ComputeFailed(f"{'out of memory' if oom else type(exc).__name__}: {exc}", oom), exc
+        if failure is None and not self._sum_is_finite(params, previous):
+            failure = ComputeFailed(NON_FINITE_GRADIENT, non_finite=True)
         if self.agree_on_failure is not None:
             failure = self.agree_on_failure(failure)
         if failure is not None:
             for p, g in zip(params, previous):
                 p.grad = g
+            if failure.non_finite:
+                raise InvalidInput([FieldViolation("data", f"{failure}; the accumulated gradient is unchanged")])
             raise ComputeFailed(f"forward_backward failed ({failure}); the accumulated gradient is unchanged",
                                 failure.out_of_memory) from error
         for p, g in zip(params, previous):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad.add_(g)
         return result
+
+    @staticmethod
+    def _sum_is_finite(params: list[torch.nn.Parameter], previous: list[torch.Tensor | None]) -> bool:
+        """Whether the new gradients plus `previous` are finite in float32, before adding them:
+        every element of a + b is at most |a|_2 + |b|_2. One host sync."""
+        norms = [torch.linalg.vector_norm(t).float()
+                 for p, g in zip(params, previous) for t in (p.grad, g) if t is not None]
+        return not norms or bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]).sum()))
 
     def _run(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
              backward: bool) -> BatchResult:
@@ -196,28 +212,42 @@ class Engine:
     # -- optimizer ------------------------------------------------------------------------------
 
     def optim_step(self, adam: AdamParams) -> OptimResult:
-        """Sum gradients across ranks, clip, AdamW step, zero the gradient."""
+        """Sum gradients across ranks, clip, AdamW step, zero the gradient.
+
+        A refused step (StepRefused) changes no weight or moment. After a cross-rank sum, only
+        rank 0 keeps the summed gradient, so the next step's sum counts it once."""
         if self.gradient_reducer is not None:
             self.gradient_reducer([p.grad for p in self.named_params.values()])
-        grad_norm = self.optimizer.step(adam)
+        try:
+            grad_norm = self.optimizer.step(adam)
+        except StepRefused:
+            if self.gradient_reducer is not None and self.rank != 0:
+                self.optimizer.zero_grad()
+            raise
         return OptimResult(grad_norm=grad_norm, step=self.optimizer.step_count, learning_rate=adam.learning_rate)
 
     # -- states ---------------------------------------------------------------------------------
 
-    def save_state(self, name: str) -> Path:
-        """Write weights, optimizer state and step count under `name`."""
+    def save_state(self, name: str, owner: str | None = None) -> Path:
+        """Write weights, optimizer state and step count under `name`, owned by `owner`
+        (None: anyone; PermissionDenied if another identity owns the name)."""
         return checkpoint.save_state(
             self.config.checkpoint_dir, name, dict(self.named_params), self.optimizer.state_tensors(),
-            self.optimizer.step_count, self.policy.name,
+            self.optimizer.step_count, self.policy.name, owner=owner,
         )
 
-    def load_state(self, name: str, with_optimizer: bool = False) -> int:
+    def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
         """Restore weights (and, if asked, optimizer state and step count; else a fresh
         optimizer at step 0). Drops the accumulated gradient. Returns the state's step count.
         Checks every tensor before changing anything."""
-        state = checkpoint.load_state(self.config.checkpoint_dir, name, with_optimizer)
+        state = checkpoint.load_state(self.config.checkpoint_dir, name, with_optimizer, owner=owner)
         expected = {n: tuple(p.shape) for n, p in self.named_params.items()}
         found = {n: tuple(t.shape) for n, t in state.weights.items()}
+        moments = {f"{n}/{k}": (() if k == "step" else shape) for n, shape in expected.items() for k in MOMENTS}
+        odd_moments = sorted(k for k, t in state.optimizer.items() if moments.get(k) != tuple(t.shape))[:3]
+        if odd_moments or not all(t.is_floating_point() for t in [*state.weights.values(), *state.optimizer.values()]):
+            raise StateNotFound(f"state '{name}' cannot be read: its optimizer state does not fit this model "
+                                f"(unexpected or reshaped {odd_moments}) or it holds non-float tensors")
         if found != expected:
             missing = sorted(set(expected) - set(found))[:3]
             unexpected = sorted(set(found) - set(expected))[:3]

@@ -40,11 +40,19 @@ class PermissionDenied(PermissionError):
     (PERMISSION_DENIED)."""
 
 
-class ComputeFailed(RuntimeError):
-    """Compute failed mid-way (e.g. out of memory); the accumulated gradient is unchanged."""
+class StepRefused(RuntimeError):
+    """The optimizer refused a step whose gradient or update is not finite; weights, moments
+    and step count are unchanged, and the message says what became of the gradient
+    (FAILED_PRECONDITION)."""
 
-    def __init__(self, message: str, out_of_memory: bool = False):
+
+class ComputeFailed(RuntimeError):
+    """Compute failed mid-way (e.g. out of memory), or its gradient was not finite
+    (`non_finite`); the accumulated gradient is unchanged."""
+
+    def __init__(self, message: str, out_of_memory: bool = False, non_finite: bool = False):
         self.out_of_memory = out_of_memory
+        self.non_finite = non_finite
         super().__init__(message)
 
 

@@ -74,15 +74,17 @@ def attach(engine: Engine, ctx: GroupContext) -> None:
 
     def agree_on_failure(failure: ComputeFailed | None) -> ComputeFailed | None:
         outcomes = [None] * ctx.world_size
-        local = None if failure is None else (str(failure), failure.out_of_memory)
+        local = None if failure is None else (str(failure), failure.out_of_memory, failure.non_finite)
         dist.all_gather_object(outcomes, local, group=ctx.control)
         for rank, outcome in enumerate(outcomes):
             if outcome is not None:
-                return ComputeFailed(f"rank {rank}: {outcome[0]}", outcome[1])
+                message, out_of_memory, non_finite = outcome
+                return ComputeFailed(message if non_finite else f"rank {rank}: {message}", out_of_memory, non_finite)
         return None
 
     engine.gradient_reducer = reduce_gradients
     engine.agree_on_failure = agree_on_failure
+    engine.rank = ctx.rank
 
 
 def shard_by_tokens(lengths: list[int], world_size: int) -> list[list[int]]:
@@ -114,13 +116,13 @@ def _execute(engine: Engine, ctx: GroupContext, op: str, args: tuple):
     raise AssertionError(f"unknown group op {op}")
 
 
-def _load_from_rank0(engine: Engine, ctx: GroupContext, name: str, with_optimizer: bool) -> None:
+def _load_from_rank0(engine: Engine, ctx: GroupContext, name: str, with_optimizer: bool, owner: str | None) -> None:
     """Rank 0 reads and checks the state; every rank then receives it over the control group,
     so ranks need no shared storage and a group of any size can load it."""
     failure = None
     if ctx.rank == 0:
         try:
-            engine.load_state(name, with_optimizer)
+            engine.load_state(name, with_optimizer, owner)
         except Exception as exc:  # every rank must leave this collective together
             failure = exc
     header = [None]
@@ -206,11 +208,11 @@ class GroupEngine:
     def optim_step(self, adam: AdamParams) -> OptimResult:
         return self._everywhere("optim_step", (adam,))[0]
 
-    def save_state(self, name: str):
-        return self._everywhere("save_state", (name,))[0]
+    def save_state(self, name: str, owner: str | None = None):
+        return self._everywhere("save_state", (name, owner))[0]
 
-    def load_state(self, name: str, with_optimizer: bool = False) -> int:
-        return self._everywhere("load_state", (name, with_optimizer))[0]
+    def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
+        return self._everywhere("load_state", (name, with_optimizer, owner))[0]
 
     def shutdown(self) -> None:
         """Release the other ranks (they exit their loop)."""

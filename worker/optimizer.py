@@ -1,16 +1,33 @@
-"""AdamW with Tinker's AdamParams, set per step, and the pre-clip gradient norm."""
+"""AdamW with Tinker's AdamParams, set per step; the pre-clip gradient norm; steps that are
+all or nothing.
+
+A step is checked before it changes anything: every hyper-parameter is finite and in range in
+float32 (`AdamParams`), the accumulated gradient is finite, and a dry run of the update on
+copies (one parameter at a time, through the same `torch.optim.adam.adam` call as the real step,
+so the same arithmetic) shows that no weight or moment would become inf or NaN. Only then does
+the real step run. So no request can make the weights non-finite, and a refused step leaves
+weights, moments, step count and (unless it was not finite) the gradient exactly as they were.
+"""
 
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+from torch.optim.adam import adam
 
-from cispo.worker.errors import FieldViolation, InvalidInput
+from cispo.worker.errors import FieldViolation, InvalidInput, StepRefused
+
+MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
 @dataclass(frozen=True)
 class AdamParams:
-    """AdamW hyper-parameters for one step (Tinker's names and defaults)."""
+    """AdamW hyper-parameters for one step (Tinker's names and defaults).
+
+    Every field must be finite and keep its meaning in float32, where the step computes:
+    betas in [0, 1), eps > 0 (not 0 in float32), the others >= 0.
+    """
 
     learning_rate: float = 1e-4
     beta1: float = 0.9
@@ -20,22 +37,29 @@ class AdamParams:
     grad_clip_norm: float = 0.0  # clip the global L2 norm to this; 0 = no clipping
 
     def __post_init__(self):
-        bounds = {
-            "learning_rate": (0.0, math.inf, "be >= 0"),
-            "beta1": (0.0, 1.0 - 1e-12, "lie in [0, 1)"),
-            "beta2": (0.0, 1.0 - 1e-12, "lie in [0, 1)"),
-            "eps": (1e-300, math.inf, "be > 0"),
-            "weight_decay": (0.0, math.inf, "be >= 0"),
-            "grad_clip_norm": (0.0, math.inf, "be >= 0"),
-        }
-        violations = [
-            FieldViolation(f"adam_params.{name}", f"must {rule}, got {value}")
-            for name, value in asdict(self).items()
-            for lo, hi, rule in [bounds[name]]
-            if not (math.isfinite(value) and lo <= value <= hi)
-        ]
+        violations = [FieldViolation(f"adam_params.{name}", problem)
+                      for name, value in asdict(self).items()
+                      if (problem := _adam_field_problem(name, value)) is not None]
         if violations:
             raise InvalidInput(violations)
+
+
+def _adam_field_problem(name: str, value: float) -> str | None:
+    """Why `value` is no good for AdamParams.`name` (None if it is good)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number, got {type(value).__name__}"
+    value32 = float(np.float32(value)) if math.isfinite(value) and abs(value) <= 3.4028234663852886e38 else math.inf
+    if not math.isfinite(value) or not math.isfinite(value32):
+        return f"must be finite in float32 (|value| <= 3.4e38), got {value:g}"
+    if name in ("beta1", "beta2"):
+        if not 0.0 <= value32 < 1.0:
+            return f"must lie in [0, 1) in float32, got {value!r}" + (" (rounds to 1.0)" if value < 1.0 else "")
+    elif name == "eps":
+        if not value32 > 0.0:
+            return f"must be > 0 in float32, got {value:g}" + (" (rounds to 0)" if value > 0 else "")
+    elif value32 < 0.0:
+        return f"must be >= 0, got {value:g}"
+    return None
 
 
 def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -45,48 +69,104 @@ def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 
 class Optimizer:
-    """torch.optim.AdamW over named parameters; hyper-parameters come with each step."""
+    """AdamW over named parameters; hyper-parameters come with each step.
+
+    state[name] holds "exp_avg", "exp_avg_sq" (like the parameter) and "step" (a float32 scalar
+    tensor), created on a parameter's first step; parameters without a gradient are skipped.
+    """
 
     def __init__(self, named_params: dict[str, torch.nn.Parameter]):
         self.named_params = named_params
-        self.adamw = torch.optim.AdamW(list(named_params.values()), lr=AdamParams.learning_rate)
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.step_count = 0
 
-    def step(self, adam: AdamParams) -> float:
-        """Clip (if asked), apply the accumulated gradient, zero it; returns the pre-clip norm."""
-        params = list(self.named_params.values())
+    def step(self, adam_params: AdamParams) -> float:
+        """Clip (if asked), apply the accumulated gradient, zero it; returns the pre-clip norm.
+
+        Raises StepRefused, having changed nothing, when the gradient or the update is not
+        finite; a non-finite gradient is dropped (it could never be applied)."""
+        names = [n for n, p in self.named_params.items() if p.grad is not None]
+        params = [self.named_params[n] for n in names]
+        if not params:
+            self.step_count += 1
+            return 0.0
         norm = global_grad_norm(params)
-        if adam.grad_clip_norm > 0:
-            scale = (adam.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        if not bool(torch.isfinite(norm)):
+            self.zero_grad()
+            raise StepRefused(
+                f"the accumulated gradient is not finite (its L2 norm is {float(norm)} in float32); it was dropped. "
+                "Weights, moments and step count are unchanged; run forward_backward again")
+        scale = None
+        if adam_params.grad_clip_norm > 0:
+            scale = (adam_params.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        ok = torch.ones((), dtype=torch.bool, device=norm.device)
+        for name, p in zip(names, params):  # dry run on copies, one parameter at a time
+            grad = p.grad if scale is None else p.grad * scale.to(p.grad.device)
+            trial = {k: v.clone() for k, v in self._moments(name, p).items()}
+            weight = p.detach().clone()
+            try:
+                self._adam([weight], [grad], [trial], adam_params)
+            except RuntimeError:  # e.g. lr / (1 - beta1^t) overflows float32
+                ok = torch.zeros_like(ok)
+                break
+            for t in (weight, trial["exp_avg"], trial["exp_avg_sq"]):
+                ok &= torch.isfinite(t).all().to(ok.device)
+        if not bool(ok):
+            raise StepRefused(
+                f"this step would make weights or Adam moments non-finite (learning_rate={adam_params.learning_rate:g}, "
+                f"eps={adam_params.eps:g}, weight_decay={adam_params.weight_decay:g}, gradient norm {float(norm):g}); "
+                "nothing changed and the accumulated gradient is kept: retry with smaller values, or with "
+                "grad_clip_norm set")
+        if scale is not None:
             for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.device))
-        for group in self.adamw.param_groups:
-            group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
-                         weight_decay=adam.weight_decay)
-        self.adamw.step()
-        self.adamw.zero_grad(set_to_none=True)
+                p.grad.mul_(scale.to(p.grad.device))
+        self._adam(params, [p.grad for p in params], [self._moments(n, p, create=True) for n, p in zip(names, params)],
+                   adam_params)
+        self.zero_grad()
         self.step_count += 1
         return float(norm)
 
+    def _moments(self, name: str, p: torch.nn.Parameter, create: bool = False) -> dict[str, torch.Tensor]:
+        """The AdamW state of `name` (zeros at step 0; stored only if `create`)."""
+        state = self.state.get(name)
+        if state is None:
+            state = {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                     "step": torch.zeros((), dtype=torch.float32)}
+            if create:
+                self.state[name] = state
+        return state
+
+    @staticmethod
+    def _adam(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, torch.Tensor]],
+              a: AdamParams) -> None:
+        """torch's AdamW arithmetic, in place on `params` and `states`."""
+        with torch.no_grad():
+            adam([p.detach() for p in params], grads, [s["exp_avg"] for s in states],
+                 [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+                 foreach=params[0].device.type == "cuda", decoupled_weight_decay=True, amsgrad=False,
+                 beta1=a.beta1, beta2=a.beta2, lr=a.learning_rate, weight_decay=a.weight_decay, eps=a.eps,
+                 maximize=False)
+
+    def zero_grad(self) -> None:
+        for p in self.named_params.values():
+            p.grad = None
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """AdamW moments keyed "<param name>/<exp_avg|exp_avg_sq|step>" (CPU, for saving)."""
-        out = {}
-        for name, p in self.named_params.items():
-            for key, value in self.adamw.state.get(p, {}).items():
-                out[f"{name}/{key}"] = value.detach().cpu().contiguous()
-        return out
+        return {f"{name}/{key}": value.detach().cpu().contiguous()
+                for name, state in self.state.items() for key, value in state.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step_count: int) -> None:
         """Replace the AdamW state by `tensors` (as from `state_tensors`)."""
-        self.adamw.state.clear()
+        self.state = {}
         for key, value in tensors.items():
             name, _, field = key.rpartition("/")
             p = self.named_params[name]
-            self.adamw.state[p][field] = value.to(p.device) if field != "step" else value.clone()
+            self.state.setdefault(name, {})[field] = value.to(p.device) if field != "step" else value.clone()
         self.step_count = step_count
 
     def reset(self) -> None:
         """Fresh state: no moments, step 0."""
-        self.adamw.state.clear()
+        self.state = {}
         self.step_count = 0

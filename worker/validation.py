@@ -44,13 +44,17 @@ def _datum_violations(where: str, sample: Sample, loss: LossFunction, vocab_size
     if n == 0:
         out.append(FieldViolation(f"{where}.model_input", "must hold at least one token"))
     inputs = sample.loss_fn_inputs
-    for name in ("target_tokens", *loss.required_inputs):
+    used = ("target_tokens", *loss.required_inputs)
+    for name in used:
         if name not in inputs:
             out.append(FieldViolation(f"{where}.loss_fn_inputs.{name}", f"required by loss '{loss.name}'"))
     for name, tensor in inputs.items():
         field = f"{where}.loss_fn_inputs.{name}"
         if name not in LOSS_INPUT_KINDS:
             out.append(FieldViolation(field, f"unknown loss input (known: {', '.join(LOSS_INPUT_KINDS)})"))
+            continue
+        if name not in used:
+            out.append(FieldViolation(field, f"not used by loss '{loss.name}', which takes {', '.join(used)}"))
             continue
         bad = _tensor_violations(field, tensor, LOSS_INPUT_KINDS[name], vocab_size)
         if not bad and n >= 0 and tensor.shape[0] != n:
@@ -63,7 +67,8 @@ def _datum_violations(where: str, sample: Sample, loss: LossFunction, vocab_size
 
 
 def _tensor_violations(field: str, tensor: torch.Tensor, kind: str, vocab_size: int) -> list[FieldViolation]:
-    """Shape, dtype and value checks shared by every tensor: 1-D; ints in [0, vocab); floats finite."""
+    """Shape, dtype and value checks shared by every tensor: 1-D; ints in [0, vocab); floats
+    finite in float32."""
     if tensor.dim() != 1:
         return [FieldViolation(field, f"must be 1-D, got shape {tuple(tensor.shape)}")]
     if kind == "int":
@@ -76,8 +81,8 @@ def _tensor_violations(field: str, tensor: torch.Tensor, kind: str, vocab_size: 
         return []
     if not tensor.is_floating_point():
         return [FieldViolation(field, f"must hold floats, got {tensor.dtype}")]
-    finite = torch.isfinite(tensor)
+    finite = torch.isfinite(tensor.to(torch.float32))  # the engine computes in float32
     if tensor.numel() and not bool(finite.all()):
         pos = int(torch.nonzero(~finite)[0, 0])
-        return [FieldViolation(field, f"value {tensor[pos].item()} at position {pos} is not finite")]
+        return [FieldViolation(field, f"value {tensor[pos].item():g} at position {pos} is not finite in float32")]
     return []
