@@ -24,7 +24,9 @@ from .errors import (
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from .futures import APIFuture
@@ -64,10 +66,12 @@ __all__ = [
     "LossFunctionInfo",
     "ModelInput",
     "OptimStepResponse",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "SaveStateResponse",
     "TensorData",
     "TrainingClient",
+    "UnauthenticatedError",
     "UnavailableError",
     "types",
 ]

@@ -13,14 +13,24 @@ Two paths, both over the one channel:
     fails with UnavailableError, and the next submit opens a new stream.
   * `unary`: a blocking unary call. It first waits until every operation submitted earlier
     has been answered, so unary calls also run in call order.
+
+Retries. Every mutating request carries an idempotency key (set by the client), so resending it
+is safe: the server answers a key it has seen with the original answer and runs nothing twice.
+A unary call that fails with UNAVAILABLE is resent; when a stream breaks with UNAVAILABLE (a
+lost connection, a server that drains), its unanswered requests are resent in their order on a
+new stream, ahead of any request submitted meanwhile. Each request is resent at most
+`max_retries` times, with exponential backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import threading
+import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,17 +50,34 @@ from .errors import (
 logger = logging.getLogger(__name__)
 
 _END_OF_REQUESTS = object()  # queued to half-close a stream
+# Operations whose request message has an idempotency_key field.
+_KEYED_OPS = ("forward", "forward_backward", "optim_step", "save_state", "load_state")
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # transports to close at interpreter exit
+
+
+def set_idempotency_key(message: Any) -> None:
+    """Give a mutating request message a fresh idempotency key (unless it has one)."""
+    if "idempotency_key" in message.DESCRIPTOR.fields_by_name and not message.idempotency_key:
+        message.idempotency_key = uuid.uuid4().hex
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Wait before the `attempt`-th resend (1-based): 0.2 s, doubling, at most 5 s."""
+    return min(0.2 * 2 ** (attempt - 1), 5.0)
 
 
 class _Pending:
     """A submitted stream request awaiting its answer."""
 
-    __slots__ = ("future", "expected", "decode")
+    __slots__ = ("future", "expected", "decode", "request", "attempts")
 
-    def __init__(self, future: concurrent.futures.Future, expected: str, decode: Callable) -> None:
+    def __init__(self, future: concurrent.futures.Future, expected: str, decode: Callable,
+                 request: pb.StreamRequest) -> None:
         self.future = future  # RUNNING concurrent future handed to the caller
         self.expected = expected  # the StreamResponse.result field the answer must carry
         self.decode = decode  # that field's message -> client type
+        self.request = request  # to resend it, key and all
+        self.attempts = 0  # times resent
 
     def resolve(self, response: pb.StreamResponse) -> None:
         which = response.WhichOneof("result")
@@ -80,8 +107,10 @@ class _StreamSession:
     Lives on the I/O loop; no locking needed.
     """
 
-    def __init__(self, stub: pb_grpc.TrainingServiceStub, call_kwargs: dict, target: str) -> None:
+    def __init__(self, stub: pb_grpc.TrainingServiceStub, call_kwargs: dict, target: str,
+                 on_broken: Callable[[list[_Pending], grpc.StatusCode, str], None]) -> None:
         self.target = target
+        self.on_broken = on_broken  # gets the unanswered requests when the call ends
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending: dict[str, _Pending] = {}  # insertion order = request order
         self.broken = False  # the call has ended; no more answers will come
@@ -130,11 +159,14 @@ class _StreamSession:
         finally:
             self.broken = True
             pending, self.pending = self.pending, {}
-            for item in pending.values():
-                item.fail(self._failure(code, details))
+            if pending and not self.closing:
+                self.on_broken(list(pending.values()), code, details)
+            else:
+                for item in pending.values():
+                    item.fail(self.failure(code, details))
             self.idle.set()
 
-    def _failure(self, code: grpc.StatusCode, details: str) -> CispoError:
+    def failure(self, code: grpc.StatusCode, details: str) -> CispoError:
         if self.closing:
             return UnavailableError(
                 "the client was closed before the answer arrived; the operation may or may "
@@ -162,8 +194,10 @@ class Transport:
         metadata: Sequence[tuple[str, str]] = (),
         wait_for_ready: bool = False,
         timeout: float | None = None,
+        max_retries: int = 5,
     ) -> None:
         self.target = target
+        self.max_retries = max_retries
         self.max_message_bytes = max_message_bytes
         self._credentials = credentials
         self._channel_options = [
@@ -183,6 +217,8 @@ class Transport:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TrainingServiceStub | None = None
         self._session: _StreamSession | None = None
+        self._held: list[tuple[pb.StreamRequest, _Pending]] | None = None  # submitted while resending
+        _LIVE.add(self)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -274,6 +310,7 @@ class Transport:
             pass
 
     async def _aclose(self, grace: float | None) -> None:
+        self._resend_held()  # fails what waits to be resent: the client is closed
         session = self._session
         if session is not None and not session.broken:
             session.half_close()
@@ -299,12 +336,15 @@ class Transport:
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
+        op = request.WhichOneof("op")
+        if op in _KEYED_OPS:
+            set_idempotency_key(getattr(request, op))
         with self._lock:
             loop = self._start_locked()
             self._next_id += 1
             request.request_id = str(self._next_id)
             self._inflight.add(future)
-            loop.call_soon_threadsafe(self._enqueue, request, _Pending(future, expected, decode))
+            loop.call_soon_threadsafe(self._enqueue, request, _Pending(future, expected, decode, request))
         future.add_done_callback(self._forget)
         return request.request_id, future
 
@@ -313,21 +353,54 @@ class Transport:
             self._inflight.discard(future)
 
     def _enqueue(self, request: pb.StreamRequest, pending: _Pending) -> None:
-        """On the I/O loop, in call order: put the request on the current stream."""
+        """On the I/O loop, in call order: put the request on the current stream (or hold it
+        while earlier requests wait to be resent)."""
+        if self._held is not None:
+            self._held.append((request, pending))
+            return
         session = self._session
         if session is None or session.broken or session.half_closed:
             try:
-                session = self._session = _StreamSession(self._stub, self._call_kwargs, self.target)
+                session = self._session = _StreamSession(self._stub, self._call_kwargs, self.target, self._on_broken)
             except Exception as exc:
                 pending.fail(UnavailableError(f"cannot open a stream to {self.target}: {exc!r}"))
                 return
         session.add(request, pending)
 
+    def _on_broken(self, unanswered: list[_Pending], code: grpc.StatusCode, details: str) -> None:
+        """On the I/O loop: a stream ended with requests unanswered. Resend them, in order and
+        before anything submitted meanwhile, if the failure is transient; else fail them."""
+        session = self._session
+        retry = code == grpc.StatusCode.UNAVAILABLE and not self._closed
+        resend = [item for item in unanswered if retry and item.attempts < self.max_retries]
+        for item in unanswered:
+            if item not in resend:
+                item.fail(session.failure(code, details) if session else UnavailableError(details))
+        if not resend:
+            return
+        for item in resend:
+            item.attempts += 1
+        attempt = max(item.attempts for item in resend)
+        logger.info("stream to %s broke (%s: %s); resending %d requests (attempt %d)", self.target, code.name,
+                    details, len(resend), attempt)
+        self._held = [(item.request, item) for item in resend]
+        asyncio.get_running_loop().call_later(backoff_seconds(attempt), self._resend_held)
+
+    def _resend_held(self) -> None:
+        held, self._held = self._held, None
+        for request, item in held or ():
+            if self._closed:
+                item.fail(UnavailableError("the client was closed before the request could be resent"))
+            else:
+                self._enqueue(request, item)
+
     # --- unary ----------------------------------------------------------------------------
 
     def unary(self, method: str, request: Any) -> Any:
         """Call the unary `method` (e.g. "ForwardBackward") and return the response message,
-        after every earlier submitted operation has been answered. Raises CispoError."""
+        after every earlier submitted operation has been answered. Resent on UNAVAILABLE (with
+        an idempotency key). Raises CispoError."""
+        set_idempotency_key(request)
         with self._lock:
             loop = self._start_locked()
             earlier = list(self._inflight)
@@ -338,9 +411,22 @@ class Transport:
         return asyncio.run_coroutine_threadsafe(self._unary(method, request), loop).result()
 
     async def _unary(self, method: str, request: Any) -> Any:
-        try:
-            return await getattr(self._stub, method)(
-                request, timeout=self._timeout, **self._call_kwargs
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc_error(exc) from None
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await getattr(self._stub, method)(
+                    request, timeout=self._timeout, **self._call_kwargs
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries or self._closed:
+                    raise error_from_rpc_error(exc) from None
+                logger.info("%s to %s failed (%s); resending (attempt %d)", method, self.target, exc.details(),
+                            attempt + 1)
+                await asyncio.sleep(backoff_seconds(attempt + 1))
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close every open client before the interpreter tears down (waiting a little for answers
+    in flight), so no I/O task is left pending and reported destroyed."""
+    for transport in list(_LIVE):
+        transport.close(grace=5.0)

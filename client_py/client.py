@@ -17,8 +17,10 @@ carry the server's field violations.
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -56,26 +58,66 @@ class TrainingClient:
         self,
         target: str,
         *,
+        token: str | None = None,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        certificate_chain: bytes | str | os.PathLike | None = None,
+        private_key: bytes | str | os.PathLike | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         timeout: float | None = None,
         wait_for_ready: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str]] = (),
+        max_retries: int = 5,
     ) -> None:
         """
         target: "host:port" of the server (any gRPC target string).
+        token: bearer token of a server started with --auth-tokens-file, sent as
+            `authorization: Bearer <token>` on every call; default: env CISPO_TOKEN.
+        root_certificates: PEM CA certificates (bytes, or a file path) that signed the server's
+            TLS certificate; setting it (or env CISPO_TLS_CA_FILE) makes the channel TLS.
+        certificate_chain, private_key: this client's PEM certificate and key (bytes or file
+            paths) for a server that requires client certificates (mTLS); default: env
+            CISPO_CLIENT_CERT_FILE and CISPO_CLIENT_KEY_FILE.
         max_message_bytes: the largest message sent or received; a request over it raises
             ResourceExhaustedError before it is sent. Keep it at or below the server's.
         timeout: deadline in seconds for each sync (unary) call; None waits forever.
         wait_for_ready: queue calls while the server is unreachable instead of failing fast.
-        credentials: TLS channel credentials (`grpc.ssl_channel_credentials()`); None is
-            plaintext.
+        credentials: TLS channel credentials (`grpc.ssl_channel_credentials()`), instead of
+            root_certificates/certificate_chain/private_key; None and none of those is plaintext.
         channel_options: extra gRPC channel options, e.g. [("grpc.keepalive_time_ms", 30000)].
         metadata: extra request headers for every call, e.g. [("authorization", "Bearer ...")].
+        max_retries: times an operation is resent after UNAVAILABLE or a broken stream, with
+            backoff (0.2 s, doubling, at most 5 s). Every mutating request carries an
+            idempotency key, so the server applies a resent operation once.
         """
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        env = os.environ
+
+        def pem(value, variable):  # bytes, PEM text or a path; else the file named by `variable`
+            value = value if value is not None else (env.get(variable) or None)
+            if value is None or isinstance(value, bytes):
+                return value
+            value = os.fspath(value)
+            return value.encode() if value.lstrip().startswith("-----BEGIN") else Path(value).read_bytes()
+
+        if credentials is not None:
+            if any(v is not None for v in (root_certificates, certificate_chain, private_key)):
+                raise ValueError("pass either credentials or root_certificates/certificate_chain/private_key")
+        else:
+            tls = (pem(root_certificates, "CISPO_TLS_CA_FILE"), pem(private_key, "CISPO_CLIENT_KEY_FILE"),
+                   pem(certificate_chain, "CISPO_CLIENT_CERT_FILE"))
+            if (tls[1] is None) != (tls[2] is None):
+                raise ValueError("certificate_chain and private_key go together (mTLS)")
+            if any(part is not None for part in tls):
+                credentials = grpc.ssl_channel_credentials(*tls)
+        has_authorization = any(key.lower() == "authorization" for key, _ in metadata)
+        if token is not None and has_authorization:
+            raise ValueError("pass either token or an authorization entry in metadata")
+        token = token if token is not None else (None if has_authorization else env.get("CISPO_TOKEN"))
+        if token is not None and token.strip():
+            metadata = (*metadata, ("authorization", f"Bearer {token.strip()}"))
         self.target = target
         self.max_message_bytes = max_message_bytes
         self._transport = Transport(
@@ -86,6 +128,7 @@ class TrainingClient:
             metadata=metadata,
             wait_for_ready=wait_for_ready,
             timeout=timeout,
+            max_retries=max_retries,
         )
         # A client dropped without close(): finish what is in flight, then free the thread.
         self._finalizer = weakref.finalize(self, self._transport.close_nowait)
@@ -163,12 +206,13 @@ class TrainingClient:
 
     def save_state(self, name: str) -> SaveStateResponse:
         """Save weights, optimizer state and step count under `name` (letters, digits, '.',
-        '_', '-'; replaces an existing state atomically)."""
+        '_', '-'; replaces an existing state atomically) in the server's --checkpoint-dir."""
         request = pb.SaveStateRequest(name=name)
         return self._unary("SaveState", request, "save_state", wire.save_state_response_from_pb)
 
     def load_state(self, name: str) -> LoadStateResponse:
-        """Load the weights saved under `name`; the optimizer state is left as it is.
+        """Load the weights saved under `name` and reset the optimizer (no moments, step 0);
+        the accumulated gradient is dropped. Use `load_state_with_optimizer` to resume a run.
         Raises FailedPreconditionError if there is no such state."""
         return self._unary(
             "LoadState",

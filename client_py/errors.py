@@ -25,7 +25,9 @@ __all__ = [
     "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
     "error_for_code",
     "error_from_rpc_error",
@@ -128,10 +130,23 @@ class FailedPreconditionError(CispoError):
 class UnavailableError(CispoError):
     """UNAVAILABLE: the server cannot be reached, is draining, or the stream broke.
 
-    An operation that fails this way may or may not have run on the server.
+    The client retries such failures itself with the operation's idempotency key, so an
+    operation that still fails this way after the retries ran at most once on the server.
     """
 
     default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class UnauthenticatedError(CispoError):
+    """UNAUTHENTICATED: no valid bearer token (see the `token` argument or CISPO_TOKEN)."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(CispoError):
+    """PERMISSION_DENIED: the object belongs to another identity (e.g. a saved state)."""
+
+    default_code = grpc.StatusCode.PERMISSION_DENIED
 
 
 _CLASS_BY_CODE: dict[grpc.StatusCode, type[CispoError]] = {
@@ -141,6 +156,8 @@ _CLASS_BY_CODE: dict[grpc.StatusCode, type[CispoError]] = {
         ResourceExhaustedError,
         FailedPreconditionError,
         UnavailableError,
+        UnauthenticatedError,
+        PermissionDeniedError,
     )
 }
 

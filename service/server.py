@@ -1,7 +1,15 @@
-"""The gRPC server: TrainingService + health + reflection + Prometheus /metrics, and drain."""
+"""The gRPC server: TrainingService + health + reflection + Prometheus /metrics, and drain.
+
+Security (service/auth.py): optional TLS or mTLS on the gRPC port, optional bearer tokens for
+every method but grpc.health.v1. An optional plaintext health-only port serves Kubernetes' native
+gRPC probes, which cannot speak TLS. Ports are exclusive: a second server on a port in use fails.
+"""
 
 import asyncio
+import errno
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -10,6 +18,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from cispo.service.auth import TlsConfigError, TokenAuthInterceptor, TokenFileError, load_tokens, tls_server_credentials
+from cispo.service.idempotency import IdempotencyCache
 from cispo.service.interceptor import GrpcMetricsInterceptor
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import OperationPipeline
@@ -22,19 +32,40 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE_NAMES = ("", SERVICE_NAME)
 
 
+class StartupError(Exception):
+    """The server cannot start as configured (a port in use, unusable TLS or tokens files); the
+    message is one line for the operator."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
+    """Address of the gRPC, health and metrics ports; loopback unless asked otherwise."""
     port: int = 50051
     """gRPC port; 0 picks a free one."""
     metrics_port: int = 9400
-    """Prometheus /metrics port; 0 picks a free one, -1 disables."""
+    """Prometheus /metrics port (plain HTTP); 0 picks a free one, -1 disables."""
+    health_port: int = -1
+    """A plaintext port serving only grpc.health.v1 (for probes when the gRPC port has TLS);
+    0 picks a free one, -1 disables (health is always served on the gRPC port too)."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain of the gRPC port (cert-manager's tls.crt); None is plaintext."""
+    tls_key_file: str | None = None
+    """PEM private key of that certificate (tls.key)."""
+    tls_client_ca_file: str | None = None
+    """PEM CA bundle (ca.crt): clients must present a certificate it signed (mTLS)."""
+    auth_tokens_file: str | None = None
+    """`NAME:TOKEN` lines; every call but health needs `authorization: Bearer TOKEN`."""
     max_message_bytes: int = 256 << 20
     max_tokens_per_request: int = 1 << 20
     drain_seconds: float = 30.0
     """On SIGTERM, how long accepted work may take to finish before the server exits."""
     queue_capacity: int = 8
     """Operations waiting for the engine before reads stop (back-pressure)."""
+    idempotency_keys: int = 4096
+    """Completed operations whose idempotency keys are remembered (the most recent)."""
+    idempotency_bytes: int = 256 << 20
+    """At most this many bytes of remembered answers."""
 
 
 class TrainingServer:
@@ -48,34 +79,72 @@ class TrainingServer:
         if engine.policy.device.type == "cuda":
             self.metrics.track_cuda_memory(engine.policy.device)
         limits = dict(max_message_bytes=config.max_message_bytes, max_tokens_per_request=config.max_tokens_per_request,
-                      max_sequence_length=engine.info().max_sequence_length)
+                      max_sequence_length=engine.info().max_sequence_length,
+                      idempotency_keys_remembered=config.idempotency_keys)
         self.pipeline = OperationPipeline(config.queue_capacity)
-        self.servicer = TrainingServicer(engine, self.pipeline, self.metrics, limits, world_size)
+        self.servicer = TrainingServicer(engine, self.pipeline, self.metrics, limits, world_size,
+                                         IdempotencyCache(config.idempotency_keys, config.idempotency_bytes))
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._http = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
-        options = [("grpc.max_receive_message_length", self.config.max_message_bytes),
-                   ("grpc.max_send_message_length", self.config.max_message_bytes)]
-        interceptor = GrpcMetricsInterceptor(self.metrics.registry, (training_pb2.DESCRIPTOR.services_by_name["TrainingService"],))
-        server = grpc.aio.server(interceptors=[interceptor], options=options)
+        """Bind every port and serve. Raises StartupError (one line) when it cannot."""
+        config = self.config
+        try:
+            tokens = load_tokens(config.auth_tokens_file) if config.auth_tokens_file else None
+            credentials = None
+            if config.tls_cert_file or config.tls_key_file or config.tls_client_ca_file:
+                credentials = tls_server_credentials(config.tls_cert_file, config.tls_key_file,
+                                                     config.tls_client_ca_file)
+        except (TokenFileError, TlsConfigError) as exc:
+            raise StartupError(str(exc)) from None
+        # gRPC itself takes messages up to twice the limit, so that the servicer answers one
+        # over the limit, which on a Stream keeps the stream and its accepted answers alive.
+        options = [("grpc.max_receive_message_length", min(2 * config.max_message_bytes, 2**31 - 1)),
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   # One server per port: without this a second server on the port would start
+                   # and share the connections (grpc sets SO_REUSEPORT by default).
+                   ("grpc.so_reuseport", 0)]
+        # The metrics interceptor is outermost, so it counts the calls auth refuses.
+        interceptors = [GrpcMetricsInterceptor(self.metrics.registry,
+                                               (training_pb2.DESCRIPTOR.services_by_name["TrainingService"],))]
+        if tokens is not None:
+            interceptors.append(TokenAuthInterceptor(tokens))
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         add_training_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.config.metrics_port >= 0:
-            self._http, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
+        self.port = _add_port(server, config.host, config.port, "gRPC", credentials)
+        if config.health_port >= 0:
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            self.health_port = _add_port(health_server, config.host, config.health_port, "health")
+            self._health_server = health_server
+        if config.metrics_port >= 0:
+            ensure_port_free(config.host, config.metrics_port, "metrics")
+            try:
+                self._http, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+            except OSError as exc:
+                raise StartupError(_bind_error(config.host, config.metrics_port, "metrics", exc)) from None
             self.metrics_port = self._http.server_port
         self._loop = asyncio.get_running_loop()
         self.pipeline.start()
         await server.start()
         self._server = server
+        if self._health_server is not None:
+            await self._health_server.start()
+            log.info("grpc.health.v1 (plaintext, health only) on %s:%d", config.host, self.health_port)
         await self.set_serving(True)
+        mode = ("mTLS" if config.tls_client_ca_file else "TLS") if credentials else "plaintext"
+        log.info("gRPC on %s:%d: %s, %s", config.host, self.port, mode,
+                 f"bearer tokens of {len(tokens)} clients" if tokens else "no authentication")
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
@@ -98,9 +167,68 @@ class TrainingServer:
         self.servicer.draining.set()
         await self._server.stop(grace=self.config.drain_seconds)
         await self.pipeline.close()
+        self.servicer.close()
+        if self._health_server is not None:
+            await self._health_server.stop(grace=None)
         if self._http is not None:
             self._http.shutdown()
         log.info("drained: %d operations accepted, %d completed", self.pipeline.accepted, self.pipeline.completed)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: reachable from this machine only."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name (or "", every address): assume it is reachable from elsewhere
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _bind_error(host: str, port: int, what: str, exc: OSError | None = None) -> str:
+    if exc is not None and exc.errno == errno.EADDRINUSE:
+        return f"{what} port {port} on {host} is in use"
+    if exc is not None and exc.errno == errno.EACCES:
+        return f"{what} port {port} on {host}: permission denied"
+    if exc is not None and exc.errno == errno.EADDRNOTAVAIL:
+        return f"{what} port {port} on {host}: {host} is not an address of this machine"
+    detail = f" ({exc.strerror or exc})" if exc is not None else ""
+    return f"cannot bind {what} port {port} on {host}{detail}"
+
+
+def ensure_port_free(host: str, port: int, what: str) -> None:
+    """Raise StartupError when (host, port) cannot be bound now: the port is in use, or the
+    address is not this machine's. Port 0 always passes. Before the model loads, it turns a
+    minutes-late failure into an immediate one; the real bind still checks."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot bind {what} port {port}: unknown host {host!r} ({exc.strerror})") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As the servers bind: SO_REUSEADDR (a port in TIME_WAIT is free), never SO_REUSEPORT.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartupError(_bind_error(host, port, what, exc)) from None
+
+
+def _add_port(server: grpc.aio.Server, host: str, port: int, what: str, credentials=None) -> int:
+    ensure_port_free(host, port, what)
+    try:
+        if credentials is not None:
+            return server.add_secure_port(_address(host, port), credentials)
+        return server.add_insecure_port(_address(host, port))
+    except RuntimeError:  # grpc says only "Failed to bind"
+        raise StartupError(_bind_error(host, port, what)) from None

@@ -137,6 +137,7 @@ class TrainingServicer:
         try:
             while True:
                 next_request = asyncio.ensure_future(requests.__anext__())
+                next_request.add_done_callback(_retrieve)  # it may end unawaited when the call does
                 await asyncio.wait({next_request, drained}, return_when=asyncio.FIRST_COMPLETED)
                 if self.draining.is_set():  # a request read now is not accepted: the client retries it
                     next_request.cancel()
@@ -165,6 +166,7 @@ class TrainingServicer:
 
     def _decode_unary(self, op: str, message_type: type, body: bytes) -> Decoded:
         try:
+            self._check_size(message_type, body)
             return Decoded(op, prepared=self._prepare(op, self._parse(message_type, body)))
         except Exception as exc:  # noqa: BLE001 - answered as a Status
             return Decoded(op, error=exc)
@@ -176,17 +178,21 @@ class TrainingServicer:
             return Decoded("none", error=exc)
         op = request.WhichOneof("op")
         try:
+            self._check_size(pb.StreamRequest, body)  # after parsing, to answer with its request_id
             if op is None:
                 raise InvalidInput([FieldViolation("op", "set exactly one operation")])
             return Decoded(op, request.request_id, prepared=self._prepare(op, getattr(request, op)))
         except Exception as exc:  # noqa: BLE001
             return Decoded(op or "none", request.request_id, error=exc)
 
-    def _parse(self, message_type: type, body: bytes):
+    def _check_size(self, message_type: type, body: bytes) -> None:
         limit = self.limits["max_message_bytes"]
         if len(body) > limit:
             raise LimitExceeded("max_message_bytes", f"{message_type.DESCRIPTOR.full_name} of {len(body)} bytes is over "
                                                      f"the limit max_message_bytes={limit}")
+
+    @staticmethod
+    def _parse(message_type: type, body: bytes):
         try:
             return message_type.FromString(body)
         except (DecodeError, RuntimeError, ValueError) as exc:
@@ -311,6 +317,12 @@ class TrainingServicer:
         self._rejections.info("op=%s identity=%s code=%s: %s", op, current_identity() or "-", code_name(status),
                               clip(status.message, 200))
         return status
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a future's exception as seen (asyncio logs unseen ones as errors)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _short(value) -> str:
