@@ -2,30 +2,52 @@
 
     <checkpoint_dir>/<name>/model.safetensors      parameters by name (fp32)
     <checkpoint_dir>/<name>/optimizer.safetensors  AdamW moments "<param>/<exp_avg|exp_avg_sq|step>"
-    <checkpoint_dir>/<name>/manifest.json          format, step, model name, parameter count
+    <checkpoint_dir>/<name>/manifest.json          format, step, model name, parameter count, owner
 
-A state is written into a hidden temporary directory and renamed into place, so a reader sees
-either the old state or the new one, never half of one. Names are plain file names and can never
-reach outside the checkpoint directory. States are full (not sharded): a group of any size can
-load what a group of another size saved.
+Crash safety. The server is the only process that uses the directory, and it saves one state at
+a time. A save writes a hidden copy `.tmp-<name>-<32 hex>` and fsyncs both tensor files before it
+writes and fsyncs the manifest, so a copy with a readable manifest is complete. It then swaps the
+copy in:
+
+    rename <name> -> .old-<name>-<32 hex>      (only when the name exists)
+    rename .tmp-<name>-<32 hex> -> <name>
+    fsync the checkpoint directory, remove .old-<name>-<32 hex>
+
+Invariant: at every instant the name is recoverable as the old state or the new one: either
+`<name>` is the old or new state, or it is missing while a complete `.old-` (old) and a complete
+`.tmp-` (new) copy of it exist. A crash therefore leaves at most hidden copies behind; `recover`,
+run at server start before any save, renames a missing name back from its complete new copy
+(else from its old one) and removes every other hidden copy. Until it runs, a missing name is
+simply not found. Hidden names end in "-" and a fixed-length hex uuid, so they parse back to the
+state name without ambiguity, and at most 166 characters they fit any file system's name limit.
+
+Trust. Names are plain file names and never reach outside the checkpoint directory. Symbolic
+links in it, as a state or as a file in one, are refused and never followed. A state's manifest
+records the identity that saved it (`owner`, None for anyone); another identity may neither load
+nor replace it. States are full (not sharded): a group of any size can load what a group of
+another size saved.
 """
 
 import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cispo.worker.errors import FieldViolation, InvalidInput, StateNotFound
+from cispo.worker.errors import FieldViolation, InvalidInput, PermissionDenied, StateNotFound
 
 FORMAT = "cispo.state.v1"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+HIDDEN_PATTERN = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{32}")
 MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE = "model.safetensors", "optimizer.safetensors", "manifest.json"
+SHOWN_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -40,54 +62,177 @@ def state_dir(root: Path, name: str) -> Path:
     """`root/name`, after checking that `name` is a plain, safe file name."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidInput([FieldViolation(
-            "name", f"{name!r} is not a valid state name: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
+            "name", f"{_shown(name)} is not a valid state name: use 1-128 letters, digits, '.', '_' or '-', "
+                    "not starting with '.'"
         )])
-    path = (root / name).resolve()
-    assert path.parent == root.resolve(), "state name escaped the checkpoint directory"
-    return path
+    return root / name
 
 
 def save_state(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
-               step: int, model_name: str) -> Path:
-    """Write the state atomically; an existing state of that name is replaced."""
+               step: int, model_name: str, owner: str | None = None) -> Path:
+    """Write the state crash-safely (see the module docstring), replacing an existing state of
+    that name unless it belongs to another identity than `owner`, or `owner` cannot tell because
+    its manifest is unreadable (None: no identity, may replace anything). The new state belongs
+    to `owner`."""
     target = state_dir(root, name)
+    replacing = _is_state(target, name, replacing=True)
+    if replacing and owner is not None:
+        _check_owner(name, _read_manifest(target, name), owner)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    os.mkdir(tmp)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / MODEL_FILE)
+        _fsync(tmp / MODEL_FILE)
         save_file(optimizer, tmp / OPTIMIZER_FILE)
-        manifest = {"format": FORMAT, "step": step, "model_name": model_name, "num_tensors": len(weights)}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        for f in tmp.iterdir():
-            _fsync(f)
+        _fsync(tmp / OPTIMIZER_FILE)
+        manifest = {"format": FORMAT, "step": step, "model_name": model_name, "num_tensors": len(weights),
+                    "owner": owner}
+        with open(tmp / MANIFEST_FILE, "x") as f:
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
         _fsync(tmp)
-        if target.exists():
-            old = root / f".old-{name}-{uuid.uuid4().hex}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-        _fsync(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replacing:
+        old = root / f".old-{name}-{uuid.uuid4().hex}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)  # what remains is removed by `recover`
+    else:
+        os.rename(tmp, target)
+        _fsync(root)
     return target
 
 
-def load_state(root: Path, name: str, with_optimizer: bool) -> LoadedState:
-    """Read a whole state into memory (nothing is applied here)."""
+def load_state(root: Path, name: str, with_optimizer: bool, owner: str | None = None) -> LoadedState:
+    """Read a whole state into memory (nothing is applied here), if `owner` may read it."""
     path = state_dir(root, name)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
+    if not _is_state(path, name, replacing=False):
         raise StateNotFound(f"no saved state named '{name}' in the checkpoint directory")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise StateNotFound(f"state '{name}' has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    weights = load_file(path / MODEL_FILE)
-    optimizer = load_file(path / OPTIMIZER_FILE) if with_optimizer else {}
-    return LoadedState(weights=weights, optimizer=optimizer, step=int(manifest["step"]), manifest=manifest)
+    manifest = _read_manifest(path, name)
+    _check_owner(name, manifest, owner)
+    weights = _read_tensors(path, MODEL_FILE, name)
+    optimizer = _read_tensors(path, OPTIMIZER_FILE, name) if with_optimizer else {}
+    return LoadedState(weights=weights, optimizer=optimizer, step=manifest["step"], manifest=manifest)
+
+
+def recover(root: Path) -> list[str]:
+    """Finish what crashed saves left behind (see the module docstring): restore each missing
+    name from its complete new copy, else its old one, then remove every other hidden copy.
+    Run at server start, before any save. Returns one line per action."""
+    try:
+        entries = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    copies: dict[str, list[str]] = {}
+    for entry in entries:
+        match = HIDDEN_PATTERN.fullmatch(entry)
+        if match and NAME_PATTERN.fullmatch(match[2]):
+            copies.setdefault(match[2], []).append(entry)
+    done = []
+    for name, hidden in copies.items():
+        complete = [c for c in hidden if _is_complete(root / c)]
+        if complete and not os.path.lexists(root / name):
+            best = max(complete, key=lambda c: (c.startswith(".tmp-"), os.stat(root / c / MANIFEST_FILE).st_mtime_ns))
+            os.rename(root / best, root / name)
+            _fsync(root)
+            hidden.remove(best)
+            done.append(f"restored state '{name}' from its {'new' if best.startswith('.tmp-') else 'old'} copy")
+        for c in hidden:
+            if os.path.islink(root / c) or not os.path.isdir(root / c):
+                os.unlink(root / c)
+            else:
+                shutil.rmtree(root / c)
+            done.append(f"removed leftover {c}")
+    return done
+
+
+def _is_state(path: Path, name: str, replacing: bool) -> bool:
+    """Whether the state exists, as a real directory; a link or anything else is refused."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StateNotFound(f"state '{name}' cannot be read: {e.strerror}") from e
+    if stat.S_ISLNK(mode):
+        raise StateNotFound(f"state '{name}' is a symbolic link; refusing to {'replace' if replacing else 'follow'} it")
+    if not stat.S_ISDIR(mode):
+        raise StateNotFound(f"state '{name}' is not a directory; refusing to {'replace' if replacing else 'load'} it")
+    return True
+
+
+def _regular_file(path: Path, file: str, name: str) -> Path:
+    """`path/file`, checked to be a regular file and not a link."""
+    try:
+        mode = os.lstat(path / file).st_mode
+    except OSError as e:
+        raise StateNotFound(f"state '{name}' cannot be read: {file}: {e.strerror}") from e
+    if stat.S_ISLNK(mode):
+        raise StateNotFound(f"state '{name}' has a symbolic link {file}; refusing to follow it")
+    if not stat.S_ISREG(mode):
+        raise StateNotFound(f"state '{name}' cannot be read: {file} is not a regular file")
+    return path / file
+
+
+def _read_manifest(path: Path, name: str) -> dict:
+    """The state's manifest, checked field by field."""
+    try:
+        manifest = json.loads(_regular_file(path, MANIFEST_FILE, name).read_bytes())
+    except (OSError, ValueError) as e:
+        raise StateNotFound(f"state '{name}' cannot be read: {MANIFEST_FILE}: {_reason(e)}") from e
+    if not isinstance(manifest, dict):
+        problem = "is not a JSON object"
+    elif manifest.get("format") != FORMAT:
+        problem = f"has format {_shown(manifest.get('format'))}, expected '{FORMAT}'"
+    elif type(manifest.get("step")) is not int or manifest["step"] < 0:
+        problem = "has no valid step"
+    elif not isinstance(manifest.get("owner"), (str, type(None))):
+        problem = "has an invalid owner"
+    else:
+        return manifest
+    raise StateNotFound(f"state '{name}' cannot be read: {MANIFEST_FILE} {problem}")
+
+
+def _read_tensors(path: Path, file: str, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(_regular_file(path, file, name))
+    except (OSError, SafetensorError) as e:
+        raise StateNotFound(f"state '{name}' cannot be read: {file}: {_reason(e)}") from e
+
+
+def _check_owner(name: str, manifest: dict, owner: str | None) -> None:
+    """Refuse an identity other than the state's owner; no identity, or no owner, passes."""
+    if owner is not None and manifest.get("owner") not in (None, owner):
+        raise PermissionDenied(f"state '{name}' belongs to another identity")
+
+
+def _is_complete(path: Path) -> bool:
+    """Whether a hidden copy is a real directory with a readable manifest (written last)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        _read_manifest(path, path.name)
+    except (OSError, StateNotFound):
+        return False
+    return True
+
+
+def _shown(value: object) -> str:
+    """`value` for an error message: its repr, cut to about 64 characters."""
+    text = repr(value)
+    size = len(value) if isinstance(value, str) else len(text)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({size} chars)"
+
+
+def _reason(error: Exception) -> str:
+    """A library's error message, without paths and cut short (it may quote the file's content)."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return text if len(text) <= 2 * SHOWN_CHARS else f"{text[:2 * SHOWN_CHARS]}…"
 
 
 def _fsync(path: Path) -> None:
