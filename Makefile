@@ -14,11 +14,16 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	@echo "install [1/4] virtual environment in $(VENV)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "install [2/4] pip"
+	@$(PY) -m pip install -q --upgrade pip
+	@echo "install [3/4] $(TORCH_SPEC) (a few minutes the first time)"
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	@echo "install [4/4] cispo and its dependencies"
+	@$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+	@echo "install done"
 
 serve: install
 	$(VENV)/bin/cispo-server

@@ -15,7 +15,8 @@ from cispo.worker import LOSS_FUNCTIONS, RATIO_BUCKET_EDGES, BatchStats
 
 OPS = ("get_info", "forward", "forward_backward", "optim_step", "save_state", "load_state")
 # The codes a failed operation can get (service.errors.to_status).
-ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "UNAVAILABLE", "INTERNAL")
+ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "PERMISSION_DENIED", "UNAVAILABLE",
+               "INTERNAL")
 CLIP_FRACTION_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 KL_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 5.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

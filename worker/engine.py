@@ -5,6 +5,7 @@ validates its whole input before computing anything and leaves the state unchang
 fails. Not thread-safe: the service runs operations one at a time, in order.
 """
 
+import errno
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,10 +232,14 @@ class Engine:
     def save_state(self, name: str, owner: str | None = None) -> Path:
         """Write weights, optimizer state and step count under `name`, owned by `owner`
         (None: anyone; PermissionDenied if another identity owns the name)."""
-        return checkpoint.save_state(
-            self.config.checkpoint_dir, name, dict(self.named_params), self.optimizer.state_tensors(),
-            self.optimizer.step_count, self.policy.name, owner=owner,
-        )
+        try:
+            return checkpoint.save_state(
+                self.config.checkpoint_dir, name, dict(self.named_params), self.optimizer.state_tensors(),
+                self.optimizer.step_count, self.policy.name, owner=owner,
+            )
+        except OSError as exc:  # e.g. the volume is full: the state of that name is as it was
+            raise ComputeFailed(f"saving state '{name}' failed ({exc.strerror or exc}); any earlier state of "
+                                "that name is unchanged", out_of_memory=exc.errno == errno.ENOSPC) from exc
 
     def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
         """Restore weights (and, if asked, optimizer state and step count; else a fresh
