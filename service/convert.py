@@ -12,7 +12,6 @@ import torch
 
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, Sample
-from cispo.worker.batch import LOSS_INPUT_KINDS
 
 RAW_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_INT64: np.dtype("<i8"),
@@ -40,30 +39,34 @@ class _Violations(list):
 
 def tensor_to_torch(t: pb.Tensor, field: str, violations: _Violations) -> torch.Tensor | None:
     """A 1-D CPU tensor from the wire form, or None (with a violation added) if malformed."""
-    present = [name for name in ("raw_data", *TYPED_FIELDS) if _has(t, name)]
+    given = {f.name: value for f, value in t.ListFields()}  # the fields set, in one call
+    present = [name for name in ("raw_data", *TYPED_FIELDS) if name in given]
     if len(present) > 1:
         violations.add(field, f"set exactly one of raw_data, int64_data, float_data, double_data; got {', '.join(present)}")
         return None
-    name = present[0] if present else ("raw_data" if t.dtype != pb.DTYPE_UNSPECIFIED else None)
+    code = given.get("dtype", pb.DTYPE_UNSPECIFIED)
+    name = present[0] if present else ("raw_data" if code != pb.DTYPE_UNSPECIFIED else None)
     if name is None:
         array = np.zeros(0, dtype=np.int64)  # an empty tensor; length checks report it
     elif name == "raw_data":
-        dtype = RAW_DTYPES.get(t.dtype)
+        dtype = RAW_DTYPES.get(code)
+        raw = given.get("raw_data", b"")
         if dtype is None:
-            violations.add(f"{field}.dtype", f"raw_data needs dtype INT64, INT32, FLOAT32 or FLOAT64, got {_dtype_name(t.dtype)}")
+            violations.add(f"{field}.dtype", f"raw_data needs dtype INT64, INT32, FLOAT32 or FLOAT64, got {_dtype_name(code)}")
             return None
-        if len(t.raw_data) % dtype.itemsize:
-            violations.add(f"{field}.raw_data", f"{len(t.raw_data)} bytes is not a multiple of the {_dtype_name(t.dtype)} size {dtype.itemsize}")
+        if len(raw) % dtype.itemsize:
+            violations.add(f"{field}.raw_data", f"{len(raw)} bytes is not a multiple of the {_dtype_name(code)} size {dtype.itemsize}")
             return None
-        array = np.frombuffer(t.raw_data, dtype=dtype)
+        array = np.frombuffer(raw, dtype=dtype)
     else:
         declared, dtype = TYPED_FIELDS[name]
-        if t.dtype not in (pb.DTYPE_UNSPECIFIED, declared):
-            violations.add(f"{field}.dtype", f"{_dtype_name(t.dtype)} disagrees with {name}")
+        if code not in (pb.DTYPE_UNSPECIFIED, declared):
+            violations.add(f"{field}.dtype", f"{_dtype_name(code)} disagrees with {name}")
             return None
-        array = np.asarray(getattr(t, name), dtype=dtype)
-    if len(t.shape) and list(t.shape) != [array.shape[0]]:
-        violations.add(f"{field}.shape", f"shape {list(t.shape)} does not match {array.shape[0]} elements (tensors are 1-D)")
+        array = np.asarray(given[name], dtype=dtype)
+    shape = given.get("shape")
+    if shape is not None and list(shape) != [array.shape[0]]:
+        violations.add(f"{field}.shape", f"shape {list(shape)} does not match {array.shape[0]} elements (tensors are 1-D)")
         return None
     # One vectorised copy into native byte order: torch needs a writable buffer.
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=not array.flags.writeable))
@@ -72,10 +75,6 @@ def tensor_to_torch(t: pb.Tensor, field: str, violations: _Violations) -> torch.
 def _dtype_name(code: int) -> str:
     """The enum name, or the bare number for a value outside the enum (e.g. 99)."""
     return pb.DType.Name(code) if code in pb.DType.values() else f"{code} (not a DType)"
-
-
-def _has(t: pb.Tensor, name: str) -> bool:
-    return len(getattr(t, name)) > 0
 
 
 def decode_forward_backward(req: pb.ForwardBackwardInput) -> tuple[list[Sample], str, dict[str, float]]:
@@ -88,11 +87,10 @@ def decode_forward_backward(req: pb.ForwardBackwardInput) -> tuple[list[Sample],
             violations.add(f"{where}.model_input", "required")
         tokens = tensor_to_torch(datum.model_input, f"{where}.model_input", violations)
         inputs = {}
-        for name in LOSS_INPUT_KINDS:
-            if datum.loss_fn_inputs.HasField(name):
-                value = tensor_to_torch(getattr(datum.loss_fn_inputs, name), f"{where}.loss_fn_inputs.{name}", violations)
-                if value is not None:
-                    inputs[name] = value
+        for descriptor, tensor in datum.loss_fn_inputs.ListFields():
+            value = tensor_to_torch(tensor, f"{where}.loss_fn_inputs.{descriptor.name}", violations)
+            if value is not None:
+                inputs[descriptor.name] = value
         if tokens is not None:
             samples.append(Sample(tokens, inputs))
     violations.raise_if_any()
