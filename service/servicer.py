@@ -235,12 +235,12 @@ class TrainingServicer:
             name = request.name
             state_dir(engine.config.checkpoint_dir, name)  # reject a bad name before queueing
             return Prepared(lambda: (engine.save_state(name, owner=owner), engine.info().step), lambda r: (
-                pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1]), {"state": name, "step": r[1]}), key, digest)
+                pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1]), {"name": name, "step": r[1]}), key, digest)
         if op == "load_state":
             name, with_optimizer = request.name, request.with_optimizer
             state_dir(engine.config.checkpoint_dir, name)
             return Prepared(lambda: engine.load_state(name, with_optimizer, owner=owner), lambda step: (
-                pb.LoadStateResponse(name=name, step=step), {"state": name, "step": step}), key, digest)
+                pb.LoadStateResponse(name=name, step=step), {"name": name, "step": step}), key, digest)
         if op == "get_info":
             return Prepared(engine.info, lambda info: (convert.encode_info(info, self.limits, self.world_size), {}),
                             "", b"")
@@ -306,7 +306,7 @@ class TrainingServicer:
         self.metrics.queue_depth.set(self.pipeline.depth)
         self.metrics.inflight.dec()
         self.metrics.request_seconds.labels(op).observe(seconds)
-        fields = {"op": op, "identity": identity or "-", "seconds": round(seconds, 4), **fields}
+        fields = {"op": op, "run": "default", "identity": identity or "-", "seconds": round(seconds, 4), **fields}
         log.info(" ".join(f"{k}={_short(v)}" for k, v in fields.items()), extra={"fields": fields})
 
     def _failed(self, op: str, exc: Exception, started: float) -> status_pb2.Status:
