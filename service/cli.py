@@ -1,67 +1,338 @@
-"""`cispo-server`: flags, each with a CISPO_* environment variable, then serve until SIGTERM."""
+"""`cispo-server`: flags, each with a CISPO_* environment variable, then serve until SIGTERM.
+
+Every startup error (bad flags, unusable TLS or tokens files, a port in use, no CUDA, an unknown
+dtype, a missing model) is one line on stderr, `cispo-server: error: ...`, and exit code 2.
+Cheap checks run before the model loads, so a mistake costs seconds, not a model load.
+"""
 
 import argparse
 import asyncio
+import datetime
+import importlib.metadata
+import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
+from typing import NoReturn
 
-import torch.distributed as dist
+# gRPC's C core logs every failed TLS handshake (a port scanner, a plaintext client) as an INFO
+# line of its own format on stderr, unbounded; keep its errors only unless the operator asks
+# (GRPC_VERBOSITY=INFO shows them, e.g. to debug mTLS). Read when grpc initialises: set it first.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from cispo.service.server import ServerConfig, TrainingServer
-from cispo.worker import Engine, EngineConfig, load_policy_model
-from cispo.worker.group import GroupEngine, init_group, run_worker, world_size_from_env
+import torch.distributed as dist  # noqa: E402
+
+from cispo.service.auth import TlsConfigError, TokenFileError, check_tls_files, load_tokens  # noqa: E402
+from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
+                                  is_loopback)
+from cispo.worker import Engine, EngineConfig, load_policy_model  # noqa: E402
+from cispo.worker.group import GroupEngine, init_group, run_worker, world_size_from_env  # noqa: E402
 
 log = logging.getLogger("cispo.server")
 
+PROG = "cispo-server"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends each flag's default (as the environment makes it) to its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "(default" in text:
+            return text
+        if isinstance(action.default, bool):
+            shown = "on" if action.default else "off"
+        elif action.default in (None, ""):
+            shown = "unset"
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cispo")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+DESCRIPTION = """\
+Serve CISPO training of a language-model policy over gRPC, with health checking, reflection
+and Prometheus /metrics.
+
+Every flag can also be set by the environment variable in brackets; a flag on the command line
+wins. By default the server listens on loopback only (127.0.0.1) and checks no tokens. To serve
+the network, give --host 0.0.0.0 with --auth-tokens-file (and --tls-cert-file/--tls-key-file),
+or accept unauthenticated access explicitly with --insecure."""
+
+EPILOG = """\
+exit codes: 0 after a clean drain; 2 for a startup error (one line on stderr); 3 when a worker
+rank of a data-parallel group was lost."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, with defaults from the CISPO_* environment (a malformed value exits 2)."""
+    defaults = ServerConfig()
+    p = _ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
+
+    def env(name, default, kind=str):
+        """CISPO_<name> from the environment, converted by `kind`, else `default`."""
+        raw = os.environ.get(f"CISPO_{name}")
+        if raw is None:
+            return default
+        try:
+            return kind(raw)
+        except ValueError:
+            p.error(f"environment variable CISPO_{name}={raw!r} is not a valid {kind.__name__}")
+
+    def env_bool(name) -> bool:
+        raw = os.environ.get(f"CISPO_{name}", "").strip().lower()
+        if raw not in _TRUE + _FALSE:
+            p.error(f"environment variable CISPO_{name}={raw!r} is not a boolean (1/0, true/false)")
+        return raw in _TRUE
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the version and exit")
+
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=env("MODEL", ""),
+                   help="local Hugging Face checkpoint directory (config.json + safetensors); unset serves "
+                        "the embedded tiny Llama. Nothing is downloaded [CISPO_MODEL]")
+    g.add_argument("--device", default=env("DEVICE", "auto"),
+                   help="device of the model: cpu, cuda, cuda:N, or auto (cuda when available) [CISPO_DEVICE]")
+    g.add_argument("--dtype", default=env("DTYPE", "auto"),
+                   help="compute dtype: float32, bfloat16, float16, or auto (bfloat16 on cuda, float32 on "
+                        "cpu); parameters and optimizer state stay float32 [CISPO_DTYPE]")
+    g.add_argument("--checkpoint-dir", default=env("CHECKPOINT_DIR", "checkpoints"),
+                   help="directory where SaveState writes and LoadState reads named states [CISPO_CHECKPOINT_DIR]")
+    g.add_argument("--micro-batch-tokens", type=int, default=env("MICRO_BATCH_TOKENS", 8192, int),
+                   help="token budget of one packed micro-batch: bounds activation memory "
+                        "[CISPO_MICRO_BATCH_TOKENS]")
+    g.add_argument("--rank-timeout-seconds", type=float, default=env("RANK_TIMEOUT_SECONDS", 30.0, float),
+                   help="with several ranks (torchrun): a rank silent this long is declared lost "
+                        "[CISPO_RANK_TIMEOUT_SECONDS]")
+
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default=env("HOST", defaults.host),
+                   help="address to bind the gRPC, health and metrics ports: 127.0.0.1 (loopback only), "
+                        "0.0.0.0 (every IPv4 address), :: (every address) [CISPO_HOST]")
+    g.add_argument("--port", type=int, default=env("PORT", defaults.port, int),
+                   help="gRPC port; 0 picks a free one [CISPO_PORT]")
+    g.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", defaults.metrics_port, int),
+                   help="Prometheus /metrics port, plain HTTP; 0 picks a free one, -1 turns it off "
+                        "[CISPO_METRICS_PORT]")
+    g.add_argument("--health-port", type=int, default=env("HEALTH_PORT", defaults.health_port, int),
+                   help="extra plaintext port serving only grpc.health.v1, for Kubernetes gRPC probes "
+                        "(which cannot speak TLS); 0 picks a free one, -1 turns it off. Health is always "
+                        "served on the gRPC port too [CISPO_HEALTH_PORT]")
+    g.add_argument("--max-message-bytes", type=int, default=env("MAX_MESSAGE_BYTES", defaults.max_message_bytes, int),
+                   help="largest gRPC message received or sent, in bytes [CISPO_MAX_MESSAGE_BYTES]")
+    g.add_argument("--max-tokens-per-request", type=int,
+                   default=env("MAX_TOKENS_PER_REQUEST", defaults.max_tokens_per_request, int),
+                   help="most tokens (summed over a request's data) one request may carry; more gets "
+                        "RESOURCE_EXHAUSTED [CISPO_MAX_TOKENS_PER_REQUEST]")
+    g.add_argument("--drain-seconds", type=float, default=env("DRAIN_SECONDS", defaults.drain_seconds, float),
+                   help="on SIGTERM/SIGINT: stop accepting work and give accepted operations this long to "
+                        "finish [CISPO_DRAIN_SECONDS]")
+
+    g = p.add_argument_group("security")
+    g.add_argument("--auth-tokens-file", default=env("AUTH_TOKENS_FILE", None),
+                   help="file of NAME:TOKEN lines (# comments allowed; tokens of 16+ characters); every call "
+                        "except grpc.health.v1 must then carry `authorization: Bearer TOKEN`, and NAME is "
+                        "the caller's identity in the logs [CISPO_AUTH_TOKENS_FILE]")
+    g.add_argument("--tls-cert-file", default=env("TLS_CERT_FILE", None),
+                   help="PEM certificate chain for TLS on the gRPC port (cert-manager: tls.crt); re-read "
+                        "when it changes [CISPO_TLS_CERT_FILE]")
+    g.add_argument("--tls-key-file", default=env("TLS_KEY_FILE", None),
+                   help="PEM private key of --tls-cert-file (cert-manager: tls.key) [CISPO_TLS_KEY_FILE]")
+    g.add_argument("--tls-client-ca-file", default=env("TLS_CLIENT_CA_FILE", None),
+                   help="PEM CA certificates (cert-manager: ca.crt); clients must present a certificate "
+                        "signed by one of them (mutual TLS) [CISPO_TLS_CLIENT_CA_FILE]")
+    g.add_argument("--insecure", action="store_true", default=env_bool("INSECURE"),
+                   help="allow a non-loopback --host without --auth-tokens-file: anyone who reaches the port "
+                        "can train and overwrite states. Logs a warning [CISPO_INSECURE=1]")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=env("LOG_LEVEL", "INFO").upper(),
+                   help="least severe level logged [CISPO_LOG_LEVEL]")
+    g.add_argument("--log-format", type=str.lower, choices=LOG_FORMATS, default=env("LOG_FORMAT", "text").lower(),
+                   help="text lines, or json: one object per line with time, level, logger, message and "
+                        "any extra fields [CISPO_LOG_FORMAT]")
+    return p
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = ServerConfig()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # A choice from the environment is not checked by argparse.
+    if args.log_level not in LOG_LEVELS:
+        parser.error(f"CISPO_LOG_LEVEL={args.log_level!r}: choose from {', '.join(LOG_LEVELS)}")
+    if args.log_format not in LOG_FORMATS:
+        parser.error(f"CISPO_LOG_FORMAT={args.log_format!r}: choose from {', '.join(LOG_FORMATS)}")
+    return args
 
-    def env(name, default):
-        return os.environ.get(f"CISPO_{name}", default)
 
-    p = argparse.ArgumentParser(prog="cispo-server", description="Serve CISPO training over gRPC.")
-    p.add_argument("--model", default=env("MODEL", ""),
-                   help="local Hugging Face checkpoint directory; default: the embedded tiny Llama [CISPO_MODEL]")
-    p.add_argument("--device", default=env("DEVICE", "auto"), help="cpu, cuda, cuda:N or auto [CISPO_DEVICE]")
-    p.add_argument("--dtype", default=env("DTYPE", "auto"),
-                   help="compute dtype: float32, bfloat16 or auto (bf16 on cuda, fp32 on cpu) [CISPO_DTYPE]")
-    p.add_argument("--host", default=env("HOST", defaults.host), help="[CISPO_HOST]")
-    p.add_argument("--port", type=int, default=int(env("PORT", defaults.port)), help="gRPC port, 0 = any [CISPO_PORT]")
-    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", defaults.metrics_port)),
-                   help="Prometheus /metrics port, 0 = any, -1 = off [CISPO_METRICS_PORT]")
-    p.add_argument("--max-message-bytes", type=int, default=int(env("MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
-                   help="[CISPO_MAX_MESSAGE_BYTES]")
-    p.add_argument("--max-tokens-per-request", type=int,
-                   default=int(env("MAX_TOKENS_PER_REQUEST", defaults.max_tokens_per_request)),
-                   help="[CISPO_MAX_TOKENS_PER_REQUEST]")
-    p.add_argument("--checkpoint-dir", default=env("CHECKPOINT_DIR", "checkpoints"), help="[CISPO_CHECKPOINT_DIR]")
-    p.add_argument("--drain-seconds", type=float, default=float(env("DRAIN_SECONDS", defaults.drain_seconds)),
-                   help="on SIGTERM, time to finish accepted work [CISPO_DRAIN_SECONDS]")
-    p.add_argument("--micro-batch-tokens", type=int, default=int(env("MICRO_BATCH_TOKENS", 8192)),
-                   help="token budget of one packed micro-batch [CISPO_MICRO_BATCH_TOKENS]")
-    p.add_argument("--rank-timeout-seconds", type=float, default=float(env("RANK_TIMEOUT_SECONDS", 30)),
-                   help="with several ranks: a rank silent this long is lost [CISPO_RANK_TIMEOUT_SECONDS]")
-    return p.parse_args(argv)
+# --- logging ------------------------------------------------------------------------------------
+
+# LogRecord attributes that are not `extra` fields.
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, extra fields,
+    and `exception` (the formatted traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# --- startup ------------------------------------------------------------------------------------
+
+
+def fail(message: str) -> NoReturn:
+    """The one line of a startup error, then exit code 2."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def server_config(args) -> ServerConfig:
+    return ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, health_port=args.health_port,
+                        max_message_bytes=args.max_message_bytes, max_tokens_per_request=args.max_tokens_per_request,
+                        drain_seconds=args.drain_seconds, tls_cert_file=args.tls_cert_file,
+                        tls_key_file=args.tls_key_file, tls_client_ca_file=args.tls_client_ca_file,
+                        auth_tokens_file=args.auth_tokens_file)
+
+
+def check_security(config: ServerConfig, insecure: bool) -> None:
+    """Tokens and TLS files usable; a non-loopback address only with tokens or --insecure.
+    Raises StartupError; logs the warnings of a weak but permitted setup."""
+    try:
+        tokens = load_tokens(config.auth_tokens_file) if config.auth_tokens_file else None
+        tls = bool(config.tls_cert_file or config.tls_key_file or config.tls_client_ca_file)
+        if tls:
+            if not (config.tls_cert_file and config.tls_key_file):
+                raise TlsConfigError("--tls-cert-file and --tls-key-file are both needed for TLS"
+                                     + (" (--tls-client-ca-file adds mTLS to them)" if config.tls_client_ca_file else ""))
+            check_tls_files(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    except (TokenFileError, TlsConfigError) as exc:
+        raise StartupError(str(exc)) from None
+    if is_loopback(config.host):
+        return
+    where = config.host or "every address"
+    if tokens is None:
+        if not insecure:
+            raise StartupError(
+                f"--host {where} is reachable from the network and no --auth-tokens-file is given: anyone who "
+                "reaches the port could train and overwrite states. Pass --auth-tokens-file, bind 127.0.0.1, "
+                "or accept the risk with --insecure (CISPO_INSECURE=1)")
+        log.warning("INSECURE: serving on %s without authentication (--insecure): anyone who reaches port %d "
+                    "can call every method", where, config.port)
+    elif not tls and not insecure:
+        log.warning("serving on %s with bearer tokens but without TLS: tokens travel in plaintext; set "
+                    "--tls-cert-file and --tls-key-file unless the network is trusted", where)
+
+
+def check_ports(config: ServerConfig) -> None:
+    ensure_port_free(config.host, config.port, "gRPC")
+    if config.health_port > 0:
+        ensure_port_free(config.host, config.health_port, "health")
+    if config.metrics_port > 0:
+        ensure_port_free(config.host, config.metrics_port, "metrics")
+
+
+def check_device(device: str) -> None:
+    """A device torch understands and this machine has, before anything loads on it."""
+    if device in ("", "auto"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise StartupError(f"--device {device!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise StartupError(f"--device {device}: no CUDA device is available (torch {torch.__version__}, "
+                               f"{build}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StartupError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+def load_model(args, device: str):
+    try:
+        return load_policy_model(args.model, device, args.dtype)
+    except (ValueError, OSError) as exc:  # unknown dtype, no such checkpoint, unsupported model, I/O
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        what = f"model {args.model}" if args.model and args.model not in message else "the model"
+        raise StartupError(f"cannot load {what}: {message}") from None
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    engine_config = EngineConfig(checkpoint_dir=Path(args.checkpoint_dir), micro_batch_tokens=args.micro_batch_tokens,
-                                 max_tokens_per_request=args.max_tokens_per_request)
-    server_config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
-                                 max_message_bytes=args.max_message_bytes,
-                                 max_tokens_per_request=args.max_tokens_per_request, drain_seconds=args.drain_seconds)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        run(args)
+    except StartupError as exc:
+        fail(str(exc))
+
+
+def run(args) -> None:
+    config = server_config(args)
     world_size = world_size_from_env()
+    serving_rank = os.environ.get("RANK", "0") == "0"
+    if serving_rank:
+        check_security(config, args.insecure)
+        check_ports(config)
     device = args.device
+    check_device(device)
     if world_size > 1 and device in ("auto", "cuda") and _cuda_available():
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    engine = Engine(load_policy_model(args.model, device, args.dtype), engine_config)
+    engine_config = EngineConfig(checkpoint_dir=Path(args.checkpoint_dir), micro_batch_tokens=args.micro_batch_tokens,
+                                 max_tokens_per_request=args.max_tokens_per_request)
+    engine = Engine(load_model(args, device), engine_config)
     if world_size == 1:
-        asyncio.run(serve(engine, server_config))
+        asyncio.run(serve(engine, config))
         return
     ctx = init_group(engine.policy.device)
     if ctx.rank != 0:
@@ -71,7 +342,7 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
         return
     group = GroupEngine(engine, ctx, rank_timeout=args.rank_timeout_seconds)
-    asyncio.run(serve(group, server_config, world_size))
+    asyncio.run(serve(group, config, world_size))
     if group.broken is not None:
         logging.shutdown()
         os._exit(3)  # the engine thread may be stuck in a collective with the lost rank
@@ -89,7 +360,12 @@ async def serve(engine, config: ServerConfig, world_size: int = 1) -> None:
     server = TrainingServer(engine, config, world_size=world_size)
     if isinstance(engine, GroupEngine):
         engine.on_rank_lost = server.rank_lost
-    port = await server.start()
+    try:
+        port = await server.start()
+    except StartupError:
+        if isinstance(engine, GroupEngine):
+            engine.shutdown()  # release the other ranks
+        raise
     info = engine.info()
     log.info("serving %s on %s:%d (metrics on :%s, device %s, dtype %s)", info.model_name, config.host, port,
              server.metrics_port, info.device, info.dtype)

@@ -61,3 +61,36 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{text!r} not in server log:\n{self.log()}")
             time.sleep(0.05)
+
+
+def run_cli_in_process(*argv: str, env: dict | None = None) -> tuple[int, str]:
+    """`cispo-server ARGV` in this process, for invocations that must stop before serving (a
+    startup error, --help, --version): (exit code, stderr and stdout). `env` replaces the CISPO_*
+    environment for the call. Much faster than a subprocess, which imports torch first."""
+    import contextlib
+    import io
+    import logging
+    from unittest import mock
+
+    from cispo.service import cli
+
+    out = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CISPO_")}
+    try:
+        with mock.patch.dict(os.environ, {**clean, **(env or {})}, clear=True), \
+                contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+            try:
+                cli.main(list(argv))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            else:
+                raise AssertionError(f"cispo-server {' '.join(argv)} did not exit")
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    return code, out.getvalue()

@@ -23,9 +23,10 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cispo.service.server import HEALTH_SERVICE_NAMES, ServerConfig
+from cispo.service.server import HEALTH_SERVICE_NAMES, ServerConfig, is_loopback
 from cispo.service.servicer import SERVICE_NAME
 from server_process import ServerProcess
+from tls_certs import make_pki
 
 try:
     import tomllib
@@ -52,9 +53,12 @@ CUSTOM_KINDS = {
     ("monitoring.coreos.com", "PodMonitor"),
     ("monitoring.coreos.com", "PrometheusRule"),
     ("keda.sh", "ScaledObject"),
+    ("cert-manager.io", "Certificate"),
+    ("cert-manager.io", "Issuer"),
 }
 
 GRPC_PORT = ServerConfig().port
+HEALTH_PORT = 8081  # the manifests' CISPO_HEALTH_PORT (the server's default is off)
 METRICS_PORT = ServerConfig().metrics_port
 DEFAULT_DRAIN_SECONDS = ServerConfig().drain_seconds
 
@@ -200,7 +204,7 @@ def test_every_kustomization_renders(name):
     if name == "monitoring":
         assert kinds == {"ConfigMap", "PrometheusRule"}
     else:
-        assert {"StatefulSet", "Service", "ConfigMap", "PodMonitor"} <= kinds
+        assert {"StatefulSet", "Service", "ConfigMap", "PodMonitor", "NetworkPolicy"} <= kinds
 
 
 @pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
@@ -226,6 +230,9 @@ def test_names_follow_a_prefix(tmp_path):
     docs = _build(tmp_path)
     statefulset = one(docs, "StatefulSet", "team-a-cispo")
     assert statefulset["spec"]["serviceName"] == "team-a-cispo-headless"
+    issuers = {d["metadata"]["name"] for d in of_kind(docs, "Issuer")}
+    for certificate in of_kind(docs, "Certificate"):
+        assert certificate["spec"]["issuerRef"]["name"] in issuers
     one(docs, "Service", "team-a-cispo-headless")
     for source in the_container(statefulset)["envFrom"]:
         assert source["configMapRef"]["name"].startswith("team-a-cispo-")
@@ -246,9 +253,13 @@ def test_probes_name_health_services_the_server_registers(name):
         container = the_container(workload)
         found = probes(container)
         assert {"readinessProbe", "livenessProbe"} <= set(found), workload["metadata"]["name"]
+        # Kubelet's gRPC probes speak neither TLS nor tokens: they use the plaintext health port.
+        health_port = int(env_of(container, docs)["CISPO_HEALTH_PORT"])
+        assert health_port == HEALTH_PORT != GRPC_PORT
+        assert {p["name"]: p["containerPort"] for p in container["ports"]}["health"] == health_port
         for kind, probe in found.items():
             assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, f"{kind}: native gRPC probe"
-            assert probe["grpc"]["port"] == GRPC_PORT
+            assert probe["grpc"]["port"] == health_port
             assert probe["grpc"].get("service", "") in HEALTH_SERVICE_NAMES
         # Ready means the training API answers; alive means the process does.
         assert found["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
@@ -262,20 +273,31 @@ def test_probes_name_health_services_the_server_registers(name):
 
 
 def test_the_server_answers_the_probes_health_checks(tmp_path):
-    """Start the real server and ask it for every health service a probe names."""
+    """Start the real server configured as the pods are (TLS, tokens, the health port) and ask
+    it, as the kubelet does (plaintext, no token), for every health service a probe names."""
     services = {
         probe["grpc"].get("service", "")
         for name in SERVER_OVERLAYS
         for workload in servers(render(name))
         for probe in probes(the_container(workload)).values()
     }
-    server = ServerProcess("--device", "cpu", checkpoint_dir=tmp_path)
+    pki = make_pki(tmp_path / "tls")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("trainer:0123456789abcdef0123\n")
+    server = ServerProcess("--device", "cpu", "--health-port", "0", "--tls-cert-file", str(pki.server_cert),
+                           "--tls-key-file", str(pki.server_key), "--auth-tokens-file", str(tokens),
+                           checkpoint_dir=tmp_path / "ckpt")
     try:
-        with grpc.insecure_channel(server.address) as channel:
+        health_port = int(re.search(r"grpc\.health\.v1 \(plaintext, health only\) on [^:]+:(\d+)",
+                                    server.log()).group(1))
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in sorted(services):
                 reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        # The gRPC port itself does not answer plaintext.
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     finally:
         assert server.terminate() == 0
 
@@ -608,6 +630,9 @@ def test_dockerfile_entrypoint_user_ports_and_checkpoints(variant):
         for workload in servers(docs):
             assert env_of(the_container(workload), docs)["CISPO_CHECKPOINT_DIR"] == checkpoint_dir
     assert env["CISPO_DEVICE"] == variant
+    # A container's loopback is unreachable through a published port: every address, and so
+    # the server demands tokens (or CISPO_INSECURE=1).
+    assert env["CISPO_HOST"] == "0.0.0.0" and "CISPO_INSECURE" not in env
 
 
 @pytest.mark.parametrize("variant", list(DOCKERFILES))
@@ -631,3 +656,138 @@ def test_readme_install_matches_the_images():
     assert re.search(r"\bmake (install|serve)\b", text)
     for pin in re.findall(r"torch==[\w.+]+", text):
         assert pin == makefile_torch_spec()
+
+
+# ---------------------------------------------------------------------------------------------
+# Security: TLS and tokens from Secrets, NetworkPolicy
+
+CLIENT_LABEL = {"cispo.dev/client": "true"}
+NAMESPACE = {"kubernetes.io/metadata.name": "cispo"}
+MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+
+
+def mounted_secret_file(workload: dict, path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file at `path` in the container, from a Secret volume mounted
+    as a directory (subPath mounts would miss the updates of a rotated certificate)."""
+    container = the_container(workload)
+    directory, _, filename = path.rpartition("/")
+    (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"].rstrip("/") == directory]
+    assert "subPath" not in mount, f"{path}: a subPath mount is never updated"
+    assert mount.get("readOnly") is True, path
+    (volume,) = [v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"]]
+    assert "secret" in volume, f"{path}: not from a Secret"
+    items = volume["secret"].get("items")
+    if items:
+        (key,) = [item["key"] for item in items if item["path"] == filename]
+    else:
+        key = filename
+    return volume["secret"]["secretName"], key
+
+
+def render_with_components(tmp_path: Path, overlay: str, *components: str) -> list[dict]:
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],
+        "components": [os.path.relpath(K8S / "components" / c, tmp_path) for c in components],
+    }))
+    return _build(tmp_path)
+
+
+def check_tls_and_tokens(docs: list[dict], with_certificates: bool) -> None:
+    for workload in servers(docs):
+        env = env_of(the_container(workload), docs)
+        # The pods serve the network, so the server demands tokens; never --insecure.
+        assert not is_loopback(env["CISPO_HOST"])
+        assert env.get("CISPO_INSECURE", "0").lower() in ("", "0", "false", "no", "off")
+        tls_secret, cert_key = mounted_secret_file(workload, env["CISPO_TLS_CERT_FILE"])
+        assert mounted_secret_file(workload, env["CISPO_TLS_KEY_FILE"]) == (tls_secret, "tls.key")
+        assert cert_key == "tls.crt"
+        if "CISPO_TLS_CLIENT_CA_FILE" in env:
+            assert mounted_secret_file(workload, env["CISPO_TLS_CLIENT_CA_FILE"]) == (tls_secret, "ca.crt")
+        assert mounted_secret_file(workload, env["CISPO_AUTH_TOKENS_FILE"]) == ("cispo-auth-tokens", "tokens")
+        if not with_certificates:
+            continue
+        # cert-manager makes that Secret, signed by an Issuer of the same kustomization.
+        certificates = of_kind(docs, "Certificate")
+        (server_cert,) = [c for c in certificates if c["spec"]["secretName"] == tls_secret]
+        assert "server auth" in server_cert["spec"]["usages"]
+        assert server_cert["spec"]["dnsNames"]
+        issuer = one(docs, "Issuer", server_cert["spec"]["issuerRef"]["name"])
+        (ca_cert,) = [c for c in certificates if c["spec"]["secretName"] == issuer["spec"]["ca"]["secretName"]]
+        assert ca_cert["spec"]["isCA"] is True
+        one(docs, "Issuer", ca_cert["spec"]["issuerRef"]["name"])
+        clients = [c for c in certificates if "client auth" in c["spec"].get("usages", [])]
+        assert clients and all(c["spec"]["issuerRef"] == server_cert["spec"]["issuerRef"] for c in clients)
+
+
+@pytest.mark.parametrize("name", SERVER_OVERLAYS)
+def test_servers_take_tls_and_tokens_from_mounted_secrets(name):
+    check_tls_and_tokens(render(name), with_certificates=name != "base")
+
+
+def test_the_mtls_component_requires_client_certificates(tmp_path):
+    docs = render_with_components(tmp_path, "cpu", "mtls")
+    (server,) = servers(docs)
+    assert env_of(the_container(server), docs)["CISPO_TLS_CLIENT_CA_FILE"] == "/etc/cispo/tls/ca.crt"
+    check_tls_and_tokens(docs, with_certificates=True)
+
+
+def _matches(selector: dict | None, labels: dict) -> bool:
+    assert set(selector or {}) <= {"matchLabels"}, "only matchLabels selectors are modelled here"
+    return selects((selector or {}).get("matchLabels", {}), labels)
+
+
+def admitted(docs: list[dict], workload: dict, port: str | int, source: dict, namespace: dict = NAMESPACE) -> bool:
+    """Whether the NetworkPolicies let a pod labelled `source` in a namespace labelled
+    `namespace` reach `workload`'s pods on `port` (a container port name or number)."""
+    named = {p["name"]: p["containerPort"] for p in the_container(workload).get("ports", [])}
+    number = named.get(port, port)
+    policies = [p for p in of_kind(docs, "NetworkPolicy")
+                if "Ingress" in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], pod_labels(workload))]
+    if not policies:
+        return True  # not isolated
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") in (port, number) for p in ports):
+                continue
+            for peer in rule.get("from", [{}]):
+                assert "ipBlock" not in peer
+                if "namespaceSelector" in peer:
+                    namespace_ok = _matches(peer["namespaceSelector"], namespace)
+                else:
+                    namespace_ok = namespace == NAMESPACE
+                if namespace_ok and _matches(peer.get("podSelector"), source):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("name", SERVER_OVERLAYS)
+def test_networkpolicy_admits_clients_prometheus_and_the_group(name):
+    docs = render(name)
+    policy = one(docs, "NetworkPolicy", "cispo")
+    selected = [w for w in workloads(docs) if _matches(policy["spec"]["podSelector"], pod_labels(w))]
+    assert selected == servers(docs)
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    for workload in servers(docs):
+        named = {p["name"] for p in the_container(workload)["ports"]}
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), "every rule names its peers"
+            assert {p["port"] for p in rule["ports"]} <= named
+        # gRPC: labelled clients, here or in a labelled namespace; nobody else.
+        assert admitted(docs, workload, "grpc", CLIENT_LABEL)
+        assert admitted(docs, workload, "grpc", CLIENT_LABEL, {**CLIENT_LABEL, "kubernetes.io/metadata.name": "rl"})
+        assert not admitted(docs, workload, "grpc", CLIENT_LABEL, {"kubernetes.io/metadata.name": "rl"})
+        assert not admitted(docs, workload, "grpc", {"app": "something-else"})
+        assert not admitted(docs, workload, "grpc", prometheus, MONITORING)
+        # metrics: Prometheus in the monitoring namespace only.
+        assert admitted(docs, workload, "metrics", prometheus, MONITORING)
+        assert not admitted(docs, workload, "metrics", prometheus)
+        assert not admitted(docs, workload, "metrics", CLIENT_LABEL)
+    # The ranks of a group reach each other on every port; one-pod groups have no peers.
+    for target in workloads(docs):
+        for source in workloads(docs):
+            for port in ("rdzv", 29400, 45678):
+                if name == "group":
+                    assert admitted(docs, target, port, pod_labels(source)), (target["metadata"]["name"], port)
+                elif target in servers(docs):
+                    assert not admitted(docs, target, port, pod_labels(source))

@@ -5,6 +5,7 @@ The client is tests/node/forward_backward.mjs; its npm packages are installed by
 """
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +19,7 @@ from cispo.client import Datum, ModelInput, TrainingClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from server_process import ServerProcess
+from tls_certs import make_pki
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,9 +65,15 @@ def server(tmp_path_factory):
     assert proc.terminate() == 0
 
 
-def run_node_client(node: str, address: str, batch: dict) -> dict:
+def node_client_process(node: str, address: str, batch: dict, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [node, str(SCRIPT), address, *(arg for d in INCLUDE_DIRS for arg in ("-I", str(d)))]
-    proc = subprocess.run(cmd, input=json.dumps(batch), capture_output=True, text=True, timeout=120, cwd=NODE_DIR)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CISPO_")}
+    return subprocess.run(cmd, input=json.dumps(batch), capture_output=True, text=True, timeout=120, cwd=NODE_DIR,
+                          env={**clean, **(env or {})})
+
+
+def run_node_client(node: str, address: str, batch: dict, env: dict | None = None) -> dict:
+    proc = node_client_process(node, address, batch, env)
     assert proc.returncode == 0, f"node client failed ({proc.returncode}):\n{proc.stderr}"
     return json.loads(proc.stdout)
 
@@ -121,3 +129,43 @@ def test_node_client_matches_python(node, server):
     n = len(batch["data"][1]["model_input"])
     assert {"field": "data[1].loss_fn_inputs.logprobs",
             "description": f"length {n - 1} != model_input length {n}"} in invalid["field_violations"]
+
+
+NODE_TOKEN = "node-client-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def secure_server(tmp_path_factory):
+    """TLS (a CA made here) and a bearer token."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"node:{NODE_TOKEN}\n")
+    proc = ServerProcess("--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
+                         "--auth-tokens-file", str(tokens), checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    yield proc, pki
+    assert proc.terminate() == 0
+
+
+def test_node_client_with_tls_and_a_token(node, secure_server):
+    server, pki = secure_server
+    batch = make_batch(seed=1)
+    env = {"CISPO_TLS_CA_FILE": str(pki.ca_cert), "CISPO_TOKEN": NODE_TOKEN}
+    from_node = run_node_client(node, server.address, batch, env)
+    assert from_node["invalid"]["code_name"] == "INVALID_ARGUMENT"  # authenticated, then validated
+
+    # The Python client over the same TLS channel and token computes the same logprobs.
+    with TrainingClient(server.address, token=NODE_TOKEN, root_certificates=pki.ca_cert) as client:
+        result = client.forward(data=[
+            Datum(model_input=ModelInput.from_ints(d["model_input"]), loss_fn_inputs={
+                "target_tokens": np.asarray(d["target_tokens"], np.int64),
+                "logprobs": np.asarray(d["logprobs"], np.float32),
+                "advantages": np.asarray(d["advantages"], np.float32)})
+            for d in batch["data"]], loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
+    for i in range(len(batch["data"])):
+        np.testing.assert_allclose(np.asarray(from_node["logprobs"][i], np.float32),
+                                   result.loss_fn_outputs[i]["logprobs"].to_numpy(), rtol=1e-6, atol=1e-6)
+
+    no_token = node_client_process(node, server.address, batch, {"CISPO_TLS_CA_FILE": str(pki.ca_cert)})
+    assert no_token.returncode != 0 and "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
+    plaintext = node_client_process(node, server.address, batch, {"CISPO_TOKEN": NODE_TOKEN})
+    assert plaintext.returncode != 0 and "UNAVAILABLE" in plaintext.stderr, plaintext.stderr

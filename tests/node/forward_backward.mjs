@@ -15,6 +15,12 @@
 //                "field_violations": [{"field": "...", "description": "..."}]}}
 // The per-datum logprobs are decoded from the response's raw_data (float32, little-endian); the
 // field violations from the google.rpc.Status in the grpc-status-details-bin trailer.
+//
+// Security, from the environment (as the Python client):
+//   CISPO_TOKEN             sent as `authorization: Bearer <token>` on every call
+//   CISPO_TLS_CA_FILE       PEM CA certificates of the server: the channel is TLS
+//   CISPO_CLIENT_CERT_FILE, CISPO_CLIENT_KEY_FILE   this client's certificate and key (mTLS)
+// Without CISPO_TLS_CA_FILE (or a client certificate) the channel is plaintext.
 
 import fs from "node:fs";
 import path from "node:path";
@@ -82,9 +88,26 @@ function toRequest(batch) {
   };
 }
 
-function call(client, method, request) {
+// Channel credentials and per-call metadata from the CISPO_* environment.
+function securityFromEnv(env) {
+  const read = (name) => (env[name] ? fs.readFileSync(env[name]) : null);
+  const rootCerts = read("CISPO_TLS_CA_FILE");
+  const certChain = read("CISPO_CLIENT_CERT_FILE");
+  const privateKey = read("CISPO_CLIENT_KEY_FILE");
+  if ((certChain === null) !== (privateKey === null)) {
+    throw new Error("CISPO_CLIENT_CERT_FILE and CISPO_CLIENT_KEY_FILE go together");
+  }
+  const tls = rootCerts !== null || certChain !== null;
+  const credentials = tls ? grpc.credentials.createSsl(rootCerts, privateKey, certChain) : grpc.credentials.createInsecure();
+  const metadata = new grpc.Metadata();
+  const token = (env.CISPO_TOKEN || "").trim();
+  if (token) metadata.set("authorization", `Bearer ${token}`);
+  return { credentials, metadata };
+}
+
+function call(client, method, request, metadata) {
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline: Date.now() + 60_000 }, (err, response) => (err ? reject(err) : resolve(response)));
+    client[method](request, metadata, { deadline: Date.now() + 60_000 }, (err, response) => (err ? reject(err) : resolve(response)));
   });
 }
 
@@ -117,11 +140,12 @@ async function main() {
     includeDirs,
   });
   const cispo = grpc.loadPackageDefinition(packageDefinition).cispo.v1;
-  const client = new cispo.TrainingService(address, grpc.credentials.createInsecure());
+  const { credentials, metadata } = securityFromEnv(process.env);
+  const client = new cispo.TrainingService(address, credentials);
   const richTypes = loadRichErrorTypes(includeDirs);
 
   try {
-    const response = await call(client, "ForwardBackward", toRequest(batch));
+    const response = await call(client, "ForwardBackward", toRequest(batch), metadata);
     const result = {
       metrics: Object.fromEntries(Object.entries(response.metrics).map(([k, v]) => [k, Number(v)])),
       logprobs: response.loss_fn_outputs.map((out) => tensorToArray(out.logprobs)),
@@ -131,7 +155,7 @@ async function main() {
     const invalid = toRequest(batch);
     invalid.data[1].loss_fn_inputs.logprobs.float_data = batch.data[1].logprobs.slice(1);
     try {
-      await call(client, "ForwardBackward", invalid);
+      await call(client, "ForwardBackward", invalid, metadata);
       result.invalid = { code: 0, code_name: "OK" };
     } catch (err) {
       if (typeof err.code !== "number") throw err;
