@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 _END_OF_REQUESTS = object()  # queued to half-close a stream
 # Operations whose request message has an idempotency_key field.
 _KEYED_OPS = ("forward", "forward_backward", "optim_step", "save_state", "load_state")
+# Codes that end a stream without the server having judged its requests.
+_BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+           grpc.StatusCode.INTERNAL)
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # transports to close at interpreter exit
 
 
@@ -172,13 +175,13 @@ class _StreamSession:
                 "the client was closed before the answer arrived; the operation may or may "
                 "not have run"
             )
-        message = (
-            f"stream to {self.target} broke before the answer arrived ({code.name}: {details}); "
-            "the operation may or may not have run"
-        )
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return error_for_code(code, message)  # e.g. a message over the server's limit
-        return UnavailableError(message)
+        if code in _BROKEN:
+            return UnavailableError(
+                f"stream to {self.target} broke before the answer arrived ({code.name}: {details}); "
+                "the operation may or may not have run"
+            )
+        # The server refused the whole call (e.g. UNAUTHENTICATED, or a message over its limit).
+        return error_for_code(code, f"stream to {self.target} ended ({code.name}: {details})")
 
 
 class Transport:

@@ -27,7 +27,7 @@ import torch.distributed as dist  # noqa: E402
 from cispo.service.auth import TlsConfigError, TokenFileError, check_tls_files, load_tokens  # noqa: E402
 from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
                                   is_loopback)
-from cispo.worker import Engine, EngineConfig, load_policy_model  # noqa: E402
+from cispo.worker import Engine, EngineConfig, checkpoint, load_policy_model  # noqa: E402
 from cispo.worker.group import GroupEngine, init_group, run_worker, world_size_from_env  # noqa: E402
 
 log = logging.getLogger("cispo.server")
@@ -324,6 +324,7 @@ def run(args) -> None:
     if serving_rank:
         check_security(config, args.insecure)
         check_ports(config)
+        recover_states(Path(args.checkpoint_dir))
     device = args.device
     check_device(device)
     if world_size > 1 and device in ("auto", "cuda") and _cuda_available():
@@ -347,6 +348,16 @@ def run(args) -> None:
         logging.shutdown()
         os._exit(3)  # the engine thread may be stuck in a collective with the lost rank
     dist.destroy_process_group()
+
+
+def recover_states(checkpoint_dir: Path) -> None:
+    """Finish or undo saves that a crash interrupted, and remove their leftovers (rank 0 only:
+    it alone writes states)."""
+    try:
+        for line in checkpoint.recover(checkpoint_dir):
+            log.info("checkpoint directory %s: %s", checkpoint_dir, line)
+    except OSError as exc:
+        raise StartupError(f"checkpoint directory {checkpoint_dir}: {exc.strerror or exc}") from None
 
 
 def _cuda_available() -> bool:

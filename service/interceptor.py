@@ -1,6 +1,7 @@
 """gRPC server metrics in the go-grpc-prometheus names, from an aio server interceptor:
 grpc_server_started_total, grpc_server_handled_total{grpc_code}, grpc_server_handling_seconds."""
 
+import inspect
 import time
 
 import grpc
@@ -67,6 +68,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_stream(self, behavior, labels):
+        if not inspect.isasyncgenfunction(behavior):  # writes with context.write() (e.g. Health.Watch)
+            return self._wrap_unary(behavior, labels)
+
         async def wrapped(request_or_iterator, context):
             started = self._start(labels)
             code = "UNKNOWN"
