@@ -300,3 +300,12 @@ def test_the_server_tidies_what_a_crashed_save_left_behind(tmp_path):
         assert "removed leftover" in proc.log()
     finally:
         assert proc.terminate() == 0
+
+
+def test_health_watch_answers_on_the_service_port(channel, server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    assert "Traceback" not in server.log()
