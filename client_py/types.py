@@ -449,6 +449,10 @@ class Limits:
     """Most tokens (sum of datum lengths) in one forward/forward_backward."""
     max_sequence_length: int
     """Longest datum the model accepts."""
+    idempotency_keys_remembered: int = 0
+    """Completed operations whose idempotency keys the server remembers."""
+    max_data_per_request: int = 0
+    """Most datums in one forward/forward_backward."""
 
 
 @dataclass

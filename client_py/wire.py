@@ -255,6 +255,8 @@ def get_info_response_from_pb(message: pb.GetInfoResponse) -> GetInfoResponse:
             max_message_bytes=message.limits.max_message_bytes,
             max_tokens_per_request=message.limits.max_tokens_per_request,
             max_sequence_length=message.limits.max_sequence_length,
+            idempotency_keys_remembered=message.limits.idempotency_keys_remembered,
+            max_data_per_request=message.limits.max_data_per_request,
         ),
         device=message.device,
         dtype=message.dtype,

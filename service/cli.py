@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env("MAX_TOKENS_PER_REQUEST", defaults.max_tokens_per_request, int),
                    help="most tokens (summed over a request's data) one request may carry; more gets "
                         "RESOURCE_EXHAUSTED [CISPO_MAX_TOKENS_PER_REQUEST]")
+    g.add_argument("--max-data-per-request", type=int,
+                   default=env("MAX_DATA_PER_REQUEST", defaults.max_data_per_request, int),
+                   help="most datums one forward/forward_backward request may carry; more gets "
+                        "RESOURCE_EXHAUSTED before any is decoded [CISPO_MAX_DATA_PER_REQUEST]")
     g.add_argument("--drain-seconds", type=float, default=env("DRAIN_SECONDS", defaults.drain_seconds, float),
                    help="on SIGTERM/SIGINT: stop accepting work and give accepted operations this long to "
                         "finish [CISPO_DRAIN_SECONDS]")
@@ -238,7 +242,7 @@ def fail(message: str) -> NoReturn:
 def server_config(args) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, health_port=args.health_port,
                         max_message_bytes=args.max_message_bytes, max_tokens_per_request=args.max_tokens_per_request,
-                        drain_seconds=args.drain_seconds, tls_cert_file=args.tls_cert_file,
+                        max_data_per_request=args.max_data_per_request, drain_seconds=args.drain_seconds, tls_cert_file=args.tls_cert_file,
                         tls_key_file=args.tls_key_file, tls_client_ca_file=args.tls_client_ca_file,
                         auth_tokens_file=args.auth_tokens_file)
 
@@ -380,11 +384,11 @@ async def serve(engine, config: ServerConfig, world_size: int = 1) -> None:
     info = engine.info()
     log.info("serving %s on %s:%d (metrics on :%s, device %s, dtype %s)", info.model_name, config.host, port,
              server.metrics_port, info.device, info.dtype)
-    print(f"cispo-server listening on port {port} metrics {server.metrics_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the ready line: a SIGTERM right after it drains
         loop.add_signal_handler(sig, stop.set)
+    print(f"cispo-server listening on port {port} metrics {server.metrics_port}", flush=True)
     await stop.wait()
     await server.drain()
     if isinstance(engine, GroupEngine):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cispo.v1 import training_pb2 as pb
-from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, Sample
+from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, LimitExceeded, Sample
 
 RAW_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_INT64: np.dtype("<i8"),
@@ -77,8 +77,12 @@ def _dtype_name(code: int) -> str:
     return pb.DType.Name(code) if code in pb.DType.values() else f"{code} (not a DType)"
 
 
-def decode_forward_backward(req: pb.ForwardBackwardInput) -> tuple[list[Sample], str, dict[str, float]]:
-    """(samples, loss_fn, loss_fn_config) of a request; InvalidInput for malformed tensors."""
+def decode_forward_backward(req: pb.ForwardBackwardInput, max_data: int) -> tuple[list[Sample], str, dict[str, float]]:
+    """(samples, loss_fn, loss_fn_config) of a request; InvalidInput for malformed tensors,
+    LimitExceeded for more than `max_data` datums (before any is decoded)."""
+    if len(req.data) > max_data:
+        raise LimitExceeded("max_data_per_request", f"request has {len(req.data)} data, over the limit "
+                                                    f"max_data_per_request={max_data}")
     violations = _Violations()
     samples = []
     for i, datum in enumerate(req.data):

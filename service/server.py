@@ -58,6 +58,8 @@ class ServerConfig:
     """`NAME:TOKEN` lines; every call but health needs `authorization: Bearer TOKEN`."""
     max_message_bytes: int = 256 << 20
     max_tokens_per_request: int = 1 << 20
+    max_data_per_request: int = 65536
+    """Most datums in one forward/forward_backward request."""
     drain_seconds: float = 30.0
     """On SIGTERM, how long accepted work may take to finish before the server exits."""
     queue_capacity: int = 8
@@ -80,7 +82,8 @@ class TrainingServer:
             self.metrics.track_cuda_memory(engine.policy.device)
         limits = dict(max_message_bytes=config.max_message_bytes, max_tokens_per_request=config.max_tokens_per_request,
                       max_sequence_length=engine.info().max_sequence_length,
-                      idempotency_keys_remembered=config.idempotency_keys)
+                      idempotency_keys_remembered=config.idempotency_keys,
+                      max_data_per_request=config.max_data_per_request)
         self.pipeline = OperationPipeline(config.queue_capacity)
         self.servicer = TrainingServicer(engine, self.pipeline, self.metrics, limits, world_size,
                                          IdempotencyCache(config.idempotency_keys, config.idempotency_bytes))

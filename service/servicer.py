@@ -206,7 +206,7 @@ class TrainingServicer:
         check_key(key)
         digest = fingerprint(op, request) if key else b""
         if op in ("forward", "forward_backward"):
-            samples, loss_fn, config = convert.decode_forward_backward(request)
+            samples, loss_fn, config = convert.decode_forward_backward(request, self.limits["max_data_per_request"])
             engine.validate(samples, loss_fn, config)
             run = engine.forward if op == "forward" else engine.forward_backward
             typed = request.typed_outputs

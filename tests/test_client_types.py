@@ -301,11 +301,13 @@ def test_response_decoding():
                     required_inputs=["logprobs", "advantages"],
                 )
             ],
-            limits=pb.Limits(max_message_bytes=10, max_tokens_per_request=20, max_sequence_length=30),
+            limits=pb.Limits(max_message_bytes=10, max_tokens_per_request=20, max_sequence_length=30,
+                             idempotency_keys_remembered=40, max_data_per_request=50),
         )
     )
     assert info.loss_functions[0].default_config == {"clip_high_threshold": 4.0}
     assert info.limits.max_tokens_per_request == 20 and info.vocab_size == 100
+    assert (info.limits.idempotency_keys_remembered, info.limits.max_data_per_request) == (40, 50)
 
 
 # --- small types ------------------------------------------------------------------------------------

@@ -154,6 +154,12 @@ def test_long_names_are_invalid_argument_with_a_short_message(stub):
         assert len(err.details()) < 1500
 
 
+def test_too_many_data_are_refused_before_decoding(stub):
+    err = rejected(stub.Forward, pb.ForwardBackwardInput(data=[pb.Datum()] * 65537))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_data_per_request=65536" in err.details()
+    assert stub.GetInfo(pb.GetInfoRequest()).limits.max_data_per_request == 65536
+
+
 def test_many_violations_fit_in_the_trailers(stub):
     bad = [datum(model_input=pb.Tensor(int64_data=[5000] * 5)) for _ in range(3000)]
     err = rejected(stub.Forward, pb.ForwardBackwardInput(data=bad))

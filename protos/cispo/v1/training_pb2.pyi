@@ -198,16 +198,18 @@ class LossFunctionInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., default_config: _Optional[_Mapping[str, float]] = ..., required_inputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_tokens_per_request", "max_sequence_length", "idempotency_keys_remembered")
+    __slots__ = ("max_message_bytes", "max_tokens_per_request", "max_sequence_length", "idempotency_keys_remembered", "max_data_per_request")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEYS_REMEMBERED_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATA_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_tokens_per_request: int
     max_sequence_length: int
     idempotency_keys_remembered: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., idempotency_keys_remembered: _Optional[int] = ...) -> None: ...
+    max_data_per_request: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., idempotency_keys_remembered: _Optional[int] = ..., max_data_per_request: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
     __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters")
