@@ -8,6 +8,7 @@ Cheap checks run before the model loads, so a mistake costs seconds, not a model
 import argparse
 import asyncio
 import datetime
+import gc
 import importlib.metadata
 import json
 import logging
@@ -354,6 +355,11 @@ def run(args) -> None:
     dist.destroy_process_group()
 
 
+# Young collections every 10,000 allocations (not 700), middle ones every 100,000, full ones at
+# most every 10 million: each pass then covers few enough objects to stay well under 100 ms.
+GC_THRESHOLDS = (10_000, 10, 100)
+
+
 def recover_states(checkpoint_dir: Path) -> None:
     """Finish or undo saves that a crash interrupted, and remove their leftovers (rank 0 only:
     it alone writes states)."""
@@ -384,6 +390,11 @@ async def serve(engine, config: ServerConfig, world_size: int = 1) -> None:
     info = engine.info()
     log.info("serving %s on %s:%d (metrics on :%s, device %s, dtype %s)", info.model_name, config.host, port,
              server.metrics_port, info.device, info.dtype)
+    # The garbage collector's passes hold the GIL, so they stall the event loop: keep the model,
+    # torch and transformers (millions of long-lived objects) out of them, and make passes over
+    # the young objects of a request of many datums rare (see BENCHMARKS.md, event loop).
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the ready line: a SIGTERM right after it drains

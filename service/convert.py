@@ -72,17 +72,29 @@ def tensor_to_torch(t: pb.Tensor, field: str, violations: _Violations) -> torch.
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=not array.flags.writeable))
 
 
+def _wire_length(t: pb.Tensor) -> int:
+    """Elements of a tensor as sent (the longest of its forms; the decoder rejects several)."""
+    itemsize = RAW_DTYPES[t.dtype].itemsize if t.dtype in RAW_DTYPES else 1
+    return max(len(t.raw_data) // itemsize, len(t.int64_data), len(t.float_data), len(t.double_data))
+
+
 def _dtype_name(code: int) -> str:
     """The enum name, or the bare number for a value outside the enum (e.g. 99)."""
     return pb.DType.Name(code) if code in pb.DType.values() else f"{code} (not a DType)"
 
 
-def decode_forward_backward(req: pb.ForwardBackwardInput, max_data: int) -> tuple[list[Sample], str, dict[str, float]]:
-    """(samples, loss_fn, loss_fn_config) of a request; InvalidInput for malformed tensors,
-    LimitExceeded for more than `max_data` datums (before any is decoded)."""
+def decode_forward_backward(req: pb.ForwardBackwardInput, max_data: int,
+                            max_tokens: int) -> tuple[list[Sample], str, dict[str, float]]:
+    """(samples, loss_fn, loss_fn_config) of a request; InvalidInput for malformed tensors.
+    LimitExceeded for more than `max_data` datums or `max_tokens` tokens, found from the sizes
+    on the wire before any tensor is copied."""
     if len(req.data) > max_data:
         raise LimitExceeded("max_data_per_request", f"request has {len(req.data)} data, over the limit "
                                                     f"max_data_per_request={max_data}")
+    tokens = sum(_wire_length(datum.model_input) for datum in req.data)
+    if tokens > max_tokens:
+        raise LimitExceeded("max_tokens_per_request",
+                            f"request has {tokens} tokens, over the limit max_tokens_per_request={max_tokens}")
     violations = _Violations()
     samples = []
     for i, datum in enumerate(req.data):

@@ -206,10 +206,21 @@ class TrainingServicer:
         check_key(key)
         digest = fingerprint(op, request) if key else b""
         if op in ("forward", "forward_backward"):
-            samples, loss_fn, config = convert.decode_forward_backward(request, self.limits["max_data_per_request"])
-            engine.validate(samples, loss_fn, config)
+            samples, loss_fn, config = convert.decode_forward_backward(request, self.limits["max_data_per_request"],
+                                                                       self.limits["max_tokens_per_request"])
+            try:
+                engine.validate(samples, loss_fn, config)
+            except Exception:
+                _release(samples)
+                raise
             run = engine.forward if op == "forward" else engine.forward_backward
             typed = request.typed_outputs
+
+            def call():
+                try:
+                    return run(samples, loss_fn, config)
+                finally:
+                    _release(samples)
 
             def encode_batch(result):
                 metrics.observe_batch(op, loss_fn, result.stats)
@@ -219,7 +230,7 @@ class TrainingServicer:
                     "tokens": stats.tokens, "loss": stats.loss_sum,
                     "clip_rate": (stats.clipped_high + stats.clipped_low) / active}
 
-            return Prepared(lambda: run(samples, loss_fn, config), encode_batch, key, digest)
+            return Prepared(call, encode_batch, key, digest)
         if op == "optim_step":
             adam = convert.decode_adam_params(request)
 
@@ -317,6 +328,13 @@ class TrainingServicer:
         self._rejections.info("op=%s identity=%s code=%s: %s", op, current_identity() or "-", code_name(status),
                               clip(status.message, 200))
         return status
+
+
+def _release(samples: list) -> None:
+    """Drop a request's datums one at a time: freeing 65,536 of them in one go holds the GIL
+    (and so the event loop) for hundreds of milliseconds; one by one, other threads run between."""
+    while samples:
+        samples.pop()
 
 
 def _retrieve(future: asyncio.Future) -> None:

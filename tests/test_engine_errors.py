@@ -41,6 +41,7 @@ CONFIG_CASES = [
     ({"clip_low_threshold": 3.0, "clip_high_threshold": 2.0}, "loss_fn_config.clip_high_threshold", "below"),
     ({"clip_high_threshold": math.nan}, "loss_fn_config.clip_high_threshold", "finite"),
     ({"clip_high_threshold": math.inf}, "loss_fn_config.clip_high_threshold", "finite"),
+    ({"clip_high_threshold": 1e39}, "loss_fn_config.clip_high_threshold", "finite in float32"),
     ({"clip_high_threshold": 0.2}, "loss_fn_config.clip_high_threshold", "not offsets from 1: for an epsilon of 0.2, pass 1.2"),
 ]
 

@@ -23,6 +23,7 @@ from cispo.worker.loss_stats import token_stats
 LOG_RATIO_LIMIT = 60.0
 
 CLIP_LOW, CLIP_HIGH = "clip_low_threshold", "clip_high_threshold"
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # config values are used in float32
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class LossFunction:
             if key not in self.defaults:
                 allowed = ", ".join(self.defaults) or "none"
                 violations.append(_config_violation(key, f"unknown key for loss '{self.name}' (allowed: {allowed})"))
-            elif not math.isfinite(value):
-                violations.append(_config_violation(key, f"must be finite, got {value}"))
+            elif not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                violations.append(_config_violation(key, f"must be finite in float32 (|value| <= 3.4e38), got {value:g}"))
             else:
                 resolved[key] = float(value)
         if not violations and CLIP_HIGH in resolved:

@@ -17,6 +17,7 @@ import torch
 from torch.optim.adam import adam
 
 from cispo.worker.errors import FieldViolation, InvalidInput, StepRefused
+from cispo.worker.losses import FLOAT32_MAX
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -48,7 +49,7 @@ def _adam_field_problem(name: str, value: float) -> str | None:
     """Why `value` is no good for AdamParams.`name` (None if it is good)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"must be a number, got {type(value).__name__}"
-    value32 = float(np.float32(value)) if math.isfinite(value) and abs(value) <= 3.4028234663852886e38 else math.inf
+    value32 = float(np.float32(value)) if math.isfinite(value) and abs(value) <= FLOAT32_MAX else math.inf
     if not math.isfinite(value) or not math.isfinite(value32):
         return f"must be finite in float32 (|value| <= 3.4e38), got {value:g}"
     if name in ("beta1", "beta2"):
