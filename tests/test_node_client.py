@@ -32,6 +32,14 @@ INCLUDE_DIRS = (REPO / "protos", Path(next(iter(google.rpc.__path__))).parent.pa
 LOSS_FN_CONFIG = {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
 
 
+
+def to_datums(batch: dict) -> list[Datum]:
+    """The JSON batch the Node client reads, as the Python client's Datums."""
+    return [Datum(model_input=ModelInput.from_ints(d["model_input"]), loss_fn_inputs={
+        "target_tokens": np.asarray(d["target_tokens"], np.int64),
+        "logprobs": np.asarray(d["logprobs"], np.float32),
+        "advantages": np.asarray(d["advantages"], np.float32)}) for d in batch["data"]]
+
 def make_batch(seed=0, lengths=(5, 9, 4)) -> dict:
     """Token ids and float32-exact floats, so JSON, float_data and raw bytes all carry the same values."""
     rng = np.random.default_rng(seed)
@@ -100,12 +108,7 @@ def test_node_client_matches_python(node, server):
     python_logprobs = [np.frombuffer(out.logprobs.raw_data, "<f4") for out in response.loss_fn_outputs]
     # then the Python client's Forward, which packs raw little-endian bytes.
     with TrainingClient(server.address) as client:
-        result = client.forward(data=[
-            Datum(model_input=ModelInput.from_ints(d["model_input"]), loss_fn_inputs={
-                "target_tokens": np.asarray(d["target_tokens"], np.int64),
-                "logprobs": np.asarray(d["logprobs"], np.float32),
-                "advantages": np.asarray(d["advantages"], np.float32)})
-            for d in batch["data"]], loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
+        result = client.forward(data=to_datums(batch), loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
 
     assert from_node["metrics"]["tokens:sum"] == sum(len(d["model_input"]) for d in batch["data"])
     assert from_node["metrics"]["clipped_high:sum"] > 0  # the batch exercises the clip
@@ -155,12 +158,7 @@ def test_node_client_with_tls_and_a_token(node, secure_server):
 
     # The Python client over the same TLS channel and token computes the same logprobs.
     with TrainingClient(server.address, token=NODE_TOKEN, root_certificates=pki.ca_cert) as client:
-        result = client.forward(data=[
-            Datum(model_input=ModelInput.from_ints(d["model_input"]), loss_fn_inputs={
-                "target_tokens": np.asarray(d["target_tokens"], np.int64),
-                "logprobs": np.asarray(d["logprobs"], np.float32),
-                "advantages": np.asarray(d["advantages"], np.float32)})
-            for d in batch["data"]], loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
+        result = client.forward(data=to_datums(batch), loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
     for i in range(len(batch["data"])):
         np.testing.assert_allclose(np.asarray(from_node["logprobs"][i], np.float32),
                                    result.loss_fn_outputs[i]["logprobs"].to_numpy(), rtol=1e-6, atol=1e-6)
