@@ -2,7 +2,7 @@
 
 Run: `.venv/bin/python bench/bench_event_loop.py` (see --help for the sizes).
 
-It starts `cispo-server` with the DEFAULT limits (`--max-message-bytes` 64 MiB,
+It starts `cispo-server` with the DEFAULT limits (`--max-message-bytes` 32 MiB,
 `--max-tokens-per-request` 1,048,576) on loopback. Two poller processes, each with a connection
 of its own, run for the whole benchmark: one calls grpc.health.v1 Check back to back (2 ms
 apart), the other GETs /metrics (5 ms apart); each records when every call started and how long
@@ -14,8 +14,8 @@ call (so no client-side parsing competes with the pollers):
     raw_many          --many-datums one-token datums as raw_data tensors (default 65,536, the
                       default max_data_per_request, ~3.4 MB)
     raw_batch         --raw-datums datums of --raw-len tokens as raw_data (default 64 x 4096)
-    raw_reject        one datum whose model_input is --reject-mib MiB of raw int64 (default 60 MiB,
-                      near the message limit; 7.9 M tokens, over the token limit:
+    raw_reject        one datum whose model_input is --reject-mib MiB of raw int64 (default 30 MiB,
+                      near the message limit; 3.9 M tokens, over the token limit:
                       RESOURCE_EXHAUSTED, after the body is read and parsed)
 
 For each, the latency distribution (count, p50, p99, max) of the health checks and /metrics
@@ -149,7 +149,7 @@ def main() -> int:
     parser.add_argument("--many-datums", type=int, default=65_536)
     parser.add_argument("--raw-datums", type=int, default=64)
     parser.add_argument("--raw-len", type=int, default=4096)
-    parser.add_argument("--reject-mib", type=int, default=60)
+    parser.add_argument("--reject-mib", type=int, default=30)
     parser.add_argument("--scenarios", default="idle,typed_60k,raw_many,raw_batch,raw_reject")
     parser.add_argument("--timeout", type=float, default=900.0, help="per request, seconds")
     args = parser.parse_args()

@@ -43,7 +43,7 @@ from .types import (
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "TrainingClient"]
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 """The server's default request-size limit (--max-message-bytes)."""
 
 

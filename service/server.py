@@ -56,10 +56,10 @@ class ServerConfig:
     """PEM CA bundle (ca.crt): clients must present a certificate it signed (mTLS)."""
     auth_tokens_file: str | None = None
     """`NAME:TOKEN` lines; every call but health needs `authorization: Bearer TOKEN`."""
-    max_message_bytes: int = 64 << 20
-    """Largest message; 64 MiB holds 2.7M tokens of raw int64 ids + float32 inputs, more than
-    max_tokens_per_request, while gRPC's copy of one such message keeps the event loop busy
-    for well under 100 ms."""
+    max_message_bytes: int = 32 << 20
+    """Largest message. 32 MiB holds the default max_tokens_per_request of raw int64 ids and
+    float32 inputs (24 bytes a token), while gRPC's receipt of one such message holds the event
+    loop for well under 100 ms (BENCHMARKS.md)."""
     max_tokens_per_request: int = 1 << 20
     max_data_per_request: int = 65536
     """Most datums in one forward/forward_backward request."""

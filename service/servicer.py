@@ -226,9 +226,10 @@ class TrainingServicer:
                 metrics.observe_batch(op, loss_fn, result.stats)
                 stats = result.stats
                 active = max(stats.active_tokens, 1)
-                return convert.encode_batch_result(result, typed), {
-                    "tokens": stats.tokens, "loss": stats.loss_sum,
-                    "clip_rate": (stats.clipped_high + stats.clipped_low) / active}
+                response = convert.encode_batch_result(result, typed)
+                _release(result.logprobs)  # here, one by one, not all at once on the event loop
+                return response, {"tokens": stats.tokens, "loss": stats.loss_sum,
+                                  "clip_rate": (stats.clipped_high + stats.clipped_low) / active}
 
             return Prepared(call, encode_batch, key, digest)
         if op == "optim_step":
@@ -330,11 +331,12 @@ class TrainingServicer:
         return status
 
 
-def _release(samples: list) -> None:
-    """Drop a request's datums one at a time: freeing 65,536 of them in one go holds the GIL
-    (and so the event loop) for hundreds of milliseconds; one by one, other threads run between."""
-    while samples:
-        samples.pop()
+def _release(items: list) -> None:
+    """Drop a request's per-datum objects one at a time: freeing 65,536 datums in one go holds
+    the GIL (and so the event loop) for hundreds of milliseconds; one by one, other threads run
+    between them."""
+    while items:
+        items.pop()
 
 
 def _retrieve(future: asyncio.Future) -> None:
