@@ -1,12 +1,10 @@
-"""Who is calling, and over what: bearer-token authentication and TLS server credentials.
+"""Who is calling: bearer-token authentication (TLS is in service/tls.py).
 
 - `current_identity()`: the token NAME of the current RPC (None when the server checks no
   tokens), set by `TokenAuthInterceptor` inside the wrapped behavior, so the servicer and the
   tasks it creates (which copy the context) see it.
 - `load_tokens(path)`: the tokens file, one `NAME:TOKEN` a line; every mistake is a
   `TokenFileError` naming the line, never the token.
-- `tls_server_credentials(...)`: TLS (and mTLS) credentials that re-read the certificate files
-  when they change (cert-manager rotates the mounted Secret), checked once up front.
 """
 
 from __future__ import annotations
@@ -17,14 +15,13 @@ import hmac
 import inspect
 import logging
 import os
-import ssl
-import threading
-import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 
 import grpc
+
+from cispo.service.log_limits import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +105,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if not tokens:
             raise ValueError("TokenAuthInterceptor needs at least one token")
         self._digests = [(name, _digest(token)) for name, token in tokens.items()]
-        self._failures = _RateLimitedLog(log_interval_seconds)
+        self._failures = RateLimitedLog(log, log_interval_seconds, logging.WARNING)
 
     def authenticate(self, metadata) -> tuple[str | None, str]:
         """(token name, "") for a valid bearer token, else (None, why) with no secret in `why`."""
@@ -148,9 +145,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, name, why, method), **kwargs)
 
     def _refuse(self, context, why: str, method: str):
-        self._failures.warning(_peer_host(context.peer()),
-                               "authentication failed for %s from %s%s: %s", method, context.peer(),
-                               _client_certificate_name(context), why)
+        self._failures.log(_peer_host(context.peer()),
+                           "authentication failed for %s from %s%s: %s", method, context.peer(),
+                           _client_certificate_name(context), why)
         return context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
     async def _await_first_request(self, request_or_iterator) -> None:
@@ -224,114 +221,3 @@ def _client_certificate_name(context) -> str:
         return ""
     names = auth.get("x509_common_name") or auth.get("x509_subject_alternative_name") or []
     return f" (client certificate {names[0].decode(errors='replace')})" if names else ""
-
-
-class _RateLimitedLog:
-    """At most one line per key (a client host) every `interval` seconds; counts what it skipped."""
-
-    MAX_KEYS = 10_000
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self._last: dict[str, tuple[float, int]] = {}  # key -> (time of the last line, skipped since)
-
-    def warning(self, key: str, message: str, *args) -> None:
-        now = time.monotonic()
-        last, skipped = self._last.get(key, (float("-inf"), 0))
-        if now - last < self.interval:
-            self._last[key] = (last, skipped + 1)
-            return
-        if len(self._last) >= self.MAX_KEYS:
-            self._last = {k: v for k, v in self._last.items() if now - v[0] < self.interval}
-        self._last[key] = (now, 0)
-        if skipped:
-            message += " (%d more from this host since the last line)"
-            args = (*args, skipped)
-        log.warning(message, *args)
-
-
-# --- TLS ----------------------------------------------------------------------------------------
-
-
-class TlsConfigError(ValueError):
-    """TLS files that cannot be used; the message names the file."""
-
-
-def check_tls_files(cert_file, key_file, client_ca_file=None) -> None:
-    """Raise TlsConfigError unless the key matches the certificate and each file is valid PEM."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    for flag, path in (("--tls-cert-file", cert_file), ("--tls-key-file", key_file),
-                       ("--tls-client-ca-file", client_ca_file)):
-        if path is not None and not os.access(path, os.R_OK):
-            why = "no such file" if not os.path.exists(path) else "not readable"
-            raise TlsConfigError(f"{flag} {path}: {why}")
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or str(exc)
-        if reason == "KEY_VALUES_MISMATCH":
-            raise TlsConfigError(f"--tls-key-file {key_file} is not the private key of --tls-cert-file {cert_file}"
-                                 ) from None
-        raise TlsConfigError(f"--tls-cert-file {cert_file} / --tls-key-file {key_file}: not a PEM certificate "
-                             f"chain and its private key ({reason})") from None
-    if client_ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=str(client_ca_file))
-        except (ssl.SSLError, OSError) as exc:
-            raise TlsConfigError(f"--tls-client-ca-file {client_ca_file}: not PEM CA certificates "
-                                 f"({getattr(exc, 'reason', None) or exc})") from None
-
-
-class _CertificateFiles:
-    """The fetcher of `grpc.dynamic_ssl_server_credentials`: gRPC calls it on every new
-    connection; it returns a new configuration only when a file changed (and still checks out),
-    else None to keep the current one."""
-
-    def __init__(self, cert_file, key_file, client_ca_file=None):
-        self.files = tuple(Path(p) for p in (cert_file, key_file, client_ca_file) if p is not None)
-        self.cert_file, self.key_file = Path(cert_file), Path(key_file)
-        self.client_ca_file = Path(client_ca_file) if client_ca_file is not None else None
-        self._lock = threading.Lock()
-        self._stamp = None
-
-    def _stat(self):
-        # Secret volumes swap a symlink: stat() follows it, so any rotation changes the stamp.
-        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in (p.stat() for p in self.files))
-
-    def initial(self) -> grpc.ServerCertificateConfiguration:
-        check_tls_files(self.cert_file, self.key_file, self.client_ca_file)
-        with self._lock:
-            self._stamp = self._stat()
-            return self._configuration()
-
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
-            root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None)
-
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
-        try:
-            with self._lock:
-                stamp = self._stat()
-                if stamp == self._stamp:
-                    return None
-                check_tls_files(self.cert_file, self.key_file, self.client_ca_file)
-                configuration = self._configuration()
-                self._stamp = stamp
-            log.info("TLS certificate files changed; new connections use the new certificate")
-            return configuration
-        except Exception as exc:  # noqa: BLE001 - a half-written rotation: keep the current certificate
-            log.warning("TLS certificate files changed but cannot be used yet (%s); keeping the current ones", exc)
-            return None
-
-
-def tls_server_credentials(cert_file, key_file, client_ca_file=None) -> grpc.ServerCredentials:
-    """TLS server credentials that follow changes to the files; with `client_ca_file`, clients
-    must present a certificate signed by it (mTLS). Raises TlsConfigError for unusable files."""
-    if (cert_file is None) != (key_file is None):
-        raise TlsConfigError("--tls-cert-file and --tls-key-file go together")
-    if cert_file is None:
-        raise TlsConfigError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
-    files = _CertificateFiles(cert_file, key_file, client_ca_file)
-    return grpc.dynamic_ssl_server_credentials(files.initial(), files,
-                                               require_client_authentication=client_ca_file is not None)

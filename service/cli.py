@@ -25,7 +25,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import torch.distributed as dist  # noqa: E402
 
-from cispo.service.auth import TlsConfigError, TokenFileError, check_tls_files, load_tokens  # noqa: E402
+from cispo.service.auth import TokenFileError, load_tokens  # noqa: E402
+from cispo.service.tls import TlsConfigError, check_tls_files  # noqa: E402
 from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
                                   is_loopback)
 from cispo.worker import Engine, EngineConfig, checkpoint, load_policy_model  # noqa: E402

@@ -1,6 +1,6 @@
 """The gRPC server: TrainingService + health + reflection + Prometheus /metrics, and drain.
 
-Security (service/auth.py): optional TLS or mTLS on the gRPC port, optional bearer tokens for
+Security (service/tls.py, service/auth.py): optional TLS or mTLS on the gRPC port, optional bearer tokens for
 every method but grpc.health.v1. An optional plaintext health-only port serves Kubernetes' native
 gRPC probes, which cannot speak TLS. Ports are exclusive: a second server on a port in use fails.
 """
@@ -18,7 +18,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from cispo.service.auth import TlsConfigError, TokenAuthInterceptor, TokenFileError, load_tokens, tls_server_credentials
+from cispo.service.auth import TokenAuthInterceptor, TokenFileError, load_tokens
+from cispo.service.tls import TlsConfigError, tls_server_credentials
 from cispo.service.idempotency import IdempotencyCache
 from cispo.service.interceptor import GrpcMetricsInterceptor
 from cispo.service.metrics import ServiceMetrics

@@ -326,8 +326,8 @@ class TrainingServicer:
         self.metrics.inflight.dec()
         self.metrics.operation_errors.labels(op, code_name(status)).inc()
         self.metrics.request_seconds.labels(op).observe(time.perf_counter() - started)
-        self._rejections.info("op=%s identity=%s code=%s: %s", op, current_identity() or "-", code_name(status),
-                              clip(status.message, 200))
+        self._rejections.log("", "op=%s identity=%s code=%s: %s", op, current_identity() or "-", code_name(status),
+                             clip(status.message, 200))
         return status
 
 
