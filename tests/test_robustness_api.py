@@ -191,6 +191,8 @@ def test_a_retry_with_the_same_key_applies_once(stub):
     assert grad_norm_after(stub) == once
     err = rejected(stub.ForwardBackward, fb(seed=4, key="k-once"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(err)[0][0] == "idempotency_key"
+    err = rejected(stub.ForwardBackward, fb(seed=3, key="k" * 129))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 128 characters" in err.details()
     step = stub.OptimStep(pb.OptimStepRequest(idempotency_key="s-once"))
     assert stub.OptimStep(pb.OptimStepRequest(idempotency_key="s-once")) == step
 
