@@ -30,6 +30,7 @@ from .errors import (
     UnavailableError,
 )
 from .futures import APIFuture
+from .sampling_client import SamplingClient
 from .types import (
     AdamParams,
     Datum,
@@ -43,7 +44,12 @@ from .types import (
     LossFunctionInfo,
     ModelInput,
     OptimStepResponse,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
     SaveStateResponse,
+    SaveWeightsForSamplerResponse,
+    StopReason,
     TensorData,
 )
 
@@ -68,7 +74,13 @@ __all__ = [
     "OptimStepResponse",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "SampleResponse",
+    "SampledSequence",
+    "SamplingClient",
+    "SamplingParams",
     "SaveStateResponse",
+    "SaveWeightsForSamplerResponse",
+    "StopReason",
     "TensorData",
     "TrainingClient",
     "UnauthenticatedError",

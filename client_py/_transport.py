@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 _END_OF_REQUESTS = object()  # queued to half-close a stream
 # Operations whose request message has an idempotency_key field.
-_KEYED_OPS = ("forward", "forward_backward", "optim_step", "save_state", "load_state")
+_KEYED_OPS = ("forward", "forward_backward", "optim_step", "save_state", "load_state", "save_weights_for_sampler",
+              "sample")
 # Codes that end a stream without the server having judged its requests.
 _BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
            grpc.StatusCode.INTERNAL)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from . import wire
 from ._transport import Transport
 from .errors import ResourceExhaustedError
 from .futures import APIFuture
+from .sampling_client import SamplingClient
 from .types import (
     AdamParams,
     Datum,
@@ -39,6 +41,7 @@ from .types import (
     LoadStateResponse,
     OptimStepResponse,
     SaveStateResponse,
+    SaveWeightsForSamplerResponse,
 )
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "TrainingClient"]
@@ -230,6 +233,26 @@ class TrainingClient:
             wire.load_state_response_from_pb,
         )
 
+    def save_weights_for_sampler(self, name: str) -> SaveWeightsForSamplerResponse:
+        """Write the current weights, and nothing else, as a directory that vLLM (`--model
+        path`) and transformers load as they are, in the server's --sampler-dir (replaces an
+        export of that name atomically). Returns its path."""
+        request = pb.SaveWeightsForSamplerRequest(name=name)
+        return self._unary("SaveWeightsForSampler", request, "save_weights_for_sampler",
+                           wire.save_weights_for_sampler_response_from_pb)
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """`save_weights_for_sampler(name)`, then a SamplingClient on those weights, sharing this
+        client's connection. None names the export `sampler-<random hex>`: each such call
+        writes a new directory, which stays until removed from --sampler-dir."""
+        saved = self.save_weights_for_sampler(name or f"sampler-{uuid.uuid4().hex[:16]}")
+        return SamplingClient(self, model_path=saved.path)
+
+    def create_sampling_client(self, model_path: str | None = None) -> SamplingClient:
+        """A SamplingClient sharing this client's connection and order of operations: on the
+        saved weights at `model_path`, or (None) on the training state's current weights."""
+        return SamplingClient(self, model_path=model_path)
+
     def get_info(self) -> GetInfoResponse:
         """The model, vocabulary size, limits and loss functions with their defaults."""
         return self._unary(
@@ -281,6 +304,11 @@ class TrainingClient:
         """Queue a `load_state_with_optimizer` (see there) and return its future at once."""
         request = pb.StreamRequest(load_state=self._load_request(name, True))
         return self._submit(request, "load_state", wire.load_state_response_from_pb)
+
+    async def save_weights_for_sampler_async(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
+        """Queue a `save_weights_for_sampler` (see there) and return its future at once."""
+        request = pb.StreamRequest(save_weights_for_sampler=pb.SaveWeightsForSamplerRequest(name=name))
+        return self._submit(request, "save_weights_for_sampler", wire.save_weights_for_sampler_response_from_pb)
 
     async def get_info_async(self) -> APIFuture[GetInfoResponse]:
         """Queue a `get_info` and return its future at once."""

@@ -32,7 +32,12 @@ __all__ = [
     "LossFunctionInfo",
     "ModelInput",
     "OptimStepResponse",
+    "SampleResponse",
+    "SampledSequence",
+    "SamplingParams",
     "SaveStateResponse",
+    "SaveWeightsForSamplerResponse",
+    "StopReason",
     "TensorData",
     "TensorDtype",
 ]
@@ -418,6 +423,70 @@ class SaveStateResponse(_Resolved):
 
 
 @dataclass
+class SaveWeightsForSamplerResponse(_Resolved):
+    """The answer to `save_weights_for_sampler`."""
+
+    name: str
+    """The export's name, as given."""
+    path: str
+    """The directory on the server's sampler volume: an HF model directory that vLLM
+    (`--model path`) and transformers load as it is, and that `create_sampling_client` takes."""
+    step: int
+    """Optimizer steps taken when it was saved."""
+
+
+StopReason = Literal["length", "stop"]
+"""Why a sampled sequence ended: max_tokens reached, or a stop token / string / end of sequence."""
+
+
+@dataclass
+class SamplingParams:
+    """How to sample (Tinker's fields).
+
+    At each step the server draws from q = softmax(logits / temperature), kept to the top_k
+    most likely tokens, then to the top_p nucleus, renormalised; `SampledSequence.logprobs` are
+    log q of the drawn tokens (see docs/sampling.md for importance ratios at temperature != 1).
+    """
+
+    max_tokens: int | None = None
+    """Most tokens to generate per sequence; None: the server's limit (and the model's context)."""
+    seed: int | None = None
+    """Seed of the draws: the same request with the same seed gives the same samples."""
+    stop: str | Sequence[str] | Sequence[int] | None = None
+    """Stop strings (need a tokenizer on the server) or stop token ids; the model's
+    end-of-sequence tokens always stop."""
+    temperature: float = 1.0
+    """0 is greedy decoding."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 keeps all."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]; 1 keeps all."""
+
+
+@dataclass
+class SampledSequence:
+    """One generated sequence."""
+
+    stop_reason: StopReason
+    """"length" or "stop"."""
+    tokens: list[int]
+    """The generated token ids, the stop token included."""
+    logprobs: list[float] | None = None
+    """log q of each generated token, the distribution it was drawn from (see SamplingParams)."""
+
+
+@dataclass
+class SampleResponse(_Resolved):
+    """The answer to `sample`."""
+
+    sequences: list[SampledSequence]
+    """num_samples sequences."""
+    prompt_logprobs: list[float | None] | None = None
+    """With include_prompt_logprobs: per prompt token, its logprob (temperature 1) after the
+    tokens before it; None for the first."""
+
+
+@dataclass
 class LoadStateResponse(_Resolved):
     """The answer to `load_state` and `load_state_with_optimizer`."""
 
@@ -453,6 +522,12 @@ class Limits:
     """Completed operations whose idempotency keys the server remembers."""
     max_data_per_request: int = 0
     """Most datums in one forward/forward_backward."""
+    max_sample_tokens: int = 0
+    """Most tokens one sampled sequence may generate."""
+    max_num_samples: int = 0
+    """Most sequences one sample request may ask for."""
+    max_sample_request_tokens: int = 0
+    """Most tokens one sample request holds: num_samples * (prompt + max_tokens)."""
 
 
 @dataclass
@@ -479,3 +554,7 @@ class GetInfoResponse(_Resolved):
     """Optimizer steps taken so far."""
     num_parameters: int
     """Number of trainable parameters."""
+    has_tokenizer: bool = False
+    """Whether the model directory has a tokenizer (stop strings work)."""
+    eos_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a sampled sequence by default."""

@@ -28,7 +28,11 @@ from .types import (
     LossFunctionInfo,
     ModelInput,
     OptimStepResponse,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
     SaveStateResponse,
+    SaveWeightsForSamplerResponse,
     TensorData,
 )
 
@@ -41,7 +45,10 @@ __all__ = [
     "get_info_response_from_pb",
     "load_state_response_from_pb",
     "optim_step_response_from_pb",
+    "sample_request_to_pb",
+    "sample_response_from_pb",
     "save_state_response_from_pb",
+    "save_weights_for_sampler_response_from_pb",
     "tensor_from_pb",
     "tensor_to_pb",
 ]
@@ -212,6 +219,49 @@ def adam_params_to_pb(params: AdamParams | None, out: pb.AdamParams | None = Non
     return out
 
 
+def sample_request_to_pb(
+    prompt: ModelInput,
+    num_samples: int,
+    sampling_params: SamplingParams,
+    include_prompt_logprobs: bool = False,
+    model_path: str = "",
+    out: pb.SampleRequest | None = None,
+) -> pb.SampleRequest:
+    """A `SampleRequest`; types are checked here, values by the server."""
+    out = pb.SampleRequest() if out is None else out
+    out.SetInParent()
+    if not isinstance(prompt, ModelInput):
+        raise TypeError(f"prompt: expected ModelInput, got {type(prompt).__name__}")
+    if not isinstance(sampling_params, SamplingParams):
+        raise TypeError(f"sampling_params: expected SamplingParams, got {type(sampling_params).__name__}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+        raise TypeError(f"num_samples: expected an int, got {type(num_samples).__name__}")
+    _array_to_pb(prompt.to_numpy(), out.prompt)
+    out.num_samples = int(num_samples)
+    out.include_prompt_logprobs = bool(include_prompt_logprobs)
+    out.model_path = model_path or ""
+    params, sp = sampling_params, out.sampling_params
+    sp.SetInParent()
+    if params.max_tokens is not None:
+        sp.max_tokens = int(params.max_tokens)
+    if params.seed is not None:
+        sp.seed = int(params.seed)
+    sp.temperature = float(params.temperature)
+    sp.top_k = int(params.top_k)
+    sp.top_p = float(params.top_p)
+    stop = params.stop
+    if isinstance(stop, str):
+        stop = [stop]
+    for item in stop or ():
+        if isinstance(item, str):
+            sp.stop_strings.append(item)
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            sp.stop_tokens.append(int(item))
+        else:
+            raise TypeError(f"sampling_params.stop: expected strings or token ids, got {type(item).__name__}")
+    return out
+
+
 # --- responses ----------------------------------------------------------------------------
 
 
@@ -232,6 +282,31 @@ def optim_step_response_from_pb(message: pb.OptimStepResponse) -> OptimStepRespo
 
 def save_state_response_from_pb(message: pb.SaveStateResponse) -> SaveStateResponse:
     return SaveStateResponse(name=message.name, path=message.path, step=message.step)
+
+
+def save_weights_for_sampler_response_from_pb(
+    message: pb.SaveWeightsForSamplerResponse,
+) -> SaveWeightsForSamplerResponse:
+    return SaveWeightsForSamplerResponse(name=message.name, path=message.path, step=message.step)
+
+
+_STOP_REASONS = {pb.STOP_REASON_LENGTH: "length", pb.STOP_REASON_STOP: "stop"}
+
+
+def sample_response_from_pb(message: pb.SampleResponse) -> SampleResponse:
+    """SampleResponse with token and logprob lists (one `tolist()` per tensor)."""
+    sequences = [
+        SampledSequence(
+            stop_reason=_STOP_REASONS.get(seq.stop_reason, "stop"),
+            tokens=tensor_from_pb(seq.tokens, f"sequences[{i}].tokens").to_numpy().tolist(),
+            logprobs=tensor_from_pb(seq.logprobs, f"sequences[{i}].logprobs").to_numpy().tolist(),
+        )
+        for i, seq in enumerate(message.sequences)
+    ]
+    prompt_logprobs = None
+    if message.HasField("prompt_logprobs"):
+        prompt_logprobs = [None, *tensor_from_pb(message.prompt_logprobs, "prompt_logprobs").to_numpy().tolist()]
+    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs)
 
 
 def load_state_response_from_pb(message: pb.LoadStateResponse) -> LoadStateResponse:
@@ -257,10 +332,15 @@ def get_info_response_from_pb(message: pb.GetInfoResponse) -> GetInfoResponse:
             max_sequence_length=message.limits.max_sequence_length,
             idempotency_keys_remembered=message.limits.idempotency_keys_remembered,
             max_data_per_request=message.limits.max_data_per_request,
+            max_sample_tokens=message.limits.max_sample_tokens,
+            max_num_samples=message.limits.max_num_samples,
+            max_sample_request_tokens=message.limits.max_sample_request_tokens,
         ),
         device=message.device,
         dtype=message.dtype,
         world_size=message.world_size,
         step=message.step,
         num_parameters=message.num_parameters,
+        has_tokenizer=message.has_tokenizer,
+        eos_token_ids=list(message.eos_token_ids),
     )

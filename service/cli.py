@@ -30,6 +30,8 @@ from cispo.service.tls import TlsConfigError, check_tls_files  # noqa: E402
 from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
                                   is_loopback)
 from cispo.worker import Engine, EngineConfig, checkpoint, load_policy_model  # noqa: E402
+from cispo.worker.sampler_weights import SERVING_DTYPES, ExportConfig  # noqa: E402
+from cispo.worker.sampling import SamplingLimits  # noqa: E402
 from cispo.worker.group import GroupEngine, init_group, run_worker, world_size_from_env  # noqa: E402
 
 log = logging.getLogger("cispo.server")
@@ -86,6 +88,7 @@ rank of a data-parallel group was lost."""
 def build_parser() -> argparse.ArgumentParser:
     """The flags, with defaults from the CISPO_* environment (a malformed value exits 2)."""
     defaults = ServerConfig()
+    limits = SamplingLimits()
     p = _ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
 
     def env(name, default, kind=str):
@@ -121,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-tokens", type=int, default=env("MICRO_BATCH_TOKENS", 8192, int),
                    help="token budget of one packed micro-batch: bounds activation memory "
                         "[CISPO_MICRO_BATCH_TOKENS]")
+    g.add_argument("--sampler-dir", default=env("SAMPLER_DIR", "sampler_weights"),
+                   help="directory where SaveWeightsForSampler writes weights for samplers (HF directories "
+                        "that vLLM and transformers load as they are); share it with sampler pods "
+                        "[CISPO_SAMPLER_DIR]")
+    g.add_argument("--sampler-dtype", choices=tuple(SERVING_DTYPES), default=env("SAMPLER_DTYPE", "bfloat16"),
+                   help="dtype of the weights SaveWeightsForSampler writes [CISPO_SAMPLER_DTYPE]")
+    g.add_argument("--sampler-max-shard-bytes", type=int, default=env("SAMPLER_MAX_SHARD_BYTES", 5 * 10**9, int),
+                   help="above this, exported weights are sharded into several safetensors files with an index "
+                        "[CISPO_SAMPLER_MAX_SHARD_BYTES]")
+    g.add_argument("--sampler-cache-size", type=int, default=env("SAMPLER_CACHE_SIZE", 2, int),
+                   help="saved sampler weights kept loaded for Sample requests that name them "
+                        "[CISPO_SAMPLER_CACHE_SIZE]")
+    g.add_argument("--max-sample-tokens", type=int, default=env("MAX_SAMPLE_TOKENS", limits.max_sample_tokens, int),
+                   help="most tokens one sampled sequence may generate [CISPO_MAX_SAMPLE_TOKENS]")
+    g.add_argument("--max-num-samples", type=int, default=env("MAX_NUM_SAMPLES", limits.max_num_samples, int),
+                   help="most sequences one Sample request may ask for [CISPO_MAX_NUM_SAMPLES]")
+    g.add_argument("--max-sample-request-tokens", type=int,
+                   default=env("MAX_SAMPLE_REQUEST_TOKENS", limits.max_sample_request_tokens, int),
+                   help="most tokens one Sample request holds, num_samples * (prompt + max_tokens); also the "
+                        "budget of requests sampled together [CISPO_MAX_SAMPLE_REQUEST_TOKENS]")
     g.add_argument("--rank-timeout-seconds", type=float, default=env("RANK_TIMEOUT_SECONDS", 30.0, float),
                    help="with several ranks (torchrun): a rank silent this long is declared lost "
                         "[CISPO_RANK_TIMEOUT_SECONDS]")
@@ -330,13 +353,21 @@ def run(args) -> None:
     if serving_rank:
         check_security(config, args.insecure)
         check_ports(config)
-        recover_states(Path(args.checkpoint_dir))
+        recover_states(Path(args.checkpoint_dir), "checkpoint")
+        recover_states(Path(args.sampler_dir), "sampler")
     device = args.device
     check_device(device)
     if world_size > 1 and device in ("auto", "cuda") and _cuda_available():
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    engine_config = EngineConfig(checkpoint_dir=Path(args.checkpoint_dir), micro_batch_tokens=args.micro_batch_tokens,
-                                 max_tokens_per_request=args.max_tokens_per_request)
+    try:
+        engine_config = EngineConfig(
+            checkpoint_dir=Path(args.checkpoint_dir), micro_batch_tokens=args.micro_batch_tokens,
+            max_tokens_per_request=args.max_tokens_per_request,
+            sampling=SamplingLimits(args.max_sample_tokens, args.max_num_samples, args.max_sample_request_tokens),
+            export=ExportConfig(Path(args.sampler_dir), args.sampler_dtype, args.sampler_max_shard_bytes,
+                                args.sampler_cache_size))
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     engine = Engine(load_model(args, device), engine_config)
     if world_size == 1:
         asyncio.run(serve(engine, config))
@@ -361,14 +392,14 @@ def run(args) -> None:
 GC_THRESHOLDS = (10_000, 10, 100)
 
 
-def recover_states(checkpoint_dir: Path) -> None:
+def recover_states(directory: Path, what: str) -> None:
     """Finish or undo saves that a crash interrupted, and remove their leftovers (rank 0 only:
-    it alone writes states)."""
+    it alone writes states and sampler weights)."""
     try:
-        for line in checkpoint.recover(checkpoint_dir):
-            log.info("checkpoint directory %s: %s", checkpoint_dir, line)
+        for line in checkpoint.recover(directory):
+            log.info("%s directory %s: %s", what, directory, line)
     except OSError as exc:
-        raise StartupError(f"checkpoint directory {checkpoint_dir}: {exc.strerror or exc}") from None
+        raise StartupError(f"{what} directory {directory}: {exc.strerror or exc}") from None
 
 
 def _cuda_available() -> bool:

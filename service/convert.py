@@ -12,6 +12,7 @@ import torch
 
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, LimitExceeded, Sample
+from cispo.worker.sampling import SampleRequest, SampleResult, SamplingParams
 
 RAW_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_INT64: np.dtype("<i8"),
@@ -116,13 +117,52 @@ def decode_forward_backward(req: pb.ForwardBackwardInput, max_data: int,
 def encode_batch_result(result: BatchResult, typed: bool = False) -> pb.ForwardBackwardOutput:
     """Per-datum logprobs as raw little-endian float32 (or, if `typed`, in float_data, which
     JSON clients show as numbers), plus the metrics."""
-    def tensor(lp: torch.Tensor) -> pb.Tensor:
-        if typed:
-            return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[lp.numel()], float_data=lp.numpy())
-        return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[lp.numel()], raw_data=lp.numpy().astype("<f4", copy=False).tobytes())
+    return pb.ForwardBackwardOutput(loss_fn_outputs=[pb.LossFnOutput(logprobs=_tensor_to_pb(lp, typed))
+                                                     for lp in result.logprobs], metrics=result.metrics)
 
-    return pb.ForwardBackwardOutput(loss_fn_outputs=[pb.LossFnOutput(logprobs=tensor(lp)) for lp in result.logprobs],
-                                    metrics=result.metrics)
+
+def decode_sample_request(req: pb.SampleRequest, owner: str | None) -> SampleRequest:
+    """The engine's SampleRequest (defaults not yet resolved); InvalidInput for a malformed
+    prompt or parameter."""
+    violations = _Violations()
+    prompt = tensor_to_torch(req.prompt, "prompt", violations)
+    if prompt is not None and prompt.is_floating_point():
+        violations.add("prompt", "token ids must be integers")
+    given = {f.name: value for f, value in req.sampling_params.ListFields()}
+    for name in ("temperature", "top_p"):
+        if name in given and not np.isfinite(np.float32(given[name])):
+            violations.add(f"sampling_params.{name}", f"must be finite in float32, got {given[name]}")
+    violations.raise_if_any()
+    params = SamplingParams(
+        max_tokens=given.get("max_tokens"), temperature=float(given.get("temperature", 1.0)),
+        top_k=int(given.get("top_k", -1)), top_p=float(given.get("top_p", 1.0)), seed=given.get("seed"),
+        stop_tokens=tuple(int(t) for t in req.sampling_params.stop_tokens),
+        stop_strings=tuple(req.sampling_params.stop_strings))
+    return SampleRequest(prompt=prompt.to(torch.int64), num_samples=req.num_samples or 1, params=params,
+                         include_prompt_logprobs=req.include_prompt_logprobs, model_path=req.model_path, owner=owner)
+
+
+STOP_REASONS = {"length": pb.STOP_REASON_LENGTH, "stop": pb.STOP_REASON_STOP}
+
+
+def encode_sample_result(result: SampleResult, typed: bool = False) -> pb.SampleResponse:
+    """Sequences (int64 tokens, float32 logprobs) raw little-endian, or typed for JSON clients."""
+    response = pb.SampleResponse(sequences=[
+        pb.SampledSequence(tokens=_tensor_to_pb(s.tokens, typed), logprobs=_tensor_to_pb(s.logprobs, typed),
+                           stop_reason=STOP_REASONS[s.stop_reason]) for s in result.sequences])
+    if result.prompt_logprobs is not None:
+        response.prompt_logprobs.CopyFrom(_tensor_to_pb(result.prompt_logprobs, typed))
+    return response
+
+
+def _tensor_to_pb(t: torch.Tensor, typed: bool) -> pb.Tensor:
+    """A 1-D int64 or float32 CPU tensor in raw little-endian bytes, or in its typed field."""
+    integer = not t.is_floating_point()
+    dtype = pb.DTYPE_INT64 if integer else pb.DTYPE_FLOAT32
+    array = t.numpy().astype("<i8" if integer else "<f4", copy=False)
+    if typed:
+        return pb.Tensor(dtype=dtype, shape=[t.numel()], **{"int64_data" if integer else "float_data": array})
+    return pb.Tensor(dtype=dtype, shape=[t.numel()], raw_data=array.tobytes())
 
 
 def decode_adam_params(req: pb.OptimStepRequest) -> AdamParams:
@@ -146,4 +186,6 @@ def encode_info(info: EngineInfo, limits: Mapping[str, int], world_size: int) ->
         world_size=world_size,
         step=info.step,
         num_parameters=info.num_parameters,
+        has_tokenizer=info.has_tokenizer,
+        eos_token_ids=list(info.eos_token_ids),
     )

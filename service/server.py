@@ -68,6 +68,8 @@ class ServerConfig:
     """On SIGTERM, how long accepted work may take to finish before the server exits."""
     queue_capacity: int = 8
     """Operations waiting for the engine before reads stop (back-pressure)."""
+    sample_queue_capacity: int = 256
+    """Sample requests waiting for the engine (small; many gather into one batch)."""
     idempotency_keys: int = 4096
     """Completed operations whose idempotency keys are remembered (the most recent)."""
     idempotency_bytes: int = 256 << 20
@@ -87,8 +89,11 @@ class TrainingServer:
         limits = dict(max_message_bytes=config.max_message_bytes, max_tokens_per_request=config.max_tokens_per_request,
                       max_sequence_length=engine.info().max_sequence_length,
                       idempotency_keys_remembered=config.idempotency_keys,
-                      max_data_per_request=config.max_data_per_request)
-        self.pipeline = OperationPipeline(config.queue_capacity)
+                      max_data_per_request=config.max_data_per_request,
+                      max_sample_tokens=engine.config.sampling.max_sample_tokens,
+                      max_num_samples=engine.config.sampling.max_num_samples,
+                      max_sample_request_tokens=engine.config.sampling.max_sample_request_tokens)
+        self.pipeline = OperationPipeline(config.queue_capacity, config.sample_queue_capacity)
         self.servicer = TrainingServicer(engine, self.pipeline, self.metrics, limits, world_size,
                                          IdempotencyCache(config.idempotency_keys, config.idempotency_bytes))
         self.health = health_aio.HealthServicer()

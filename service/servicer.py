@@ -33,7 +33,7 @@ from cispo.service.errors import Unavailable, clip, code_name, to_status
 from cispo.service.idempotency import IdempotencyCache, check_key, fingerprint
 from cispo.service.log_limits import RateLimitedLog
 from cispo.service.metrics import ServiceMetrics
-from cispo.service.pipeline import OperationPipeline
+from cispo.service.pipeline import Batchable, OperationPipeline
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
 from cispo.worker.checkpoint import state_dir
@@ -51,6 +51,8 @@ UNARY_METHODS: dict[str, tuple[str, type]] = {
     "OptimStep": ("optim_step", pb.OptimStepRequest),
     "SaveState": ("save_state", pb.SaveStateRequest),
     "LoadState": ("load_state", pb.LoadStateRequest),
+    "SaveWeightsForSampler": ("save_weights_for_sampler", pb.SaveWeightsForSamplerRequest),
+    "Sample": ("sample", pb.SampleRequest),
 }
 # Threads that parse, validate and encode (they hold the GIL in turns with the event loop).
 CODEC_THREADS = 2
@@ -60,7 +62,7 @@ CODEC_THREADS = 2
 class Prepared:
     """A decoded, validated operation, ready to queue."""
 
-    call: Callable[[], Any]  # the engine call; runs on the engine thread
+    call: Callable[[], Any] | Batchable  # the engine call (or a share of one); runs on the engine thread
     encode: Callable[[Any], tuple[Any, dict]]  # engine result -> (response message, log fields)
     idempotency_key: str
     fingerprint: bytes
@@ -243,6 +245,23 @@ class TrainingServicer:
 
             return Prepared(lambda: engine.optim_step(adam), encode_step, key, digest)
         owner = current_identity()
+        if op == "sample":
+            sample = engine.validate_sample(convert.decode_sample_request(request, owner))
+            typed = request.typed_outputs
+
+            def encode_sample(result):
+                metrics.observe_sample(result)
+                return convert.encode_sample_result(result, typed), {
+                    "sequences": len(result.sequences), "sampled_tokens": sum(len(s.tokens) for s in result.sequences)}
+
+            batch = Batchable(sample, engine.sample, sample.cost, engine.config.sampling.max_sample_request_tokens)
+            return Prepared(batch, encode_sample, key, digest)
+        if op == "save_weights_for_sampler":
+            name = request.name
+            state_dir(engine.config.export.sampler_dir, name)
+            return Prepared(lambda: (engine.save_weights_for_sampler(name, owner=owner), engine.info().step), lambda r: (
+                pb.SaveWeightsForSamplerResponse(name=name, path=str(r[0].absolute()), step=r[1]),
+                {"name": name, "step": r[1]}), key, digest)
         if op == "save_state":
             name = request.name
             state_dir(engine.config.checkpoint_dir, name)  # reject a bad name before queueing
@@ -287,7 +306,7 @@ class TrainingServicer:
                 self.metrics.inflight.dec()
                 raise
             return _done(self._failed(op, exc, started))
-        self.metrics.queue_depth.set(self.pipeline.depth)
+        self._observe_queue()
         answer = asyncio.ensure_future(self._answer(op, engine_future, prepared.encode, started, identity))
         if placeholder is not None:
             answer.add_done_callback(lambda done: placeholder.set_result(done.result()))
@@ -315,11 +334,15 @@ class TrainingServicer:
 
     def _succeeded(self, op: str, started: float, identity: str | None, fields: dict) -> None:
         seconds = time.perf_counter() - started
-        self.metrics.queue_depth.set(self.pipeline.depth)
+        self._observe_queue()
         self.metrics.inflight.dec()
         self.metrics.request_seconds.labels(op).observe(seconds)
         fields = {"op": op, "run": "default", "identity": identity or "-", "seconds": round(seconds, 4), **fields}
         log.info(" ".join(f"{k}={_short(v)}" for k, v in fields.items()), extra={"fields": fields})
+
+    def _observe_queue(self) -> None:
+        self.metrics.queue_depth.set(self.pipeline.depth)
+        self.metrics.sampler_queue_depth.set(self.pipeline.batchable_depth)
 
     def _failed(self, op: str, exc: Exception, started: float) -> status_pb2.Status:
         status = to_status(exc)

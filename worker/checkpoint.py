@@ -26,6 +26,9 @@ links in it, as a state or as a file in one, are refused and never followed. A s
 records the identity that saved it (`owner`, None for anyone); another identity may neither load
 nor replace it. States are full (not sharded): a group of any size can load what a group of
 another size saved.
+
+Sampler weights (worker.sampler_weights) are saved directories of the same protocol, with their
+own manifest format, in their own root directory.
 """
 
 import json
@@ -34,6 +37,7 @@ import re
 import shutil
 import stat
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +48,8 @@ from safetensors.torch import load_file, save_file
 from cispo.worker.errors import FieldViolation, InvalidInput, PermissionDenied, StateNotFound
 
 FORMAT = "cispo.state.v1"
+SAMPLER_FORMAT = "cispo.sampler_weights.v1"  # worker.sampler_weights
+FORMATS = (FORMAT, SAMPLER_FORMAT)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 HIDDEN_PATTERN = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{32}")
 MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE = "model.safetensors", "optimizer.safetensors", "manifest.json"
@@ -62,7 +68,7 @@ def state_dir(root: Path, name: str) -> Path:
     """`root/name`, after checking that `name` is a plain, safe file name."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidInput([FieldViolation(
-            "name", f"{_shown(name)} is not a valid state name: use 1-128 letters, digits, '.', '_' or '-', "
+            "name", f"{shown(name)} is not a valid state name: use 1-128 letters, digits, '.', '_' or '-', "
                     "not starting with '.'"
         )])
     return root / name
@@ -74,22 +80,32 @@ def save_state(root: Path, name: str, weights: dict[str, torch.Tensor], optimize
     that name unless it belongs to another identity than `owner`, or `owner` cannot tell because
     its manifest is unreadable (None: no identity, may replace anything). The new state belongs
     to `owner`."""
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / MODEL_FILE)
+        save_file(optimizer, tmp / OPTIMIZER_FILE)
+
+    return save_directory(root, name, write, {"format": FORMAT, "step": step, "model_name": model_name,
+                                              "num_tensors": len(weights)}, owner)
+
+
+def save_directory(root: Path, name: str, write: Callable[[Path], None], manifest: dict,
+                   owner: str | None = None) -> Path:
+    """`write(tmp)` the files of `root/name` into a hidden copy, then fsync them, write the
+    manifest (plus `owner`) last and swap the copy in (see the module docstring). Ownership is
+    checked as for `save_state`. Returns `root/name`."""
     target = state_dir(root, name)
     replacing = _is_state(target, name, replacing=True)
     if replacing and owner is not None:
-        _check_owner(name, _read_manifest(target, name), owner)
+        check_owner(name, _read_manifest(target, name), owner)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
     os.mkdir(tmp)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / MODEL_FILE)
-        _fsync(tmp / MODEL_FILE)
-        save_file(optimizer, tmp / OPTIMIZER_FILE)
-        _fsync(tmp / OPTIMIZER_FILE)
-        manifest = {"format": FORMAT, "step": step, "model_name": model_name, "num_tensors": len(weights),
-                    "owner": owner}
+        write(tmp)
+        for file in sorted(tmp.iterdir()):
+            _fsync(file)
         with open(tmp / MANIFEST_FILE, "x") as f:
-            json.dump(manifest, f, indent=2)
+            json.dump({**manifest, "owner": owner}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         _fsync(tmp)
@@ -110,14 +126,24 @@ def save_state(root: Path, name: str, weights: dict[str, torch.Tensor], optimize
 
 def load_state(root: Path, name: str, with_optimizer: bool, owner: str | None = None) -> LoadedState:
     """Read a whole state into memory (nothing is applied here), if `owner` may read it."""
-    path = state_dir(root, name)
-    if not _is_state(path, name, replacing=False):
-        raise StateNotFound(f"no saved state named '{name}' in the checkpoint directory")
-    manifest = _read_manifest(path, name)
-    _check_owner(name, manifest, owner)
+    path, manifest = open_directory(root, name, FORMAT, owner)
     weights = _read_tensors(path, MODEL_FILE, name)
     optimizer = _read_tensors(path, OPTIMIZER_FILE, name) if with_optimizer else {}
     return LoadedState(weights=weights, optimizer=optimizer, step=manifest["step"], manifest=manifest)
+
+
+def open_directory(root: Path, name: str, format: str, owner: str | None = None) -> tuple[Path, dict]:
+    """(`root/name`, its manifest) of a saved directory of `format` that `owner` may read;
+    StateNotFound or PermissionDenied otherwise."""
+    path = state_dir(root, name)
+    if not _is_state(path, name, replacing=False):
+        raise StateNotFound(f"no saved {'state' if format == FORMAT else 'weights'} named '{name}' in "
+                            f"the {'checkpoint' if format == FORMAT else 'sampler'} directory")
+    manifest = _read_manifest(path, name, format)
+    check_owner(name, manifest, owner)
+    for entry in os.listdir(path):
+        _regular_file(path, entry, name)  # no links, no subdirectories
+    return path, manifest
 
 
 def recover(root: Path) -> list[str]:
@@ -179,16 +205,16 @@ def _regular_file(path: Path, file: str, name: str) -> Path:
     return path / file
 
 
-def _read_manifest(path: Path, name: str) -> dict:
-    """The state's manifest, checked field by field."""
+def _read_manifest(path: Path, name: str, format: str | None = None) -> dict:
+    """The saved directory's manifest, checked field by field; of `format` (None: any known)."""
     try:
         manifest = json.loads(_regular_file(path, MANIFEST_FILE, name).read_bytes())
     except (OSError, ValueError) as e:
-        raise StateNotFound(f"state '{name}' cannot be read: {MANIFEST_FILE}: {_reason(e)}") from e
+        raise StateNotFound(f"state '{name}' cannot be read: {MANIFEST_FILE}: {reason(e)}") from e
     if not isinstance(manifest, dict):
         problem = "is not a JSON object"
-    elif manifest.get("format") != FORMAT:
-        problem = f"has format {_shown(manifest.get('format'))}, expected '{FORMAT}'"
+    elif manifest.get("format") not in ((format,) if format else FORMATS):
+        problem = f"has format {shown(manifest.get('format'))}, expected '{format or FORMAT}'"
     elif type(manifest.get("step")) is not int or manifest["step"] < 0:
         problem = "has no valid step"
     elif not isinstance(manifest.get("owner"), (str, type(None))):
@@ -202,10 +228,10 @@ def _read_tensors(path: Path, file: str, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(_regular_file(path, file, name))
     except (OSError, SafetensorError) as e:
-        raise StateNotFound(f"state '{name}' cannot be read: {file}: {_reason(e)}") from e
+        raise StateNotFound(f"state '{name}' cannot be read: {file}: {reason(e)}") from e
 
 
-def _check_owner(name: str, manifest: dict, owner: str | None) -> None:
+def check_owner(name: str, manifest: dict, owner: str | None) -> None:
     """Refuse an identity other than the state's owner; no identity, or no owner, passes."""
     if owner is not None and manifest.get("owner") not in (None, owner):
         raise PermissionDenied(f"state '{name}' belongs to another identity")
@@ -222,14 +248,14 @@ def _is_complete(path: Path) -> bool:
     return True
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """`value` for an error message: its repr, cut to about 64 characters."""
     text = repr(value)
     size = len(value) if isinstance(value, str) else len(text)
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({size} chars)"
 
 
-def _reason(error: Exception) -> str:
+def reason(error: Exception) -> str:
     """A library's error message, without paths and cut short (it may quote the file's content)."""
     text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     return text if len(text) <= 2 * SHOWN_CHARS else f"{text[:2 * SHOWN_CHARS]}…"

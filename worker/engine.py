@@ -1,4 +1,5 @@
-"""The training state and its operations: forward, forward_backward, optim_step, save, load.
+"""The training state and its operations: forward, forward_backward, optim_step, save, load,
+sample and save_weights_for_sampler.
 
 One Engine is one training state on one device (one data-parallel rank). Every public method
 validates its whole input before computing anything and leaves the state unchanged when it
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cispo.worker import checkpoint
+from cispo.worker import checkpoint, sampler_weights
 from cispo.worker.batch import MicroBatch, Sample, pack, plan_micro_batches
 from cispo.worker.errors import ComputeFailed, FieldViolation, InvalidInput, StateNotFound, StepRefused
 from cispo.worker.logprob_head import fused_head_gradients, target_logprobs
@@ -20,6 +21,8 @@ from cispo.worker.loss_stats import BatchStats
 from cispo.worker.losses import LOSS_FUNCTIONS, LossFunction, TokenInputs, get_loss_function
 from cispo.worker.model import PolicyModel
 from cispo.worker.optimizer import MOMENTS, AdamParams, Optimizer
+from cispo.worker.sampler_weights import ExportCache, ExportConfig
+from cispo.worker.sampling import SampleRequest, SampleResult, SamplingLimits, generate, validate_sample_request
 from cispo.worker.validation import validate_batch
 
 
@@ -35,6 +38,10 @@ class EngineConfig:
     """Most tokens in one forward/forward_backward request."""
     head_chunk_tokens: int | None = None
     """Tokens per chunk of the LM head; None sizes chunks like the hidden states."""
+    sampling: SamplingLimits = SamplingLimits()
+    """Bounds of Sample requests."""
+    export: ExportConfig = ExportConfig()
+    """Where and how save_weights_for_sampler writes, and the cache of loaded exports."""
 
     def __post_init__(self):
         if self.micro_batch_tokens < 1:
@@ -73,6 +80,8 @@ class EngineInfo:
     dtype: str
     num_parameters: int
     step: int
+    has_tokenizer: bool = False
+    eos_token_ids: tuple[int, ...] = ()
     loss_functions: dict[str, LossFunction] = field(default_factory=lambda: dict(LOSS_FUNCTIONS))
 
 
@@ -95,6 +104,7 @@ class Engine:
         self.rank = 0  # data-parallel rank (set by worker.group)
         self.named_params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
         self.optimizer = Optimizer(self.named_params)
+        self.exports = ExportCache(config.export.cache_size)
 
     def info(self) -> EngineInfo:
         p = self.policy
@@ -102,6 +112,7 @@ class Engine:
             model_name=p.name, vocab_size=p.vocab_size, max_sequence_length=p.max_sequence_length,
             device=p.device.type, dtype=str(p.compute_dtype).removeprefix("torch."),
             num_parameters=sum(t.numel() for t in self.named_params.values()), step=self.optimizer.step_count,
+            has_tokenizer=p.tokenizer is not None, eos_token_ids=p.eos_token_ids,
         )
 
     # -- forward / forward_backward -------------------------------------------------------------
@@ -270,3 +281,57 @@ class Engine:
         else:
             self.optimizer.reset()
         return state.step
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def validate_sample(self, request: SampleRequest) -> SampleRequest:
+        """The request with its defaults resolved; raises InvalidInput/LimitExceeded."""
+        if request.model_path:
+            sampler_weights.export_name(self.config.export, request.model_path)
+        return validate_sample_request(request, self.policy, self.config.sampling)
+
+    def sample(self, requests: list[SampleRequest]) -> list[SampleResult | Exception]:
+        """Generate every validated request, those on the same weights as one batch; a request
+        whose weights cannot be had gets its exception in its place."""
+        results: list[SampleResult | Exception | None] = [None] * len(requests)
+        by_weights: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_weights.setdefault(request.model_path, []).append(i)
+        for model_path, indices in by_weights.items():
+            policy, allowed = self.policy, []
+            for i in indices:  # each caller's access to saved weights, on its own
+                try:
+                    if model_path:
+                        policy = self._sampling_policy(model_path, requests[i].owner)
+                    allowed.append(i)
+                except Exception as exc:  # noqa: BLE001 - answered per request
+                    results[i] = exc
+            if not allowed:
+                continue
+            try:
+                outputs = generate(policy, [requests[i] for i in allowed])
+            except torch.OutOfMemoryError as exc:
+                outputs = [ComputeFailed(f"sampling ran out of memory: {exc}", out_of_memory=True)] * len(allowed)
+            except Exception as exc:  # noqa: BLE001 - answered per request
+                outputs = [ComputeFailed(f"sampling failed: {type(exc).__name__}: {exc}")] * len(allowed)
+            for i, output in zip(allowed, outputs):
+                results[i] = output
+        return results
+
+    def _sampling_policy(self, model_path: str, owner: str | None):
+        name = sampler_weights.export_name(self.config.export, model_path)
+        return self.exports.get(name, owner, lambda: sampler_weights.load_export(
+            self.policy, self.config.export, name, owner))
+
+    def save_weights_for_sampler(self, name: str, owner: str | None = None) -> Path:
+        """Write the weights as a directory samplers load as it is (see worker.sampler_weights),
+        owned by `owner`, and keep them loaded for Sample requests that name it."""
+        export = self.config.export
+        checkpoint.state_dir(export.sampler_dir, name)
+        try:
+            path = sampler_weights.export_full(self.policy, export, name, self.optimizer.step_count, owner)
+        except OSError as exc:
+            raise ComputeFailed(f"saving sampler weights '{name}' failed ({exc.strerror or exc}); any earlier "
+                                "export of that name is unchanged", out_of_memory=exc.errno == errno.ENOSPC) from exc
+        self.exports.put(name, sampler_weights.snapshot(self.policy, export, name), owner)
+        return path

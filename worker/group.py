@@ -214,6 +214,21 @@ class GroupEngine:
     def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
         return self._everywhere("load_state", (name, with_optimizer, owner))[0]
 
+    # Rank 0 samples and exports alone: every rank holds the same weights.
+
+    def validate_sample(self, request):
+        return self.local.validate_sample(request)
+
+    def sample(self, requests: list) -> list:
+        if self.broken is not None:
+            raise self.broken
+        return self.local.sample(requests)
+
+    def save_weights_for_sampler(self, name: str, owner: str | None = None):
+        if self.broken is not None:
+            raise self.broken
+        return self.local.save_weights_for_sampler(name, owner)
+
     def shutdown(self) -> None:
         """Release the other ranks (they exit their loop)."""
         if self.broken is None:

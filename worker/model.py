@@ -12,12 +12,15 @@ sampler's even on-policy.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 EMBEDDED_MODEL_NAME = "embedded-tiny-llama"
 EMBEDDED_SEED = 0
+# Files that mark a model directory as having a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def embedded_config() -> LlamaConfig:
@@ -49,6 +52,8 @@ class PolicyModel:
     model: PreTrainedModel
     device: torch.device
     compute_dtype: torch.dtype
+    tokenizer: Any | None = None
+    """The model directory's tokenizer (transformers), or None when it has none."""
 
     @property
     def vocab_size(self) -> int:
@@ -61,6 +66,16 @@ class PolicyModel:
     @property
     def head_weight_VD(self) -> torch.nn.Parameter:
         return self.model.get_output_embeddings().weight
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """End-of-sequence token ids: the generation config's, else the model config's."""
+        for config in (self.model.generation_config, self.model.config):
+            eos = getattr(config, "eos_token_id", None)
+            if eos is not None:
+                ids = [eos] if isinstance(eos, int) else list(eos)
+                return tuple(sorted({int(i) for i in ids if 0 <= int(i) < self.vocab_size}))
+        return ()
 
     def autocast(self) -> torch.autocast:
         """Run the compute in `compute_dtype` (a no-op for fp32/fp64)."""
@@ -97,25 +112,34 @@ def load_policy_model(path: str | None = None, device: str | None = None, dtype:
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    tokenizer = None
     if path in (None, "", EMBEDDED_MODEL_NAME):
         name, model = EMBEDDED_MODEL_NAME, build_embedded_model()
     else:
         checkpoint = Path(path)
         if not (checkpoint / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
-        _check_supported(AutoConfig.from_pretrained(checkpoint, local_files_only=True))
+        check_supported(AutoConfig.from_pretrained(checkpoint, local_files_only=True))
         name = str(path)
         model = AutoModelForCausalLM.from_pretrained(
             checkpoint, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
         )
+        tokenizer = load_tokenizer(checkpoint)
     model.to(device=dev, dtype=torch.float32)
     model.eval()
     if model.get_output_embeddings().bias is not None:
         raise ValueError(f"{name}: LM heads with a bias are not supported")
-    return PolicyModel(name=name, model=model, device=dev, compute_dtype=dt)
+    return PolicyModel(name=name, model=model, device=dev, compute_dtype=dt, tokenizer=tokenizer)
 
 
-def _check_supported(config) -> None:
+def load_tokenizer(directory: Path):
+    """The directory's tokenizer, or None when it has no tokenizer files."""
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def check_supported(config) -> None:
     """Reject models whose logits are not plain `hidden @ head.T` (the chunked head assumes it)."""
     for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, attr, None) not in (None, 1, 1.0):

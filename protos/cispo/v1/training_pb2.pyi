@@ -15,11 +15,20 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_INT32: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT64: _ClassVar[DType]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_REASON_LENGTH: _ClassVar[StopReason]
+    STOP_REASON_STOP: _ClassVar[StopReason]
 DTYPE_UNSPECIFIED: DType
 DTYPE_INT64: DType
 DTYPE_INT32: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_REASON_LENGTH: StopReason
+STOP_REASON_STOP: StopReason
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "raw_data", "int64_data", "float_data", "double_data")
@@ -198,21 +207,27 @@ class LossFunctionInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., default_config: _Optional[_Mapping[str, float]] = ..., required_inputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_tokens_per_request", "max_sequence_length", "idempotency_keys_remembered", "max_data_per_request")
+    __slots__ = ("max_message_bytes", "max_tokens_per_request", "max_sequence_length", "idempotency_keys_remembered", "max_data_per_request", "max_sample_tokens", "max_num_samples", "max_sample_request_tokens")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEYS_REMEMBERED_FIELD_NUMBER: _ClassVar[int]
     MAX_DATA_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLE_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_tokens_per_request: int
     max_sequence_length: int
     idempotency_keys_remembered: int
     max_data_per_request: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., idempotency_keys_remembered: _Optional[int] = ..., max_data_per_request: _Optional[int] = ...) -> None: ...
+    max_sample_tokens: int
+    max_num_samples: int
+    max_sample_request_tokens: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., idempotency_keys_remembered: _Optional[int] = ..., max_data_per_request: _Optional[int] = ..., max_sample_tokens: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., max_sample_request_tokens: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters")
+    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters", "has_tokenizer", "eos_token_ids")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +238,8 @@ class GetInfoResponse(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_sequence_length: int
@@ -233,10 +250,12 @@ class GetInfoResponse(_message.Message):
     world_size: int
     step: int
     num_parameters: int
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ...) -> None: ...
+    has_tokenizer: bool
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("request_id", "forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info")
+    __slots__ = ("request_id", "forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info", "save_weights_for_sampler", "sample")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +263,8 @@ class StreamRequest(_message.Message):
     SAVE_STATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
     GET_INFO_FIELD_NUMBER: _ClassVar[int]
+    SAVE_WEIGHTS_FOR_SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     forward: ForwardBackwardInput
     forward_backward: ForwardBackwardInput
@@ -251,10 +272,12 @@ class StreamRequest(_message.Message):
     save_state: SaveStateRequest
     load_state: LoadStateRequest
     get_info: GetInfoRequest
-    def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardInput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardInput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepRequest, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateRequest, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateRequest, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoRequest, _Mapping]] = ...) -> None: ...
+    save_weights_for_sampler: SaveWeightsForSamplerRequest
+    sample: SampleRequest
+    def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardInput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardInput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepRequest, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateRequest, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateRequest, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoRequest, _Mapping]] = ..., save_weights_for_sampler: _Optional[_Union[SaveWeightsForSamplerRequest, _Mapping]] = ..., sample: _Optional[_Union[SampleRequest, _Mapping]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("request_id", "forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info", "error")
+    __slots__ = ("request_id", "forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info", "save_weights_for_sampler", "sample", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +285,8 @@ class StreamResponse(_message.Message):
     SAVE_STATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
     GET_INFO_FIELD_NUMBER: _ClassVar[int]
+    SAVE_WEIGHTS_FOR_SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     forward: ForwardBackwardOutput
@@ -270,5 +295,79 @@ class StreamResponse(_message.Message):
     save_state: SaveStateResponse
     load_state: LoadStateResponse
     get_info: GetInfoResponse
+    save_weights_for_sampler: SaveWeightsForSamplerResponse
+    sample: SampleResponse
     error: _status_pb2.Status
-    def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResponse, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateResponse, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateResponse, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResponse, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateResponse, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateResponse, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoResponse, _Mapping]] = ..., save_weights_for_sampler: _Optional[_Union[SaveWeightsForSamplerResponse, _Mapping]] = ..., sample: _Optional[_Union[SampleResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class SaveWeightsForSamplerRequest(_message.Message):
+    __slots__ = ("name", "idempotency_key")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    idempotency_key: str
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SaveWeightsForSamplerResponse(_message.Message):
+    __slots__ = ("name", "path", "step")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    step: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_tokens", "stop_strings")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop_tokens: _containers.RepeatedScalarFieldContainer[int]
+    stop_strings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., stop_strings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SampleRequest(_message.Message):
+    __slots__ = ("prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "model_path", "typed_outputs", "idempotency_key")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    TYPED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    prompt: Tensor
+    num_samples: int
+    sampling_params: SamplingParams
+    include_prompt_logprobs: bool
+    model_path: str
+    typed_outputs: bool
+    idempotency_key: str
+    def __init__(self, prompt: _Optional[_Union[Tensor, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., model_path: _Optional[str] = ..., typed_outputs: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SampledSequence(_message.Message):
+    __slots__ = ("tokens", "logprobs", "stop_reason")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    tokens: Tensor
+    logprobs: Tensor
+    stop_reason: StopReason
+    def __init__(self, tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
+
+class SampleResponse(_message.Message):
+    __slots__ = ("sequences", "prompt_logprobs")
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[SampledSequence]
+    prompt_logprobs: Tensor
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

@@ -64,6 +64,16 @@ class TrainingServiceStub:
                 request_serializer=cispo_dot_v1_dot_training__pb2.LoadStateRequest.SerializeToString,
                 response_deserializer=cispo_dot_v1_dot_training__pb2.LoadStateResponse.FromString,
                 _registered_method=True)
+        self.SaveWeightsForSampler = channel.unary_unary(
+                '/cispo.v1.TrainingService/SaveWeightsForSampler',
+                request_serializer=cispo_dot_v1_dot_training__pb2.SaveWeightsForSamplerRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.SaveWeightsForSamplerResponse.FromString,
+                _registered_method=True)
+        self.Sample = channel.unary_unary(
+                '/cispo.v1.TrainingService/Sample',
+                request_serializer=cispo_dot_v1_dot_training__pb2.SampleRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.SampleResponse.FromString,
+                _registered_method=True)
         self.Stream = channel.stream_stream(
                 '/cispo.v1.TrainingService/Stream',
                 request_serializer=cispo_dot_v1_dot_training__pb2.StreamRequest.SerializeToString,
@@ -116,6 +126,22 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveWeightsForSampler(self, request, context):
+        """Writes the current weights, and nothing else, as a directory that a sampler loads as it is:
+        transformers' AutoModelForCausalLM.from_pretrained(path) and vLLM's `--model path`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sample(self, request, context):
+        """Generates completions of a prompt, on the training state's weights as of this request's place
+        in the order of operations (every earlier OptimStep, none later), or on saved sampler weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stream(self, request_iterator, context):
         """Any sequence of the operations above. Each request is answered in order, tagged with its
         request_id. A request that fails gets an error answer of its own; the stream goes on.
@@ -156,6 +182,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.LoadState,
                     request_deserializer=cispo_dot_v1_dot_training__pb2.LoadStateRequest.FromString,
                     response_serializer=cispo_dot_v1_dot_training__pb2.LoadStateResponse.SerializeToString,
+            ),
+            'SaveWeightsForSampler': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveWeightsForSampler,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.SaveWeightsForSamplerRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.SaveWeightsForSamplerResponse.SerializeToString,
+            ),
+            'Sample': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sample,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.SampleRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.SampleResponse.SerializeToString,
             ),
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
@@ -325,6 +361,60 @@ class TrainingService:
             '/cispo.v1.TrainingService/LoadState',
             cispo_dot_v1_dot_training__pb2.LoadStateRequest.SerializeToString,
             cispo_dot_v1_dot_training__pb2.LoadStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveWeightsForSampler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/SaveWeightsForSampler',
+            cispo_dot_v1_dot_training__pb2.SaveWeightsForSamplerRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.SaveWeightsForSamplerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/Sample',
+            cispo_dot_v1_dot_training__pb2.SampleRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.SampleResponse.FromString,
             options,
             channel_credentials,
             insecure,
