@@ -15,7 +15,8 @@ import torch
 
 from cispo.worker import checkpoint, sampler_weights
 from cispo.worker.batch import MicroBatch, Sample, pack, plan_micro_batches
-from cispo.worker.errors import ComputeFailed, FieldViolation, InvalidInput, StateNotFound, StepRefused
+from cispo.worker.errors import (ComputeFailed, FieldViolation, InvalidInput, PermissionDenied, StateNotFound,
+                                 StepRefused)
 from cispo.worker.logprob_head import fused_head_gradients, target_logprobs
 from cispo.worker.loss_stats import BatchStats
 from cispo.worker.losses import LOSS_FUNCTIONS, LossFunction, TokenInputs, get_loss_function
@@ -248,6 +249,8 @@ class Engine:
                 self.config.checkpoint_dir, name, dict(self.named_params), self.optimizer.state_tensors(),
                 self.optimizer.step_count, self.policy.name, owner=owner,
             )
+        except PermissionDenied:  # an OSError too, but the caller's fault
+            raise
         except OSError as exc:  # e.g. the volume is full: the state of that name is as it was
             raise ComputeFailed(f"saving state '{name}' failed ({exc.strerror or exc}); any earlier state of "
                                 "that name is unchanged", out_of_memory=exc.errno == errno.ENOSPC) from exc
@@ -330,6 +333,8 @@ class Engine:
         checkpoint.state_dir(export.sampler_dir, name)
         try:
             path = sampler_weights.export_full(self.policy, export, name, self.optimizer.step_count, owner)
+        except PermissionDenied:
+            raise
         except OSError as exc:
             raise ComputeFailed(f"saving sampler weights '{name}' failed ({exc.strerror or exc}); any earlier "
                                 "export of that name is unchanged", out_of_memory=exc.errno == errno.ENOSPC) from exc
