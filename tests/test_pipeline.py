@@ -86,3 +86,39 @@ def test_fail_fails_running_queued_and_later_operations_without_waiting():
         stuck.set()
 
     asyncio.run(main())
+
+
+def test_batchable_operations_share_a_call_without_crossing_other_operations():
+    """Samples queued back to back run as one batch (up to the budget); an operation between
+    them keeps its place, so no sample sees a step submitted after it."""
+    from cispo.service.pipeline import Batchable
+
+    async def main():
+        pipeline = OperationPipeline(capacity=4, batch_capacity=16)
+        calls, state = [], {"weights": 0}
+        release = threading.Event()
+
+        def run_batch(items):
+            calls.append(list(items))
+            return [ValueError("bad") if item == "bad" else (item, state["weights"]) for item in items]
+
+        def step():
+            state["weights"] += 1
+            return "stepped"
+
+        blocker = await pipeline.submit(release.wait)  # holds the engine while the queue fills
+        pipeline.start()
+        futures = [await pipeline.submit(Batchable(i, run_batch, cost=1, budget=3)) for i in ("a", "b", "c", "d")]
+        futures.append(await pipeline.submit(step))
+        futures += [await pipeline.submit(Batchable(i, run_batch, cost=1, budget=3)) for i in ("e", "bad")]
+        assert pipeline.batchable_depth == 6 and pipeline.depth == 8
+        release.set()
+        await blocker
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await pipeline.close()
+        return calls, results, pipeline.batchable_depth
+
+    calls, results, depth = asyncio.run(main())
+    assert calls == [["a", "b", "c"], ["d"], ["e", "bad"]]
+    assert results[:6] == [("a", 0), ("b", 0), ("c", 0), ("d", 0), "stepped", ("e", 1)]
+    assert isinstance(results[6], ValueError) and depth == 0
