@@ -31,7 +31,7 @@ PROMPT = [11, 22, 33, 44]
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("sampling")
     proc = ServerProcess("--sampler-dir", str(root / "sampler"), "--sampler-dtype", "float32",
-                         "--max-num-samples", "16", checkpoint_dir=root / "ckpt")
+                         "--max-num-samples", "16", "--max-sample-tokens", "64", checkpoint_dir=root / "ckpt")
     proc.sampler_dir = root / "sampler"
     yield proc
     assert proc.terminate() == 0
@@ -180,3 +180,61 @@ def test_exports_are_owned_and_recorded(server):
     manifest = json.loads((server.sampler_dir / "frozen" / "manifest.json").read_text())
     assert manifest["format"] == "cispo.sampler_weights.v1" and manifest["owner"] is None
     assert "op=save_weights_for_sampler" in server.log()
+
+
+def mutated_sample_bodies(rng: np.random.Generator, count: int) -> list[bytes]:
+    """Good SampleRequest bodies with random fields set to odd values, truncated or bit-flipped."""
+    odd_values = {"num_samples": [0, -1, 2**40, 17], "max_tokens": [0, -5, 2**62, 5000], "temperature": [
+        -1.0, float("nan"), float("inf"), 1e300, 0.0], "top_k": [-2, 2**62, 0], "top_p": [0.0, -0.1, 1.5, float("nan")],
+        "seed": [-(2**63), 2**63 - 1], "stop_tokens": [[-1], [2**40], [5]], "stop_strings": [["x"], [""]],
+        "model_path": ["../x", "/", "a" * 5000, "nope", ".tmp-x"], "prompt": [pb.Tensor(float_data=[1.0]),
+        pb.Tensor(int64_data=[]), pb.Tensor(int64_data=[-3]), pb.Tensor(int64_data=[10**6]),
+        pb.Tensor(dtype=99, raw_data=b"\x00" * 8), pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=b"\x01" * 7),
+        pb.Tensor(int64_data=[1] * 5000)]}
+    bodies = []
+    for _ in range(count):
+        message = pb.SampleRequest(prompt=pb.Tensor(int64_data=PROMPT), num_samples=2,
+                                   sampling_params=pb.SamplingParams(max_tokens=3, seed=1))
+        for name in rng.choice(list(odd_values), size=rng.integers(1, 3), replace=False):
+            value = odd_values[name][rng.integers(len(odd_values[name]))]
+            target = message.sampling_params if name in pb.SamplingParams.DESCRIPTOR.fields_by_name else message
+            if isinstance(value, list):
+                getattr(target, name).extend(value)
+            elif isinstance(value, pb.Tensor):
+                target.prompt.CopyFrom(value)
+            else:
+                setattr(target, name, value)
+        body = bytearray(message.SerializeToString())
+        kind = rng.integers(3)
+        if kind == 1:
+            body = body[: rng.integers(len(body))]
+        elif kind == 2:
+            body[rng.integers(len(body))] ^= 1 << int(rng.integers(8))
+        bodies.append(bytes(body))
+    return bodies
+
+
+def test_fuzzed_sample_requests_get_clear_errors_and_change_nothing(server):
+    allowed = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+               grpc.StatusCode.FAILED_PRECONDITION}
+    with TrainingClient(server.address) as c:
+        before = c.create_sampling_client().sample(ModelInput.from_ints(PROMPT), 1, GREEDY).result()
+        step = c.get_info().step
+    codes = {}
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary("/cispo.v1.TrainingService/Sample", request_serializer=lambda b: b,
+                                   response_deserializer=pb.SampleResponse.FromString)
+        for body in mutated_sample_bodies(np.random.default_rng(2026), 200):
+            try:
+                call(body, timeout=60)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                code = error.code()
+                assert error.details(), body
+            assert code in allowed, (code, body)
+            codes[code] = codes.get(code, 0) + 1
+    assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100 and len(codes) >= 3, codes
+    with TrainingClient(server.address) as c:
+        assert c.create_sampling_client().sample(ModelInput.from_ints(PROMPT), 1, GREEDY).result() == before
+        assert c.get_info().step == step
+    assert "Traceback" not in server.log()
