@@ -16,8 +16,10 @@ class ServerProcess:
     """`python -m cispo.service` with the given flags; `.port`, `.metrics_port`, `.log()`."""
 
     def __init__(self, *args: str, checkpoint_dir: Path, env: dict | None = None, launcher: list[str] | None = None):
+        # Sampler weights go beside the checkpoints unless `args` say otherwise (the last flag wins).
         cmd = [*(launcher or [sys.executable]), "-m", "cispo.service", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", "--checkpoint-dir", str(checkpoint_dir), *args]
+               "--metrics-port", "0", "--checkpoint-dir", str(checkpoint_dir),
+               "--sampler-dir", f"{checkpoint_dir}-sampler", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                      start_new_session=True)

@@ -13,7 +13,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
-from cispo.client import AdamParams, Datum, FailedPreconditionError, ModelInput, TrainingClient, UnavailableError
+from cispo.client import (AdamParams, Datum, FailedPreconditionError, ModelInput, SamplingParams, TrainingClient,
+                          UnavailableError)
 from cispo.worker.group import shard_by_tokens
 from server_process import ServerProcess
 
@@ -51,6 +52,13 @@ def train(address: str, checkpoint_dir) -> dict:
             out["grad_norms"].append(client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).grad_norm)
         out["final"] = client.forward(batch(3))
         client.save_state("final")
+        # Rank 0 samples and exports alone, on the weights every rank holds.
+        greedy = SamplingParams(max_tokens=12, temperature=0.0)
+        out["sample"] = client.create_sampling_client().sample(ModelInput.from_ints([4, 5, 6]), 2, greedy).result()
+        saved = client.save_weights_and_get_sampling_client("final")
+        again = saved.sample(ModelInput.from_ints([4, 5, 6]), 2, greedy).result()
+        for a, b in zip(again.sequences, out["sample"].sequences):
+            assert a.tokens == b.tokens and np.allclose(a.logprobs, b.logprobs, atol=1e-5)
     out["weights"] = load_file(checkpoint_dir / "final" / "model.safetensors")
     return out
 
@@ -65,13 +73,13 @@ def test_shards_balance_tokens_and_cover_every_datum():
 
 
 def test_two_ranks_under_torchrun_equal_one_rank(tmp_path):
-    single = ServerProcess(checkpoint_dir=tmp_path / "w1")
+    single = ServerProcess("--sampler-dtype", "float32", checkpoint_dir=tmp_path / "w1")
     try:
         one = train(single.address, tmp_path / "w1")
     finally:
         single.terminate()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
-    group = ServerProcess(checkpoint_dir=tmp_path / "w2", launcher=torchrun)
+    group = ServerProcess("--sampler-dtype", "float32", checkpoint_dir=tmp_path / "w2", launcher=torchrun)
     try:
         two = train(group.address, tmp_path / "w2")
     finally:
@@ -84,6 +92,7 @@ def test_two_ranks_under_torchrun_equal_one_rank(tmp_path):
         for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs):
             np.testing.assert_allclose(y["logprobs"].to_numpy(), x["logprobs"].to_numpy(), rtol=1e-5, atol=1e-5)
     assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-5)
+    assert [s.tokens for s in two["sample"].sequences] == [s.tokens for s in one["sample"].sequences]
     for name, w in one["weights"].items():
         err = (two["weights"][name] - w).abs().max().item()
         assert err <= 1e-5 * w.abs().max().item() + 1e-7, name

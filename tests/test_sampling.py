@@ -208,3 +208,17 @@ def test_a_sample_sees_earlier_steps_only(engine):
     after = sample(engine, request([1, 2, 3], 1, max_tokens=8, temperature=0.0))[0].sequences[0].tokens
     assert not torch.equal(after, before)
 
+
+
+def test_sampling_leaves_the_accumulated_gradient_and_weights_alone(tmp_path):
+    def run(sample_in_between: bool) -> dict:
+        engine = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
+        engine.forward_backward(make_samples([30, 20], seed=4))
+        if sample_in_between:
+            sample(engine, request([1, 2, 3], 4, max_tokens=8, seed=0), SampleRequest(
+                torch.tensor([5, 6, 7]), 2, SamplingParams(max_tokens=4), include_prompt_logprobs=True))
+        engine.optim_step(AdamParams(learning_rate=1e-3))
+        return {n: p.detach().clone() for n, p in engine.named_params.items()}
+
+    plain, sampled = run(False), run(True)
+    assert all(torch.equal(plain[n], sampled[n]) for n in plain)
