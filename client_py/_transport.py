@@ -50,9 +50,10 @@ from .errors import (
 logger = logging.getLogger(__name__)
 
 _END_OF_REQUESTS = object()  # queued to half-close a stream
-# Operations whose request message has an idempotency_key field.
-_KEYED_OPS = ("forward", "forward_backward", "optim_step", "save_state", "load_state", "save_weights_for_sampler",
-              "sample")
+# Operations that get an idempotency key. A sample changes nothing, so a resent one simply runs
+# again, and its answers (they can be large) do not crowd training operations out of the
+# server's memory of keys.
+_KEYED_OPS = ("forward", "forward_backward", "optim_step", "save_state", "load_state", "save_weights_for_sampler")
 # Codes that end a stream without the server having judged its requests.
 _BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
            grpc.StatusCode.INTERNAL)
