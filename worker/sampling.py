@@ -173,10 +173,9 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
         stops = [frozenset(policy.eos_token_ids) | frozenset(p.stop_tokens) for p in params]
         while rows:
             owner_B = rows_of[rows]
-            token_B, logq_B = _draw(logits_BV, owner_B, params, generators)
+            token_B, logq_B = _draw(logits_BV, owner_B, params, generators)  # on the CPU
             keep = []
-            for j, (row, token, logq) in enumerate(zip(rows, token_B.tolist(), logq_B.tolist())):
-                r = int(owner_B[j])
+            for j, (row, r, token, logq) in enumerate(zip(rows, owner_B.tolist(), token_B.tolist(), logq_B.tolist())):
                 tokens[row].append(token)
                 logprobs[row].append(logq)
                 if token in stops[r] or _hit_stop_string(policy, tokens[row], params[r].stop_strings):
@@ -188,12 +187,14 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
             if not keep:
                 break
             if len(keep) < len(rows):
-                kept = torch.tensor(keep, device=device)
+                kept = torch.tensor(keep)
+                token_B = token_B[kept]
+                kept = kept.to(device)
                 cache.batch_select_indices(kept)
-                mask_BS, positions_B, token_B = mask_BS[kept], positions_B[kept], token_B[kept]
+                mask_BS, positions_B = mask_BS[kept], positions_B[kept]
                 rows = [rows[j] for j in keep]
             mask_BS = torch.cat([mask_BS, mask_BS.new_ones(len(rows), 1)], dim=1)
-            out = _decode(policy, token_B[:, None], mask_BS, positions_B[:, None], cache)
+            out = _decode(policy, token_B[:, None].to(device), mask_BS, positions_B[:, None], cache)
             logits_BV = _logits(policy, out.last_hidden_state[:, -1])
             positions_B = positions_B + 1
     results, start = [], 0
@@ -245,24 +246,26 @@ def _prompt_logprobs(policy: PolicyModel, hidden_PD: torch.Tensor, mask_P: torch
 
 def _draw(logits_BV: torch.Tensor, owner_B: torch.Tensor, params: list[SamplingParams],
           generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row and its log q: (B,) int64 and (B,) fp32 on the CPU."""
+    """One token per row and its log q: (B,) int64 and (B,) fp32 on the CPU. `owner_B` (CPU)
+    is each row's request; a request's rows are consecutive."""
     device = logits_BV.device
-    owner = owner_B.to(device)
-    temperature_B = torch.tensor([params[r].temperature for r in owner_B.tolist()], device=device)
+    owners, counts = torch.unique_consecutive(owner_B, return_counts=True)
+    chosen = [params[r] for r in owners.tolist()]
+
+    def per_row(values, dtype=None) -> torch.Tensor:  # one value per request -> (B,) on the device
+        return torch.repeat_interleave(torch.tensor(values, dtype=dtype), counts).to(device)
+
+    temperature_B = per_row([p.temperature for p in chosen], torch.float32)
     greedy_B = temperature_B == 0
     scaled_BV = logits_BV / torch.where(greedy_B, 1.0, temperature_B)[:, None]
-    top_k = [params[r].top_k for r in owner_B.tolist()]
-    top_p = [params[r].top_p for r in owner_B.tolist()]
-    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
-        scaled_BV = _truncate(scaled_BV, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device),
+    if any(p.top_k > 0 or p.top_p < 1 for p in chosen if p.temperature > 0):
+        scaled_BV = _truncate(scaled_BV, per_row([p.top_k for p in chosen]), per_row([p.top_p for p in chosen]),
                               ~greedy_B)
     logq_BV = torch.log_softmax(scaled_BV, dim=-1)
     # One uniform in (0, 1] per row from its request's generator, in row order; by inverse CDF
     # (in fp64), a token of probability 0 is never drawn.
-    uniform_B = torch.empty(len(owner_B), dtype=torch.float64, device=device)
-    for r in torch.unique(owner).tolist():
-        rows = (owner == r).nonzero()[:, 0]
-        uniform_B[rows] = 1 - torch.rand(len(rows), generator=generators[r], device=device, dtype=torch.float64)
+    uniform_B = 1 - torch.cat([torch.rand(int(n), generator=generators[r], device=device, dtype=torch.float64)
+                               for r, n in zip(owners.tolist(), counts.tolist())])
     cdf_BV = logq_BV.double().exp().cumsum(-1)
     sampled_B = torch.searchsorted(cdf_BV, (uniform_B * cdf_BV[:, -1])[:, None])[:, 0].clamp(max=cdf_BV.shape[1] - 1)
     token_B = torch.where(greedy_B, logits_BV.argmax(-1), sampled_B)
