@@ -40,6 +40,23 @@ def to_datum(prompt: list[int], tokens: list[int], logprobs: list[float], advant
     })
 
 
+def sample_groups(sampling_client, prompts_P: list[list[int]], group_size: int, max_tokens: int,
+                  rng: np.random.Generator, reward_fn) -> tuple[list[Datum], list[float]]:
+    """Sample a group per prompt (all requests in flight at once), reward each completion and
+    centre the rewards within its group: (the training data, every completion's reward).
+    Completions whose advantage is 0 carry no gradient and are left out."""
+    futures_P = [sampling_client.sample(ModelInput.from_ints(p), group_size, SamplingParams(
+        max_tokens=max_tokens, temperature=1.0, seed=int(rng.integers(2**31)))) for p in prompts_P]
+    data, rewards = [], []
+    for prompt, future in zip(prompts_P, futures_P):
+        sequences_G = future.result().sequences
+        rewards_G = np.array([reward_fn(s.tokens) for s in sequences_G])
+        advantages_G = rewards_G - rewards_G.mean()
+        rewards.extend(rewards_G.tolist())
+        data += [to_datum(prompt, s.tokens, s.logprobs, float(a)) for s, a in zip(sequences_G, advantages_G) if a != 0]
+    return data, rewards
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="localhost:50051", help="the cispo server")
@@ -58,24 +75,12 @@ def main() -> None:
     vocab_size = training_client.get_info().vocab_size
     prompts = [rng.integers(0, vocab_size, 4).tolist() for _ in range(32)]
     sampling_client = training_client.save_weights_and_get_sampling_client("rl-loop")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0)
     rows = []
     for step in range(args.steps):
         started = time.perf_counter()
-        # 1. Sample a group per prompt, all requests in flight at once.
+        # 1-2. Sample a group per prompt; rewards, and advantages centred within each group.
         batch_P = [prompts[i] for i in rng.choice(len(prompts), args.prompts_per_step, replace=False)]
-        futures_P = [sampling_client.sample(ModelInput.from_ints(p), args.group_size,
-                                            SamplingParams(**{**vars(params), "seed": int(rng.integers(2**31))}))
-                     for p in batch_P]
-        # 2. Rewards, and advantages centred within each group.
-        data, rewards = [], []
-        for prompt, future in zip(batch_P, futures_P):
-            sequences_G = future.result().sequences
-            rewards_G = np.array([reward(s.tokens) for s in sequences_G])
-            advantages_G = rewards_G - rewards_G.mean()
-            rewards.extend(rewards_G)
-            data += [to_datum(prompt, s.tokens, s.logprobs, float(a)) for s, a in zip(sequences_G, advantages_G)
-                     if a != 0]
+        data, rewards = sample_groups(sampling_client, batch_P, args.group_size, args.max_tokens, rng, reward)
         # 3. The policy gradient step.
         metrics = {}
         if data:

@@ -1,7 +1,9 @@
-"""A Node.js client (@grpc/grpc-js + @grpc/proto-loader) calls ForwardBackward with typed fields
-and gets what Python gets; its invalid call gets INVALID_ARGUMENT with the BadRequest field name.
+"""A Node.js client (@grpc/grpc-js + @grpc/proto-loader) calls ForwardBackward with typed fields,
+and Sample with raw and typed answers, and gets what Python gets; its invalid calls get
+INVALID_ARGUMENT with the BadRequest field name.
 
-The client is tests/node/forward_backward.mjs; its npm packages are installed by `make test-tools`.
+The clients are tests/node/{forward_backward,sample}.mjs; their npm packages are installed by
+`make test-tools`.
 """
 
 import json
@@ -15,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cispo.client import Datum, ModelInput, TrainingClient
+from cispo.client import Datum, ModelInput, SampleResponse, SamplingParams, TrainingClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from server_process import ServerProcess
@@ -25,7 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = REPO / "tests" / "node"
-SCRIPT = NODE_DIR / "forward_backward.mjs"
+FORWARD_BACKWARD = NODE_DIR / "forward_backward.mjs"
+SAMPLE = NODE_DIR / "sample.mjs"
 NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader", "protobufjs")
 # cispo/v1/training.proto, and google/rpc/{status,error_details}.proto from googleapis-common-protos.
 INCLUDE_DIRS = (REPO / "protos", Path(next(iter(google.rpc.__path__))).parent.parent)
@@ -73,15 +76,16 @@ def server(tmp_path_factory):
     assert proc.terminate() == 0
 
 
-def node_client_process(node: str, address: str, batch: dict, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [node, str(SCRIPT), address, *(arg for d in INCLUDE_DIRS for arg in ("-I", str(d)))]
+def node_client_process(node: str, script: Path, address: str, request: dict,
+                        env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [node, str(script), address, *(arg for d in INCLUDE_DIRS for arg in ("-I", str(d)))]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CISPO_")}
-    return subprocess.run(cmd, input=json.dumps(batch), capture_output=True, text=True, timeout=120, cwd=NODE_DIR,
+    return subprocess.run(cmd, input=json.dumps(request), capture_output=True, text=True, timeout=120, cwd=NODE_DIR,
                           env={**clean, **(env or {})})
 
 
-def run_node_client(node: str, address: str, batch: dict, env: dict | None = None) -> dict:
-    proc = node_client_process(node, address, batch, env)
+def run_node_client(node: str, script: Path, address: str, request: dict, env: dict | None = None) -> dict:
+    proc = node_client_process(node, script, address, request, env)
     assert proc.returncode == 0, f"node client failed ({proc.returncode}):\n{proc.stderr}"
     return json.loads(proc.stdout)
 
@@ -97,7 +101,7 @@ def typed_request(batch: dict) -> pb.ForwardBackwardInput:
 
 def test_node_client_matches_python(node, server):
     batch = make_batch()
-    from_node = run_node_client(node, server.address, batch)
+    from_node = run_node_client(node, FORWARD_BACKWARD, server.address, batch)
 
     # ForwardBackward adds to the accumulated gradient but leaves the weights alone, so Python's
     # calls on the same server see the same weights. First the raw stub with the same typed fields:
@@ -134,6 +138,62 @@ def test_node_client_matches_python(node, server):
             "description": f"length {n - 1} != model_input length {n}"} in invalid["field_violations"]
 
 
+SAMPLE_REQUEST = {"prompt": [1, 5, 9, 2], "num_samples": 3, "include_prompt_logprobs": True,
+                  "sampling_params": {"max_tokens": 8, "temperature": 1.0, "seed": 7}}
+# StopReason as Node sees it (enum names), as the Python client gives it.
+STOP_REASONS = {"STOP_REASON_LENGTH": "length", "STOP_REASON_STOP": "stop"}
+
+
+def python_sample(address: str, request: dict) -> SampleResponse:
+    """The Python client's answer to the JSON request the Node client reads."""
+    params = request["sampling_params"]
+    with TrainingClient(address) as client:
+        return client.create_sampling_client().sample(
+            ModelInput.from_ints(request["prompt"]), request["num_samples"],
+            SamplingParams(max_tokens=params["max_tokens"], temperature=params["temperature"], seed=params["seed"],
+                           stop=params.get("stop_tokens")),
+            include_prompt_logprobs=request["include_prompt_logprobs"]).result()
+
+
+def assert_same_samples(from_node: dict, expected: SampleResponse) -> None:
+    """Node's raw and typed answers both hold the Python client's tokens, float32 logprobs and stop reasons."""
+    assert from_node["raw"]["fields"] == ["raw_data"]
+    assert from_node["typed"]["fields"] == ["float_data", "int64_data"]
+    assert expected.prompt_logprobs[0] is None
+    for answer in (from_node["raw"], from_node["typed"]):
+        assert len(answer["sequences"]) == len(expected.sequences)
+        for node_seq, seq in zip(answer["sequences"], expected.sequences):
+            assert node_seq["tokens"] == seq.tokens
+            np.testing.assert_array_equal(np.float32(node_seq["logprobs"]), np.float32(seq.logprobs))
+            assert STOP_REASONS[node_seq["stop_reason"]] == seq.stop_reason
+        np.testing.assert_array_equal(np.float32(answer["prompt_logprobs"]), np.float32(expected.prompt_logprobs[1:]))
+
+
+def test_node_sample_matches_python(node, server):
+    from_node = run_node_client(node, SAMPLE, server.address, SAMPLE_REQUEST)
+    expected = python_sample(server.address, SAMPLE_REQUEST)
+    assert_same_samples(from_node, expected)
+    assert [len(seq.tokens) for seq in expected.sequences] == [8, 8, 8]
+    assert len(expected.prompt_logprobs) == len(SAMPLE_REQUEST["prompt"])
+    assert all(lp < 0 for seq in expected.sequences for lp in seq.logprobs)
+
+    invalid = from_node["invalid"]
+    assert invalid["code"] == invalid["status"]["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert invalid["code_name"] == "INVALID_ARGUMENT"
+    assert {"field": "sampling_params.top_p", "description": "must be in (0, 1], got 2.0"} in invalid["field_violations"]
+
+
+def test_node_sample_stop_reasons(node, server):
+    """A stop token that sequence 0 draws third ends it there ("stop"); the others run on ("length")."""
+    unstopped = python_sample(server.address, SAMPLE_REQUEST).sequences[0].tokens
+    request = {**SAMPLE_REQUEST, "sampling_params": {**SAMPLE_REQUEST["sampling_params"], "stop_tokens": [unstopped[2]]}}
+    from_node = run_node_client(node, SAMPLE, server.address, request)
+    expected = python_sample(server.address, request)
+    assert_same_samples(from_node, expected)
+    assert (expected.sequences[0].tokens, expected.sequences[0].stop_reason) == (unstopped[:3], "stop")
+    assert "length" in {seq.stop_reason for seq in expected.sequences}
+
+
 NODE_TOKEN = "node-client-token-0123456789"
 
 
@@ -153,7 +213,7 @@ def test_node_client_with_tls_and_a_token(node, secure_server):
     server, pki = secure_server
     batch = make_batch(seed=1)
     env = {"CISPO_TLS_CA_FILE": str(pki.ca_cert), "CISPO_TOKEN": NODE_TOKEN}
-    from_node = run_node_client(node, server.address, batch, env)
+    from_node = run_node_client(node, FORWARD_BACKWARD, server.address, batch, env)
     assert from_node["invalid"]["code_name"] == "INVALID_ARGUMENT"  # authenticated, then validated
 
     # The Python client over the same TLS channel and token computes the same logprobs.
@@ -163,7 +223,7 @@ def test_node_client_with_tls_and_a_token(node, secure_server):
         np.testing.assert_allclose(np.asarray(from_node["logprobs"][i], np.float32),
                                    result.loss_fn_outputs[i]["logprobs"].to_numpy(), rtol=1e-6, atol=1e-6)
 
-    no_token = node_client_process(node, server.address, batch, {"CISPO_TLS_CA_FILE": str(pki.ca_cert)})
+    no_token = node_client_process(node, FORWARD_BACKWARD, server.address, batch, {"CISPO_TLS_CA_FILE": str(pki.ca_cert)})
     assert no_token.returncode != 0 and "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
-    plaintext = node_client_process(node, server.address, batch, {"CISPO_TOKEN": NODE_TOKEN})
+    plaintext = node_client_process(node, FORWARD_BACKWARD, server.address, batch, {"CISPO_TOKEN": NODE_TOKEN})
     assert plaintext.returncode != 0 and "UNAVAILABLE" in plaintext.stderr, plaintext.stderr

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cispo.client import AdamParams, Datum, ModelInput, SamplingParams, TrainingClient
+from cispo.client import AdamParams, Datum, TrainingClient
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from rl_loop import sample_groups  # noqa: E402  the loop's sampling and advantages, shared
 RESULTS = HERE / "results"
 FIELDS = ("step", "reward", "kl_k1", "kl_k3", "clip_high_rate", "clip_low_rate", "ratio_p10", "ratio_p50",
           "ratio_p90", "ratio_max", "grad_norm", "active_tokens")
@@ -68,15 +70,6 @@ def reward(tokens: list[int]) -> float:
     return float(np.mean([t % 8 == 0 for t in tokens])) if tokens else 0.0
 
 
-def to_datum(prompt: list[int], tokens: list[int], logprobs: list[float], advantage: float) -> Datum:
-    P, L = len(prompt), len(tokens)
-    return Datum(model_input=ModelInput.from_ints(prompt + tokens[:-1]), loss_fn_inputs={
-        "target_tokens": prompt[1:] + tokens,
-        "logprobs": np.array([0.0] * (P - 1) + logprobs, dtype=np.float32),
-        "advantages": np.array([0.0] * (P - 1) + [advantage] * L, dtype=np.float32),
-    })
-
-
 def run(client: TrainingClient, arm: Arm, lag: int, seed: int, setup: Setup, on_step=None) -> list[dict]:
     """One training run from the initial state; returns one row per step. `on_step(step, data,
     output)` sees what was trained on and what the trainer answered."""
@@ -92,16 +85,7 @@ def run(client: TrainingClient, arm: Arm, lag: int, seed: int, setup: Setup, on_
         if len(exports) > lag:
             exports.popleft()
         chosen = [prompts[i] for i in rng.choice(len(prompts), setup.prompts_per_step, replace=False)]
-        futures = [sampler.sample(ModelInput.from_ints(p), setup.group_size, SamplingParams(
-            max_tokens=setup.max_tokens, seed=int(rng.integers(2**31)))) for p in chosen]
-        data, rewards = [], []
-        for prompt, future in zip(chosen, futures):
-            sequences = future.result().sequences
-            rewards_G = np.array([reward(s.tokens) for s in sequences])
-            advantages_G = rewards_G - rewards_G.mean()
-            rewards.extend(rewards_G)
-            data += [to_datum(prompt, s.tokens, s.logprobs, float(a)) for s, a in zip(sequences, advantages_G)
-                     if a != 0]
+        data, rewards = sample_groups(sampler, chosen, setup.group_size, setup.max_tokens, rng, reward)
         row = {"step": step, "reward": float(np.mean(rewards))}
         if data:
             output = client.forward_backward(data, arm.loss_fn, {"clip_low_threshold": arm.low,
