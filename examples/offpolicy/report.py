@@ -112,7 +112,8 @@ def first_firing(run: dict[str, np.ndarray], loss_fn: str) -> dict[str, int]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write("\n".join(lines) + "\n")
         f.flush()
-        out = subprocess.run(["promtool", "test", "rules", f.name], capture_output=True, text=True).stdout
+        done = subprocess.run(["promtool", "test", "rules", f.name], capture_output=True, text=True)
+        out = done.stdout + done.stderr  # promtool reports failed expectations on stderr
     fired = {}
     for alert, minutes in re.findall(r"alertname: (\w+), time: (\d+)m", out):
         fired[alert] = min(fired.get(alert, 10**9), int(minutes))
