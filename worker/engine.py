@@ -7,6 +7,7 @@ fails. Not thread-safe: the service runs operations one at a time, in order.
 """
 
 import errno
+from contextlib import contextmanager
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,16 +245,11 @@ class Engine:
     def save_state(self, name: str, owner: str | None = None) -> Path:
         """Write weights, optimizer state and step count under `name`, owned by `owner`
         (None: anyone; PermissionDenied if another identity owns the name)."""
-        try:
+        with _save_failures(f"state '{name}'", "state"):
             return checkpoint.save_state(
                 self.config.checkpoint_dir, name, dict(self.named_params), self.optimizer.state_tensors(),
                 self.optimizer.step_count, self.policy.name, owner=owner,
             )
-        except PermissionDenied:  # an OSError too, but the caller's fault
-            raise
-        except OSError as exc:  # e.g. the volume is full: the state of that name is as it was
-            raise ComputeFailed(f"saving state '{name}' failed ({exc.strerror or exc}); any earlier state of "
-                                "that name is unchanged", out_of_memory=exc.errno == errno.ENOSPC) from exc
 
     def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
         """Restore weights (and, if asked, optimizer state and step count; else a fresh
@@ -331,12 +327,20 @@ class Engine:
         owned by `owner`, and keep them loaded for Sample requests that name it."""
         export = self.config.export
         checkpoint.state_dir(export.sampler_dir, name)
-        try:
+        with _save_failures(f"sampler weights '{name}'", "export"):
             path = sampler_weights.export_full(self.policy, export, name, self.optimizer.step_count, owner)
-        except PermissionDenied:
-            raise
-        except OSError as exc:
-            raise ComputeFailed(f"saving sampler weights '{name}' failed ({exc.strerror or exc}); any earlier "
-                                "export of that name is unchanged", out_of_memory=exc.errno == errno.ENOSPC) from exc
         self.exports.put(name, sampler_weights.snapshot(self.policy, export, name), owner)
         return path
+
+
+@contextmanager
+def _save_failures(what: str, kind: str):
+    """A save that fails on the filesystem (e.g. the volume is full) as ComputeFailed; the
+    earlier copy of that name is unchanged. PermissionDenied, an OSError too, passes as it is."""
+    try:
+        yield
+    except PermissionDenied:
+        raise
+    except OSError as exc:
+        raise ComputeFailed(f"saving {what} failed ({exc.strerror or exc}); any earlier {kind} of that name is "
+                            "unchanged", out_of_memory=exc.errno == errno.ENOSPC) from exc
