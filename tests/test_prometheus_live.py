@@ -69,6 +69,8 @@ class Expected:
     clip_fractions: dict = field(default_factory=lambda: {f: [] for f in RATIO_LOSSES})
     kl_means: dict = field(default_factory=lambda: {f: [] for f in RATIO_LOSSES})
     tokens_processed: Counter = field(default_factory=Counter)  # op -> tokens
+    sampled_tokens: int = 0
+    sampled_sequences: Counter = field(default_factory=Counter)  # stop_reason -> sequences
     ops: Counter = field(default_factory=Counter)  # op -> operations, failed ones included
     op_errors: Counter = field(default_factory=Counter)  # (op, code) -> failed operations
     rpcs: Counter = field(default_factory=Counter)  # (method, code) -> RPCs
@@ -195,6 +197,17 @@ class Workload:
         self.expected.grad_norm = out.grad_norm
         self._ok("optim_step", "OptimStep")
 
+    def sample(self, max_tokens: int, stop_tokens: list[int] = ()) -> None:
+        """Sample from the current weights; count what came back as the sampler metrics must."""
+        out = self.stub.Sample(pb.SampleRequest(
+            prompt=pb.Tensor(int64_data=self.tokens[:5].tolist()), num_samples=3,
+            sampling_params=pb.SamplingParams(max_tokens=max_tokens, seed=7, stop_tokens=stop_tokens)))
+        assert len(out.sequences) == 3
+        for sequence in out.sequences:
+            self.expected.sampled_tokens += len(sequence.tokens.raw_data) // 8
+            self.expected.sampled_sequences[pb.StopReason.Name(sequence.stop_reason).removeprefix("STOP_REASON_").lower()] += 1
+        self._ok("sample", "Sample")
+
     def fail(self, method: str, op: str, request, code: grpc.StatusCode) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             getattr(self.stub, method)(request)
@@ -291,6 +304,9 @@ def run(tmp_path_factory):
             w.fail("Forward", "forward", w.plain_input("no_such_loss"), grpc.StatusCode.INVALID_ARGUMENT)
             w.fail("LoadState", "load_state", pb.LoadStateRequest(name="never-saved"),
                    grpc.StatusCode.FAILED_PRECONDITION)
+            w.fail("Sample", "sample", pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2]),
+                                                        sampling_params=pb.SamplingParams(temperature=-1.0)),
+                   grpc.StatusCode.INVALID_ARGUMENT)
             good_cispo, good_ppo = w.batch(4, "cispo"), w.batch(6, "ppo")
             w.stream([
                 ("forward_backward", good_cispo.request, good_cispo),
@@ -307,6 +323,8 @@ def run(tmp_path_factory):
 
             # After the errors: successful calls still count.
             w.forward_backward(w.batch(7, "cispo"))
+            w.sample(max_tokens=4)
+            w.sample(max_tokens=4, stop_tokens=list(range(w.info.vocab_size)))  # stops at once
             w.optim_step()
             assert w.get_info().step == 1
             done = time.time()
@@ -448,11 +466,11 @@ def test_errors_show_by_code(run):
     e, p = run.expected, run.prometheus
     assert e.op_errors == Counter({("forward_backward", "INVALID_ARGUMENT"): 3, ("forward", "INVALID_ARGUMENT"): 1,
                                    ("forward_backward", "RESOURCE_EXHAUSTED"): 1,
-                                   ("load_state", "FAILED_PRECONDITION"): 1})
+                                   ("load_state", "FAILED_PRECONDITION"): 1, ("sample", "INVALID_ARGUMENT"): 1})
     scraped = nonzero(p.values(f"cispo_operation_errors_total{{{JOB}}}", "op", "code"))
     assert scraped == {key: float(n) for key, n in e.op_errors.items()}
     assert p.values(f'sum by (code) (cispo_operation_errors_total{{{JOB}, code="INVALID_ARGUMENT"}})', "code") == {
-        "INVALID_ARGUMENT": 4.0}
+        "INVALID_ARGUMENT": 5.0}
 
     handled = nonzero(p.values(f'grpc_server_handled_total{{{JOB}, grpc_service="{SERVICE}"}}',
                                "grpc_method", "grpc_code"))
@@ -526,3 +544,20 @@ def test_recorded_kl_mean_counts_every_batch(run):
     for loss_fn in ("cispo", "ppo"):
         kl = run.expected.kl_means[loss_fn]
         assert recorded[loss_fn] == pytest.approx(sum(kl) / len(kl), rel=1e-6), loss_fn
+
+
+def test_sampler_metrics_count_every_sampled_token_and_sequence(run):
+    """Sampled tokens and sequences by stop reason equal the answers; the dashboard shows them."""
+    e, p = run.expected, run.prometheus
+    assert e.sampled_sequences["length"] > 0 and e.sampled_sequences["stop"] >= 3
+    assert p.scalar(f"cispo_sampled_tokens_total{{{JOB}}}") == e.sampled_tokens
+    assert nonzero(p.values(f"cispo_sampled_sequences_total{{{JOB}}}", "stop_reason")) == {
+        reason: float(n) for reason, n in e.sampled_sequences.items()}
+    assert p.scalar(f"cispo_sampler_queue_depth{{{JOB}}}") == 0
+    panels = {where: promql for where, promql in all_expressions(REPO, VARIABLES) if "cispo_sampled" in promql}
+    tokens_per_second = next(q for q in panels.values() if "cispo_sampled_tokens_total" in q)
+    by_reason = next(q for q in panels.values() if "cispo_sampled_sequences_total" in q)
+    assert p.scalar(tokens_per_second) > 0
+    rates = p.values(by_reason, "stop_reason")
+    assert {r: v / rates["length"] for r, v in rates.items()} == pytest.approx(
+        {r: n / e.sampled_sequences["length"] for r, n in e.sampled_sequences.items()}, rel=1e-9)

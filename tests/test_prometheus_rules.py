@@ -20,6 +20,7 @@ EXPORTED = {
     "cispo_tokens_processed_total", "cispo_operation_errors_total", "cispo_queue_depth",
     "cispo_inflight_requests", "cispo_world_size", "cispo_cuda_memory_allocated_bytes",
     "cispo_cuda_memory_reserved_bytes", "grpc_server_started_total", "grpc_server_handled_total",
+    "cispo_sampled_tokens_total", "cispo_sampled_sequences_total", "cispo_sampler_queue_depth",
     "up",
 }
 HISTOGRAMS = {
