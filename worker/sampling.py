@@ -16,6 +16,7 @@ generator (seeded), one uniform per row and step, by inverse CDF: the same reque
 seed gives the same samples whatever else shares the batch.
 """
 
+import functools
 import inspect
 import math
 import secrets
@@ -171,11 +172,11 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
         logprobs: list[list[float]] = [[] for _ in rows]
         reasons: list[StopReason | None] = [None] * len(rows)
         stops = [frozenset(policy.eos_token_ids) | frozenset(p.stop_tokens) for p in params]
+        settings = _RowSettings.of(rows_of, params, device)
         while rows:
-            owner_B = rows_of[rows]
-            token_B, logq_B = _draw(logits_BV, owner_B, params, generators)  # on the CPU
+            token_B, logq_B = _draw(logits_BV, settings, generators)  # on the CPU
             keep = []
-            for j, (row, r, token, logq) in enumerate(zip(rows, owner_B.tolist(), token_B.tolist(), logq_B.tolist())):
+            for j, (row, r, token, logq) in enumerate(zip(rows, settings.owners, token_B.tolist(), logq_B.tolist())):
                 tokens[row].append(token)
                 logprobs[row].append(logq)
                 if token in stops[r] or _hit_stop_string(policy, tokens[row], params[r].stop_strings):
@@ -193,6 +194,7 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
                 cache.batch_select_indices(kept)
                 mask_BS, positions_B = mask_BS[kept], positions_B[kept]
                 rows = [rows[j] for j in keep]
+                settings = settings.select(keep)
             mask_BS = torch.cat([mask_BS, mask_BS.new_ones(len(rows), 1)], dim=1)
             out = _decode(policy, token_B[:, None].to(device), mask_BS, positions_B[:, None], cache)
             logits_BV = _logits(policy, out.last_hidden_state[:, -1])
@@ -223,10 +225,15 @@ def _prefill(policy: PolicyModel, prompts: list[torch.Tensor], cache: DynamicCac
 def _decode(policy: PolicyModel, ids_BS, mask_BT, positions_BS, cache: DynamicCache):
     """The trunk over new tokens (B, S), attending to the cache; the mask covers all T so far."""
     decoder = policy.model.get_decoder()
-    # transformers renamed the cache argument (past_key_values -> cache) in 5.x.
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     return decoder(input_ids=ids_BS, attention_mask=mask_BT, position_ids=positions_BS, use_cache=True,
-                   **{name: cache})
+                   **{_cache_argument(type(decoder)): cache})
+
+
+@functools.cache
+def _cache_argument(decoder_type: type) -> str:
+    """The decoder's name for its KV cache argument: transformers renamed past_key_values to
+    cache in 5.x."""
+    return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
 
 
 def _logits(policy: PolicyModel, hidden_BD: torch.Tensor) -> torch.Tensor:
@@ -244,31 +251,62 @@ def _prompt_logprobs(policy: PolicyModel, hidden_PD: torch.Tensor, mask_P: torch
     return target_logprobs(hidden, weight_VD, prompt[1:].to(hidden.device)).float().cpu()
 
 
-def _draw(logits_BV: torch.Tensor, owner_B: torch.Tensor, params: list[SamplingParams],
+@dataclass(frozen=True)
+class _RowSettings:
+    """The sampling settings of each row still generating, (B,) each on the device; the rows of
+    a request are consecutive."""
+
+    owners: list[int]  # (B,) request of each row
+    groups: list[tuple[int, int]]  # (request, rows) of each run of consecutive rows
+    temperature_B: torch.Tensor  # fp32, 1 where greedy
+    greedy_B: torch.Tensor  # bool
+    top_k_B: torch.Tensor  # int64, <= 0: all tokens
+    top_p_B: torch.Tensor  # fp32
+    truncate: bool  # whether any sampled (not greedy) row has top-k or top-p
+
+    @classmethod
+    def of(cls, rows_of: torch.Tensor, params: list[SamplingParams], device: torch.device) -> "_RowSettings":
+        def per_row(field, dtype):
+            return torch.tensor([getattr(params[r], field) for r in rows_of.tolist()], dtype=dtype, device=device)
+
+        temperature_B = per_row("temperature", torch.float32)
+        greedy_B = temperature_B == 0
+        return cls._make(rows_of.tolist(), torch.where(greedy_B, 1.0, temperature_B), greedy_B,
+                         per_row("top_k", torch.int64), per_row("top_p", torch.float32),
+                         any(p.top_k > 0 or p.top_p < 1 for p in params if p.temperature > 0))
+
+    def select(self, keep: list[int]) -> "_RowSettings":
+        """The settings of rows `keep` (increasing positions in the batch)."""
+        kept = torch.tensor(keep, device=self.temperature_B.device)
+        return self._make([self.owners[j] for j in keep], self.temperature_B[kept], self.greedy_B[kept],
+                          self.top_k_B[kept], self.top_p_B[kept], self.truncate)
+
+    @classmethod
+    def _make(cls, owners, temperature_B, greedy_B, top_k_B, top_p_B, truncate) -> "_RowSettings":
+        groups = []
+        for r in owners:
+            if groups and groups[-1][0] == r:
+                groups[-1][1] += 1
+            else:
+                groups.append([r, 1])
+        return cls(owners, [tuple(g) for g in groups], temperature_B, greedy_B, top_k_B, top_p_B, truncate)
+
+
+def _draw(logits_BV: torch.Tensor, rows: _RowSettings,
           generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row and its log q: (B,) int64 and (B,) fp32 on the CPU. `owner_B` (CPU)
-    is each row's request; a request's rows are consecutive."""
+    """One token per row and its log q: (B,) int64 and (B,) fp32 on the CPU."""
     device = logits_BV.device
-    owners, counts = torch.unique_consecutive(owner_B, return_counts=True)
-    chosen = [params[r] for r in owners.tolist()]
-
-    def per_row(values, dtype=None) -> torch.Tensor:  # one value per request -> (B,) on the device
-        return torch.repeat_interleave(torch.tensor(values, dtype=dtype), counts).to(device)
-
-    temperature_B = per_row([p.temperature for p in chosen], torch.float32)
-    greedy_B = temperature_B == 0
-    scaled_BV = logits_BV / torch.where(greedy_B, 1.0, temperature_B)[:, None]
-    if any(p.top_k > 0 or p.top_p < 1 for p in chosen if p.temperature > 0):
-        scaled_BV = _truncate(scaled_BV, per_row([p.top_k for p in chosen]), per_row([p.top_p for p in chosen]),
-                              ~greedy_B)
+    scaled_BV = logits_BV / rows.temperature_B[:, None]
+    if rows.truncate:
+        scaled_BV = _truncate(scaled_BV, rows.top_k_B, rows.top_p_B, ~rows.greedy_B)
     logq_BV = torch.log_softmax(scaled_BV, dim=-1)
     # One uniform in (0, 1] per row from its request's generator, in row order; by inverse CDF
     # (in fp64), a token of probability 0 is never drawn.
-    uniform_B = 1 - torch.cat([torch.rand(int(n), generator=generators[r], device=device, dtype=torch.float64)
-                               for r, n in zip(owners.tolist(), counts.tolist())])
+    uniform_B = 1 - torch.cat([torch.rand(n, generator=generators[r], device=device, dtype=torch.float64)
+                               for r, n in rows.groups])
     cdf_BV = logq_BV.double().exp().cumsum(-1)
     sampled_B = torch.searchsorted(cdf_BV, (uniform_B * cdf_BV[:, -1])[:, None])[:, 0].clamp(max=cdf_BV.shape[1] - 1)
-    token_B = torch.where(greedy_B, logits_BV.argmax(-1), sampled_B)
+    token_B = torch.where(rows.greedy_B, logits_BV.argmax(-1), sampled_B)
     logq_B = logq_BV.gather(1, token_B[:, None])[:, 0]
     return token_B.cpu(), logq_B.float().cpu()
 
@@ -283,7 +321,7 @@ def _truncate(scaled_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Ten
     sorted_BV = sorted_BV.masked_fill(outside_BV, -math.inf)
     probs_BV = torch.softmax(sorted_BV, dim=-1)
     mass_before_BV = probs_BV.cumsum(-1) - probs_BV
-    outside_BV |= mass_before_BV >= top_p_B[:, None]
+    outside_BV |= (mass_before_BV >= top_p_B[:, None]) & (top_p_B[:, None] < 1)  # top_p 1 keeps even fp dust
     outside_BV &= rows_B[:, None]
     outside_BV[:, 0] = False  # the most likely token always stays
     return scaled_BV.masked_fill(torch.zeros_like(outside_BV).scatter(1, order_BV, outside_BV), -math.inf)

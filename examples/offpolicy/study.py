@@ -133,12 +133,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(workdir: Path, max_lag: int) -> tuple[subprocess.Popen, str]:
     """A cispo server on loopback for the study: fp32 sampler weights (lag 0 is exactly
-    on-policy) and a sampler cache that holds the last lag + 1 exports."""
+    on-policy) and a sampler cache that holds the last max_lag + 1 exports."""
     proc = subprocess.Popen([sys.executable, "-m", "cispo.service", "--port", "0", "--metrics-port", "0",
                              "--checkpoint-dir", str(workdir / "checkpoints"), "--sampler-dir", str(workdir / "sampler"),
-                             "--sampler-dtype", "float32", "--sampler-cache-size", str(max(LAGS) + 2),
+                             "--sampler-dtype", "float32", "--sampler-cache-size", str(max_lag + 2),
                              "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         match = re.search(r"listening on port (\d+)", line)
@@ -173,7 +173,7 @@ def main() -> None:
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already done", file=sys.stderr)
     if not todo:
         return
-    server, target = (None, args.target) if args.target else start_server(args.workdir)
+    server, target = (None, args.target) if args.target else start_server(args.workdir, max(args.lags))
     try:
         with TrainingClient(target, wait_for_ready=True) as client:
             if args.target is None:
