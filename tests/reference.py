@@ -35,3 +35,9 @@ def make_samples(lengths, seed=0, vocab_size=1024, spread=5.0, with_weights=Fals
             inputs["weights"] = torch.rand(n, generator=g)
         out.append(Sample(torch.randint(0, vocab_size, (n,), generator=g), inputs))
     return out
+
+
+def assert_grad_close(actual, expected, name, rel=1e-5):
+    """Equal up to fp32 summation order: error small relative to the tensor's scale."""
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * expected.abs().max().item() + 1e-8, f"{name}: max error {err}"

@@ -9,15 +9,9 @@ import torch
 from cispo.worker import LOSS_FUNCTIONS, AdamParams, Engine, EngineConfig, Sample, load_policy_model
 from cispo.worker.loss_stats import RATIO_BUCKET_EDGES
 from cispo.worker.model import PolicyModel
-from reference import make_samples, naive_target_logprobs, seed_cispo_loss
+from reference import assert_grad_close, make_samples, naive_target_logprobs, seed_cispo_loss
 
 LENGTHS = [37, 5, 64, 12, 90, 1, 23]
-
-
-def assert_grad_close(actual, expected, name, rel=1e-5):
-    """Equal up to fp32 summation order: error small relative to the tensor's scale."""
-    err = (actual - expected).abs().max().item()
-    assert err <= rel * expected.abs().max().item() + 1e-8, f"{name}: max error {err}"
 
 
 def reference_grads(model, samples, lo=0.0, hi=4.0):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cispo.worker import checkpoint, sampler_weights
+from cispo.worker import checkpoint, lora, sampler_weights
 from cispo.worker.batch import MicroBatch, Sample, pack, plan_micro_batches
 from cispo.worker.errors import (ComputeFailed, FieldViolation, InvalidInput, PermissionDenied, StateNotFound,
                                  StepRefused)
@@ -98,15 +98,26 @@ FailureAgreement = Callable[[ComputeFailed | None], ComputeFailed | None]
 
 class Engine:
     def __init__(self, policy: PolicyModel, config: EngineConfig = EngineConfig(),
-                 gradient_reducer: GradientReducer | None = None, agree_on_failure: FailureAgreement | None = None):
+                 gradient_reducer: GradientReducer | None = None, agree_on_failure: FailureAgreement | None = None,
+                 adapter: str | None = None, lora_spec: lora.LoraSpec | None = None):
+        """A full fine-tune of `policy` (adapter None), or the LoRA run training `policy`'s
+        adapter `adapter` (made with `lora_spec`), which the engine activates for each operation."""
         self.policy = policy
         self.config = config
         self.gradient_reducer = gradient_reducer
         self.agree_on_failure = agree_on_failure
         self.rank = 0  # data-parallel rank (set by worker.group)
-        self.named_params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
+        self.adapter = adapter
+        self.lora_spec = lora_spec
+        self.named_params = (lora.adapter_parameters(policy, adapter) if adapter is not None else
+                             {n: p for n, p in policy.model.named_parameters() if p.requires_grad})
         self.optimizer = Optimizer(self.named_params)
         self.exports = ExportCache(config.export.cache_size)
+
+    def activate(self) -> None:
+        """Make this run's weights the ones the shared model computes with."""
+        if self.adapter is not None:
+            lora.activate(self.policy, self.adapter)
 
     def info(self) -> EngineInfo:
         p = self.policy
@@ -137,6 +148,7 @@ class Engine:
         """forward on already validated samples (possibly none)."""
         if not samples:
             return BatchResult([], BatchStats())
+        self.activate()
         with torch.no_grad():
             return self._run(samples, loss, config, backward=False)
 
@@ -153,6 +165,7 @@ class Engine:
         succeeded (`agree_on_failure`), so a failure mid-way (e.g. out of memory) on any rank
         leaves the accumulated gradient exactly as it was.
         """
+        self.activate()
         params = list(self.named_params.values())
         previous = [p.grad for p in params]
         for p in params:

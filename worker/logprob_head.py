@@ -134,7 +134,9 @@ class FusedHeadGradients(torch.autograd.Function):
         acc = _acc_dtype(hidden_TD.dtype)
         logp_T = torch.empty(hidden_TD.shape[0], dtype=acc, device=hidden_TD.device)
         grad_hidden_TD = torch.empty_like(hidden_TD)
-        grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
+        # A frozen head (LoRA without train_unembed) needs no (V x D) gradient.
+        need_weight = ctx.needs_input_grad[1]
+        grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if need_weight else None
         for start in range(0, hidden_TD.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_CD, tgt_C1 = hidden_TD[sl], targets_T[sl, None]
@@ -147,11 +149,13 @@ class FusedHeadGradients(torch.autograd.Function):
             grad_logits_CV.scatter_add_(1, tgt_C1, g_C[:, None])
             grad_logits_CV = grad_logits_CV.to(hidden_TD.dtype)  # matmuls in the model dtype
             grad_hidden_TD[sl] = grad_logits_CV @ weight_VD
+            if not need_weight:
+                continue
             if acc == hidden_TD.dtype:
                 grad_weight_VD.addmm_(grad_logits_CV.T, h_CD)
             else:
                 grad_weight_VD += grad_logits_CV.T @ h_CD
-        ctx.gradients = (grad_hidden_TD, grad_weight_VD.to(weight_VD.dtype))
+        ctx.gradients = (grad_hidden_TD, grad_weight_VD.to(weight_VD.dtype) if need_weight else None)
         ctx.mark_non_differentiable(logp_T)
         return logp_T.new_zeros(()), logp_T
 
@@ -160,4 +164,5 @@ class FusedHeadGradients(torch.autograd.Function):
         grad_hidden_TD, grad_weight_VD = ctx.gradients
         del ctx.gradients
         scale = grad_surrogate.to(grad_hidden_TD.dtype)
-        return grad_hidden_TD * scale, grad_weight_VD * scale.to(grad_weight_VD.dtype), None, None, None
+        grad_weight_VD = None if grad_weight_VD is None else grad_weight_VD * scale.to(grad_weight_VD.dtype)
+        return grad_hidden_TD * scale, grad_weight_VD, None, None, None

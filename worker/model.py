@@ -54,6 +54,8 @@ class PolicyModel:
     compute_dtype: torch.dtype
     tokenizer: Any | None = None
     """The model directory's tokenizer (transformers), or None when it has none."""
+    peft: Any | None = None
+    """The peft.PeftModel around `model` while LoRA runs are live (worker.lora), else None."""
 
     @property
     def vocab_size(self) -> int:
@@ -64,8 +66,14 @@ class PolicyModel:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 20)
 
     @property
-    def head_weight_VD(self) -> torch.nn.Parameter:
-        return self.model.get_output_embeddings().weight
+    def head_weight_VD(self) -> torch.Tensor:
+        """The LM head's (V, D) weight, with the active LoRA adapter's W + (alpha/r) B A when
+        the head is adapted (differentiable w.r.t. A and B; still no (tokens x V) logits)."""
+        head = self.model.get_output_embeddings()
+        if not hasattr(head, "get_delta_weight"):
+            return head.weight
+        adapters = [a for a in head.active_adapters if a in head.lora_A]
+        return head.base_layer.weight + sum(head.get_delta_weight(a) for a in adapters) if adapters else head.weight
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
