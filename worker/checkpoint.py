@@ -2,7 +2,8 @@
 
     <checkpoint_dir>/<name>/model.safetensors      parameters by name (fp32)
     <checkpoint_dir>/<name>/optimizer.safetensors  AdamW moments "<param>/<exp_avg|exp_avg_sq|step>"
-    <checkpoint_dir>/<name>/manifest.json          format, step, model name, parameter count, owner
+    <checkpoint_dir>/<name>/manifest.json          format, step, model name, parameter count, owner,
+                                                   and a LoRA run's LoRA options ("lora", else null)
 
 Crash safety. The server is the only process that uses the directory, and it saves one state at
 a time. A save writes a hidden copy `.tmp-<name>-<32 hex>` and fsyncs both tensor files before it
@@ -75,7 +76,7 @@ def state_dir(root: Path, name: str) -> Path:
 
 
 def save_state(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
-               step: int, model_name: str, owner: str | None = None) -> Path:
+               step: int, model_name: str, owner: str | None = None, lora: dict | None = None) -> Path:
     """Write the state crash-safely (see the module docstring), replacing an existing state of
     that name unless it belongs to another identity than `owner`, or `owner` cannot tell because
     its manifest is unreadable (None: no identity, may replace anything). The new state belongs
@@ -85,7 +86,7 @@ def save_state(root: Path, name: str, weights: dict[str, torch.Tensor], optimize
         save_file(optimizer, tmp / OPTIMIZER_FILE)
 
     return save_directory(root, name, write, {"format": FORMAT, "step": step, "model_name": model_name,
-                                              "num_tensors": len(weights)}, owner)
+                                              "num_tensors": len(weights), "lora": lora}, owner)
 
 
 def save_directory(root: Path, name: str, write: Callable[[Path], None], manifest: dict,

@@ -23,7 +23,7 @@ from cispo.worker.loss_stats import BatchStats
 from cispo.worker.losses import LOSS_FUNCTIONS, LossFunction, TokenInputs, get_loss_function
 from cispo.worker.model import PolicyModel
 from cispo.worker.optimizer import MOMENTS, AdamParams, Optimizer
-from cispo.worker.sampler_weights import ExportCache, ExportConfig
+from cispo.worker.sampler_weights import ExportCache, ExportConfig, SamplerWeights
 from cispo.worker.sampling import SampleRequest, SampleResult, SamplingLimits, generate, validate_sample_request
 from cispo.worker.validation import validate_batch
 
@@ -99,7 +99,8 @@ FailureAgreement = Callable[[ComputeFailed | None], ComputeFailed | None]
 class Engine:
     def __init__(self, policy: PolicyModel, config: EngineConfig = EngineConfig(),
                  gradient_reducer: GradientReducer | None = None, agree_on_failure: FailureAgreement | None = None,
-                 adapter: str | None = None, lora_spec: lora.LoraSpec | None = None):
+                 adapter: str | None = None, lora_spec: lora.LoraSpec | None = None,
+                 exports: ExportCache | None = None):
         """A full fine-tune of `policy` (adapter None), or the LoRA run training `policy`'s
         adapter `adapter` (made with `lora_spec`), which the engine activates for each operation."""
         self.policy = policy
@@ -112,7 +113,7 @@ class Engine:
         self.named_params = (lora.adapter_parameters(policy, adapter) if adapter is not None else
                              {n: p for n, p in policy.model.named_parameters() if p.requires_grad})
         self.optimizer = Optimizer(self.named_params)
-        self.exports = ExportCache(config.export.cache_size)
+        self.exports = exports if exports is not None else ExportCache(config.export.cache_size)
 
     def activate(self) -> None:
         """Make this run's weights the ones the shared model computes with."""
@@ -262,6 +263,7 @@ class Engine:
             return checkpoint.save_state(
                 self.config.checkpoint_dir, name, dict(self.named_params), self.optimizer.state_tensors(),
                 self.optimizer.step_count, self.policy.name, owner=owner,
+                lora=self.lora_spec.to_dict() if self.lora_spec is not None else None,
             )
 
     def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
@@ -269,6 +271,11 @@ class Engine:
         optimizer at step 0). Drops the accumulated gradient. Returns the state's step count.
         Checks every tensor before changing anything."""
         state = checkpoint.load_state(self.config.checkpoint_dir, name, with_optimizer, owner=owner)
+        saved_lora = state.manifest.get("lora")
+        if (saved_lora is None) != (self.lora_spec is None):
+            raise StateNotFound(f"state '{name}' is {'a LoRA' if saved_lora else 'a full fine-tuning'} state and this "
+                                f"run is {'a LoRA' if self.lora_spec else 'a full fine-tuning'} run; create a run from "
+                                "the state instead")
         expected = {n: tuple(p.shape) for n, p in self.named_params.items()}
         found = {n: tuple(t.shape) for n, t in state.weights.items()}
         moments = {f"{n}/{k}": (() if k == "step" else shape) for n, shape in expected.items() for k in MOMENTS}
@@ -310,18 +317,20 @@ class Engine:
         for i, request in enumerate(requests):
             by_weights.setdefault(request.model_path, []).append(i)
         for model_path, indices in by_weights.items():
-            policy, allowed = self.policy, []
+            weights, allowed = SamplerWeights(self.policy, self.adapter), []
             for i in indices:  # each caller's access to saved weights, on its own
                 try:
                     if model_path:
-                        policy = self._sampling_policy(model_path, requests[i].owner)
+                        weights = self._sampler_weights(model_path, requests[i].owner)
                     allowed.append(i)
                 except Exception as exc:  # noqa: BLE001 - answered per request
                     results[i] = exc
             if not allowed:
                 continue
             try:
-                outputs = generate(policy, [requests[i] for i in allowed])
+                if weights.adapter is not None:
+                    lora.activate(weights.policy, weights.adapter)
+                outputs = generate(weights.policy, [requests[i] for i in allowed])
             except torch.OutOfMemoryError as exc:
                 outputs = [ComputeFailed(f"sampling ran out of memory: {exc}", out_of_memory=True)] * len(allowed)
             except Exception as exc:  # noqa: BLE001 - answered per request
@@ -330,19 +339,30 @@ class Engine:
                 results[i] = output
         return results
 
-    def _sampling_policy(self, model_path: str, owner: str | None):
+    def _sampler_weights(self, model_path: str, owner: str | None) -> SamplerWeights:
         name = sampler_weights.export_name(self.config.export, model_path)
         return self.exports.get(name, owner, lambda: sampler_weights.load_export(
             self.policy, self.config.export, name, owner))
 
-    def save_weights_for_sampler(self, name: str, owner: str | None = None) -> Path:
+    def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False) -> Path:
         """Write the weights as a directory samplers load as it is (see worker.sampler_weights),
-        owned by `owner`, and keep them loaded for Sample requests that name it."""
-        export = self.config.export
+        owned by `owner`, and keep them loaded for Sample requests that name it. A LoRA run
+        writes its PEFT adapter, or with `merged` full weights with the adapter merged in."""
+        export, step = self.config.export, self.optimizer.step_count
         checkpoint.state_dir(export.sampler_dir, name)
         with _save_failures(f"sampler weights '{name}'", "export"):
-            path = sampler_weights.export_full(self.policy, export, name, self.optimizer.step_count, owner)
-        self.exports.put(name, sampler_weights.snapshot(self.policy, export, name), owner)
+            if self.adapter is None:
+                path = sampler_weights.export_full(self.policy, export, name, step, owner)
+            elif merged:
+                path = sampler_weights.export_full(self.policy, export, name, step, owner, merge_adapter=self.adapter)
+            else:
+                path = sampler_weights.export_adapter(self.policy, export, self.adapter, name, step, owner)
+        if self.adapter is None:
+            self.exports.put(name, sampler_weights.snapshot(self.policy, export, name), owner)
+        elif not merged:
+            self.exports.put(name, sampler_weights.adapter_snapshot(self.policy, export, self.adapter, name), owner)
+        else:  # a merged export is loaded from its files when a sample names it
+            self.exports.forget(name)
         return path
 
 

@@ -62,3 +62,13 @@ class RankUnavailable(RuntimeError):
     def __init__(self, rank: int | None, message: str):
         self.rank = rank
         super().__init__(message)
+
+
+class RunNotFound(LookupError):
+    """No training run of that id is visible to the caller (NOT_FOUND). Another identity's run
+    is not found either: its existence is not revealed."""
+
+
+class RunConflict(RuntimeError):
+    """The run cannot be created or used while other runs are live, e.g. a full fine-tune
+    beside LoRA runs (FAILED_PRECONDITION)."""

@@ -7,13 +7,24 @@ of such directories loaded back for the built-in sampler.
     <sampler_dir>/<name>/model.safetensors       or model-0000i-of-0000n.safetensors + its index
     <sampler_dir>/<name>/manifest.json           cispo's record (format, layout, step, owner)
 
-Weights only: no optimizer state. Written by transformers' `save_pretrained`, so tied embeddings
-are stored once, as transformers expects; saved crash-safely and owned like states
-(`checkpoint.save_directory`). `LAYOUTS` names what a directory holds: "full" (HF weights); a
-LoRA run's PEFT adapter directory is the other layout to come.
+A LoRA run writes a PEFT adapter directory instead (layout "lora"):
+
+    <sampler_dir>/<name>/adapter_config.json     base_model_name_or_path = the served model
+    <sampler_dir>/<name>/adapter_model.safetensors   in the serving dtype
+    <sampler_dir>/<name>/manifest.json
+
+or, asked to merge, the "full" layout with the adapter merged into the base weights.
+
+Weights only: no optimizer state. Written by transformers' `save_pretrained` (or PEFT's
+helpers), so tied embeddings are stored once, as transformers expects; saved crash-safely and
+owned like states (`checkpoint.save_directory`).
+
+Loaded back for the built-in sampler, a full export is a model of its own; an adapter export is
+one more frozen adapter on the served model's PEFT model, which costs no copy of the base.
 """
 
 import copy
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +34,11 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from cispo.worker import checkpoint
+from cispo.worker import checkpoint, lora
 from cispo.worker.errors import FieldViolation, InvalidInput, StateNotFound
 from cispo.worker.model import PolicyModel, check_supported, load_tokenizer
 
-LAYOUTS = ("full",)
+LAYOUTS = ("full", "lora")
 SERVING_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -52,15 +63,27 @@ class ExportConfig:
             raise ValueError(f"cache_size must be >= 0, got {self.cache_size}")
 
 
-def export_full(policy: PolicyModel, config: ExportConfig, name: str, step: int, owner: str | None) -> Path:
-    """Write `policy`'s weights as an HF model directory `sampler_dir/name` (see the module
-    docstring); returns it."""
+@dataclass(frozen=True)
+class SamplerWeights:
+    """Loaded sampler weights: a model of their own, or a frozen `adapter` on the served model."""
+
+    policy: PolicyModel
+    adapter: str | None = None
+
+
+def export_full(policy: PolicyModel, config: ExportConfig, name: str, step: int, owner: str | None,
+                merge_adapter: str | None = None) -> Path:
+    """Write `policy`'s weights (with adapter `merge_adapter` merged in, if given) as an HF model
+    directory `sampler_dir/name` (see the module docstring); returns it."""
     dtype = SERVING_DTYPES[config.dtype]
+    model = policy.model if merge_adapter is None else policy.peft.get_base_model()
 
     def write(tmp: Path) -> None:
         hf_logging.disable_progress_bar()
-        state = _cast_state(policy.model, dtype)
-        policy.model.save_pretrained(tmp, state_dict=state, max_shard_size=config.max_shard_bytes)
+        state = _cast_state(model, dtype) if merge_adapter is None else {
+            k: v.to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in
+            lora.merged_state(policy, merge_adapter).items()}
+        model.save_pretrained(tmp, state_dict=state, max_shard_size=config.max_shard_bytes)
         model_config = copy.deepcopy(policy.model.config)
         model_config.dtype = config.dtype  # save_pretrained writes the parameters' (fp32) dtype
         model_config.save_pretrained(tmp)
@@ -72,7 +95,30 @@ def export_full(policy: PolicyModel, config: ExportConfig, name: str, step: int,
         "dtype": config.dtype}, owner)
 
 
-def snapshot(policy: PolicyModel, config: ExportConfig, name: str) -> PolicyModel:
+def export_adapter(policy: PolicyModel, config: ExportConfig, adapter: str, name: str, step: int,
+                   owner: str | None) -> Path:
+    """Write LoRA adapter `adapter` as a PEFT adapter directory `sampler_dir/name`; returns it."""
+    return checkpoint.save_directory(
+        config.sampler_dir, name, lambda tmp: lora.export_adapter(policy, adapter, tmp, SERVING_DTYPES[config.dtype]),
+        {"format": checkpoint.SAMPLER_FORMAT, "layout": "lora", "step": step, "model_name": policy.name,
+         "dtype": config.dtype}, owner)
+
+
+def adapter_snapshot(policy: PolicyModel, config: ExportConfig, adapter: str, name: str) -> SamplerWeights:
+    """What loading the adapter export just written gives, without reading it back."""
+    copy_name = cache_adapter_name(name)
+    if copy_name in policy.peft.peft_config:
+        lora.remove_adapter(policy, copy_name)
+    lora.copy_adapter(policy, adapter, copy_name, SERVING_DTYPES[config.dtype])
+    return SamplerWeights(policy, copy_name)
+
+
+def cache_adapter_name(name: str) -> str:
+    """The PEFT adapter name under which export `name` is loaded (PEFT forbids dots in it)."""
+    return "export_" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def snapshot(policy: PolicyModel, config: ExportConfig, name: str) -> SamplerWeights:
     """What loading the export just written gives, without reading it back: a frozen copy of
     the model with weights rounded to the serving dtype (held as `_load_dtype` holds them)."""
     params = list(policy.model.parameters())
@@ -83,8 +129,8 @@ def snapshot(policy: PolicyModel, config: ExportConfig, name: str) -> PolicyMode
         for p in model.parameters():
             p.requires_grad_(False)
             p.data = p.data.to(dtype).to(held)
-    return PolicyModel(name=name, model=model, device=policy.device, compute_dtype=policy.compute_dtype,
-                       tokenizer=policy.tokenizer)
+    return SamplerWeights(PolicyModel(name=name, model=model, device=policy.device,
+                                      compute_dtype=policy.compute_dtype, tokenizer=policy.tokenizer))
 
 
 def export_name(config: ExportConfig, model_path: str) -> str:
@@ -100,12 +146,14 @@ def export_name(config: ExportConfig, model_path: str) -> str:
 
 
 def load_export(policy: PolicyModel, config: ExportConfig, name: str,
-                owner: str | None) -> tuple[PolicyModel, str | None]:
+                owner: str | None) -> tuple[SamplerWeights, str | None]:
     """Load `sampler_dir/name` for sampling on `policy`'s device and compute dtype, if `owner`
-    may read it: (the model, the export's owner)."""
+    may read it: (the weights, the export's owner)."""
     path, manifest = checkpoint.open_directory(config.sampler_dir, name, checkpoint.SAMPLER_FORMAT, owner)
     if manifest.get("layout") not in LAYOUTS:
         raise StateNotFound(f"sampler weights '{name}' cannot be read: unknown layout {manifest.get('layout')!r}")
+    if manifest["layout"] == "lora":
+        return _load_adapter_export(policy, path, name), manifest["owner"]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
                                                      dtype=_load_dtype(policy))
@@ -116,8 +164,19 @@ def load_export(policy: PolicyModel, config: ExportConfig, name: str,
         raise StateNotFound(f"sampler weights '{name}' do not fit the served model (head shape "
                             f"{tuple(model.get_output_embeddings().weight.shape)})")
     model.to(policy.device).eval().requires_grad_(False)
-    return PolicyModel(name=name, model=model, device=policy.device, compute_dtype=policy.compute_dtype,
-                       tokenizer=load_tokenizer(path)), manifest["owner"]
+    return SamplerWeights(PolicyModel(name=name, model=model, device=policy.device, compute_dtype=policy.compute_dtype,
+                                      tokenizer=load_tokenizer(path))), manifest["owner"]
+
+
+def _load_adapter_export(policy: PolicyModel, path: Path, name: str) -> SamplerWeights:
+    if policy.peft is None:
+        raise StateNotFound(f"sampler weights '{name}' are a LoRA adapter, and no LoRA run is live on this server "
+                            "to sample it on; create a LoRA run first")
+    try:
+        lora.load_adapter(policy, path, cache_adapter_name(name))
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise StateNotFound(f"sampler weights '{name}' cannot be read: {checkpoint.reason(exc)}") from exc
+    return SamplerWeights(policy, cache_adapter_name(name))
 
 
 def _load_dtype(policy: PolicyModel) -> torch.dtype:
@@ -138,32 +197,51 @@ def _cast_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.T
 
 
 class ExportCache:
-    """The most recently used loaded exports, by name, at most `capacity` of them."""
+    """The most recently used loaded exports, by name, at most `capacity` of them. An adapter
+    export leaves the served model's PEFT model when it leaves the cache."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._models: OrderedDict[str, tuple[PolicyModel, str | None]] = OrderedDict()
+        self._weights: OrderedDict[str, tuple[SamplerWeights, str | None]] = OrderedDict()
 
-    def get(self, name: str, owner: str | None, load) -> PolicyModel:
+    def get(self, name: str, owner: str | None, load) -> SamplerWeights:
         """The export `name` if `owner` may read it, from the cache or else `load()`, which
-        returns (model, the export's owner) and checks the owner itself."""
-        if name in self._models:
-            model, saved_by = self._models[name]
+        returns (weights, the export's owner) and checks the owner itself."""
+        if name in self._weights:
+            weights, saved_by = self._weights[name]
             checkpoint.check_owner(name, {"owner": saved_by}, owner)
-            self._models.move_to_end(name)
-            return model
-        model, saved_by = load()
-        self.put(name, model, saved_by)
-        return model
+            self._weights.move_to_end(name)
+            return weights
+        weights, saved_by = load()
+        self.put(name, weights, saved_by)
+        return weights
 
-    def put(self, name: str, model: PolicyModel, saved_by: str | None) -> None:
-        """Keep `model` as the export `name`, owned by `saved_by`; drops the least recent."""
-        self._models.pop(name, None)
-        if self.capacity == 0:
+    def put(self, name: str, weights: SamplerWeights, saved_by: str | None) -> None:
+        """Keep `weights` as the export `name`, owned by `saved_by`; drops the least recent."""
+        if name in self._weights:
+            self._drop(self._weights.pop(name)[0], keep=weights)
+        if self.capacity == 0 and weights.adapter is None:
             return
-        self._models[name] = (model, saved_by)
-        while len(self._models) > self.capacity:
-            self._models.popitem(last=False)
+        self._weights[name] = (weights, saved_by)
+        while len(self._weights) > max(self.capacity, 1):  # an adapter in use stays until the next
+            self._drop(self._weights.popitem(last=False)[1][0])
+
+    def forget(self, name: str) -> None:
+        """Drop export `name` (it was replaced on disk by something the cache does not hold)."""
+        if name in self._weights:
+            self._drop(self._weights.pop(name)[0])
+
+    def drop_adapters(self) -> None:
+        """Forget every adapter export (the PEFT model they live on is going away)."""
+        for name in [n for n, (w, _) in self._weights.items() if w.adapter is not None]:
+            del self._weights[name]
+
+    @staticmethod
+    def _drop(weights: SamplerWeights, keep: SamplerWeights | None = None) -> None:
+        peft_model = weights.policy.peft
+        if weights.adapter is not None and (keep is None or keep.adapter != weights.adapter) and \
+                peft_model is not None and weights.adapter in peft_model.peft_config:
+            lora.remove_adapter(weights.policy, weights.adapter)
 
     def __len__(self) -> int:
-        return len(self._models)
+        return len(self._weights)

@@ -1,0 +1,180 @@
+"""Training runs: one served base model, many runs on it, each with its own Engine.
+
+A run is a full fine-tune of the base, or a LoRA adapter on it (worker.lora). Each run has its
+own trainable weights, gradient, optimizer state and step count; LoRA runs share the frozen base,
+and switching between them is an adapter switch. A full fine-tune changes the base itself, so it
+excludes every other run while it lives (RunConflict):
+
+- `create(..., lora=None)` makes a full run only when no run is live;
+- `create(..., lora=spec)` makes a LoRA run only when no full run is live;
+- operations that name no run go to the default full run `DEFAULT_RUN`, made on first use
+  (when no LoRA run is live), so clients that know nothing of runs keep working.
+
+When the base was last used the other way (trained in full, or frozen in the compute dtype for
+LoRA), the next run of the other kind starts from a fresh load of the served model, so that no
+run ever sees another's changes. Unloading a run drops it, its gradient and its optimizer state;
+what was not saved is gone. A run belongs to the identity that created it; other identities get
+RunNotFound, as if it did not exist. Not thread-safe, like Engine: the service calls it from its
+engine thread.
+"""
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cispo.worker import checkpoint, lora
+from cispo.worker.engine import Engine, EngineConfig
+from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, StateNotFound
+from cispo.worker.model import PolicyModel
+from cispo.worker.sampler_weights import ExportCache
+
+DEFAULT_RUN = "default"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What GetInfo and ListModels say of a run."""
+
+    model_id: str
+    lora: lora.LoraSpec | None  # None: full fine-tuning
+    owner: str | None
+    step: int
+    trainable_parameters: int
+    trainable_bytes: int  # weights + gradient + optimizer moments of the run's own parameters
+    created: float  # Unix time
+    last_used: float
+
+
+@dataclass
+class _Run:
+    engine: Engine
+    owner: str | None
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+
+
+class TrainingRuns:
+    def __init__(self, policy: PolicyModel, config: EngineConfig = EngineConfig(), max_runs: int = 16,
+                 reload: Callable[[], PolicyModel] | None = None):
+        """`reload()` loads the served model afresh (for a run of the other kind, see above);
+        without it, such a switch is refused."""
+        if max_runs < 1:
+            raise ValueError(f"max_runs must be >= 1, got {max_runs}")
+        self.policy = policy
+        self.config = config
+        self.max_runs = max_runs
+        self._reload = reload
+        self._runs: dict[str, _Run] = {}
+        self._base_used_by: str | None = None  # "full", "lora" or "changed" (by a full run now gone)
+        self.exports = ExportCache(config.export.cache_size)
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def get(self, model_id: str, owner: str | None) -> Engine:
+        """The engine of run `model_id` ("" = the default run, made if need be) for `owner`."""
+        if not model_id:
+            if DEFAULT_RUN not in self._runs:
+                self._create(DEFAULT_RUN, None, None)
+            model_id = DEFAULT_RUN
+        run = self._visible(model_id, owner)
+        run.last_used = time.time()
+        return run.engine
+
+    def info(self, model_id: str, owner: str | None) -> RunInfo:
+        return self._info(model_id, self._visible(model_id, owner))
+
+    def list(self, owner: str | None) -> list[RunInfo]:
+        """The runs `owner` may see (its own and ownerless ones), oldest first."""
+        return [self._info(i, r) for i, r in self._runs.items() if r.owner is None or r.owner == owner]
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def create(self, owner: str | None, spec: lora.LoraSpec | None, model_id: str | None = None) -> str:
+        """Make a run (full when `spec` is None) owned by `owner`; returns its id."""
+        model_id = model_id or f"run-{secrets.token_hex(6)}"
+        if model_id in self._runs:
+            raise RunConflict(f"a run named '{model_id}' already exists")
+        self._create(model_id, spec, owner)
+        return model_id
+
+    def create_from_state(self, owner: str | None, name: str, with_optimizer: bool,
+                          model_id: str | None = None) -> str:
+        """Make a run of the kind saved in state `name` and load it (with its optimizer state and
+        step count if asked); on any failure no run is left behind."""
+        manifest = checkpoint.open_directory(self.config.checkpoint_dir, name, checkpoint.FORMAT, owner)[1]
+        try:
+            spec = lora.LoraSpec(**manifest["lora"]) if manifest.get("lora") else None
+        except (TypeError, ValueError) as exc:
+            raise StateNotFound(f"state '{name}' cannot be read: its LoRA options are not valid ({exc})") from None
+        model_id = self.create(owner, spec, model_id)
+        try:
+            self._runs[model_id].engine.load_state(name, with_optimizer, owner=owner)
+        except BaseException:
+            self.unload(model_id, owner)
+            raise
+        return model_id
+
+    def unload(self, model_id: str, owner: str | None) -> None:
+        """Drop run `model_id` with its gradient and optimizer state."""
+        run = self._visible(model_id, owner)
+        del self._runs[model_id]
+        if run.engine.adapter is None:
+            self._base_used_by = "changed"  # a full run's training stays in the weights: reload for the next
+        else:
+            lora.remove_adapter(self.policy, run.engine.adapter)
+            if not any(r.engine.adapter for r in self._runs.values()):  # the last LoRA run: unwrap PEFT
+                self.exports.drop_adapters()
+                while self.policy.peft is not None:
+                    lora.remove_adapter(self.policy, next(iter(self.policy.peft.peft_config)))
+
+    def _create(self, model_id: str, spec: lora.LoraSpec | None, owner: str | None) -> None:
+        kind = "full" if spec is None else "lora"
+        full = [i for i, r in self._runs.items() if r.engine.adapter is None]
+        if full:
+            raise RunConflict(f"run '{full[0]}' fine-tunes the whole base model, which every other run would share; "
+                              f"unload it (UnloadModel) before creating another run")
+        if spec is None and self._runs:
+            raise RunConflict(f"{len(self._runs)} LoRA run(s) share the base model, which a full fine-tune would "
+                              "change; name a LoRA run (model_id), or unload them all first")
+        if len(self._runs) >= self.max_runs:
+            raise LimitExceeded("max_runs", f"{len(self._runs)} runs are live, the limit max_runs={self.max_runs}; "
+                                            "unload one (UnloadModel) first")
+        if self._base_used_by not in (None, kind):
+            self._fresh_base()
+        self._base_used_by = kind
+        if spec is None:
+            engine = Engine(self.policy, self.config, exports=self.exports)
+        else:
+            lora.add_adapter(self.policy, model_id, spec)
+            engine = Engine(self.policy, self.config, adapter=model_id, lora_spec=spec, exports=self.exports)
+        self._runs[model_id] = _Run(engine, owner)
+
+    def _fresh_base(self) -> None:
+        if self._reload is None:
+            raise RunConflict("the base model was changed by an earlier run of the other kind, and this server cannot "
+                              "reload it")
+        fresh = self._reload()
+        self.exports = ExportCache(self.config.export.cache_size)
+        self.policy.model, self.policy.peft = fresh.model, None
+
+    def _visible(self, model_id: str, owner: str | None) -> _Run:
+        run = self._runs.get(model_id)
+        if run is None or (run.owner is not None and run.owner != owner):
+            raise RunNotFound(f"no training run '{model_id}'" + (
+                " (ListModels lists yours)" if self._runs else " (no run is live: CreateModel makes one)"))
+        return run
+
+    @staticmethod
+    def _info(model_id: str, run: _Run) -> RunInfo:
+        engine = run.engine
+        params = list(engine.named_params.values())
+        numel = sum(p.numel() for p in params)
+        moment_bytes = sum(t.numel() * t.element_size() for t in engine.optimizer.state_tensors().values())
+        weight_bytes = sum(p.numel() * p.element_size() * (2 if p.grad is not None else 1) for p in params)
+        return RunInfo(model_id=model_id, lora=engine.lora_spec, owner=run.owner, step=engine.optimizer.step_count,
+                       trainable_parameters=numel, trainable_bytes=weight_bytes + moment_bytes,
+                       created=run.created, last_used=run.last_used)
