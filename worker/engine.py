@@ -96,6 +96,23 @@ GradientReducer = Callable[[list[torch.Tensor]], None]
 FailureAgreement = Callable[[ComputeFailed | None], ComputeFailed | None]
 
 
+def validate_forward(policy: PolicyModel, config: EngineConfig, samples: list[Sample], loss_fn: str,
+                     loss_fn_config: Mapping[str, float] | None) -> tuple[LossFunction, dict[str, float]]:
+    """The loss and its resolved config for a forward(_backward) on `policy`; raises
+    InvalidInput/LimitExceeded, computes nothing."""
+    loss = get_loss_function(loss_fn)
+    resolved = loss.resolve_config(loss_fn_config)
+    validate_batch(samples, loss, policy.vocab_size, policy.max_sequence_length, config.max_tokens_per_request)
+    return loss, resolved
+
+
+def validate_sample(policy: PolicyModel, config: EngineConfig, request: SampleRequest) -> SampleRequest:
+    """The sample request with its defaults resolved; raises InvalidInput/LimitExceeded."""
+    if request.model_path:
+        sampler_weights.export_name(config.export, request.model_path)
+    return validate_sample_request(request, policy, config.sampling)
+
+
 class Engine:
     def __init__(self, policy: PolicyModel, config: EngineConfig = EngineConfig(),
                  gradient_reducer: GradientReducer | None = None, agree_on_failure: FailureAgreement | None = None,
@@ -133,11 +150,7 @@ class Engine:
 
     def validate(self, samples: list[Sample], loss_fn: str, loss_fn_config: Mapping[str, float] | None):
         """The loss and its resolved config; raises InvalidInput/LimitExceeded, computes nothing."""
-        loss = get_loss_function(loss_fn)
-        config = loss.resolve_config(loss_fn_config)
-        validate_batch(samples, loss, self.policy.vocab_size, self.policy.max_sequence_length,
-                       self.config.max_tokens_per_request)
-        return loss, config
+        return validate_forward(self.policy, self.config, samples, loss_fn, loss_fn_config)
 
     def forward(self, samples: list[Sample], loss_fn: str = "cispo",
                 loss_fn_config: Mapping[str, float] | None = None) -> BatchResult:
@@ -305,9 +318,7 @@ class Engine:
 
     def validate_sample(self, request: SampleRequest) -> SampleRequest:
         """The request with its defaults resolved; raises InvalidInput/LimitExceeded."""
-        if request.model_path:
-            sampler_weights.export_name(self.config.export, request.model_path)
-        return validate_sample_request(request, self.policy, self.config.sampling)
+        return validate_sample(self.policy, self.config, request)
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult | Exception]:
         """Generate every validated request, those on the same weights as one batch; a request

@@ -20,14 +20,16 @@ engine thread.
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cispo.worker import checkpoint, lora
-from cispo.worker.engine import Engine, EngineConfig
+from cispo.worker.batch import Sample
+from cispo.worker.engine import Engine, EngineConfig, validate_forward, validate_sample
 from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, StateNotFound
 from cispo.worker.model import PolicyModel
 from cispo.worker.sampler_weights import ExportCache
+from cispo.worker.sampling import SampleRequest
 
 DEFAULT_RUN = "default"
 
@@ -54,7 +56,81 @@ class _Run:
     last_used: float = field(default_factory=time.time)
 
 
-class TrainingRuns:
+class _Runs:
+    """What every kind of run registry does the same way (the service's typed seam)."""
+
+    policy: PolicyModel
+    config: EngineConfig
+    max_runs: int
+
+    def get(self, model_id: str, owner: str | None):
+        raise NotImplementedError
+
+    def validate(self, samples: list[Sample], loss_fn: str, loss_fn_config: Mapping[str, float] | None):
+        """The loss and its resolved config (the base decides; every run shares it)."""
+        return validate_forward(self.policy, self.config, samples, loss_fn, loss_fn_config)
+
+    def validate_sample(self, request: SampleRequest) -> SampleRequest:
+        return validate_sample(self.policy, self.config, request)
+
+    def sample(self, items: list[tuple[str, SampleRequest]]) -> list:
+        """Sample every (model_id, validated request), those of one run in one batch; a request
+        whose run its owner cannot see gets RunNotFound in its place."""
+        results: list = [None] * len(items)
+        by_run: dict[str, list[int]] = {}
+        for i, (model_id, _) in enumerate(items):
+            by_run.setdefault(model_id, []).append(i)
+        for model_id, indices in by_run.items():
+            engine, allowed = None, []
+            for i in indices:
+                try:
+                    engine = self.get(model_id, items[i][1].owner)
+                    allowed.append(i)
+                except (RunNotFound, RunConflict) as exc:
+                    results[i] = exc
+            if allowed:
+                for i, result in zip(allowed, engine.sample([items[i][1] for i in allowed])):
+                    results[i] = result
+        return results
+
+
+class SingleRun(_Runs):
+    """The runs of a server that trains one state only, `engine` (e.g. a data-parallel group):
+    the default run; CreateModel and UnloadModel are refused with `why`."""
+
+    def __init__(self, engine, why: str):
+        self.engine, self.why = engine, why
+        self.policy, self.config, self.max_runs = engine.policy, engine.config, 1
+        self.created = time.time()
+
+    def get(self, model_id: str, owner: str | None):
+        if model_id not in ("", DEFAULT_RUN):
+            raise RunNotFound(f"no training run '{model_id}': {self.why}")
+        return self.engine
+
+    def info(self, model_id: str, owner: str | None) -> RunInfo:
+        self.get(model_id, owner)
+        info = self.engine.info()
+        return RunInfo(DEFAULT_RUN, None, None, info.step, info.num_parameters, 16 * info.num_parameters,
+                       self.created, self.created)
+
+    def list(self, owner: str | None) -> list[RunInfo]:
+        return [self.info("", owner)]
+
+    def __len__(self) -> int:
+        return 1
+
+    def create(self, owner, spec, model_id=None) -> str:
+        raise RunConflict(self.why)
+
+    def create_from_state(self, owner, name, with_optimizer, model_id=None) -> str:
+        raise RunConflict(self.why)
+
+    def unload(self, model_id: str, owner: str | None) -> None:
+        raise RunConflict(self.why)
+
+
+class TrainingRuns(_Runs):
     def __init__(self, policy: PolicyModel, config: EngineConfig = EngineConfig(), max_runs: int = 16,
                  reload: Callable[[], PolicyModel] | None = None):
         """`reload()` loads the served model afresh (for a run of the other kind, see above);

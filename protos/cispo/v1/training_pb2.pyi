@@ -67,7 +67,7 @@ class Datum(_message.Message):
     def __init__(self, model_input: _Optional[_Union[Tensor, _Mapping]] = ..., loss_fn_inputs: _Optional[_Union[LossFnInputs, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardInput(_message.Message):
-    __slots__ = ("data", "loss_fn", "loss_fn_config", "idempotency_key", "typed_outputs")
+    __slots__ = ("data", "loss_fn", "loss_fn_config", "idempotency_key", "typed_outputs", "model_id")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,12 +80,14 @@ class ForwardBackwardInput(_message.Message):
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TYPED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     data: _containers.RepeatedCompositeFieldContainer[Datum]
     loss_fn: str
     loss_fn_config: _containers.ScalarMap[str, float]
     idempotency_key: str
     typed_outputs: bool
-    def __init__(self, data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., idempotency_key: _Optional[str] = ..., typed_outputs: _Optional[bool] = ...) -> None: ...
+    model_id: str
+    def __init__(self, data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., idempotency_key: _Optional[str] = ..., typed_outputs: _Optional[bool] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class LossFnOutput(_message.Message):
     __slots__ = ("logprobs",)
@@ -125,12 +127,14 @@ class AdamParams(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
-    __slots__ = ("adam_params", "idempotency_key")
+    __slots__ = ("adam_params", "idempotency_key", "model_id")
     ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     adam_params: AdamParams
     idempotency_key: str
-    def __init__(self, adam_params: _Optional[_Union[AdamParams, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    model_id: str
+    def __init__(self, adam_params: _Optional[_Union[AdamParams, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class OptimStepResponse(_message.Message):
     __slots__ = ("grad_norm", "step", "metrics")
@@ -150,12 +154,14 @@ class OptimStepResponse(_message.Message):
     def __init__(self, grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SaveStateRequest(_message.Message):
-    __slots__ = ("name", "idempotency_key")
+    __slots__ = ("name", "idempotency_key", "model_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     idempotency_key: str
-    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    model_id: str
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class SaveStateResponse(_message.Message):
     __slots__ = ("name", "path", "step")
@@ -168,14 +174,16 @@ class SaveStateResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class LoadStateRequest(_message.Message):
-    __slots__ = ("name", "with_optimizer", "idempotency_key")
+    __slots__ = ("name", "with_optimizer", "idempotency_key", "model_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     with_optimizer: bool
     idempotency_key: str
-    def __init__(self, name: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    model_id: str
+    def __init__(self, name: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class LoadStateResponse(_message.Message):
     __slots__ = ("name", "step")
@@ -186,8 +194,10 @@ class LoadStateResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class LossFunctionInfo(_message.Message):
     __slots__ = ("name", "default_config", "required_inputs")
@@ -227,7 +237,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., idempotency_keys_remembered: _Optional[int] = ..., max_data_per_request: _Optional[int] = ..., max_sample_tokens: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., max_sample_request_tokens: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters", "has_tokenizer", "eos_token_ids")
+    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters", "has_tokenizer", "eos_token_ids", "model_id", "lora_config", "base_model", "num_runs", "max_runs")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +250,11 @@ class GetInfoResponse(_message.Message):
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_sequence_length: int
@@ -252,7 +267,12 @@ class GetInfoResponse(_message.Message):
     num_parameters: int
     has_tokenizer: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    model_id: str
+    lora_config: LoraConfig
+    base_model: str
+    num_runs: int
+    max_runs: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., base_model: _Optional[str] = ..., num_runs: _Optional[int] = ..., max_runs: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("request_id", "forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info", "save_weights_for_sampler", "sample")
@@ -301,12 +321,16 @@ class StreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResponse, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateResponse, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateResponse, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoResponse, _Mapping]] = ..., save_weights_for_sampler: _Optional[_Union[SaveWeightsForSamplerResponse, _Mapping]] = ..., sample: _Optional[_Union[SampleResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class SaveWeightsForSamplerRequest(_message.Message):
-    __slots__ = ("name", "idempotency_key")
+    __slots__ = ("name", "idempotency_key", "model_id", "merged")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FIELD_NUMBER: _ClassVar[int]
     name: str
     idempotency_key: str
-    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    model_id: str
+    merged: bool
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., merged: _Optional[bool] = ...) -> None: ...
 
 class SaveWeightsForSamplerResponse(_message.Message):
     __slots__ = ("name", "path", "step")
@@ -337,7 +361,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., stop_strings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "model_path", "typed_outputs", "idempotency_key")
+    __slots__ = ("prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "model_path", "typed_outputs", "idempotency_key", "model_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -345,6 +369,7 @@ class SampleRequest(_message.Message):
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     TYPED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: Tensor
     num_samples: int
     sampling_params: SamplingParams
@@ -352,7 +377,8 @@ class SampleRequest(_message.Message):
     model_path: str
     typed_outputs: bool
     idempotency_key: str
-    def __init__(self, prompt: _Optional[_Union[Tensor, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., model_path: _Optional[str] = ..., typed_outputs: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    model_id: str
+    def __init__(self, prompt: _Optional[_Union[Tensor, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., model_path: _Optional[str] = ..., typed_outputs: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class SampledSequence(_message.Message):
     __slots__ = ("tokens", "logprobs", "stop_reason")
@@ -371,3 +397,89 @@ class SampleResponse(_message.Message):
     sequences: _containers.RepeatedCompositeFieldContainer[SampledSequence]
     prompt_logprobs: Tensor
     def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LoraConfig(_message.Message):
+    __slots__ = ("rank", "seed", "train_mlp", "train_attn", "train_unembed")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_MLP_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ATTN_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_UNEMBED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    seed: int
+    train_mlp: bool
+    train_attn: bool
+    train_unembed: bool
+    def __init__(self, rank: _Optional[int] = ..., seed: _Optional[int] = ..., train_mlp: _Optional[bool] = ..., train_attn: _Optional[bool] = ..., train_unembed: _Optional[bool] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("base_model", "lora_config", "full_fine_tuning", "from_state", "idempotency_key")
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    FULL_FINE_TUNING_FIELD_NUMBER: _ClassVar[int]
+    FROM_STATE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    base_model: str
+    lora_config: LoraConfig
+    full_fine_tuning: bool
+    from_state: StateRef
+    idempotency_key: str
+    def __init__(self, base_model: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., full_fine_tuning: _Optional[bool] = ..., from_state: _Optional[_Union[StateRef, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class StateRef(_message.Message):
+    __slots__ = ("path", "with_optimizer")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    with_optimizer: bool
+    def __init__(self, path: _Optional[str] = ..., with_optimizer: _Optional[bool] = ...) -> None: ...
+
+class CreateModelResponse(_message.Message):
+    __slots__ = ("model_id", "info")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    info: GetInfoResponse
+    def __init__(self, model_id: _Optional[str] = ..., info: _Optional[_Union[GetInfoResponse, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_id", "lora_config", "step", "trainable_parameters", "trainable_bytes", "created", "last_used")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    lora_config: LoraConfig
+    step: int
+    trainable_parameters: int
+    trainable_bytes: int
+    created: float
+    last_used: float
+    def __init__(self, model_id: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., trainable_bytes: _Optional[int] = ..., created: _Optional[float] = ..., last_used: _Optional[float] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model_id", "idempotency_key")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    idempotency_key: str
+    def __init__(self, model_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,21 @@ class TrainingServiceStub:
                 request_serializer=cispo_dot_v1_dot_training__pb2.StreamRequest.SerializeToString,
                 response_deserializer=cispo_dot_v1_dot_training__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.CreateModel = channel.unary_unary(
+                '/cispo.v1.TrainingService/CreateModel',
+                request_serializer=cispo_dot_v1_dot_training__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.CreateModelResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/cispo.v1.TrainingService/ListModels',
+                request_serializer=cispo_dot_v1_dot_training__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/cispo.v1.TrainingService/UnloadModel',
+                request_serializer=cispo_dot_v1_dot_training__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -150,6 +165,28 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateModel(self, request, context):
+        """Makes a training run: a LoRA adapter on the served base model, a full fine-tune, or either
+        from a saved state. Over --max-runs: RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """The caller's training runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Drops a run with its gradient and optimizer state, after the operations queued before it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +234,21 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=cispo_dot_v1_dot_training__pb2.StreamRequest.FromString,
                     response_serializer=cispo_dot_v1_dot_training__pb2.StreamResponse.SerializeToString,
+            ),
+            'CreateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateModel,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.CreateModelRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.CreateModelResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.ListModelsRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.UnloadModelRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +494,87 @@ class TrainingService:
             '/cispo.v1.TrainingService/Stream',
             cispo_dot_v1_dot_training__pb2.StreamRequest.SerializeToString,
             cispo_dot_v1_dot_training__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/CreateModel',
+            cispo_dot_v1_dot_training__pb2.CreateModelRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.CreateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/ListModels',
+            cispo_dot_v1_dot_training__pb2.ListModelsRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/UnloadModel',
+            cispo_dot_v1_dot_training__pb2.UnloadModelRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
