@@ -69,8 +69,13 @@ def test_the_report_is_what_the_committed_csvs_give():
     assert f"`{data_digest}`" in block("digest")
     assert block("table") == report.table(runs)
     assert block("alerts") == report.alert_table(runs)
+    sweep = report.load_sweep(study.SWEEP)
+    sweep_digest = report.digest_tree(study.SWEEP)
+    assert set(sweep) == {"1e-3", "3e-3", "1e-2"} and f"`{sweep_digest}`" in block("sweep-digest")
+    assert block("sweep") == report.sweep_table(sweep)
     figures = sorted(report.FIGURES.glob("*.png"))
-    assert len(figures) == 5
+    assert len(figures) == 6
     for figure in figures:
-        assert Image.open(figure).info.get("Description") == f"data digest {data_digest}", figure.name
+        expected = sweep_digest if figure.name == "sweep_kl.png" else data_digest
+        assert Image.open(figure).info.get("Description") == f"data digest {expected}", figure.name
         assert f"evidence/{figure.name}" in text

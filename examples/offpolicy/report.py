@@ -1,4 +1,5 @@
-"""The study's figures, table and alert replay, all computed from the CSVs in results/.
+"""The study's figures, tables and alert replay, all computed from the CSVs in results/ and
+sweep/lr*/ (the sweep that looks for the feedback loop at larger lags and learning rates).
 
     .venv/bin/python examples/offpolicy/report.py
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from study import ARMS, RESULTS
+from study import ARMS, RESULTS, SWEEP
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "evidence.md"
@@ -61,6 +62,15 @@ def digest(results: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def digest_tree(root: Path) -> str:
+    """sha256 over every lr*/ folder's CSVs (names with their folder, and bytes), in name order."""
+    h = hashlib.sha256()
+    for path in sorted(root.glob("lr*/*.csv")):
+        h.update(f"{path.parent.name}/{path.name}".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def final(column: np.ndarray) -> float:
     return float(np.nanmean(column[-TAIL:]))
 
@@ -77,6 +87,72 @@ def table(runs) -> str:
             cells.append(fmt.format(np.mean(values), np.std(values)))
         lines.append(f"| {arm} | {lag} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def load_sweep(root: Path) -> dict[str, dict]:
+    """learning rate (the folder's name after "lr") -> that sweep's runs, as `load` gives them."""
+    return {d.name.removeprefix("lr"): load(d) for d in sorted(root.glob("lr*"), key=lambda d: float(d.name[2:]))}
+
+
+def steps_to(column: np.ndarray, level: float, window: int = 5) -> int | None:
+    """First step at which the mean of the last `window` steps reaches `level`."""
+    means = np.convolve(np.nan_to_num(column), np.ones(window) / window, mode="valid")
+    hits = np.nonzero(means >= level)[0]
+    return int(hits[0]) + window - 1 if hits.size else None
+
+
+def sweep_table(sweep: dict[str, dict]) -> str:
+    """Per learning rate, lag and arm: peak and summed KL k3, peak clip-low rate, steps until the
+    reward reaches 0.9, final reward; mean ± std over seeds."""
+    lines = ["| lr | lag | arm | seeds | peak KL k3 | KL k3 summed over steps | peak clip-low rate | steps to reward 0.9 "
+             "| final reward |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lr, runs in sweep.items():
+        for (arm, lag), seeds in sorted(runs.items(), key=lambda kv: (kv[0][1], list(ARMS).index(kv[0][0]))):
+            def cell(values, fmt):
+                return fmt.format(np.mean(values), np.std(values))
+            reached = [steps_to(s["reward"], 0.9) for s in seeds]
+            lines.append(" | ".join([
+                f"| {lr}", str(lag), arm, str(len(seeds)),
+                cell([np.nanmax(s["kl_k3"]) for s in seeds], "{:.3f} ± {:.3f}"),
+                cell([np.nansum(s["kl_k3"]) for s in seeds], "{:.1f} ± {:.1f}"),
+                cell([np.nanmax(s["clip_low_rate"]) for s in seeds], "{:.3f} ± {:.3f}"),
+                ", ".join("-" if r is None else str(r) for r in reached),
+                cell([final(s["reward"]) for s in seeds], "{:.3f} ± {:.3f}")]) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: dict[str, dict], path: Path, data_digest: str) -> None:
+    """KL k3 over steps, one row per learning rate, one column per lag; lower-bound arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lags = sorted({lag for runs in sweep.values() for _, lag in runs})
+    fig, axes = plt.subplots(len(sweep), len(lags), figsize=(3.2 * len(lags), 2.6 * len(sweep)), squeeze=False)
+    for row, (lr, runs) in zip(axes, sweep.items()):
+        for ax, lag in zip(row, lags):
+            if not any((arm, lag) in runs for arm in ARMS):
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"lr {lr}, lag {lag}:\nin the main study", ha="center", va="center", fontsize=9)
+                continue
+            for arm in ("cispo_low0_high4", "cispo_low0.8_high4"):
+                seeds = runs.get((arm, lag))
+                if not seeds:
+                    continue
+                values = np.stack([s["kl_k3"] for s in seeds])
+                line, = ax.plot(seeds[0]["step"], np.nanmean(values, 0), label=arm, lw=1.0)
+                ax.fill_between(seeds[0]["step"], np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(),
+                                alpha=0.2)
+            ax.set_title(f"lr {lr}, lag {lag}", fontsize=9)
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.grid(alpha=0.3)
+    axes[-1][-1].legend(fontsize=7)
+    fig.supxlabel("step")
+    fig.supylabel("sampler-trainer KL k3")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Description": f"data digest {data_digest}"})
+    plt.close(fig)
 
 
 def alert_table(runs) -> str:
@@ -159,6 +235,7 @@ def write_block(text: str, name: str, body: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--sweep", type=Path, default=SWEEP)
     args = parser.parse_args()
     runs = load(args.results)
     data_digest = digest(args.results)
@@ -172,9 +249,15 @@ def main() -> None:
             ("kl_high_bound", "kl_k3", "sampler-trainer KL k3", high_arms, True),
             ("reward_high_bound", "reward", "reward", high_arms, False)):
         plot(runs, metric, label, arms, FIGURES / f"{name}.png", data_digest, log)
+    sweep = load_sweep(args.sweep)
+    sweep_digest = digest_tree(args.sweep)
+    plot_sweep(sweep, FIGURES / "sweep_kl.png", sweep_digest)
     text = DOC.read_text()
     text = write_block(text, "digest", f"Data digest of results/*.csv: `{data_digest}` ({sum(map(len, runs.values()))} "
                                        f"runs, lags {sorted({lag for _, lag in runs})}).")
+    text = write_block(text, "sweep-digest", f"Data digest of sweep/lr*/*.csv: `{sweep_digest}` "
+                                             f"({sum(len(s) for r in sweep.values() for s in r.values())} runs).")
+    text = write_block(text, "sweep", sweep_table(sweep))
     text = write_block(text, "table", table(runs))
     text = write_block(text, "alerts", alert_table(runs))
     DOC.write_text(text)

@@ -11,6 +11,13 @@ so the trainer's importance ratio pi_n / pi_(n-k) moves away from 1 as k grows.
     .venv/bin/python examples/offpolicy/study.py            # starts its own server; ~45 min on 2 CPUs
     .venv/bin/python examples/offpolicy/report.py           # plots and table from the CSVs
 
+The sweep that looks for the feedback loop (docs/evidence.md; about 20 minutes):
+
+    for spec in "1e-3:16 32" "3e-3:0 8 16 32" "1e-2:0 8 16 32"; do lr=${spec%%:*}
+      .venv/bin/python examples/offpolicy/study.py --arms cispo_low0_high4 cispo_low0.8_high4 \
+        --lags ${spec#*:} --learning-rate $lr --results examples/offpolicy/sweep/lr$lr --workdir .offpolicy-sweep-$lr
+    done
+
 Resumable: a run whose CSV is complete is skipped; CSVs are written whole at the end of a run.
 """
 
@@ -33,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from rl_loop import sample_groups  # noqa: E402  the loop's sampling and advantages, shared
 RESULTS = HERE / "results"
+SWEEP = HERE / "sweep"  # one folder per learning rate, lr<value>/, written with --results
 FIELDS = ("step", "reward", "kl_k1", "kl_k3", "clip_high_rate", "clip_low_rate", "ratio_p10", "ratio_p50",
           "ratio_p90", "ratio_max", "grad_norm", "active_tokens")
 
