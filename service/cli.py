@@ -29,7 +29,8 @@ from cispo.service.auth import TokenFileError, load_tokens  # noqa: E402
 from cispo.service.tls import TlsConfigError, check_tls_files  # noqa: E402
 from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
                                   is_loopback)
-from cispo.worker import Engine, EngineConfig, checkpoint, load_policy_model  # noqa: E402
+from cispo.worker import EMBEDDED_MODEL_NAME, Engine, EngineConfig, checkpoint, load_policy_model  # noqa: E402
+from cispo.worker.runs import SingleRun, TrainingRuns  # noqa: E402
 from cispo.worker.sampler_weights import SERVING_DTYPES, ExportConfig  # noqa: E402
 from cispo.worker.sampling import SamplingLimits  # noqa: E402
 from cispo.worker.group import GroupEngine, init_group, run_worker, world_size_from_env  # noqa: E402
@@ -133,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler-max-shard-bytes", type=int, default=env("SAMPLER_MAX_SHARD_BYTES", 5 * 10**9, int),
                    help="above this, exported weights are sharded into several safetensors files with an index "
                         "[CISPO_SAMPLER_MAX_SHARD_BYTES]")
+    g.add_argument("--max-runs", type=int, default=env("MAX_RUNS", 16, int),
+                   help="most training runs (LoRA adapters, or the one full fine-tune) live at once; CreateModel "
+                        "over it answers RESOURCE_EXHAUSTED [CISPO_MAX_RUNS]")
+    g.add_argument("--model-name", default=env("MODEL_NAME", ""),
+                   help="the name CreateModel's base_model may give the served model; unset, the model "
+                        "directory's name, or embedded-tiny-llama [CISPO_MODEL_NAME]")
     g.add_argument("--sampler-cache-size", type=int, default=env("SAMPLER_CACHE_SIZE", 2, int),
                    help="saved sampler weights kept loaded for Sample requests that name them "
                         "[CISPO_SAMPLER_CACHE_SIZE]")
@@ -269,7 +276,8 @@ def server_config(args) -> ServerConfig:
                         max_message_bytes=args.max_message_bytes, max_tokens_per_request=args.max_tokens_per_request,
                         max_data_per_request=args.max_data_per_request, drain_seconds=args.drain_seconds, tls_cert_file=args.tls_cert_file,
                         tls_key_file=args.tls_key_file, tls_client_ca_file=args.tls_client_ca_file,
-                        auth_tokens_file=args.auth_tokens_file)
+                        auth_tokens_file=args.auth_tokens_file,
+                        model_name=args.model_name or (Path(args.model).name if args.model else EMBEDDED_MODEL_NAME))
 
 
 def check_security(config: ServerConfig, insecure: bool) -> None:
@@ -368,10 +376,14 @@ def run(args) -> None:
                                 args.sampler_cache_size))
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    engine = Engine(load_model(args, device), engine_config)
+    if args.max_runs < 1:
+        raise StartupError(f"--max-runs must be >= 1, got {args.max_runs}")
     if world_size == 1:
-        asyncio.run(serve(engine, config))
+        runs = TrainingRuns(load_model(args, device), engine_config, args.max_runs,
+                            reload=lambda: load_model(args, device))
+        asyncio.run(serve(runs, config))
         return
+    engine = Engine(load_model(args, device), engine_config)
     ctx = init_group(engine.policy.device)
     if ctx.rank != 0:
         # Rank 0 drains and then releases this rank; torchrun forwards SIGTERM to every rank.
@@ -380,7 +392,9 @@ def run(args) -> None:
         dist.destroy_process_group()
         return
     group = GroupEngine(engine, ctx, rank_timeout=args.rank_timeout_seconds)
-    asyncio.run(serve(group, config, world_size))
+    why = (f"this server is a data-parallel group of {world_size} ranks, which trains the default run only; "
+           "training runs (CreateModel) need a single-process server")
+    asyncio.run(serve(SingleRun(group, why), config, world_size, group))
     if group.broken is not None:
         logging.shutdown()
         os._exit(3)  # the engine thread may be stuck in a collective with the lost rank
@@ -408,20 +422,22 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-async def serve(engine, config: ServerConfig, world_size: int = 1) -> None:
-    """Serve until SIGTERM/SIGINT, then drain. `engine` is an Engine or a GroupEngine (rank 0)."""
-    server = TrainingServer(engine, config, world_size=world_size)
-    if isinstance(engine, GroupEngine):
-        engine.on_rank_lost = server.rank_lost
+async def serve(runs, config: ServerConfig, world_size: int = 1, group: GroupEngine | None = None) -> None:
+    """Serve `runs` until SIGTERM/SIGINT, then drain. `group`: rank 0's view of a data-parallel
+    group, whose one run `runs` serves."""
+    server = TrainingServer(runs, config, world_size=world_size)
+    if group is not None:
+        group.on_rank_lost = server.rank_lost
     try:
         port = await server.start()
     except StartupError:
-        if isinstance(engine, GroupEngine):
-            engine.shutdown()  # release the other ranks
+        if group is not None:
+            group.shutdown()  # release the other ranks
         raise
-    info = engine.info()
-    log.info("serving %s on %s:%d (metrics on :%s, device %s, dtype %s)", info.model_name, config.host, port,
-             server.metrics_port, info.device, info.dtype)
+    policy = runs.policy
+    log.info("serving %s on %s:%d (metrics on :%s, device %s, dtype %s, at most %d runs)", policy.name, config.host,
+             port, server.metrics_port, policy.device.type, str(policy.compute_dtype).removeprefix("torch."),
+             runs.max_runs)
     # The garbage collector's passes hold the GIL, so they stall the event loop: keep the model,
     # torch and transformers (millions of long-lived objects) out of them, and make passes over
     # the young objects of a request of many datums rare (see BENCHMARKS.md, event loop).
@@ -434,5 +450,5 @@ async def serve(engine, config: ServerConfig, world_size: int = 1) -> None:
     print(f"cispo-server listening on port {port} metrics {server.metrics_port}", flush=True)
     await stop.wait()
     await server.drain()
-    if isinstance(engine, GroupEngine):
-        engine.shutdown()
+    if group is not None:
+        group.shutdown()

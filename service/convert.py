@@ -13,6 +13,8 @@ import torch
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, LimitExceeded, Sample
 from cispo.worker.sampling import SampleRequest, SampleResult, SamplingParams
+from cispo.worker.lora import LoraSpec
+from cispo.worker.runs import RunInfo
 
 RAW_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_INT64: np.dtype("<i8"),
@@ -171,7 +173,8 @@ def decode_adam_params(req: pb.OptimStepRequest) -> AdamParams:
     return AdamParams(**given)
 
 
-def encode_info(info: EngineInfo, limits: Mapping[str, int], world_size: int) -> pb.GetInfoResponse:
+def encode_info(info: EngineInfo, limits: Mapping[str, int], world_size: int, run: RunInfo | None = None,
+                base_model: str = "", num_runs: int = 0, max_runs: int = 0) -> pb.GetInfoResponse:
     return pb.GetInfoResponse(
         model_name=info.model_name,
         vocab_size=info.vocab_size,
@@ -188,4 +191,29 @@ def encode_info(info: EngineInfo, limits: Mapping[str, int], world_size: int) ->
         num_parameters=info.num_parameters,
         has_tokenizer=info.has_tokenizer,
         eos_token_ids=list(info.eos_token_ids),
+        model_id=run.model_id if run is not None else "",
+        lora_config=encode_lora_config(run.lora) if run is not None and run.lora is not None else None,
+        base_model=base_model,
+        num_runs=num_runs,
+        max_runs=max_runs,
     )
+
+
+def decode_lora_config(config: pb.LoraConfig) -> LoraSpec:
+    """The LoRA options of a CreateModel request, defaults filled in; InvalidInput if bad."""
+    given = {f: getattr(config, f) for f in ("rank", "seed", "train_mlp", "train_attn", "train_unembed")
+             if config.HasField(f)}
+    try:
+        return LoraSpec(**given)
+    except ValueError as exc:
+        raise InvalidInput([FieldViolation("lora_config", str(exc))]) from None
+
+
+def encode_lora_config(spec: LoraSpec) -> pb.LoraConfig:
+    return pb.LoraConfig(**spec.to_dict())
+
+
+def encode_run_info(run: RunInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(model_id=run.model_id, lora_config=encode_lora_config(run.lora) if run.lora else None,
+                        step=run.step, trainable_parameters=run.trainable_parameters,
+                        trainable_bytes=run.trainable_bytes, created=run.created, last_used=run.last_used)

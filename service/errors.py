@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from cispo.worker import (ComputeFailed, FieldViolation, InvalidInput, LimitExceeded, PermissionDenied,
-                          RankUnavailable, StateNotFound, StepRefused)
+                          RankUnavailable, RunConflict, RunNotFound, StateNotFound, StepRefused)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,10 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             error_details_pb2.QuotaFailure.Violation(subject=exc.limit, description=clip(str(exc), MAX_DESCRIPTION_CHARS))
         ])
         return _status(code_pb2.RESOURCE_EXHAUSTED, str(exc), details)
-    if isinstance(exc, (StateNotFound, StepRefused)):
+    if isinstance(exc, (StateNotFound, StepRefused, RunConflict)):
         return _status(code_pb2.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, RunNotFound):
+        return _status(code_pb2.NOT_FOUND, str(exc))
     if isinstance(exc, PermissionDenied):
         return _status(code_pb2.PERMISSION_DENIED, str(exc))
     if isinstance(exc, (Unavailable, RankUnavailable)):

@@ -14,10 +14,10 @@ from prometheus_client.process_collector import ProcessCollector
 from cispo.worker import LOSS_FUNCTIONS, RATIO_BUCKET_EDGES, BatchStats
 
 OPS = ("get_info", "forward", "forward_backward", "optim_step", "save_state", "load_state", "save_weights_for_sampler",
-       "sample")
+       "sample", "create_model", "list_models", "unload_model")
 # The codes a failed operation can get (service.errors.to_status).
-ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "PERMISSION_DENIED", "UNAVAILABLE",
-               "INTERNAL")
+ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "PERMISSION_DENIED", "NOT_FOUND",
+               "UNAVAILABLE", "INTERNAL")
 CLIP_FRACTION_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 KL_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 5.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

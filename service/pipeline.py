@@ -1,9 +1,11 @@
-"""The ordered operation pipeline of the one training state.
+"""The ordered operation pipeline of the training runs.
 
-Operations run one at a time, in the order submitted, on a dedicated engine thread, while the
-event loop goes on decoding and validating the next requests. At most `capacity` operations
-wait; `submit` blocks beyond that, so a stream's reader stops reading and gRPC flow control
-slows the client (back-pressure) instead of memory growing.
+Operations run one at a time on a dedicated engine thread, while the event loop goes on decoding
+and validating the next requests. Each training run has a lane: its operations run in the order
+submitted, and lanes with waiting operations take turns (round robin), so a long queue on one run
+does not starve another. At most `capacity` operations wait per lane; `submit` blocks beyond
+that, so a stream's reader stops reading and gRPC flow control slows the client (back-pressure)
+instead of memory growing.
 
 Batching. A `Batchable` operation (a sample) runs together with the batchable operations of the
 same `run_batch` queued right behind it, up to a budget of their costs: operations that only
@@ -19,9 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-_STOP = object()
-
-
 @dataclass(frozen=True)
 class Batchable:
     """An operation that may share an engine call: `run_batch([item, ...])` returns one result
@@ -34,13 +33,20 @@ class Batchable:
 
 
 class OperationPipeline:
-    def __init__(self, capacity: int = 8, batch_capacity: int = 256):
-        if capacity < 1 or batch_capacity < 1:
-            raise ValueError(f"capacities must be >= 1, got {capacity} and {batch_capacity}")
+    def __init__(self, capacity: int = 8, batch_capacity: int = 256, max_lanes: int = 17):
+        """At most `capacity` operations (`batch_capacity` batchable ones) wait per lane, and
+        lanes with waiting operations are served in turn; at most `max_lanes` lanes' worth of
+        operations wait in all."""
+        if capacity < 1 or batch_capacity < 1 or max_lanes < 1:
+            raise ValueError(f"capacities must be >= 1, got {capacity}, {batch_capacity} and {max_lanes}")
         self.capacity = capacity
         self.batch_capacity = batch_capacity
-        self._queue: deque = deque()  # (fn or Batchable or _STOP, future)
-        self._waiting = {False: 0, True: 0}  # queued operations, by whether they are batchable
+        self.max_lanes = max_lanes
+        self._lanes: dict[Any, deque] = {}  # lane -> (fn or Batchable, future), in submission order
+        self._turns: deque = deque()  # lanes with waiting operations, in the order they are served
+        self._waiting: dict[tuple[Any, bool], int] = {}  # (lane, batchable) -> waiting operations
+        self._total = {False: 0, True: 0}
+        self._closing = False
         self._changed = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cispo-engine")
         self._runner: asyncio.Task | None = None
@@ -52,27 +58,40 @@ class OperationPipeline:
     @property
     def depth(self) -> int:
         """Operations accepted and waiting to run."""
-        return len(self._queue)
+        return self._total[False] + self._total[True]
 
     @property
     def batchable_depth(self) -> int:
         """Batchable operations (samples) accepted and waiting to run."""
-        return self._waiting[True]
+        return self._total[True]
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
 
-    async def submit(self, fn: Callable[[], Any] | Batchable) -> asyncio.Future:
-        """Queue `fn` (waiting for room) and return the future of its result."""
+    async def submit(self, fn: Callable[[], Any] | Batchable, lane: Any = None) -> asyncio.Future:
+        """Queue `fn` in `lane` (waiting for room) and return the future of its result.
+        Operations of one lane run in submission order; lanes take turns."""
         batchable = isinstance(fn, Batchable)
         room = self.batch_capacity if batchable else self.capacity
+
+        def has_room() -> bool:
+            return (self._failure is not None or self._closing or
+                    (self._waiting.get((lane, batchable), 0) < room and
+                     self._total[batchable] < room * self.max_lanes))
+
         async with self._changed:
-            await self._changed.wait_for(lambda: self._failure is not None or self._waiting[batchable] < room)
+            await self._changed.wait_for(has_room)
             if self._failure is not None:
                 raise self._failure
+            if self._closing:
+                raise RuntimeError("the pipeline is closed")
             future = asyncio.get_running_loop().create_future()
-            self._queue.append((fn, future))
-            self._waiting[batchable] += 1
+            if lane not in self._lanes:
+                self._lanes[lane] = deque()
+                self._turns.append(lane)
+            self._lanes[lane].append((fn, future))
+            self._waiting[lane, batchable] = self._waiting.get((lane, batchable), 0) + 1
+            self._total[batchable] += 1
             self.accepted += 1
             self._changed.notify_all()
         return future
@@ -83,10 +102,12 @@ class OperationPipeline:
         blocked; `close` does not wait for it."""
         self._failure = exc
         pending = list(self._running)
-        while self._queue:
-            fn, future = self._queue.popleft()
-            pending.append(future)
-        self._waiting = {False: 0, True: 0}
+        for queue in self._lanes.values():
+            pending += [future for _, future in queue]
+        self._lanes.clear()
+        self._turns.clear()
+        self._waiting.clear()
+        self._total = {False: 0, True: 0}
         for future in pending:
             if future is not None and not future.done():
                 future.set_exception(exc)
@@ -100,7 +121,7 @@ class OperationPipeline:
             self._executor.shutdown(wait=False)
             return
         async with self._changed:
-            self._queue.append((_STOP, None))
+            self._closing = True
             self._changed.notify_all()
         if self._runner is not None:
             await self._runner
@@ -111,32 +132,42 @@ class OperationPipeline:
             self._changed.notify_all()
 
     def _take(self) -> list[tuple[Any, asyncio.Future]]:
-        """The next operation, with the batchable ones right behind it that join its batch."""
-        taken = [self._queue.popleft()]
+        """The next lane's next operation, with the batchable ones right behind it in that lane
+        that join its batch; the lane goes to the back of the turns."""
+        lane = self._turns.popleft()
+        queue = self._lanes[lane]
+        taken = [queue.popleft()]
         first = taken[0][0]
         if isinstance(first, Batchable):
             cost = first.cost
-            while self._queue:
-                fn = self._queue[0][0]
+            while queue:
+                fn = queue[0][0]
                 if not (isinstance(fn, Batchable) and fn.run_batch == first.run_batch
                         and cost + fn.cost <= first.budget):
                     break
                 cost += fn.cost
-                taken.append(self._queue.popleft())
-        if first is not _STOP:
-            self._waiting[isinstance(first, Batchable)] -= len(taken)
+                taken.append(queue.popleft())
+        if queue:
+            self._turns.append(lane)
+        else:
+            del self._lanes[lane]
+        batchable = isinstance(first, Batchable)
+        self._waiting[lane, batchable] -= len(taken)
+        if not self._waiting[lane, batchable]:
+            del self._waiting[lane, batchable]
+        self._total[batchable] -= len(taken)
         return taken
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: self._queue)
+                await self._changed.wait_for(lambda: self._turns or self._closing)
+                if not self._turns:
+                    return
                 taken = self._take()
                 self._changed.notify_all()
             first = taken[0][0]
-            if first is _STOP:
-                return
             futures = [future for _, future in taken]
             self._running = futures
             try:

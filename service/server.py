@@ -74,28 +74,33 @@ class ServerConfig:
     """Completed operations whose idempotency keys are remembered (the most recent)."""
     idempotency_bytes: int = 256 << 20
     """At most this many bytes of remembered answers."""
+    model_name: str = ""
+    """The name CreateModel.base_model may give the served model ("" = its own name)."""
 
 
 class TrainingServer:
     """One server process. `start()` binds; `drain()` stops accepting, finishes, exits."""
 
-    def __init__(self, engine, config: ServerConfig, registry: CollectorRegistry | None = None, world_size: int = 1):
-        self.engine = engine
+    def __init__(self, runs, config: ServerConfig, registry: CollectorRegistry | None = None, world_size: int = 1):
+        """`runs`: the training runs served (worker.runs.TrainingRuns, or SingleRun for a group)."""
+        self.runs = runs
         self.config = config
         self.metrics = ServiceMetrics(registry)
         self.metrics.world_size.set(world_size)
-        if engine.policy.device.type == "cuda":
-            self.metrics.track_cuda_memory(engine.policy.device)
+        policy, engine_config = runs.policy, runs.config
+        if policy.device.type == "cuda":
+            self.metrics.track_cuda_memory(policy.device)
         limits = dict(max_message_bytes=config.max_message_bytes, max_tokens_per_request=config.max_tokens_per_request,
-                      max_sequence_length=engine.info().max_sequence_length,
+                      max_sequence_length=policy.max_sequence_length,
                       idempotency_keys_remembered=config.idempotency_keys,
                       max_data_per_request=config.max_data_per_request,
-                      max_sample_tokens=engine.config.sampling.max_sample_tokens,
-                      max_num_samples=engine.config.sampling.max_num_samples,
-                      max_sample_request_tokens=engine.config.sampling.max_sample_request_tokens)
-        self.pipeline = OperationPipeline(config.queue_capacity, config.sample_queue_capacity)
-        self.servicer = TrainingServicer(engine, self.pipeline, self.metrics, limits, world_size,
-                                         IdempotencyCache(config.idempotency_keys, config.idempotency_bytes))
+                      max_sample_tokens=engine_config.sampling.max_sample_tokens,
+                      max_num_samples=engine_config.sampling.max_num_samples,
+                      max_sample_request_tokens=engine_config.sampling.max_sample_request_tokens)
+        self.pipeline = OperationPipeline(config.queue_capacity, config.sample_queue_capacity, runs.max_runs + 1)
+        self.servicer = TrainingServicer(runs, self.pipeline, self.metrics, limits, world_size,
+                                         IdempotencyCache(config.idempotency_keys, config.idempotency_bytes),
+                                         base_model=config.model_name)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None

@@ -18,6 +18,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,9 @@ from cispo.service.log_limits import RateLimitedLog
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import Batchable, OperationPipeline
 from cispo.v1 import training_pb2 as pb
-from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
-from cispo.worker.checkpoint import state_dir
+from cispo.worker import EngineInfo, FieldViolation, InvalidInput, LimitExceeded
+from cispo.worker.checkpoint import NAME_PATTERN, state_dir
+from cispo.worker.runs import DEFAULT_RUN
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ UNARY_METHODS: dict[str, tuple[str, type]] = {
     "LoadState": ("load_state", pb.LoadStateRequest),
     "SaveWeightsForSampler": ("save_weights_for_sampler", pb.SaveWeightsForSamplerRequest),
     "Sample": ("sample", pb.SampleRequest),
+    "CreateModel": ("create_model", pb.CreateModelRequest),
+    "ListModels": ("list_models", pb.ListModelsRequest),
+    "UnloadModel": ("unload_model", pb.UnloadModelRequest),
 }
 # Threads that parse, validate and encode (they hold the GIL in turns with the event loop).
 CODEC_THREADS = 2
@@ -66,6 +71,7 @@ class Prepared:
     encode: Callable[[Any], tuple[Any, dict]]  # engine result -> (response message, log fields)
     idempotency_key: str
     fingerprint: bytes
+    lane: str | None  # the pipeline lane: the run's id; None for operations on the set of runs
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,12 @@ class Decoded:
 
 
 class TrainingServicer:
-    def __init__(self, engine, pipeline: OperationPipeline, metrics: ServiceMetrics, limits: dict[str, int],
-                 world_size: int = 1, idempotency: IdempotencyCache | None = None):
-        self.engine = engine
+    def __init__(self, runs, pipeline: OperationPipeline, metrics: ServiceMetrics, limits: dict[str, int],
+                 world_size: int = 1, idempotency: IdempotencyCache | None = None, base_model: str = ""):
+        """`runs`: the training runs (worker.runs.TrainingRuns or SingleRun); `base_model`: the
+        name CreateModel may give the served model."""
+        self.runs = runs
+        self.base_model = base_model or runs.policy.name
         self.pipeline = pipeline
         self.metrics = metrics
         self.limits = limits
@@ -202,25 +211,34 @@ class TrainingServicer:
                                                        f"({len(body)} bytes: {clip(str(exc), 80)})")]) from None
 
     def _prepare(self, op: str, request) -> Prepared:
-        """The engine call and result encoder of one operation; raises on invalid input."""
-        engine, metrics = self.engine, self.metrics
+        """The engine call and result encoder of one operation; raises on invalid input. The
+        call finds its run when it executes, in its run's lane, so it sees every earlier
+        CreateModel and UnloadModel."""
+        runs, metrics = self.runs, self.metrics
         key = getattr(request, "idempotency_key", "")
         check_key(key)
         digest = fingerprint(op, request) if key else b""
+        owner = current_identity()
+        model_id = _model_id(request)
+        lane = model_id or DEFAULT_RUN
+
+        def prepared(call, encode, keyed: bool = True) -> Prepared:
+            return Prepared(call, encode, key if keyed else "", digest if keyed else b"", lane)
+
         if op in ("forward", "forward_backward"):
             samples, loss_fn, config = convert.decode_forward_backward(request, self.limits["max_data_per_request"],
                                                                        self.limits["max_tokens_per_request"])
             try:
-                engine.validate(samples, loss_fn, config)
+                runs.validate(samples, loss_fn, config)
             except Exception:
                 _release(samples)
                 raise
-            run = engine.forward if op == "forward" else engine.forward_backward
             typed = request.typed_outputs
 
             def call():
                 try:
-                    return run(samples, loss_fn, config)
+                    engine = runs.get(model_id, owner)
+                    return (engine.forward if op == "forward" else engine.forward_backward)(samples, loss_fn, config)
                 finally:
                     _release(samples)
 
@@ -233,7 +251,7 @@ class TrainingServicer:
                 return response, {"tokens": stats.tokens, "loss": stats.loss_sum,
                                   "clip_rate": (stats.clipped_high + stats.clipped_low) / active}
 
-            return Prepared(call, encode_batch, key, digest)
+            return prepared(call, encode_batch)
         if op == "optim_step":
             adam = convert.decode_adam_params(request)
 
@@ -243,10 +261,9 @@ class TrainingServicer:
                     "grad_norm:max": result.grad_norm, "learning_rate:max": result.learning_rate}), {
                     "grad_norm": result.grad_norm, "step": result.step}
 
-            return Prepared(lambda: engine.optim_step(adam), encode_step, key, digest)
-        owner = current_identity()
+            return prepared(lambda: runs.get(model_id, owner).optim_step(adam), encode_step)
         if op == "sample":
-            sample = engine.validate_sample(convert.decode_sample_request(request, owner))
+            sample = runs.validate_sample(convert.decode_sample_request(request, owner))
             typed = request.typed_outputs
 
             def encode_sample(result):
@@ -254,28 +271,91 @@ class TrainingServicer:
                 return convert.encode_sample_result(result, typed), {
                     "sequences": len(result.sequences), "sampled_tokens": sum(len(s.tokens) for s in result.sequences)}
 
-            batch = Batchable(sample, engine.sample, sample.cost, engine.config.sampling.max_sample_request_tokens)
-            return Prepared(batch, encode_sample, key, digest)
+            batch = Batchable((model_id, sample), runs.sample, sample.cost, runs.config.sampling.max_sample_request_tokens)
+            return prepared(batch, encode_sample)
         if op == "save_weights_for_sampler":
-            name = request.name
-            state_dir(engine.config.export.sampler_dir, name)
-            return Prepared(lambda: (engine.save_weights_for_sampler(name, owner=owner), engine.info().step), lambda r: (
+            name, merged = request.name, request.merged
+            state_dir(runs.config.export.sampler_dir, name)
+
+            def save_export():
+                engine = runs.get(model_id, owner)
+                return engine.save_weights_for_sampler(name, owner=owner, merged=merged), engine.info().step
+
+            return prepared(save_export, lambda r: (
                 pb.SaveWeightsForSamplerResponse(name=name, path=str(r[0].absolute()), step=r[1]),
-                {"name": name, "step": r[1]}), key, digest)
+                {"name": name, "step": r[1]}))
         if op == "save_state":
             name = request.name
-            state_dir(engine.config.checkpoint_dir, name)  # reject a bad name before queueing
-            return Prepared(lambda: (engine.save_state(name, owner=owner), engine.info().step), lambda r: (
-                pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1]), {"name": name, "step": r[1]}), key, digest)
+            state_dir(runs.config.checkpoint_dir, name)  # reject a bad name before queueing
+
+            def save():
+                engine = runs.get(model_id, owner)
+                return engine.save_state(name, owner=owner), engine.info().step
+
+            return prepared(save, lambda r: (pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1]),
+                                             {"name": name, "step": r[1]}))
         if op == "load_state":
             name, with_optimizer = request.name, request.with_optimizer
-            state_dir(engine.config.checkpoint_dir, name)
-            return Prepared(lambda: engine.load_state(name, with_optimizer, owner=owner), lambda step: (
-                pb.LoadStateResponse(name=name, step=step), {"name": name, "step": step}), key, digest)
+            state_dir(runs.config.checkpoint_dir, name)
+            return prepared(lambda: runs.get(model_id, owner).load_state(name, with_optimizer, owner=owner),
+                            lambda step: (pb.LoadStateResponse(name=name, step=step), {"name": name, "step": step}))
         if op == "get_info":
-            return Prepared(engine.info, lambda info: (convert.encode_info(info, self.limits, self.world_size), {}),
-                            "", b"")
+            return prepared(lambda: self._info(model_id, owner), lambda info: (info, {}), keyed=False)
+        if op == "create_model":
+            self._check_base_model(request.base_model)
+            create = self._creation(request, owner)
+
+            def create_run():
+                created = create()
+                return created, self._info(created, owner)
+
+            return Prepared(create_run, lambda r: (pb.CreateModelResponse(model_id=r[0], info=r[1]), {"model_id": r[0]}),
+                            key, digest, None)
+        if op == "list_models":
+            return Prepared(lambda: runs.list(owner), lambda infos: (
+                pb.ListModelsResponse(models=[convert.encode_run_info(i) for i in infos]), {"runs": len(infos)}),
+                "", b"", None)
+        if op == "unload_model":
+            if not model_id:
+                raise InvalidInput([FieldViolation("model_id", "name the run to unload")])
+            return prepared(lambda: runs.unload(model_id, owner), lambda _: (
+                pb.UnloadModelResponse(model_id=model_id), {"model_id": model_id}))
         raise AssertionError(f"unknown op {op}")
+
+    def _info(self, model_id: str, owner: str | None) -> pb.GetInfoResponse:
+        """GetInfo of run `model_id` ("": the default run if it is live, else the base alone)."""
+        runs = self.runs
+        run = None
+        if model_id or any(r.model_id == DEFAULT_RUN for r in runs.list(owner)):
+            run = runs.info(model_id or DEFAULT_RUN, owner)
+            engine_info = runs.get(run.model_id, owner).info()
+        else:
+            engine_info = EngineInfo(
+                model_name=runs.policy.name, vocab_size=runs.policy.vocab_size,
+                max_sequence_length=runs.policy.max_sequence_length, device=runs.policy.device.type,
+                dtype=str(runs.policy.compute_dtype).removeprefix("torch."),
+                num_parameters=sum(p.numel() for p in runs.policy.model.parameters()), step=0,
+                has_tokenizer=runs.policy.tokenizer is not None, eos_token_ids=runs.policy.eos_token_ids)
+        return convert.encode_info(engine_info, self.limits, self.world_size, run=run, base_model=self.base_model,
+                                   num_runs=len(runs), max_runs=runs.max_runs)
+
+    def _check_base_model(self, base_model: str) -> None:
+        if base_model and base_model not in (self.base_model, self.runs.policy.name):
+            raise InvalidInput([FieldViolation("base_model", f"{clip(base_model, 80)!r} is not the model this server "
+                                                             f"serves; give '{self.base_model}' or leave it empty")])
+
+    def _creation(self, request: pb.CreateModelRequest, owner: str | None) -> Callable[[], str]:
+        """The call that makes the run CreateModel asks for (validated here)."""
+        kind = request.WhichOneof("kind")
+        if kind == "from_state":
+            ref = request.from_state
+            name = Path(ref.path).name if "/" in ref.path else ref.path
+            state_dir(self.runs.config.checkpoint_dir, name)
+            return lambda: self.runs.create_from_state(owner, name, ref.with_optimizer)
+        if kind == "full_fine_tuning":
+            return lambda: self.runs.create(owner, None)
+        spec = convert.decode_lora_config(request.lora_config)
+        return lambda: self.runs.create(owner, spec)
 
     # -- the two halves of every operation -------------------------------------------------------
 
@@ -298,7 +378,7 @@ class TrainingServicer:
                     return asyncio.ensure_future(self._replay(op, earlier, started))
                 placeholder = loop.create_future()
                 self.idempotency.remember(identity, prepared.idempotency_key, prepared.fingerprint, placeholder)
-            engine_future = await self.pipeline.submit(prepared.call)
+            engine_future = await self.pipeline.submit(prepared.call, prepared.lane)
         except BaseException as exc:
             if placeholder is not None:
                 placeholder.set_result(to_status(Unavailable("the operation was not accepted")))
@@ -307,19 +387,20 @@ class TrainingServicer:
                 raise
             return _done(self._failed(op, exc, started))
         self._observe_queue()
-        answer = asyncio.ensure_future(self._answer(op, engine_future, prepared.encode, started, identity))
+        answer = asyncio.ensure_future(self._answer(op, engine_future, prepared.encode, started, identity,
+                                                    prepared.lane))
         if placeholder is not None:
             answer.add_done_callback(lambda done: placeholder.set_result(done.result()))
         return answer
 
     async def _answer(self, op: str, engine_future: asyncio.Future, encode: Callable, started: float,
-                      identity: str | None):
+                      identity: str | None, lane: str | None):
         try:
             result = await engine_future
             response, fields = await asyncio.get_running_loop().run_in_executor(self._codec, encode, result)
         except Exception as exc:  # noqa: BLE001
             return self._failed(op, exc, started)
-        self._succeeded(op, started, identity, fields)
+        self._succeeded(op, started, identity, {"run": lane or "-", **fields})
         return response
 
     async def _replay(self, op: str, earlier: asyncio.Future, started: float):
@@ -337,7 +418,7 @@ class TrainingServicer:
         self._observe_queue()
         self.metrics.inflight.dec()
         self.metrics.request_seconds.labels(op).observe(seconds)
-        fields = {"op": op, "run": "default", "identity": identity or "-", "seconds": round(seconds, 4), **fields}
+        fields = {"op": op, "identity": identity or "-", "seconds": round(seconds, 4), **fields}
         log.info(" ".join(f"{k}={_short(v)}" for k, v in fields.items()), extra={"fields": fields})
 
     def _observe_queue(self) -> None:
@@ -352,6 +433,15 @@ class TrainingServicer:
         self._rejections.log("", "op=%s identity=%s code=%s: %s", op, current_identity() or "-", code_name(status),
                              clip(status.message, 200))
         return status
+
+
+def _model_id(request) -> str:
+    """The request's run id, checked ("" = the default run)."""
+    model_id = getattr(request, "model_id", "")
+    if model_id and not NAME_PATTERN.fullmatch(model_id):
+        raise InvalidInput([FieldViolation("model_id", f"{clip(model_id, 80)!r} is not a run id (CreateModel answers "
+                                                       "them; empty names the default run)")])
+    return model_id
 
 
 def _release(items: list) -> None:

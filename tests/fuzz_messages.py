@@ -61,7 +61,7 @@ OP_METHOD = {"forward": "Forward", "forward_backward": "ForwardBackward", "optim
              "save_state": "SaveState", "load_state": "LoadState", "get_info": "GetInfo"}
 METHOD_OP = {m: op for op, m in OP_METHOD.items()}
 
-OK, IA, RE, FP = "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"
+OK, IA, RE, FP, NF = "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND"
 NEVER = ("UNKNOWN", "INTERNAL")
 
 LOSSES = ("cispo", "ppo", "importance_sampling", "cross_entropy")
@@ -506,6 +506,11 @@ def _route(method: str, body: bytes, ctx: Context):
         return "Stream", frozenset(expected), checks
     if len(getattr(msg, "idempotency_key", "")) > 128:
         return method, frozenset({IA}), {}
+    model_id = getattr(msg, "model_id", "")
+    if model_id and name_certainly_invalid(model_id):
+        return method, frozenset({IA}), {}
+    if model_id not in ("", "default"):  # the fuzzer's server has the default run only
+        return method, frozenset({NF, IA, RE} if method in ("Forward", "ForwardBackward") else {NF, IA}), {}
     if method == "GetInfo":
         return method, frozenset({OK}), {}
     if method in ("Forward", "ForwardBackward"):

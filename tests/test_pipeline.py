@@ -122,3 +122,24 @@ def test_batchable_operations_share_a_call_without_crossing_other_operations():
     assert calls == [["a", "b", "c"], ["d"], ["e", "bad"]]
     assert results[:6] == [("a", 0), ("b", 0), ("c", 0), ("d", 0), "stepped", ("e", 1)]
     assert isinstance(results[6], ValueError) and depth == 0
+
+
+def test_lanes_keep_their_own_order_and_take_turns():
+    async def main():
+        pipeline = OperationPipeline(capacity=8)
+        pipeline.start()
+        release = threading.Event()
+        seen = []
+        blocker = await pipeline.submit(release.wait, lane="a")
+        await asyncio.sleep(0.05)
+        futures = [await pipeline.submit(lambda i=i: seen.append(("a", i)), lane="a") for i in range(6)]
+        futures += [await pipeline.submit(lambda i=i: seen.append(("b", i)), lane="b") for i in range(2)]
+        release.set()
+        await asyncio.gather(blocker, *futures)
+        await pipeline.close()
+        return seen
+
+    seen = asyncio.run(main())
+    # A long queue on lane a does not hold lane b back: they alternate while both wait.
+    assert seen[:4] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert [i for lane, i in seen if lane == "a"] == list(range(6))

@@ -103,7 +103,7 @@ def test_saving_replaces_atomically_and_belongs_to_its_owner(tmp_path):
     r = engine.validate_sample(SampleRequest(torch.tensor([1, 2]), 1, SamplingParams(max_tokens=2), model_path="mine",
                                              owner="bob"))
     assert isinstance(engine.sample([r])[0], PermissionDenied)
-    engine.exports._models.clear()  # the owner is checked on a load from disk too
+    engine.exports._weights.clear()  # the owner is checked on a load from disk too
     assert isinstance(engine.sample([r])[0], PermissionDenied)
     train_a_step(engine)
     path = engine.save_weights_for_sampler("mine", owner="alice")

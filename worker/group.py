@@ -224,10 +224,10 @@ class GroupEngine:
             raise self.broken
         return self.local.sample(requests)
 
-    def save_weights_for_sampler(self, name: str, owner: str | None = None):
+    def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False):
         if self.broken is not None:
             raise self.broken
-        return self.local.save_weights_for_sampler(name, owner)
+        return self.local.save_weights_for_sampler(name, owner, merged)
 
     def shutdown(self) -> None:
         """Release the other ranks (they exit their loop)."""

@@ -66,6 +66,10 @@ class _Runs:
     def get(self, model_id: str, owner: str | None):
         raise NotImplementedError
 
+    def export_sampler(self):
+        """An engine that samples saved sampler weights (it needs no run of its own)."""
+        raise NotImplementedError
+
     def validate(self, samples: list[Sample], loss_fn: str, loss_fn_config: Mapping[str, float] | None):
         """The loss and its resolved config (the base decides; every run shares it)."""
         return validate_forward(self.policy, self.config, samples, loss_fn, loss_fn_config)
@@ -77,14 +81,15 @@ class _Runs:
         """Sample every (model_id, validated request), those of one run in one batch; a request
         whose run its owner cannot see gets RunNotFound in its place."""
         results: list = [None] * len(items)
-        by_run: dict[str, list[int]] = {}
-        for i, (model_id, _) in enumerate(items):
-            by_run.setdefault(model_id, []).append(i)
-        for model_id, indices in by_run.items():
+        by_run: dict[tuple[str, bool], list[int]] = {}
+        for i, (model_id, request) in enumerate(items):
+            # Saved weights named by path need no run (unless the request names one).
+            by_run.setdefault((model_id, bool(request.model_path) and not model_id), []).append(i)
+        for (model_id, saved_weights), indices in by_run.items():
             engine, allowed = None, []
             for i in indices:
                 try:
-                    engine = self.get(model_id, items[i][1].owner)
+                    engine = self.export_sampler() if saved_weights else self.get(model_id, items[i][1].owner)
                     allowed.append(i)
                 except (RunNotFound, RunConflict) as exc:
                     results[i] = exc
@@ -106,6 +111,9 @@ class SingleRun(_Runs):
     def get(self, model_id: str, owner: str | None):
         if model_id not in ("", DEFAULT_RUN):
             raise RunNotFound(f"no training run '{model_id}': {self.why}")
+        return self.engine
+
+    def export_sampler(self):
         return self.engine
 
     def info(self, model_id: str, owner: str | None) -> RunInfo:
@@ -144,6 +152,7 @@ class TrainingRuns(_Runs):
         self._runs: dict[str, _Run] = {}
         self._base_used_by: str | None = None  # "full", "lora" or "changed" (by a full run now gone)
         self.exports = ExportCache(config.export.cache_size)
+        self._export_sampler: Engine | None = None
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -156,6 +165,11 @@ class TrainingRuns(_Runs):
         run = self._visible(model_id, owner)
         run.last_used = time.time()
         return run.engine
+
+    def export_sampler(self) -> Engine:
+        if self._export_sampler is None:
+            self._export_sampler = Engine(self.policy, self.config, exports=self.exports)
+        return self._export_sampler
 
     def info(self, model_id: str, owner: str | None) -> RunInfo:
         return self._info(model_id, self._visible(model_id, owner))
@@ -234,7 +248,7 @@ class TrainingRuns(_Runs):
             raise RunConflict("the base model was changed by an earlier run of the other kind, and this server cannot "
                               "reload it")
         fresh = self._reload()
-        self.exports = ExportCache(self.config.export.cache_size)
+        self.exports, self._export_sampler = ExportCache(self.config.export.cache_size), None
         self.policy.model, self.policy.peft = fresh.model, None
 
     def _visible(self, model_id: str, owner: str | None) -> _Run:
