@@ -24,6 +24,7 @@ from .errors import (
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
@@ -31,6 +32,7 @@ from .errors import (
 )
 from .futures import APIFuture
 from .sampling_client import SamplingClient
+from .service_client import ServiceClient
 from .types import (
     AdamParams,
     Datum,
@@ -42,6 +44,7 @@ from .types import (
     LossFnOutput,
     LossFnType,
     LossFunctionInfo,
+    ModelInfo,
     ModelInput,
     OptimStepResponse,
     SampledSequence,
@@ -70,7 +73,9 @@ __all__ = [
     "LossFnOutput",
     "LossFnType",
     "LossFunctionInfo",
+    "ModelInfo",
     "ModelInput",
+    "NotFoundError",
     "OptimStepResponse",
     "PermissionDeniedError",
     "ResourceExhaustedError",
@@ -80,6 +85,7 @@ __all__ = [
     "SamplingParams",
     "SaveStateResponse",
     "SaveWeightsForSamplerResponse",
+    "ServiceClient",
     "StopReason",
     "TensorData",
     "TrainingClient",

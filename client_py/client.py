@@ -17,6 +17,7 @@ carry the server's field violations.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import uuid
 import weakref
@@ -72,6 +73,7 @@ class TrainingClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str]] = (),
         max_retries: int = 5,
+        model_id: str = "",
     ) -> None:
         """
         target: "host:port" of the server (any gRPC target string).
@@ -93,6 +95,8 @@ class TrainingClient:
         max_retries: times an operation is resent after UNAVAILABLE or a broken stream, with
             backoff (0.2 s, doubling, at most 5 s). Every mutating request carries an
             idempotency key, so the server applies a resent operation once.
+        model_id: the training run every call names (see ServiceClient); "" = the server's
+            default run, a full fine-tune.
         """
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
@@ -123,6 +127,7 @@ class TrainingClient:
             metadata = (*metadata, ("authorization", f"Bearer {token.strip()}"))
         self.target = target
         self.max_message_bytes = max_message_bytes
+        self.model_id = model_id
         self._transport = Transport(
             target,
             max_message_bytes=max_message_bytes,
@@ -147,11 +152,18 @@ class TrainingClient:
                 "split the batch"
             )
 
+    def _bind(self, message: Any) -> None:
+        """Name this client's run in an operation's message."""
+        if self.model_id and "model_id" in message.DESCRIPTOR.fields_by_name:
+            message.model_id = self.model_id
+
     def _unary(self, method: str, request: Any, op: str, decode: Callable) -> Any:
+        self._bind(request)
         self._check_size(request, op)
         return decode(self._transport.unary(method, request))
 
     def _submit(self, request: pb.StreamRequest, op: str, decode: Callable) -> APIFuture:
+        self._bind(getattr(request, request.WhichOneof("op")))
         self._check_size(request, op)
         request_id, future = self._transport.submit(request, op, decode)
         return APIFuture(future, request_id)
@@ -233,11 +245,12 @@ class TrainingClient:
             wire.load_state_response_from_pb,
         )
 
-    def save_weights_for_sampler(self, name: str) -> SaveWeightsForSamplerResponse:
+    def save_weights_for_sampler(self, name: str, merged: bool = False) -> SaveWeightsForSamplerResponse:
         """Write the current weights, and nothing else, as a directory that vLLM (`--model
         path`) and transformers load as they are, in the server's --sampler-dir (replaces an
-        export of that name atomically). Returns its path."""
-        request = pb.SaveWeightsForSamplerRequest(name=name)
+        export of that name atomically); a LoRA run writes its PEFT adapter directory, or with
+        `merged` full weights with the adapter merged in. Returns its path."""
+        request = pb.SaveWeightsForSamplerRequest(name=name, merged=merged)
         return self._unary("SaveWeightsForSampler", request, "save_weights_for_sampler",
                            wire.save_weights_for_sampler_response_from_pb)
 
@@ -341,5 +354,12 @@ class TrainingClient:
     async def __aexit__(self, exc_type, exc, tb) -> None:
         await self.close_async(grace=0 if exc_type is not None else None)
 
+    def _for_run(self, model_id: str) -> TrainingClient:
+        """A client of run `model_id` sharing this client's connection (and its closing)."""
+        bound = copy.copy(self)
+        bound.model_id = model_id
+        bound._parent = self  # the connection closes when its first client is collected or closed
+        return bound
+
     def __repr__(self) -> str:
-        return f"TrainingClient({self.target!r})"
+        return f"TrainingClient({self.target!r}, model_id={self.model_id!r})"

@@ -149,6 +149,12 @@ class PermissionDeniedError(CispoError):
     default_code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class NotFoundError(CispoError):
+    """NOT_FOUND: no training run of that id is visible to this identity."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
 _CLASS_BY_CODE: dict[grpc.StatusCode, type[CispoError]] = {
     cls.default_code: cls
     for cls in (
@@ -158,6 +164,7 @@ _CLASS_BY_CODE: dict[grpc.StatusCode, type[CispoError]] = {
         UnavailableError,
         UnauthenticatedError,
         PermissionDeniedError,
+        NotFoundError,
     )
 }
 

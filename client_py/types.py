@@ -558,3 +558,29 @@ class GetInfoResponse(_Resolved):
     """Whether the model directory has a tokenizer (stop strings work)."""
     eos_token_ids: list[int] = field(default_factory=list)
     """Token ids that end a sampled sequence by default."""
+    model_id: str = ""
+    """The training run reported on ("" when none was named and no default run is live)."""
+    lora_rank: int | None = None
+    """The run's LoRA rank; None for a full fine-tune."""
+    base_model: str = ""
+    """The name CreateModel's base_model may give the served model."""
+    num_runs: int = 0
+    """Training runs live on the server."""
+    max_runs: int = 0
+    """The most runs the server takes."""
+
+
+@dataclass
+class ModelInfo:
+    """One training run, as `ServiceClient.list_models` lists it."""
+
+    model_id: str
+    lora_rank: int | None
+    """None for a full fine-tune."""
+    step: int
+    trainable_parameters: int
+    trainable_bytes: int
+    """Weights, gradient and optimizer moments of the run's own parameters."""
+    created: float
+    """Unix time."""
+    last_used: float

@@ -26,6 +26,7 @@ from .types import (
     Limits,
     LoadStateResponse,
     LossFunctionInfo,
+    ModelInfo,
     ModelInput,
     OptimStepResponse,
     SampledSequence,
@@ -343,4 +344,16 @@ def get_info_response_from_pb(message: pb.GetInfoResponse) -> GetInfoResponse:
         num_parameters=message.num_parameters,
         has_tokenizer=message.has_tokenizer,
         eos_token_ids=list(message.eos_token_ids),
+        model_id=message.model_id,
+        lora_rank=message.lora_config.rank if message.HasField("lora_config") else None,
+        base_model=message.base_model,
+        num_runs=message.num_runs,
+        max_runs=message.max_runs,
     )
+
+
+def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(model_id=message.model_id,
+                     lora_rank=message.lora_config.rank if message.HasField("lora_config") else None,
+                     step=message.step, trainable_parameters=message.trainable_parameters,
+                     trainable_bytes=message.trainable_bytes, created=message.created, last_used=message.last_used)

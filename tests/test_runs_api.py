@@ -136,3 +136,41 @@ def test_default_run_and_lora_export_and_state_round_trip(stub):
     assert b.info.step == 1 and b.info.lora_config.rank == 4
     assert step(stub, b.model_id, 5) == step(stub, a, 5)  # same state, same step: same numbers
     unload_all(stub)
+
+
+def test_service_client_runs_lora_clients_sync_and_pipelined(server, stub):
+    import asyncio
+
+    from cispo.client import AdamParams, Datum, ModelInput, NotFoundError, SamplingParams, ServiceClient
+
+    unload_all(stub)
+    rng = np.random.default_rng(0)
+    data = [Datum(model_input=ModelInput.from_ints(rng.integers(0, 1024, 10).tolist()),
+                  loss_fn_inputs={"target_tokens": rng.integers(0, 1024, 10), "logprobs": np.full(10, -7.0, np.float32),
+                                  "advantages": rng.normal(size=10).astype(np.float32)})]
+    with ServiceClient(server.address, token=ALICE) as service:
+        a = service.create_lora_training_client(rank=4, seed=7)
+        b = service.create_lora_training_client(rank=4, seed=7)
+        assert a.model_id != b.model_id and a.get_info().lora_rank == 4
+        sync = a.forward_backward(data)
+        a.optim_step(AdamParams(learning_rate=1e-2))
+
+        async def pipelined():
+            forward_backward = await b.forward_backward_async(data)
+            step = await b.optim_step_async(AdamParams(learning_rate=1e-2))
+            return await forward_backward.result_async(), await step.result_async()
+
+        piped, _ = asyncio.run(pipelined())
+        assert piped.metrics["loss:sum"] == sync.metrics["loss:sum"]  # same seed, same data
+        assert a.get_info().step == 1 and b.get_info().step == 1
+        sampler = a.save_weights_and_get_sampling_client()
+        sample = sampler.sample(ModelInput.from_ints([1, 2, 3]), 2, SamplingParams(max_tokens=3, seed=1)).result()
+        assert len(sample.sequences) == 2
+        assert {m.model_id for m in service.list_models()} == {a.model_id, b.model_id}
+        service.unload_model(b.model_id)
+        with pytest.raises(NotFoundError):
+            b.optim_step(AdamParams())
+        path = a.save_state("alice-svc").path
+        resumed = service.create_training_client_from_state_with_optimizer(path)
+        assert resumed.get_info().step == 1
+    unload_all(stub)
