@@ -43,3 +43,18 @@ def test_python_and_grpcurl_examples_run(tmp_path):
         assert len(logprobs.float_data) == 4 and all(x < 0 for x in logprobs.float_data) and not logprobs.raw_data
     finally:
         assert server.terminate() == 0
+
+
+def test_training_runs_example_runs(tmp_path):
+    server = ServerProcess(checkpoint_dir=tmp_path / "states")  # a fresh server: no default run yet
+    try:
+        example = re.findall(r"```python\n(.*?)```", README, re.S)[2]
+        run = subprocess.run([sys.executable, "-c", example.replace("localhost:50051", server.address)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        ids, path = run.stdout.splitlines()
+        model_id, listed = ids.split(" ", 1)
+        assert model_id.startswith("run-") and model_id in listed
+        assert {p.name for p in Path(path).iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    finally:
+        assert server.terminate() == 0
