@@ -115,9 +115,7 @@ def adapter_parameters(policy: PolicyModel, name: str) -> dict[str, torch.nn.Par
 def activate(policy: PolicyModel, name: str) -> None:
     """Make adapter `name` the one the model computes with (no copy, no reload)."""
     if policy.peft.active_adapter != name:
-        policy.peft.set_adapter(name)
-    for p in adapter_parameters(policy, name).values():
-        p.requires_grad_(True)
+        policy.peft.set_adapter(name)  # PEFT also makes only the active adapter's parameters trainable
 
 
 def remove_adapter(policy: PolicyModel, name: str) -> None:
