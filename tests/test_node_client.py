@@ -1,11 +1,14 @@
 """A Node.js client (@grpc/grpc-js + @grpc/proto-loader) calls ForwardBackward with typed fields,
 and Sample with raw and typed answers, and gets what Python gets; its invalid calls get
-INVALID_ARGUMENT with the BadRequest field name.
+INVALID_ARGUMENT with the BadRequest field name. It makes, trains, lists and unloads a LoRA
+training run, and computes on it what Python computes on a run of the same seed.
 
-The clients are tests/node/{forward_backward,sample}.mjs; their npm packages are installed by
+The clients are tests/node/{forward_backward,sample,runs}.mjs; their npm packages are installed by
 `make test-tools`.
 """
 
+import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cispo.client import Datum, ModelInput, SampleResponse, SamplingParams, TrainingClient
+from cispo.client import AdamParams, Datum, ModelInput, SampleResponse, SamplingParams, ServiceClient, TrainingClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from server_process import ServerProcess
@@ -29,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 NODE_DIR = REPO / "tests" / "node"
 FORWARD_BACKWARD = NODE_DIR / "forward_backward.mjs"
 SAMPLE = NODE_DIR / "sample.mjs"
+RUNS = NODE_DIR / "runs.mjs"
 NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader", "protobufjs")
 # cispo/v1/training.proto, and google/rpc/{status,error_details}.proto from googleapis-common-protos.
 INCLUDE_DIRS = (REPO / "protos", Path(next(iter(google.rpc.__path__))).parent.parent)
@@ -192,6 +196,75 @@ def test_node_sample_stop_reasons(node, server):
     assert_same_samples(from_node, expected)
     assert (expected.sequences[0].tokens, expected.sequences[0].stop_reason) == (unstopped[:3], "stop")
     assert "length" in {seq.stop_reason for seq in expected.sequences}
+
+
+LORA = {"rank": 4, "seed": 7, "train_mlp": True, "train_attn": True, "train_unembed": False}
+ADAM = AdamParams(learning_rate=1e-2)
+
+
+async def python_lora_steps(service: ServiceClient, model_id: str, batch: dict):
+    """ForwardBackward, OptimStep and Forward on run `model_id`, pipelined by the async API."""
+    training, data = service.training_client(model_id), to_datums(batch)
+    forward_backward = await training.forward_backward_async(data, loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
+    optim_step = await training.optim_step_async(ADAM)
+    forward = await training.forward_async(data, loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
+    return [await f.result_async() for f in (forward_backward, optim_step, forward)]
+
+
+def test_node_client_training_runs(node, server):
+    batch = make_batch(seed=2, lengths=(6, 5))
+    with grpc.insecure_channel(server.address) as channel, ServiceClient(server.address) as service:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        # The other tests here train the default run, a full fine-tune, which excludes LoRA runs.
+        if "default" in {m.model_id for m in stub.ListModels(pb.ListModelsRequest(), timeout=60).models}:
+            stub.UnloadModel(pb.UnloadModelRequest(model_id="default"), timeout=60)
+        try:
+            from_node = run_node_client(node, RUNS, server.address,
+                                        {**batch, "lora_config": LORA, "adam_params": dataclasses.asdict(ADAM)})
+            # A fresh run of the same LoRA options and seed, from the Python client.
+            twin = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(**LORA)), timeout=60).model_id
+            forward_backward, optim_step, forward = asyncio.run(python_lora_steps(service, twin, batch))
+            other = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(**{**LORA, "seed": 8})),
+                                     timeout=60).model_id
+            other_forward = asyncio.run(python_lora_steps(service, other, batch))[2]
+        finally:  # leave no LoRA run behind for the default run of the other tests
+            for model in stub.ListModels(pb.ListModelsRequest(), timeout=60).models:
+                stub.UnloadModel(pb.UnloadModelRequest(model_id=model.model_id), timeout=60)
+
+    model_id = from_node["created"]["model_id"]
+    assert model_id.startswith("run-") and model_id != twin
+    lora = {k: (int(v) if k in ("rank", "seed") else v) for k, v in from_node["info"]["lora_config"].items()
+            if not k.startswith("_")}  # proto-loader's oneof markers of the optional fields
+    assert lora == LORA
+    for info, step in ((from_node["created"]["info"], "0"), (from_node["info"], "1")):
+        assert (info["model_id"], info["step"], info["lora_config"]["rank"]) == (model_id, step, "4")
+    assert from_node["info"]["base_model"] == "embedded-tiny-llama" and from_node["info"]["num_runs"] == "1"
+
+    # Node's numbers on its run are Python's on a run of the same seed, bit for bit.
+    assert from_node["forward_backward"]["metrics"] == forward_backward.metrics
+    assert from_node["forward_backward"]["metrics"]["loss:sum"] != 0
+    assert (from_node["optim_step"]["grad_norm"], from_node["optim_step"]["step"]) == (optim_step.grad_norm, "1")
+    assert optim_step.grad_norm > 0
+    assert from_node["forward"]["metrics"] == forward.metrics
+    for i, d in enumerate(batch["data"]):
+        before = np.asarray(from_node["forward_backward"]["logprobs"][i], np.float32)
+        after = np.asarray(from_node["forward"]["logprobs"][i], np.float32)
+        assert before.shape == after.shape == (len(d["model_input"]),)
+        np.testing.assert_array_equal(before, forward_backward.loss_fn_outputs[i]["logprobs"].to_numpy())
+        np.testing.assert_array_equal(after, forward.loss_fn_outputs[i]["logprobs"].to_numpy())
+        assert not np.array_equal(before, after)  # the step moved the adapter
+        # which another seed draws otherwise, so the equality above is the seed's
+        assert not np.array_equal(after, other_forward.loss_fn_outputs[i]["logprobs"].to_numpy())
+
+    [listed] = [m for m in from_node["listed"] if m["model_id"] == model_id]
+    assert (listed["lora_config"]["rank"], listed["step"]) == ("4", "1")
+    assert listed["trainable_parameters"] == from_node["info"]["num_parameters"] != "0"
+    assert from_node["unloaded"] == {"model_id": model_id}
+    assert model_id not in {m["model_id"] for m in from_node["listed_after"]}
+    for error in from_node["after_unload"].values():
+        assert error["code"] == error["status"]["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+        assert error["code_name"] == "NOT_FOUND"
+        assert error["message"].startswith(f"no training run '{model_id}'"), error["message"]
 
 
 NODE_TOKEN = "node-client-token-0123456789"

@@ -96,10 +96,68 @@ export function tensorToArray(tensor) {
   return Array.from({ length: buf.length / size }, (_, i) => read(view, size * i));
 }
 
-export function call(client, method, request, metadata) {
+// A ForwardBackwardInput (for Forward and ForwardBackward) of a JSON batch, in typed fields only:
+//   {"data": [{"model_input": [ints], "target_tokens": [ints], "logprobs": [floats],
+//              "advantages": [floats]}, ...], "loss_fn": "cispo", "loss_fn_config": {...}}
+export function forwardBackwardRequest(batch) {
+  return {
+    data: batch.data.map((d) => ({
+      model_input: { int64_data: d.model_input },
+      loss_fn_inputs: {
+        target_tokens: { int64_data: d.target_tokens },
+        logprobs: { float_data: d.logprobs },
+        advantages: { float_data: d.advantages },
+      },
+    })),
+    loss_fn: batch.loss_fn,
+    loss_fn_config: batch.loss_fn_config,
+  };
+}
+
+// A ForwardBackwardOutput as {metrics: {name: number}, logprobs: [[floats] per datum]}.
+export function forwardBackwardAnswer(response) {
+  return {
+    metrics: Object.fromEntries(Object.entries(response.metrics).map(([k, v]) => [k, Number(v)])),
+    logprobs: response.loss_fn_outputs.map((out) => tensorToArray(out.logprobs)),
+  };
+}
+
+// A session bound to training run `modelId`: every call of it that names a run sends that one.
+export function forRun(session, modelId) {
+  return { ...session, modelId };
+}
+
+// The unary call `method`. When the request type has a model_id field (every training and sampling
+// operation, and UnloadModel) and the request sets none, it sends options.modelId, else the
+// session's run (forRun); neither: the default run.
+export function call(session, method, request, options = {}) {
+  const modelId = options.modelId ?? session.modelId;
+  if (modelId && !request.model_id && session.runMethods.has(method)) request = { ...request, model_id: modelId };
   return new Promise((resolve, reject) => {
-    client[method](request, metadata, { deadline: Date.now() + 60_000 }, (err, response) => (err ? reject(err) : resolve(response)));
+    session.client[method](request, session.metadata, { deadline: Date.now() + 60_000 }, (err, response) => (err ? reject(err) : resolve(response)));
   });
+}
+
+// CreateModel: a LoRA run ({lora: {rank, seed, train_mlp, train_attn, train_unembed}}, unset
+// options take the server's defaults), a full fine-tune ({fullFineTuning: true}) or a run from a
+// saved state ({fromState: {path, with_optimizer}}), on `baseModel` ("": the served model).
+// Answers {model_id, info}: the new run's id and its GetInfo.
+export function createModel(session, { lora, fullFineTuning, fromState, baseModel = "" }) {
+  const kinds = { lora_config: lora, full_fine_tuning: fullFineTuning || undefined, from_state: fromState };
+  const given = Object.entries(kinds).filter(([, v]) => v !== undefined);
+  if (given.length !== 1) throw new Error("createModel takes exactly one of lora, fullFineTuning, fromState");
+  return call(session, "CreateModel", { base_model: baseModel, ...Object.fromEntries(given) });
+}
+
+// ListModels: the caller's runs, [{model_id, lora_config, step, trainable_parameters, ...}].
+export async function listModels(session) {
+  return (await call(session, "ListModels", {})).models;
+}
+
+// UnloadModel of run `modelId` (default: the session's run).
+export function unloadModel(session, modelId = session.modelId) {
+  if (!modelId) throw new Error("unloadModel needs a model id");
+  return call(session, "UnloadModel", { model_id: modelId });
 }
 
 function decodeStatusDetails(err, richTypes) {
@@ -119,9 +177,9 @@ function decodeStatusDetails(err, richTypes) {
 
 // A call expected to fail, as {code, code_name, message, status, field_violations} from its
 // google.rpc.Status in the grpc-status-details-bin trailer; {code: 0, code_name: "OK"} if it succeeds.
-export async function callForError(session, method, request) {
+export async function callForError(session, method, request, options = {}) {
   try {
-    await call(session.client, method, request, session.metadata);
+    await call(session, method, request, options);
     return { code: 0, code_name: "OK" };
   } catch (err) {
     if (typeof err.code !== "number") throw err;
@@ -130,8 +188,8 @@ export async function callForError(session, method, request) {
   }
 }
 
-// Runs `main(session, input)` with session = {client, metadata, richTypes} and input the JSON on
-// stdin, prints what it returns as JSON; exits 1 with the error on stderr if it throws.
+// Runs `main(session, input)` with session = {client, metadata, richTypes, runMethods, modelId: ""}
+// and input the JSON on stdin, prints what it returns as JSON; exits 1 with the error on stderr if it throws.
 export function run(main) {
   const session = async () => {
     const { address, includeDirs } = parseArgs(process.argv.slice(2));
@@ -146,10 +204,13 @@ export function run(main) {
       includeDirs,
     });
     const cispo = grpc.loadPackageDefinition(packageDefinition).cispo.v1;
+    // The methods whose request names a run (model_id).
+    const methods = Object.entries(packageDefinition["cispo.v1.TrainingService"]);
+    const runMethods = new Set(methods.filter(([, m]) => m.requestType.type.field.some((f) => f.name === "model_id")).map(([name]) => name));
     const { credentials, metadata } = securityFromEnv(process.env);
     const client = new cispo.TrainingService(address, credentials);
     try {
-      const result = await main({ client, metadata, richTypes: loadRichErrorTypes(includeDirs) }, input);
+      const result = await main({ client, metadata, richTypes: loadRichErrorTypes(includeDirs), runMethods, modelId: "" }, input);
       process.stdout.write(JSON.stringify(result) + "\n");
     } finally {
       client.close();

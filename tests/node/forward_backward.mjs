@@ -15,31 +15,15 @@
 // The per-datum logprobs are decoded from the response's raw_data (float32, little-endian); the
 // field violations from the google.rpc.Status in the grpc-status-details-bin trailer.
 
-import { call, callForError, run, tensorToArray } from "./client.mjs";
-
-function toRequest(batch) {
-  return {
-    data: batch.data.map((d) => ({
-      model_input: { int64_data: d.model_input },
-      loss_fn_inputs: {
-        target_tokens: { int64_data: d.target_tokens },
-        logprobs: { float_data: d.logprobs },
-        advantages: { float_data: d.advantages },
-      },
-    })),
-    loss_fn: batch.loss_fn,
-    loss_fn_config: batch.loss_fn_config,
-  };
-}
+import { call, callForError, forwardBackwardAnswer, forwardBackwardRequest, run } from "./client.mjs";
 
 run(async (session, batch) => {
-  const response = await call(session.client, "ForwardBackward", toRequest(batch), session.metadata);
+  const response = await call(session, "ForwardBackward", forwardBackwardRequest(batch));
   // The same batch with datum 1's sampling logprobs one element short.
-  const invalid = toRequest(batch);
+  const invalid = forwardBackwardRequest(batch);
   invalid.data[1].loss_fn_inputs.logprobs.float_data = batch.data[1].logprobs.slice(1);
   return {
-    metrics: Object.fromEntries(Object.entries(response.metrics).map(([k, v]) => [k, Number(v)])),
-    logprobs: response.loss_fn_outputs.map((out) => tensorToArray(out.logprobs)),
+    ...forwardBackwardAnswer(response),
     invalid: await callForError(session, "ForwardBackward", invalid),
   };
 });

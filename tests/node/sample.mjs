@@ -36,7 +36,7 @@ function toAnswer(response) {
 }
 
 run(async (session, input) => {
-  const sample = async (typedOutputs) => toAnswer(await call(session.client, "Sample", toRequest(input, typedOutputs), session.metadata));
+  const sample = async (typedOutputs) => toAnswer(await call(session, "Sample", toRequest(input, typedOutputs)));
   const invalid = toRequest(input, false);
   invalid.sampling_params = { ...input.sampling_params, top_p: 2 };
   return {
