@@ -42,7 +42,7 @@ __all__ = [
     "TensorDtype",
 ]
 
-LossFnType = Literal["cispo", "importance_sampling", "ppo", "cross_entropy"]
+LossFnType = Literal["cispo", "importance_sampling", "ppo", "cross_entropy", "dro", "gspo"]
 """Loss functions the service offers (`GetInfoResponse.loss_functions` lists them)."""
 
 TensorDtype = Literal["int64", "int32", "float32", "float64"]
@@ -62,6 +62,7 @@ LOSS_INPUT_KINDS: dict[str, Literal["int", "float"]] = {
     "logprobs": "float",
     "advantages": "float",
     "weights": "float",
+    "sequence_ratio_mask": "float",
 }
 
 
@@ -322,10 +323,12 @@ class Datum:
     or TensorData and stored as TensorData:
       "target_tokens": int, the token that follows each input position (all losses);
       "logprobs":      float, the sampler's logprob of each target token, <= 0
-                       (cispo, importance_sampling, ppo);
+                       (cispo, importance_sampling, ppo, dro, gspo);
       "advantages":    float, per-token advantage; 0 marks prompt tokens
-                       (cispo, importance_sampling, ppo);
-      "weights":       float, per-token weight (cross_entropy)."""
+                       (cispo, importance_sampling, ppo, dro, gspo);
+      "weights":       float, per-token weight (cross_entropy);
+      "sequence_ratio_mask": float, optional (gspo): non-zero marks the tokens the sequence
+                       ratio averages over; default the tokens with advantage != 0."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_input, ModelInput):

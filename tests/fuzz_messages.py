@@ -64,11 +64,14 @@ METHOD_OP = {m: op for op, m in OP_METHOD.items()}
 OK, IA, RE, FP, NF = "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND"
 NEVER = ("UNKNOWN", "INTERNAL")
 
-LOSSES = ("cispo", "ppo", "importance_sampling", "cross_entropy")
+LOSSES = ("cispo", "ppo", "importance_sampling", "cross_entropy", "dro", "gspo")
 REQUIRED = {"cispo": ("logprobs", "advantages"), "ppo": ("logprobs", "advantages"),
-            "importance_sampling": ("logprobs", "advantages"), "cross_entropy": ("weights",)}
-UNUSED = {"cispo": ("weights",), "ppo": ("weights",), "importance_sampling": ("weights",),
-          "cross_entropy": ("logprobs", "advantages")}
+            "importance_sampling": ("logprobs", "advantages"), "cross_entropy": ("weights",),
+            "dro": ("logprobs", "advantages"), "gspo": ("logprobs", "advantages")}
+UNUSED = {"cispo": ("weights", "sequence_ratio_mask"), "ppo": ("weights", "sequence_ratio_mask"),
+          "importance_sampling": ("weights", "sequence_ratio_mask"), "dro": ("weights", "sequence_ratio_mask"),
+          "gspo": ("weights",), "cross_entropy": ("logprobs", "advantages", "sequence_ratio_mask")}
+RATIO_BOUNDED = ("cispo", "ppo", "gspo")  # losses with clip thresholds
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 LONG = 5000  # characters of the "huge" names
 
@@ -125,7 +128,8 @@ class BatchSpec:
 
 def good_spec(rng: random.Random, loss_fn: str | None = None, max_datums: int = 4, max_len: int = 40,
               min_len: int = 1) -> BatchSpec:
-    loss_fn = loss_fn or rng.choice(("cispo", "cispo", "cispo", "ppo", "importance_sampling", "cross_entropy"))
+    loss_fn = loss_fn or rng.choice(("cispo", "cispo", "cispo", "ppo", "importance_sampling", "cross_entropy", "dro",
+                                     "gspo"))
     datums = []
     for _ in range(rng.randint(1, max_datums)):
         n = rng.randint(min_len, max_len)
@@ -135,14 +139,18 @@ def good_spec(rng: random.Random, loss_fn: str | None = None, max_datums: int = 
             # The embedded model's logprobs are about -log(1024) = -6.9: ratios stay moderate.
             d["logprobs"] = [float(np.float32(-rng.uniform(6.0, 8.0))) for _ in range(n)]
             d["advantages"] = [0.0 if rng.random() < 0.3 else float(np.float32(rng.uniform(-1, 1))) for _ in range(n)]
+            if loss_fn == "gspo" and rng.random() < 0.5:
+                d["sequence_ratio_mask"] = [float(rng.random() < 0.6) for _ in range(n)]
         else:
             d["weights"] = [0.0 if rng.random() < 0.3 else float(np.float32(rng.uniform(0, 1))) for _ in range(n)]
         datums.append(d)
     config = {}
     if loss_fn == "cispo" and rng.random() < 0.4:
         config = {"clip_low_threshold": rng.choice((0.0, 0.5)), "clip_high_threshold": rng.choice((2.0, 4.0, 5.0))}
-    elif loss_fn == "ppo" and rng.random() < 0.4:
+    elif loss_fn in ("ppo", "gspo") and rng.random() < 0.4:
         config = {"clip_low_threshold": 0.8, "clip_high_threshold": rng.choice((1.2, 1.3))}
+    elif loss_fn == "dro" and rng.random() < 0.4:
+        config = {"beta": rng.choice((0.0, 0.05, 1.0))}
     return BatchSpec(datums, loss_fn, config)
 
 
@@ -377,7 +385,10 @@ def _fb_mutations():
         return {IA}, {"no_echo": k}
 
     def config_value(rng, spec, msg):
-        if spec.loss_fn not in ("cispo", "ppo"):
+        if spec.loss_fn == "dro":
+            msg.loss_fn_config["beta"] = rng.choice((-0.1, -math.inf, math.nan, math.inf, 1e39))
+            return {IA}, {}
+        if spec.loss_fn not in RATIO_BOUNDED:
             msg.loss_fn_config["clip_high_threshold"] = 2.0  # no such key for this loss
             return {IA}, {}
         lo, hi = rng.choice(((3.0, 2.0), (0.0, 0.5), (-1.0, 4.0), (math.nan, 4.0), (0.0, math.inf),
@@ -389,8 +400,8 @@ def _fb_mutations():
     def config_beyond_float32(rng, spec, msg):
         # finite doubles that float32 cannot hold: INVALID_ARGUMENT, or (read-only, so that an
         # accepted one changes nothing) taken as "no bound"; never INTERNAL
-        if spec.loss_fn not in ("cispo", "ppo"):
-            msg.loss_fn = rng.choice(("cispo", "ppo"))
+        if spec.loss_fn not in RATIO_BOUNDED:
+            msg.loss_fn = rng.choice(RATIO_BOUNDED)
             for d, sd in zip(msg.data, spec.datums):
                 if "logprobs" not in sd:
                     n = len(sd["model_input"])

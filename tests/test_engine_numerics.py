@@ -108,6 +108,94 @@ def test_other_losses_match_their_formulas(engine, loss_fn):
         assert_grad_close(p.grad, ref_grads[name], name)
 
 
+def seed_dro_loss(t, s, a, beta):
+    """Tinker's dro, its quadratic penalty on active tokens (advantage != 0)."""
+    return -(t * a - 0.5 * beta * (t - s) ** 2 * (a != 0)).sum()
+
+
+def seed_gspo_loss(t, s, a, mask, lo, hi):
+    """Tinker's GSPO-token: every token carries its datum's sequence ratio, with its own gradient."""
+    in_m = mask != 0
+    log_s = (t.detach() - s)[in_m].mean() if in_m.any() else t.new_zeros(())
+    ratio = torch.exp(log_s + t - t.detach())
+    return -torch.minimum(ratio * a, ratio.clamp(lo, hi) * a).sum()
+
+
+def near_policy_samples(model, lengths, seed, noise):
+    """Datums whose sampling logprobs are the model's own plus per-datum offsets of up to
+    `noise`, so sequence ratios fall inside and outside a 0.8/1.2 band."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    offsets = torch.linspace(-noise, noise, len(lengths))[torch.randperm(len(lengths), generator=g)]
+    for x, offset in zip(make_samples(lengths, seed=seed), offsets):
+        t = naive_target_logprobs(model, x).detach()
+        s = (t + offset + 0.05 * torch.randn(t.shape, generator=g)).clamp(max=0.0)
+        out.append(Sample(x.model_input, {**x.loss_fn_inputs, "logprobs": s}))
+    return out
+
+
+@pytest.mark.parametrize("case", ["dro", "dro_beta", "gspo", "gspo_mask", "gspo_band"])
+def test_dro_and_gspo_match_their_formulas(engine, case):
+    """Tinker's dro and gspo against autograd on materialised logits: loss, logprobs, every
+    gradient, and gspo's clip counts by sequence ratio."""
+    model = engine.policy.model
+    loss_fn = case.split("_")[0]
+    samples = near_policy_samples(model, LENGTHS, seed=11, noise=0.4)
+    g = torch.Generator().manual_seed(12)
+    if case == "gspo_mask":  # an explicit mask, one datum with none of its tokens in it
+        samples = [Sample(x.model_input, {**x.loss_fn_inputs, "sequence_ratio_mask":
+                                          (torch.rand(x.length, generator=g) < (0.5 if i else 0.0)).float()})
+                   for i, x in enumerate(samples)]
+    cfg = {"dro_beta": {"beta": 0.7}, "gspo_band": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.05}}.get(case)
+    resolved = LOSS_FUNCTIONS[loss_fn].resolve_config(cfg)
+    model.zero_grad(set_to_none=True)
+    ref, ts, clipped = 0.0, [], [0, 0]
+    for x in samples:
+        t = naive_target_logprobs(model, x)
+        s, a = x.loss_fn_inputs["logprobs"], x.loss_fn_inputs["advantages"]
+        if loss_fn == "dro":
+            loss = seed_dro_loss(t, s, a, resolved["beta"])
+        else:
+            mask = x.loss_fn_inputs.get("sequence_ratio_mask", (a != 0).float())
+            lo, hi = resolved["clip_low_threshold"], resolved["clip_high_threshold"]
+            loss = seed_gspo_loss(t, s, a, mask, lo, hi)
+            in_m = mask != 0
+            seq_ratio = float((t.detach() - s)[in_m].mean().exp()) if in_m.any() else 1.0
+            active = int((a != 0).sum())
+            clipped[0] += active * (seq_ratio > hi)
+            clipped[1] += active * (seq_ratio < lo)
+        loss.backward()
+        ref += loss.item()
+        ts.append(t.detach())
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    result = engine.forward_backward(samples, loss_fn, cfg)
+    assert result.metrics["loss:sum"] == pytest.approx(ref, rel=1e-5, abs=1e-4)  # terms of both signs cancel
+    for t, lp in zip(ts, result.logprobs):
+        torch.testing.assert_close(lp, t, rtol=1e-5, atol=1e-5)
+    for name, p in engine.named_params.items():
+        assert_grad_close(p.grad, ref_grads[name], name)
+    if loss_fn == "gspo":
+        assert [result.metrics["clipped_high:sum"], result.metrics["clipped_low:sum"]] == clipped
+        if case != "gspo_mask":
+            assert clipped[0] and clipped[1], "some sequences must fall on each side of the band"
+        assert engine.forward(samples, loss_fn, cfg).metrics["loss:sum"] == pytest.approx(ref, rel=1e-5, abs=1e-4)
+    else:
+        assert result.metrics["clipped_high:sum"] == result.metrics["clipped_low:sum"] == 0
+
+
+def test_gspo_packing_does_not_mix_datums(tmp_path):
+    """The sequence ratio is per datum whatever shares its micro-batch."""
+    policy = load_policy_model()
+    samples = near_policy_samples(policy.model, LENGTHS, seed=13, noise=0.4)
+    packed = Engine(policy, EngineConfig(checkpoint_dir=tmp_path, micro_batch_tokens=4096))
+    r_packed = packed.forward(samples, "gspo")
+    alone = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path, micro_batch_tokens=1))
+    r_alone = alone.forward(samples, "gspo")
+    assert r_packed.metrics["loss:sum"] == pytest.approx(r_alone.metrics["loss:sum"], rel=1e-5, abs=1e-4)
+    assert r_packed.metrics["clipped_low:sum"] == r_alone.metrics["clipped_low:sum"]
+
+
 def test_finite_differences_on_tiny_fp64_model(tmp_path):
     """The cispo gradient at theta0 is the gradient of sum(-coef0 * A * t(theta)) with coef0
     frozen, i.e. cross_entropy with weights coef0 * A, whose value we can difference.

@@ -1,6 +1,6 @@
 """Training data as the engine sees it: one `Sample` per datum, plus packed micro-batches."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +11,12 @@ LOSS_INPUT_KINDS: dict[str, str] = {
     "logprobs": "float",
     "advantages": "float",
     "weights": "float",
+    "sequence_ratio_mask": "float",
+}
+
+# What an optional loss input is for a datum that does not give it.
+OPTIONAL_INPUT_DEFAULTS: dict[str, Callable[[Mapping[str, torch.Tensor]], torch.Tensor]] = {
+    "sequence_ratio_mask": lambda inputs: (inputs["advantages"] != 0).float(),  # the active tokens
 }
 
 
@@ -44,6 +50,7 @@ class MicroBatch:
     logprobs_T: torch.Tensor | None
     advantages_T: torch.Tensor | None
     weights_T: torch.Tensor | None
+    sequence_ratio_mask_T: torch.Tensor | None = None
 
 
 def plan_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -75,7 +82,10 @@ def pack(samples: list[Sample], indices: list[int], input_names: tuple[str, ...]
     def cat(name: str, dtype: torch.dtype) -> torch.Tensor | None:
         if name not in input_names:
             return None
-        return torch.cat([s.loss_fn_inputs[name] for s in chosen]).to(device=device, dtype=dtype)
+        default = OPTIONAL_INPUT_DEFAULTS.get(name)
+        parts = [s.loss_fn_inputs[name] if name in s.loss_fn_inputs or default is None else default(s.loss_fn_inputs)
+                 for s in chosen]
+        return torch.cat(parts).to(device=device, dtype=dtype)
 
     positions = torch.cat([torch.arange(n) for n in lengths])
     return MicroBatch(
@@ -87,4 +97,5 @@ def pack(samples: list[Sample], indices: list[int], input_names: tuple[str, ...]
         logprobs_T=cat("logprobs", torch.float32),
         advantages_T=cat("advantages", torch.float32),
         weights_T=cat("weights", torch.float32),
+        sequence_ratio_mask_T=cat("sequence_ratio_mask", torch.float32),
     )

@@ -219,7 +219,7 @@ class Engine:
         lengths = [s.length for s in samples]
         logprobs: list[torch.Tensor | None] = [None] * len(samples)
         stats = BatchStats()
-        input_names = ("target_tokens", *loss.required_inputs)
+        input_names = ("target_tokens", *loss.required_inputs, *loss.optional_inputs)
         for indices in plan_micro_batches(lengths, self.config.micro_batch_tokens):
             mb = pack(samples, indices, input_names, self.policy.device)
             logp_T, mb_stats = self._micro_batch(mb, loss, config, backward)
@@ -233,8 +233,13 @@ class Engine:
         with self.policy.autocast():
             hidden_TD = self.policy.hidden_states(mb.input_ids_1T, mb.position_ids_1T)
         weight_VD = self.policy.head_weight_VD.to(hidden_TD.dtype)
-        inputs = TokenInputs(mb.logprobs_T, mb.advantages_T, mb.weights_T)
+        inputs = TokenInputs(mb.logprobs_T, mb.advantages_T, mb.weights_T, mb.sequence_ratio_mask_T)
         chunk = self.config.head_chunk_tokens
+        logp_T = None
+        if loss.sequence_level:  # the sequence ratios need every target logprob first
+            with torch.no_grad():
+                logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, chunk)
+            inputs = inputs.with_sequence_log_ratio(logp_T, mb.lengths)
         if backward:
             def token_gradient(logp_C: torch.Tensor, sl: slice) -> torch.Tensor:
                 with torch.enable_grad():
@@ -243,7 +248,7 @@ class Engine:
 
             surrogate, logp_T = fused_head_gradients(hidden_TD, weight_VD, mb.target_tokens_T, token_gradient, chunk)
             surrogate.backward()
-        else:
+        elif logp_T is None:
             logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, chunk)
         with torch.no_grad():
             loss_sum = float(loss(logp_T, inputs, config))

@@ -82,22 +82,25 @@ def token_stats(
     log_ratio_T: torch.Tensor | None = None,
     clip_low: float | None = None,
     clip_high: float | None = None,
+    clip_log_ratio_T: torch.Tensor | None = None,
 ) -> dict:
     """Active-token count and ratio statistics over active tokens, as BatchStats fields.
 
     active_T: (T,) bool. log_ratio_T: (T,) fp32 t - s, already clamped so exp() is finite, or
     None for losses without a ratio. clip_low/clip_high: the loss's bounds, or None if it has
-    none. One device-to-host transfer for everything.
+    none. clip_log_ratio_T: (T,) the log ratio the bounds apply to, when not log_ratio_T (a
+    sequence ratio). One device-to-host transfer for everything.
     """
     if log_ratio_T is None:
         return dict(active_tokens=int(active_T.sum()))
     lr = log_ratio_T[active_T].double()  # (A,)
     r = lr.exp()
+    clip_r = r if clip_log_ratio_T is None else clip_log_ratio_T[active_T].double().exp()
     edges = torch.tensor(RATIO_BUCKET_EDGES, dtype=torch.float64, device=r.device)
     buckets = torch.bincount(torch.bucketize(r, edges), minlength=len(RATIO_BUCKET_EDGES) + 1)
     zero = r.new_zeros(())
-    high = (r > clip_high).sum() if clip_high is not None else zero
-    low = (r < clip_low).sum() if clip_low is not None else zero
+    high = (clip_r > clip_high).sum() if clip_high is not None else zero
+    low = (clip_r < clip_low).sum() if clip_low is not None else zero
     n = r.numel()
     scalars = torch.stack([
         high.double(), low.double(), r.sum(),

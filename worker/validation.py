@@ -60,8 +60,9 @@ def _structure_violations(i: int, sample: Sample, loss: LossFunction,
     if n == 0:
         out.append(FieldViolation(f"{where}.model_input", "must hold at least one token"))
     inputs = sample.loss_fn_inputs
-    used = ("target_tokens", *loss.required_inputs)
-    for name in used:
+    required = ("target_tokens", *loss.required_inputs)
+    used = (*required, *loss.optional_inputs)
+    for name in required:
         if name not in inputs:
             out.append(FieldViolation(f"{where}.loss_fn_inputs.{name}", f"required by loss '{loss.name}'"))
     for name, tensor in inputs.items():

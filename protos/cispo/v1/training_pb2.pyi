@@ -47,16 +47,18 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., raw_data: _Optional[bytes] = ..., int64_data: _Optional[_Iterable[int]] = ..., float_data: _Optional[_Iterable[float]] = ..., double_data: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LossFnInputs(_message.Message):
-    __slots__ = ("target_tokens", "logprobs", "advantages", "weights")
+    __slots__ = ("target_tokens", "logprobs", "advantages", "weights", "sequence_ratio_mask")
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_RATIO_MASK_FIELD_NUMBER: _ClassVar[int]
     target_tokens: Tensor
     logprobs: Tensor
     advantages: Tensor
     weights: Tensor
-    def __init__(self, target_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    sequence_ratio_mask: Tensor
+    def __init__(self, target_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., sequence_ratio_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Datum(_message.Message):
     __slots__ = ("model_input", "loss_fn_inputs")
