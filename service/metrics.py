@@ -3,53 +3,118 @@
 Per-token statistics arrive already reduced on the device (BatchStats: counts and ratio bucket
 counts); nothing here loops over tokens. The importance-ratio histogram is exported by a custom
 collector from those bucket counts.
+
+Training telemetry is per run: its series carry `run`, the run's model_id (`default` for the
+default run). A run's series are made when it is created (the default run's at start), so rate()
+sees its first observations, and removed when it is unloaded, so `run` has no more values than
+there are live runs (bounded by --max-runs), the default run's zeros at start aside. The number
+of runs and each run's trainable bytes are read from the runs registry at scrape time.
 """
 
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
 from cispo.worker import LOSS_FUNCTIONS, RATIO_BUCKET_EDGES, BatchStats
+from cispo.worker.runs import DEFAULT_RUN
 
 OPS = ("get_info", "forward", "forward_backward", "optim_step", "save_state", "load_state", "save_weights_for_sampler",
        "sample", "create_model", "list_models", "unload_model")
 # The codes a failed operation can get (service.errors.to_status).
 ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "PERMISSION_DENIED", "NOT_FOUND",
                "UNAVAILABLE", "INTERNAL")
+CLIPS = ("high", "low", "none")
+# The losses with an importance ratio (they take sampling logprobs): ratio histogram and KL.
+RATIO_LOSSES = tuple(name for name, loss in LOSS_FUNCTIONS.items() if "logprobs" in loss.required_inputs)
 CLIP_FRACTION_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 KL_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 5.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Reads of the runs registry at scrape time that may meet a dict the engine thread is changing.
+_SCRAPE_READS = 3
 
 
 class RatioHistogramCollector:
-    """`cispo_importance_ratio{loss_fn}`: a histogram fed with bucket counts in bulk."""
+    """`cispo_importance_ratio{loss_fn,run}`: a histogram fed with bucket counts in bulk."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._counts = {name: [0] * (len(RATIO_BUCKET_EDGES) + 1) for name in LOSS_FUNCTIONS if name != "cross_entropy"}
-        self._sums = dict.fromkeys(self._counts, 0.0)
+        self._counts: dict[tuple[str, str], list[int]] = {}  # (loss_fn, run) -> bucket counts
+        self._sums: dict[tuple[str, str], float] = {}
 
-    def add(self, loss_fn: str, stats: BatchStats) -> None:
-        if loss_fn not in self._counts:
+    def add_run(self, run: str) -> None:
+        """Zero histograms of every ratio loss for `run` (kept if it has some already)."""
+        with self._lock:
+            for loss_fn in RATIO_LOSSES:
+                self._counts.setdefault((loss_fn, run), [0] * (len(RATIO_BUCKET_EDGES) + 1))
+                self._sums.setdefault((loss_fn, run), 0.0)
+
+    def forget(self, run: str) -> None:
+        with self._lock:
+            for key in [key for key in self._counts if key[1] == run]:
+                del self._counts[key], self._sums[key]
+
+    def add(self, loss_fn: str, run: str, stats: BatchStats) -> None:
+        if loss_fn not in RATIO_LOSSES:
             return
         with self._lock:
-            self._counts[loss_fn] = [a + b for a, b in zip(self._counts[loss_fn], stats.ratio_bucket_counts)]
-            self._sums[loss_fn] += stats.ratio_sum
+            key = (loss_fn, run)
+            counts = self._counts.get(key, [0] * len(stats.ratio_bucket_counts))
+            self._counts[key] = [a + b for a, b in zip(counts, stats.ratio_bucket_counts)]
+            self._sums[key] = self._sums.get(key, 0.0) + stats.ratio_sum
+
+    def describe(self):
+        yield self._family()
 
     def collect(self):
-        family = HistogramMetricFamily(
-            "cispo_importance_ratio", "Pre-clip importance ratio exp(t - s) of active tokens.", labels=["loss_fn"]
-        )
         with self._lock:
-            for loss_fn, counts in self._counts.items():
-                cumulative, buckets = 0, []
-                for edge, count in zip([*RATIO_BUCKET_EDGES, float("inf")], counts):
-                    cumulative += count
-                    buckets.append(("+Inf" if edge == float("inf") else repr(edge), cumulative))
-                family.add_metric([loss_fn], buckets, sum_value=self._sums[loss_fn])
+            snapshot = [(key, list(counts), self._sums[key]) for key, counts in self._counts.items()]
+        family = self._family()
+        for labels, counts, total in snapshot:
+            cumulative, buckets = 0, []
+            for edge, count in zip([*RATIO_BUCKET_EDGES, float("inf")], counts):
+                cumulative += count
+                buckets.append(("+Inf" if edge == float("inf") else repr(edge), cumulative))
+            family.add_metric(list(labels), buckets, sum_value=total)
         yield family
+
+    @staticmethod
+    def _family() -> HistogramMetricFamily:
+        return HistogramMetricFamily("cispo_importance_ratio", "Pre-clip importance ratio exp(t - s) of active tokens.",
+                                     labels=["loss_fn", "run"])
+
+
+class RunsCollector:
+    """`cispo_training_runs`, `cispo_training_runs_max` and `cispo_run_trainable_bytes{run}`,
+    read from the runs registry (worker.runs.TrainingRuns or SingleRun) at each scrape."""
+
+    def __init__(self, runs):
+        self.runs = runs
+
+    def describe(self):
+        yield from self._families({}, 0)
+
+    def collect(self):
+        for attempt in range(_SCRAPE_READS):
+            try:
+                sizes = self.runs.trainable_bytes()
+                break
+            except RuntimeError:  # a dict changed while it was read (the engine thread): read again
+                if attempt == _SCRAPE_READS - 1:
+                    raise
+        yield from self._families(sizes, self.runs.max_runs)
+
+    @staticmethod
+    def _families(sizes: dict[str, int], max_runs: int):
+        yield GaugeMetricFamily("cispo_training_runs", "Live training runs.", value=len(sizes))
+        yield GaugeMetricFamily("cispo_training_runs_max", "The most live training runs (--max-runs).", value=max_runs)
+        trainable = GaugeMetricFamily("cispo_run_trainable_bytes",
+                                      "Bytes of a run's trainable weights, their gradient and optimizer moments.",
+                                      labels=["run"])
+        for run, size in sizes.items():
+            trainable.add_metric([run], size)
+        yield trainable
 
 
 class ServiceMetrics:
@@ -60,16 +125,17 @@ class ServiceMetrics:
         r = self.registry
         ProcessCollector(registry=r)
         self.tokens = Counter("cispo_tokens", "Active tokens (advantage != 0) by clip outcome.",
-                              ["loss_fn", "clip"], registry=r)
+                              ["loss_fn", "clip", "run"], registry=r)
         self.ratio = RatioHistogramCollector()
         r.register(self.ratio)
         self.clip_fraction = Histogram("cispo_batch_clip_fraction", "Clipped / active tokens, per forward_backward.",
-                                       ["loss_fn"], buckets=CLIP_FRACTION_BUCKETS, registry=r)
+                                       ["loss_fn", "run"], buckets=CLIP_FRACTION_BUCKETS, registry=r)
         self.kl = Histogram("cispo_sampler_trainer_kl", "Sampler-trainer KL estimate k3, per forward_backward.",
-                            ["loss_fn"], buckets=KL_BUCKETS, registry=r)
-        self.loss_sum = Gauge("cispo_loss_sum", "loss:sum of the last forward_backward.", registry=r)
-        self.grad_norm = Gauge("cispo_grad_norm", "Pre-clip gradient norm of the last optim_step.", registry=r)
-        self.optim_steps = Counter("cispo_optim_steps", "Optimizer steps taken.", registry=r)
+                            ["loss_fn", "run"], buckets=KL_BUCKETS, registry=r)
+        self.loss_sum = Gauge("cispo_loss_sum", "loss:sum of the last forward_backward.", ["run"], registry=r)
+        self.grad_norm = Gauge("cispo_grad_norm", "Pre-clip gradient norm of the last optim_step.", ["run"],
+                               registry=r)
+        self.optim_steps = Counter("cispo_optim_steps", "Optimizer steps taken.", ["run"], registry=r)
         self.request_seconds = Histogram("cispo_request_seconds", "Operation latency, queueing included.",
                                          ["op"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens_processed = Counter("cispo_tokens_processed", "Tokens run through the model.", ["op"], registry=r)
@@ -84,12 +150,8 @@ class ServiceMetrics:
                                          registry=r)
         self.world_size = Gauge("cispo_world_size", "Data-parallel ranks training this state.", registry=r)
         # Series exist at 0 from the start, so rate() sees even the first observations.
-        for loss_fn in LOSS_FUNCTIONS:
-            for clip in ("high", "low", "none"):
-                self.tokens.labels(loss_fn, clip)
-            self.clip_fraction.labels(loss_fn)
-            if loss_fn != "cross_entropy":
-                self.kl.labels(loss_fn)
+        self._runs: set[str] = set()  # the runs whose series exist
+        self.add_run(DEFAULT_RUN)
         for op in OPS:
             self.request_seconds.labels(op)
             for code in ERROR_CODES:
@@ -109,21 +171,56 @@ class ServiceMetrics:
                           registry=self.registry)
             gauge.set_function(lambda read=read: read(device))
 
-    def observe_batch(self, op: str, loss_fn: str, stats: BatchStats) -> None:
-        """Record a successful forward or forward_backward."""
+    def track_runs(self, runs) -> None:
+        """The number of live runs and each one's trainable bytes, read from `runs` at scrape time."""
+        self.registry.register(RunsCollector(runs))
+
+    # -- per-run series: made, observed and removed in the engine's order -------------------------
+    # The servicer calls add_run, observe_batch, observe_step and forget_run on the engine thread,
+    # right after the operation, so no observation of a run can come after its forget_run.
+
+    def add_run(self, run: str) -> None:
+        """Make run `run`'s series, at 0 (a new run, or one used for the first time)."""
+        for metric, labels in self._run_series(run):
+            metric.labels(*labels)
+        self.ratio.add_run(run)
+        self._runs.add(run)
+
+    def forget_run(self, run: str) -> None:
+        """Remove run `run`'s series (it was unloaded)."""
+        for metric, labels in self._run_series(run):
+            metric.remove(*labels)
+        self.ratio.forget(run)
+        self._runs.discard(run)
+
+    def _run_series(self, run: str):
+        """(metric, label values) of each labelled series of run `run`."""
+        for loss_fn in LOSS_FUNCTIONS:
+            for clip in CLIPS:
+                yield self.tokens, (loss_fn, clip, run)
+            yield self.clip_fraction, (loss_fn, run)
+            if loss_fn in RATIO_LOSSES:
+                yield self.kl, (loss_fn, run)
+        for metric in (self.loss_sum, self.grad_norm, self.optim_steps):
+            yield metric, (run,)
+
+    def observe_batch(self, op: str, loss_fn: str, stats: BatchStats, run: str) -> None:
+        """Record a successful forward or forward_backward of run `run`."""
         self.tokens_processed.labels(op).inc(stats.tokens)
         if op != "forward_backward":
             return
+        if run not in self._runs:
+            self.add_run(run)
         high, low = stats.clipped_high, stats.clipped_low
-        self.tokens.labels(loss_fn, "high").inc(high)
-        self.tokens.labels(loss_fn, "low").inc(low)
-        self.tokens.labels(loss_fn, "none").inc(stats.active_tokens - high - low)
-        self.ratio.add(loss_fn, stats)
-        self.loss_sum.set(stats.loss_sum)
+        self.tokens.labels(loss_fn, "high", run).inc(high)
+        self.tokens.labels(loss_fn, "low", run).inc(low)
+        self.tokens.labels(loss_fn, "none", run).inc(stats.active_tokens - high - low)
+        self.ratio.add(loss_fn, run, stats)
+        self.loss_sum.labels(run).set(stats.loss_sum)
         if stats.active_tokens:
-            self.clip_fraction.labels(loss_fn).observe((high + low) / stats.active_tokens)
+            self.clip_fraction.labels(loss_fn, run).observe((high + low) / stats.active_tokens)
         if stats.ratio_tokens:
-            self.kl.labels(loss_fn).observe(stats.kl_k3_sum / stats.ratio_tokens)
+            self.kl.labels(loss_fn, run).observe(stats.kl_k3_sum / stats.ratio_tokens)
 
     def observe_sample(self, result) -> None:
         """Record a successful sample (a worker SampleResult)."""
@@ -131,6 +228,9 @@ class ServiceMetrics:
             self.sampled_tokens.inc(len(sequence.tokens))
             self.sampled_sequences.labels(sequence.stop_reason).inc()
 
-    def observe_step(self, grad_norm: float) -> None:
-        self.grad_norm.set(grad_norm)
-        self.optim_steps.inc()
+    def observe_step(self, grad_norm: float, run: str) -> None:
+        """Record a successful optim_step of run `run`."""
+        if run not in self._runs:
+            self.add_run(run)
+        self.grad_norm.labels(run).set(grad_norm)
+        self.optim_steps.labels(run).inc()

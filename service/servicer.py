@@ -93,6 +93,7 @@ class TrainingServicer:
         self.base_model = base_model or runs.policy.name
         self.pipeline = pipeline
         self.metrics = metrics
+        metrics.track_runs(runs)
         self.limits = limits
         self.world_size = world_size
         self.idempotency = idempotency or IdempotencyCache()
@@ -238,12 +239,13 @@ class TrainingServicer:
             def call():
                 try:
                     engine = runs.get(model_id, owner)
-                    return (engine.forward if op == "forward" else engine.forward_backward)(samples, loss_fn, config)
+                    result = (engine.forward if op == "forward" else engine.forward_backward)(samples, loss_fn, config)
                 finally:
                     _release(samples)
+                metrics.observe_batch(op, loss_fn, result.stats, lane)  # on the engine thread: see forget_run
+                return result
 
             def encode_batch(result):
-                metrics.observe_batch(op, loss_fn, result.stats)
                 stats = result.stats
                 active = max(stats.active_tokens, 1)
                 response = convert.encode_batch_result(result, typed)
@@ -255,13 +257,17 @@ class TrainingServicer:
         if op == "optim_step":
             adam = convert.decode_adam_params(request)
 
+            def step():
+                result = runs.get(model_id, owner).optim_step(adam)
+                metrics.observe_step(result.grad_norm, lane)
+                return result
+
             def encode_step(result):
-                metrics.observe_step(result.grad_norm)
                 return pb.OptimStepResponse(grad_norm=result.grad_norm, step=result.step, metrics={
                     "grad_norm:max": result.grad_norm, "learning_rate:max": result.learning_rate}), {
                     "grad_norm": result.grad_norm, "step": result.step}
 
-            return prepared(lambda: runs.get(model_id, owner).optim_step(adam), encode_step)
+            return prepared(step, encode_step)
         if op == "sample":
             sample = runs.validate_sample(convert.decode_sample_request(request, owner))
             typed = request.typed_outputs
@@ -307,6 +313,7 @@ class TrainingServicer:
 
             def create_run():
                 created = create()
+                metrics.add_run(created)
                 return created, self._info(created, owner)
 
             return Prepared(create_run, lambda r: (pb.CreateModelResponse(model_id=r[0], info=r[1]), {"model_id": r[0]}),
@@ -318,7 +325,12 @@ class TrainingServicer:
         if op == "unload_model":
             if not model_id:
                 raise InvalidInput([FieldViolation("model_id", "name the run to unload")])
-            return prepared(lambda: runs.unload(model_id, owner), lambda _: (
+
+            def unload():
+                runs.unload(model_id, owner)
+                metrics.forget_run(model_id)
+
+            return prepared(unload, lambda _: (
                 pb.UnloadModelResponse(model_id=model_id), {"model_id": model_id}))
         raise AssertionError(f"unknown op {op}")
 

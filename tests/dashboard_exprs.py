@@ -22,6 +22,7 @@ DEFAULT_VARIABLES = {
     "__range": "1h",
     "job": "cispo",
     "instance": ".*",
+    "run": ".*",
 }
 
 # $name, ${name}, ${name:format} and the legacy [[name]].

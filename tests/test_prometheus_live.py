@@ -12,6 +12,11 @@ since it changes t.
 
 Prometheus is first scraped before the workload, when every counter the clip rate uses is 0, and
 all rates use windows longer than the test: a ratio of rates is then exactly a ratio of counts.
+
+Per-run telemetry has a server of its own: the default run, then, once it is unloaded, two LoRA
+runs side by side with workloads of their own, then one of them unloaded; Prometheus is scraped
+after each phase, and each run's series, the run gauges and the dashboard's run variable must
+say exactly which runs live and what each did.
 """
 
 import copy
@@ -19,18 +24,21 @@ import math
 import re
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import requests
 
-from cispo.service.metrics import CLIP_FRACTION_BUCKETS
+from cispo.service.metrics import CLIP_FRACTION_BUCKETS, CLIPS, RATIO_LOSSES
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
-from cispo.worker import RATIO_BUCKET_EDGES
-from dashboard_exprs import all_expressions
+from cispo.worker import LOSS_FUNCTIONS, RATIO_BUCKET_EDGES
+from cispo.worker.runs import DEFAULT_RUN
+from dashboard_exprs import all_expressions, load_dashboard, substitute
 from prometheus_process import PrometheusProcess
 from server_process import ServerProcess
 
@@ -50,7 +58,10 @@ BUCKET_RATIOS = (0.007, 0.03, 0.07, 0.15, 0.3, 0.65, 0.85, 0.93, 0.97, 0.985, 0.
                  1.07, 1.15, 1.3, 1.7, 2.5, 3.5, 4.5, 6.0, 9.0, 20.0, 150.0)
 LENGTHS = (24, 20, 16)  # the data: three sequences, 60 tokens
 N_TOKENS = sum(LENGTHS)
-RATIO_LOSSES = ("cispo", "importance_sampling", "ppo")
+WORKLOAD_LOSSES = ("cispo", "ppo")  # the losses the workloads train with; the others see no token
+# Series with a `run` label (the per-run telemetry), and the dashboard's selector of them.
+PER_RUN = ("cispo_tokens_total", "cispo_importance_ratio_count", "cispo_batch_clip_fraction_count",
+           "cispo_sampler_trainer_kl_count", "cispo_loss_sum", "cispo_grad_norm", "cispo_optim_steps_total")
 
 
 def bucket_index(values, edges) -> np.ndarray:
@@ -102,10 +113,11 @@ class Batch:
 
 
 class Workload:
-    """Raw-stub calls that keep `expected` up to date."""
+    """Raw-stub calls on run `model_id` ("": the default run) that keep `expected` up to date."""
 
-    def __init__(self, stub: training_pb2_grpc.TrainingServiceStub):
+    def __init__(self, stub: training_pb2_grpc.TrainingServiceStub, model_id: str = ""):
         self.stub = stub
+        self.model_id = model_id
         self.expected = Expected()
         rng = np.random.default_rng(20240601)
         self.info = self.get_info()
@@ -132,7 +144,8 @@ class Workload:
         return out
 
     def plain_input(self, loss_fn: str = "") -> pb.ForwardBackwardInput:
-        return pb.ForwardBackwardInput(data=self.data(np.full(N_TOKENS, -1.0), np.zeros(N_TOKENS)), loss_fn=loss_fn)
+        return pb.ForwardBackwardInput(data=self.data(np.full(N_TOKENS, -1.0), np.zeros(N_TOKENS)), loss_fn=loss_fn,
+                                       model_id=self.model_id)
 
     def batch(self, seed: int, loss_fn: str, config: dict[str, float] | None = None) -> Batch:
         """A valid batch whose ratios the test chose (and so knows)."""
@@ -152,7 +165,8 @@ class Workload:
         ra, lra = r[active], log_ratio[active]
         buckets = np.bincount(bucket_index(ra, RATIO_BUCKET_EDGES), minlength=len(RATIO_BUCKET_EDGES) + 1)
         return Batch(
-            request=pb.ForwardBackwardInput(data=self.data(s, advantages), loss_fn=loss_fn, loss_fn_config=config or {}),
+            request=pb.ForwardBackwardInput(data=self.data(s, advantages), loss_fn=loss_fn, loss_fn_config=config or {},
+                                            model_id=self.model_id),
             loss_fn=loss_fn, high=int((ra > hi).sum()), low=int((ra < lo).sum()), active=int(active.sum()),
             ratio_bucket_counts=buckets, ratio_sum=float(ra.sum()), kl_k3_mean=float((ra - 1 - lra).sum() / ra.size))
 
@@ -171,7 +185,7 @@ class Workload:
     # -- calls ----------------------------------------------------------------------------------
 
     def get_info(self) -> pb.GetInfoResponse:
-        info = self.stub.GetInfo(pb.GetInfoRequest())
+        info = self.stub.GetInfo(pb.GetInfoRequest(model_id=self.model_id))
         self._ok("get_info", "GetInfo")
         return info
 
@@ -191,7 +205,8 @@ class Workload:
         self._ok("forward_backward", "ForwardBackward")
 
     def optim_step(self) -> None:
-        out = self.stub.OptimStep(pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-3)))
+        out = self.stub.OptimStep(pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-3),
+                                                      model_id=self.model_id))
         assert out.grad_norm > 0
         self.expected.optim_steps += 1
         self.expected.grad_norm = out.grad_norm
@@ -207,6 +222,12 @@ class Workload:
             self.expected.sampled_tokens += len(sequence.tokens.raw_data) // 8
             self.expected.sampled_sequences[pb.StopReason.Name(sequence.stop_reason).removeprefix("STOP_REASON_").lower()] += 1
         self._ok("sample", "Sample")
+
+    def trainable_bytes(self) -> dict[str, int]:
+        """ListModels: run id -> trainable_bytes."""
+        models = self.stub.ListModels(pb.ListModelsRequest()).models
+        self._ok("list_models", "ListModels")
+        return {m.model_id: m.trainable_bytes for m in models}
 
     def fail(self, method: str, op: str, request, code: grpc.StatusCode) -> None:
         with pytest.raises(grpc.RpcError) as raised:
@@ -262,6 +283,8 @@ class Run:
     expected: Expected  # after the whole workload
     after_errors: Expected  # after the part with the errors, before the calls that follow them
     scraped_after_errors: dict  # what Prometheus had then: {"tokens": ..., "errors": ..., "handled": ...}
+    listed_bytes: dict  # ListModels at the end: run id -> trainable_bytes
+    max_runs: int
 
 
 def wait_for_scrape(prometheus: PrometheusProcess, after: float) -> None:
@@ -285,13 +308,30 @@ def scraped_counts(prometheus: PrometheusProcess) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    server = ServerProcess(checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+@contextmanager
+def served(tmp_path_factory, *args: str):
+    """A cispo-server with flags `args`, and a Prometheus that scrapes it with the rules loaded;
+    their logs are printed if anything fails."""
+    server = ServerProcess(*args, checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
     prometheus = None
     try:
         prometheus = PrometheusProcess([f"127.0.0.1:{server.metrics_port}"], tmp_path_factory.mktemp("prometheus"),
                                        rule_files=[REPO / "deploy/prometheus/rules.yaml"])
+        yield server, prometheus
+    except BaseException:
+        print("server log:\n" + server.log())
+        if prometheus is not None:
+            print("prometheus log:\n" + prometheus.log())
+        raise
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        assert server.terminate() == 0, server.log()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    with served(tmp_path_factory) as (server, prometheus):
         # A first scrape while every counter is still 0.
         wait_for_scrape(prometheus, 0)
         with grpc.insecure_channel(server.address) as channel:
@@ -327,19 +367,11 @@ def run(tmp_path_factory):
             w.sample(max_tokens=4, stop_tokens=list(range(w.info.vocab_size)))  # stops at once
             w.optim_step()
             assert w.get_info().step == 1
+            listed = w.trainable_bytes()
             done = time.time()
         wait_for_scrape(prometheus, done)
         prometheus.wait_for_rule_evaluation(after=time.time())
-        yield Run(prometheus, w.expected, after_errors, scraped_after_errors)
-    except BaseException:
-        print("server log:\n" + server.log())
-        if prometheus is not None:
-            print("prometheus log:\n" + prometheus.log())
-        raise
-    finally:
-        if prometheus is not None:
-            prometheus.stop()
-        assert server.terminate() == 0, server.log()
+        yield Run(prometheus, w.expected, after_errors, scraped_after_errors, listed, w.info.max_runs)
 
 
 # -- every expression ------------------------------------------------------------------------------
@@ -371,11 +403,10 @@ def test_clip_counts_equal_the_workloads(run):
     e = run.expected
     assert e.tokens["cispo", "high"] > 0 and e.tokens["cispo", "low"] > 0 and e.tokens["ppo", "low"] > 0
     scraped = run.prometheus.values(f"sum by (loss_fn, clip) (cispo_tokens_total{{{JOB}}})", "loss_fn", "clip")
-    expected = {(f, c): float(e.tokens[f, c]) for f in ("cispo", "importance_sampling", "ppo", "cross_entropy")
-                for c in ("high", "low", "none")}
+    expected = {(f, c): float(e.tokens[f, c]) for f in LOSS_FUNCTIONS for c in CLIPS}
     assert scraped == expected
     by_clip = run.prometheus.values(f'sum by (clip) (cispo_tokens_total{{{JOB}, loss_fn="cispo"}})', "clip")
-    assert by_clip == {c: float(e.tokens["cispo", c]) for c in ("high", "low", "none")}
+    assert by_clip == {c: float(e.tokens["cispo", c]) for c in CLIPS}
 
 
 @pytest.mark.parametrize("record, clips", [
@@ -384,11 +415,12 @@ def test_clip_counts_equal_the_workloads(run):
     ("cispo:clip_rate:rate5m", ("high", "low")),
 ])
 def test_recorded_clip_rates_equal_the_workloads(run, record, clips):
-    recorded = run.prometheus.values(f"{record}{{{JOB}}}", "loss_fn")
-    for loss_fn in ("cispo", "ppo"):
-        assert recorded[loss_fn] == pytest.approx(run.expected.clip_rate(loss_fn, clips), rel=1e-9), loss_fn
-    for loss_fn in ("importance_sampling", "cross_entropy"):  # no active tokens: 0/0
-        assert math.isnan(recorded[loss_fn])
+    recorded = run.prometheus.values(f"{record}{{{JOB}}}", "run", "loss_fn")
+    assert {r for r, _ in recorded} == {DEFAULT_RUN}
+    for loss_fn in WORKLOAD_LOSSES:
+        assert recorded[DEFAULT_RUN, loss_fn] == pytest.approx(run.expected.clip_rate(loss_fn, clips), rel=1e-9)
+    for loss_fn in set(LOSS_FUNCTIONS) - set(WORKLOAD_LOSSES):  # no active tokens: 0/0
+        assert math.isnan(recorded[DEFAULT_RUN, loss_fn]), loss_fn
 
 
 def test_dashboard_clip_rates_equal_the_workloads(run):
@@ -400,15 +432,15 @@ def test_dashboard_clip_rates_equal_the_workloads(run):
             continue
         clip = match.group(1)
         seen.add(clip)
-        shown = run.prometheus.values(promql, "loss_fn")
-        for loss_fn in ("cispo", "ppo"):
-            assert shown[loss_fn] == pytest.approx(run.expected.clip_rate(loss_fn, (clip,)), rel=1e-9), where
+        shown = run.prometheus.values(promql, "run", "loss_fn")
+        for loss_fn in WORKLOAD_LOSSES:
+            assert shown[DEFAULT_RUN, loss_fn] == pytest.approx(run.expected.clip_rate(loss_fn, (clip,)), rel=1e-9), where
     assert seen == {"high", "low"}
 
 
 def test_batch_clip_fraction_and_kl_count_every_batch(run):
     e, p = run.expected, run.prometheus
-    for loss_fn in ("cispo", "ppo"):
+    for loss_fn in WORKLOAD_LOSSES:
         fractions = e.clip_fractions[loss_fn]
         counts = p.values(f'cispo_batch_clip_fraction_bucket{{{JOB}, loss_fn="{loss_fn}"}}', "le")
         expected = np.cumsum(np.bincount(bucket_index(fractions, CLIP_FRACTION_BUCKETS),
@@ -541,7 +573,7 @@ def test_grpc_error_rate_counts_every_error(run):
 
 def test_recorded_kl_mean_counts_every_batch(run):
     recorded = run.prometheus.values(f"cispo:sampler_trainer_kl:mean5m{{{JOB}}}", "loss_fn")
-    for loss_fn in ("cispo", "ppo"):
+    for loss_fn in WORKLOAD_LOSSES:
         kl = run.expected.kl_means[loss_fn]
         assert recorded[loss_fn] == pytest.approx(sum(kl) / len(kl), rel=1e-6), loss_fn
 
@@ -561,3 +593,187 @@ def test_sampler_metrics_count_every_sampled_token_and_sequence(run):
     rates = p.values(by_reason, "stop_reason")
     assert {r: v / rates["length"] for r, v in rates.items()} == pytest.approx(
         {r: n / e.sampled_sequences["length"] for r, n in e.sampled_sequences.items()}, rel=1e-9)
+
+
+# -- training runs ---------------------------------------------------------------------------------------
+
+def run_values(prometheus: PrometheusProcess, metric: str) -> set[str]:
+    """The `run` label values `metric` has now."""
+    return {s["metric"].get("run", "") for s in prometheus.query(f"{metric}{{{JOB}}}")}
+
+
+def runs_gauges(prometheus: PrometheusProcess) -> tuple[float, dict]:
+    """(cispo_training_runs, {run: cispo_run_trainable_bytes})."""
+    return (prometheus.scalar(f"cispo_training_runs{{{JOB}}}"),
+            prometheus.values(f"cispo_run_trainable_bytes{{{JOB}}}", "run"))
+
+
+def test_the_default_runs_series_carry_its_model_id(run):
+    """A server whose clients name no run: every per-run series is the default run's, the one
+    live run; its trainable bytes are what ListModels says."""
+    p = run.prometheus
+    for metric in PER_RUN:
+        assert run_values(p, metric) == {DEFAULT_RUN}, metric
+    assert run.listed_bytes.keys() == {DEFAULT_RUN} and run.listed_bytes[DEFAULT_RUN] > 0
+    assert runs_gauges(p) == (1, {DEFAULT_RUN: float(run.listed_bytes[DEFAULT_RUN])})
+    assert p.scalar(f"cispo_training_runs_max{{{JOB}}}") == run.max_runs == 16
+
+
+@dataclass
+class Phase:
+    """What Prometheus and the server's /metrics said after one phase of the runs' workload."""
+
+    runs: dict  # PER_RUN metric -> its run label values
+    gauges: tuple  # runs_gauges()
+    listed: dict  # ListModels: run id -> trainable_bytes
+    exposed_runs: set  # the run label values in the server's own /metrics text
+    variable: set  # what the dashboard's run variable query answers, over the phase's time range
+    tokens: dict  # (run, loss_fn, clip) -> cispo_tokens_total, the non-zero ones
+
+
+@dataclass
+class Runs:
+    prometheus: PrometheusProcess
+    phases: dict  # name -> Phase: "start", "default", "unloaded", "created", "lora", "one_left"
+    workloads: dict  # run id -> Workload, of the LoRA runs
+    max_runs: int
+
+
+def exposed_runs(metrics_port: int) -> set[str]:
+    text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return set(re.findall(r'\brun="([^"]*)"', text))
+
+
+def run_variable(prometheus: PrometheusProcess, since: float) -> set[str]:
+    """The dashboard's `run` variable, label_values(<selector>, run), as Grafana asks for it:
+    the label's values on the series the selector matches over the time range [since, now]."""
+    variable = next(v for v in load_dashboard(REPO)["templating"]["list"] if v["name"] == "run")
+    selector, label = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", substitute(variable["query"])).groups()
+    return set(prometheus.api(f"label/{label}/values", **{"match[]": selector, "start": since, "end": time.time()}))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    with served(tmp_path_factory, "--max-runs", "3") as (server, prometheus):
+        phases, since = {}, 0.0
+        with grpc.insecure_channel(server.address) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            default = Workload(stub)  # GetInfo of no run makes none
+
+            def phase(name: str) -> None:
+                nonlocal since
+                listed = default.trainable_bytes()
+                wait_for_scrape(prometheus, time.time())
+                phases[name] = Phase(
+                    runs={metric: run_values(prometheus, metric) for metric in PER_RUN},
+                    gauges=runs_gauges(prometheus), listed=listed, exposed_runs=exposed_runs(server.metrics_port),
+                    variable=run_variable(prometheus, since),
+                    tokens=nonzero(prometheus.values(f"cispo_tokens_total{{{JOB}}}", "run", "loss_fn", "clip")))
+                since = time.time()
+
+            wait_for_scrape(prometheus, 0)
+            phase("start")
+            default.forward()  # makes the default run
+            default.forward_backward(default.batch(1, "cispo"))
+            default.optim_step()
+            phase("default")
+            stub.UnloadModel(pb.UnloadModelRequest(model_id=DEFAULT_RUN))
+            phase("unloaded")
+            workloads = {}
+            for seed in (1, 2):
+                model_id = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=4, seed=seed))).model_id
+                workloads[model_id] = Workload(stub, model_id)
+            phase("created")  # a scrape of the new runs' series at 0, as for the default run at start
+            a, b = workloads.values()
+            for w in (a, b):
+                w.forward()
+            a.forward_backward(a.batch(11, "cispo"))
+            b.forward_backward(b.batch(21, "cispo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.5}))
+            a.forward_backward(a.batch(12, "ppo"))
+            a.optim_step()  # b keeps its gradient, and takes no step
+            phase("lora")
+            stub.UnloadModel(pb.UnloadModelRequest(model_id=a.model_id))
+            phase("one_left")
+        prometheus.wait_for_rule_evaluation(after=time.time())
+        yield Runs(prometheus, phases, workloads, default.info.max_runs)
+
+
+def test_runs_series_follow_the_live_runs(runs):
+    """Each run's series exist while it lives, and only then (the default run's zeros from the
+    start aside); the run gauges count the live runs, with the bytes ListModels reports."""
+    phases, (a, b) = runs.phases, runs.workloads
+    assert runs.max_runs == 3
+    expected = {
+        "start": ({DEFAULT_RUN}, set()),  # the default run is made on first use; its series are there before
+        "default": ({DEFAULT_RUN}, {DEFAULT_RUN}),
+        "unloaded": (set(), set()),
+        "created": ({a, b}, {a, b}),  # at 0: a CreateModel makes the run's series
+        "lora": ({a, b}, {a, b}),
+        "one_left": ({b}, {b}),
+    }
+    for name, (series, live) in expected.items():
+        phase = phases[name]
+        assert phase.runs == dict.fromkeys(PER_RUN, series), name
+        assert phase.exposed_runs == series, name
+        assert phase.listed.keys() == live and all(n > 0 for n in phase.listed.values()), name
+        assert phase.gauges == (len(live), {r: float(n) for r, n in phase.listed.items()}), name
+    # Each run's own bytes: a took a step (AdamW moments, two per weight, and no gradient), b did
+    # not (a gradient, one per weight).
+    assert phases["lora"].listed[a] > phases["lora"].listed[b]
+    assert phases["one_left"].listed[b] == phases["lora"].listed[b]
+
+
+def test_dashboard_run_variable_lists_the_runs_of_its_time_range(runs):
+    """The run variable offers every run with series in the dashboard's time range. (Prometheus
+    answers label values from its in-memory head block without a per-series time filter, so runs
+    unloaded a little earlier may be offered too.)"""
+    phases, (a, b) = runs.phases, runs.workloads
+    assert phases["start"].variable == phases["default"].variable == {DEFAULT_RUN}
+    assert {a, b} <= phases["lora"].variable <= {DEFAULT_RUN, a, b}
+    assert {b} <= phases["one_left"].variable <= {DEFAULT_RUN, a, b}
+
+
+def test_each_runs_counts_are_its_own(runs):
+    """Two LoRA runs side by side: clip counts by run equal each run's workload; so do the ratio
+    histogram, KL, loss, grad norm and steps."""
+    p, phases, workloads = runs.prometheus, runs.phases, runs.workloads
+    assert phases["default"].tokens and {r for r, _, _ in phases["default"].tokens} == {DEFAULT_RUN}
+    expected = {(r, f, c): float(n) for r, w in workloads.items() for (f, c), n in w.expected.tokens.items() if n}
+    assert {r for r, _, _ in expected} == workloads.keys()
+    assert phases["created"].tokens == {} and phases["lora"].tokens == expected
+    # After a's unload, b's series are left, with b's counts.
+    b = list(workloads.values())[1]
+    assert phases["one_left"].tokens == {key: n for key, n in expected.items() if key[0] == b.model_id}
+    e, run = b.expected, f'run="{b.model_id}"'
+    for loss_fn in RATIO_LOSSES:
+        sel = f'{JOB}, loss_fn="{loss_fn}", {run}'
+        assert p.scalar(f"cispo_importance_ratio_count{{{sel}}}") == sum(e.ratio_buckets[loss_fn]), loss_fn
+        assert p.scalar(f"cispo_sampler_trainer_kl_count{{{sel}}}") == len(e.kl_means[loss_fn]), loss_fn
+    assert p.scalar(f"cispo_loss_sum{{{JOB}, {run}}}") == pytest.approx(e.loss_sum, rel=1e-12)
+    assert p.scalar(f"cispo_optim_steps_total{{{JOB}, {run}}}") == e.optim_steps == 0  # there at 0 from its creation
+    assert p.scalar(f"cispo_grad_norm{{{JOB}, {run}}}") == 0
+
+
+def test_dashboard_and_recorded_clip_rates_show_one_series_per_run(runs):
+    """The clip-rate panels and recording rules, over a window holding both LoRA runs' batches:
+    one series per run (and loss), each with its own run's rate; the unloaded run's rates are
+    still there for the window after its unload."""
+    p, workloads = runs.prometheus, runs.workloads
+    expected = {(r, f): w.expected for r, w in workloads.items() for f in WORKLOAD_LOSSES
+                if sum(w.expected.tokens[f, c] for c in CLIPS)}
+    assert len({r for r, _ in expected}) == 2
+    seen = 0
+    for where, promql in all_expressions(REPO, VARIABLES):
+        match = re.search(r'cispo_tokens_total\{[^}]*clip="(high|low)"', promql)
+        if not where.startswith("dashboard") or not match or "/" not in promql:
+            continue
+        seen += 1
+        clip = match.group(1)
+        shown = {key: v for key, v in p.values(promql, "run", "loss_fn").items() if not math.isnan(v)}
+        assert shown.keys() >= expected.keys() and {r for r, _ in shown} <= {DEFAULT_RUN, *workloads}, where
+        for (r, f), e in expected.items():
+            assert shown[r, f] == pytest.approx(e.clip_rate(f, (clip,)), rel=1e-9), (where, r, f)
+    assert seen == 2
+    recorded = p.values(f"cispo:clip_rate:rate5m{{{JOB}}}", "run", "loss_fn")
+    for (r, f), e in expected.items():
+        assert recorded[r, f] == pytest.approx(e.clip_rate(f, ("high", "low")), rel=1e-9), (r, f)

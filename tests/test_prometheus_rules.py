@@ -21,13 +21,18 @@ EXPORTED = {
     "cispo_inflight_requests", "cispo_world_size", "cispo_cuda_memory_allocated_bytes",
     "cispo_cuda_memory_reserved_bytes", "grpc_server_started_total", "grpc_server_handled_total",
     "cispo_sampled_tokens_total", "cispo_sampled_sequences_total", "cispo_sampler_queue_depth",
-    "up",
+    "cispo_training_runs", "cispo_training_runs_max", "cispo_run_trainable_bytes", "up",
 }
 HISTOGRAMS = {
     "cispo_importance_ratio", "cispo_batch_clip_fraction", "cispo_sampler_trainer_kl",
     "cispo_request_seconds", "grpc_server_handling_seconds",
 }
 EXPORTED |= {name + suffix for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+# The series of one training run each (label `run`).
+PER_RUN = {"cispo_tokens_total", "cispo_loss_sum", "cispo_grad_norm", "cispo_optim_steps_total",
+           "cispo_run_trainable_bytes"} | {name + suffix for name in ("cispo_importance_ratio", "cispo_batch_clip_fraction",
+                                                                      "cispo_sampler_trainer_kl")
+                                           for suffix in ("_bucket", "_sum", "_count")}
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool"}
 
 
@@ -136,7 +141,32 @@ def test_dashboard_and_rules_use_only_exported_metrics():
     assert {"cispo_tokens_total", "cispo_importance_ratio_bucket", "cispo_sampler_trainer_kl_sum",
             "cispo_loss_sum", "cispo_grad_norm", "cispo_request_seconds_bucket",
             "cispo_queue_depth", "grpc_server_handled_total",
-            "cispo_operation_errors_total"} <= used
+            "cispo_operation_errors_total", "cispo_training_runs", "cispo_run_trainable_bytes"} <= used
+
+
+def test_dashboard_shows_the_runs_the_run_variable_selects():
+    """`run` lists the runs (several, or all); every per-run selector filters by it, and a panel
+    that aggregates them keeps one series per run, except the ratio heatmap (one distribution of
+    the selected runs) and plain totals."""
+    dashboard = load_dashboard(REPO)
+    run = next(v for v in dashboard["templating"]["list"] if v["name"] == "run")
+    assert re.fullmatch(r"label_values\(cispo_tokens_total(\{[^}]*\})?, run\)", run["query"]), run["query"]
+    assert run["multi"] and run["includeAll"] and run["allValue"] == ".*"
+    filtered = 0
+    for panel in dashboard_panels(dashboard):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for name, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", expr):
+                if name in PER_RUN:
+                    assert 'run=~"$run"' in matchers, (panel["title"], expr)
+                    filtered += 1
+            if not metric_names(expr) & PER_RUN or panel["type"] == "heatmap":
+                continue
+            for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
+                assert "run" in re.split(r",\s*", grouping), (panel["title"], expr)
+            if "by (" in expr or "sum(" not in expr:
+                assert "{{run}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
+    assert filtered >= 15
 
 
 def test_expressions_have_no_grafana_variables_left():

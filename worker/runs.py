@@ -125,6 +125,9 @@ class SingleRun(_Runs):
     def list(self, owner: str | None) -> list[RunInfo]:
         return [self.info("", owner)]
 
+    def trainable_bytes(self) -> dict[str, int]:
+        return {DEFAULT_RUN: self.info("", None).trainable_bytes}
+
     def __len__(self) -> int:
         return 1
 
@@ -177,6 +180,12 @@ class TrainingRuns(_Runs):
     def list(self, owner: str | None) -> list[RunInfo]:
         """The runs `owner` may see (its own and ownerless ones), oldest first."""
         return [self._info(i, r) for i, r in self._runs.items() if r.owner is None or r.owner == owner]
+
+    def trainable_bytes(self) -> dict[str, int]:
+        """Run id -> trainable_bytes of every live run, whatever its owner. For metrics, read from
+        threads other than the engine's: it copies the registry first and reads tensor metadata
+        only (a dict changed meanwhile may still raise RuntimeError: read again)."""
+        return {model_id: _trainable_bytes(run.engine) for model_id, run in self._runs.copy().items()}
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -261,10 +270,15 @@ class TrainingRuns(_Runs):
     @staticmethod
     def _info(model_id: str, run: _Run) -> RunInfo:
         engine = run.engine
-        params = list(engine.named_params.values())
-        numel = sum(p.numel() for p in params)
-        moment_bytes = sum(t.numel() * t.element_size() for t in engine.optimizer.state_tensors().values())
-        weight_bytes = sum(p.numel() * p.element_size() * (2 if p.grad is not None else 1) for p in params)
+        numel = sum(p.numel() for p in engine.named_params.values())
         return RunInfo(model_id=model_id, lora=engine.lora_spec, owner=run.owner, step=engine.optimizer.step_count,
-                       trainable_parameters=numel, trainable_bytes=weight_bytes + moment_bytes,
+                       trainable_parameters=numel, trainable_bytes=_trainable_bytes(engine),
                        created=run.created, last_used=run.last_used)
+
+
+def _trainable_bytes(engine: Engine) -> int:
+    """Bytes of the engine's own parameters, their gradients and AdamW moments (no copy)."""
+    params = list(engine.named_params.values())
+    moments = [t for state in list(engine.optimizer.state.values()) for t in list(state.values())]
+    return (sum(p.numel() * p.element_size() * (2 if p.grad is not None else 1) for p in params)
+            + sum(t.numel() * t.element_size() for t in moments))
