@@ -1,24 +1,26 @@
 """cispo.client: the Python client of the cispo training service (numpy only; no torch needed).
 
-Names and shapes follow the Tinker API, so a Tinker training loop ports by changing imports:
+Names and shapes follow the Tinker SDK, so a Tinker training loop ports by changing
+`import tinker` to `import cispo.client as tinker` (docs/porting-from-tinker.md):
 
-    from cispo.client import AdamParams, Datum, ModelInput, TrainingClient
+    import cispo.client as tinker
 
-    client = TrainingClient("localhost:50051")
-    datum = Datum(
-        model_input=ModelInput.from_ints(tokens),
+    service = tinker.ServiceClient("localhost:50051")
+    training_client = service.create_lora_training_client(base_model="", rank=32)
+    datum = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(tokens),
         loss_fn_inputs={"target_tokens": targets, "logprobs": sampler_logprobs,
                         "advantages": advantages},
     )
-    fwd_bwd_future = await client.forward_backward_async(data=[datum], loss_fn="cispo")
-    optim_future = await client.optim_step_async(AdamParams(learning_rate=1e-5))
-    fwd_bwd_result = await fwd_bwd_future.result_async()
+    fwd_bwd_future = training_client.forward_backward([datum], loss_fn="cispo")
+    optim_future = training_client.optim_step(tinker.AdamParams(learning_rate=1e-4))
+    fwd_bwd_result = fwd_bwd_future.result()        # or: await fwd_bwd_future
     fwd_bwd_result.loss_fn_outputs[0]["logprobs"].to_numpy()   # (N,) float32
     fwd_bwd_result.metrics["loss:sum"]
 """
 
 from . import types
-from .client import DEFAULT_MAX_MESSAGE_BYTES, TrainingClient
+from .client import DEFAULT_MAX_MESSAGE_BYTES, CustomLossFn, TrainingClient
 from .errors import (
     CispoError,
     FailedPreconditionError,
@@ -41,6 +43,7 @@ from .types import (
     GetInfoResponse,
     Limits,
     LoadStateResponse,
+    LoadWeightsResponse,
     LossFnOutput,
     LossFnType,
     LossFunctionInfo,
@@ -52,6 +55,7 @@ from .types import (
     SamplingParams,
     SaveStateResponse,
     SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
     StopReason,
     TensorData,
 )
@@ -61,6 +65,7 @@ __all__ = [
     "APIFuture",
     "AdamParams",
     "CispoError",
+    "CustomLossFn",
     "Datum",
     "EncodedTextChunk",
     "FailedPreconditionError",
@@ -70,6 +75,7 @@ __all__ = [
     "InvalidArgumentError",
     "Limits",
     "LoadStateResponse",
+    "LoadWeightsResponse",
     "LossFnOutput",
     "LossFnType",
     "LossFunctionInfo",
@@ -85,6 +91,7 @@ __all__ = [
     "SamplingParams",
     "SaveStateResponse",
     "SaveWeightsForSamplerResponse",
+    "SaveWeightsResponse",
     "ServiceClient",
     "StopReason",
     "TensorData",

@@ -1,24 +1,24 @@
-"""`TrainingClient`: the training operations of one cispo server, sync and async.
+"""`TrainingClient`: the training operations of one run on a cispo server, Tinker's way.
 
-    client = TrainingClient("localhost:50051")
-    out = client.forward_backward(data, loss_fn="cispo")          # blocks; a unary RPC
-    step = client.optim_step(AdamParams(learning_rate=1e-5))
+    client = TrainingClient("localhost:50051")          # or ServiceClient(...).create_..._client()
+    fwd_bwd_future = client.forward_backward(data, loss_fn="cispo")   # returns at once
+    optim_future = client.optim_step(AdamParams(learning_rate=1e-5))  # queued behind it
+    fwd_bwd_future.result().metrics["loss:sum"]                       # or: await fwd_bwd_future
 
-    fwd_bwd_future = await client.forward_backward_async(data=data, loss_fn="cispo")
-    optim_future = await client.optim_step_async(AdamParams())    # pipelined on one Stream
-    fwd_bwd_result = await fwd_bwd_future.result_async()
-
-Operations run on the server in the order this client submits them, sync and async alike.
-An `_async` method returns once its request is queued (in call order); many requests may be
-in flight at once, which keeps the server busy. Failures raise `CispoError` subclasses that
-carry the server's field violations.
+Every operation returns its `APIFuture` at once (`.result()`, `await future`,
+`await future.result_async()`) and operations run on the server in call order, pipelined on
+one Stream, so many can be in flight and the server stays busy. The `_async` spellings
+(`await client.forward_backward_async(...)`) give the same futures. Failures raise `CispoError`
+subclasses that carry the server's field violations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import os
+import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 
 from cispo.v1 import training_pb2 as pb
 
@@ -33,6 +34,7 @@ from . import wire
 from ._transport import Transport
 from .errors import ResourceExhaustedError
 from .futures import APIFuture
+from .ordering import Release, SubmissionOrder
 from .sampling_client import SamplingClient
 from .types import (
     AdamParams,
@@ -45,7 +47,11 @@ from .types import (
     SaveWeightsForSamplerResponse,
 )
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "TrainingClient"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "CustomLossFn", "TrainingClient"]
+
+CustomLossFn = Callable[[list[Datum], list[Any]], tuple[Any, Mapping[str, float]]]
+"""forward_backward_custom's loss: (data, per-datum torch logprobs (N_i,)) -> (torch scalar
+loss, metrics)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 """The server's default request-size limit (--max-message-bytes)."""
@@ -138,6 +144,7 @@ class TrainingClient:
             timeout=timeout,
             max_retries=max_retries,
         )
+        self._order = SubmissionOrder()
         # A client dropped without close(): finish what is in flight, then free the thread.
         self._finalizer = weakref.finalize(self, self._transport.close_nowait)
         self._finalizer.atexit = False
@@ -162,11 +169,28 @@ class TrainingClient:
         self._check_size(request, op)
         return decode(self._transport.unary(method, request))
 
-    def _submit(self, request: pb.StreamRequest, op: str, decode: Callable) -> APIFuture:
+    def _send(self, request: pb.StreamRequest, op: str, decode: Callable) -> concurrent.futures.Future:
+        """Put `request` on the stream now; the future of its decoded answer."""
+        return self._send_with_id(request, op, decode)[1]
+
+    def _send_with_id(self, request: pb.StreamRequest, op: str, decode: Callable
+                      ) -> tuple[str, concurrent.futures.Future]:
         self._bind(getattr(request, request.WhichOneof("op")))
         self._check_size(request, op)
-        request_id, future = self._transport.submit(request, op, decode)
-        return APIFuture(future, request_id)
+        return self._transport.submit(request, op, decode)
+
+    def _submit(self, request: pb.StreamRequest, op: str, decode: Callable) -> APIFuture:
+        """Send `request` in this client's order of operations; its future at once (with its
+        stream request id when it could leave at once)."""
+        sent: list[str] = []
+
+        def start() -> concurrent.futures.Future:
+            request_id, future = self._send_with_id(request, op, decode)
+            sent.append(request_id)
+            return future
+
+        future = self._order.submit(start)
+        return APIFuture(future, sent[0] if sent else "")
 
     @staticmethod
     def _fwd_stream_request(
@@ -176,158 +200,244 @@ class TrainingClient:
         wire.forward_backward_input_to_pb(data, loss_fn, loss_fn_config, out=getattr(request, op))
         return request
 
-    @staticmethod
-    def _load_request(name: str, with_optimizer: bool) -> pb.LoadStateRequest:
-        return pb.LoadStateRequest(name=name, with_optimizer=with_optimizer)
-
-    # --- sync API: unary calls --------------------------------------------------------------
+    # --- operations: each returns its future at once, and they run in call order -----------
 
     def forward_backward(
         self,
         data: Sequence[Datum],
         loss_fn: str = "cispo",
         loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
+    ) -> APIFuture[ForwardBackwardOutput]:
         """Run the batch forward and backward through `loss_fn`; the gradient is added to the
         accumulated gradient.
 
-        data: the batch, one Datum per sequence (lengths may differ).
-        loss_fn: "cispo", "importance_sampling", "ppo" or "cross_entropy".
+        data: the batch, one Datum per sequence (lengths may differ); the tinker SDK's
+            Datums are accepted too.
+        loss_fn: "cispo", "importance_sampling", "ppo", "cross_entropy", "dro" or "gspo"
+            (docs/losses.md).
         loss_fn_config: loss hyper-parameters, e.g. {"clip_low_threshold": 0.0,
             "clip_high_threshold": 4.0}; unset keys take the server's defaults.
-        Returns per-datum target logprobs (`loss_fn_outputs[i]["logprobs"]`, shape (N_i,))
-        and batch metrics (`metrics["loss:sum"]`, ...).
+        Returns the future of per-datum target logprobs (`loss_fn_outputs[i]["logprobs"]`,
+        shape (N_i,)) and batch metrics (`metrics["loss:sum"]`, ...).
         """
-        request = wire.forward_backward_input_to_pb(data, loss_fn, loss_fn_config)
-        return self._unary(
-            "ForwardBackward", request, "forward_backward", wire.forward_backward_output_from_pb
-        )
+        request = self._fwd_stream_request("forward_backward", data, loss_fn, loss_fn_config)
+        return self._submit(request, "forward_backward", wire.forward_backward_output_from_pb)
 
     def forward(
         self,
         data: Sequence[Datum],
         loss_fn: str = "cispo",
         loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
+    ) -> APIFuture[ForwardBackwardOutput]:
         """Like `forward_backward`, without the backward pass: no gradient is accumulated."""
-        request = wire.forward_backward_input_to_pb(data, loss_fn, loss_fn_config)
-        return self._unary("Forward", request, "forward", wire.forward_backward_output_from_pb)
-
-    def optim_step(self, adam_params: AdamParams | None = None) -> OptimStepResponse:
-        """Apply the accumulated gradient with AdamW (defaults when None), then zero it.
-        Returns the pre-clip gradient norm and the step count."""
-        request = pb.OptimStepRequest(adam_params=wire.adam_params_to_pb(adam_params))
-        return self._unary("OptimStep", request, "optim_step", wire.optim_step_response_from_pb)
-
-    def save_state(self, name: str) -> SaveStateResponse:
-        """Save weights, optimizer state and step count under `name` (letters, digits, '.',
-        '_', '-'; replaces an existing state atomically) in the server's --checkpoint-dir."""
-        request = pb.SaveStateRequest(name=name)
-        return self._unary("SaveState", request, "save_state", wire.save_state_response_from_pb)
-
-    def load_state(self, name: str) -> LoadStateResponse:
-        """Load the weights saved under `name` and reset the optimizer (no moments, step 0);
-        the accumulated gradient is dropped. Use `load_state_with_optimizer` to resume a run.
-        Raises FailedPreconditionError if there is no such state."""
-        return self._unary(
-            "LoadState",
-            self._load_request(name, False),
-            "load_state",
-            wire.load_state_response_from_pb,
-        )
-
-    def load_state_with_optimizer(self, name: str) -> LoadStateResponse:
-        """Load the weights and the optimizer state (moments, step count) saved under `name`."""
-        return self._unary(
-            "LoadState",
-            self._load_request(name, True),
-            "load_state",
-            wire.load_state_response_from_pb,
-        )
-
-    def save_weights_for_sampler(self, name: str, merged: bool = False) -> SaveWeightsForSamplerResponse:
-        """Write the current weights, and nothing else, as a directory that vLLM (`--model
-        path`) and transformers load as they are, in the server's --sampler-dir (replaces an
-        export of that name atomically); a LoRA run writes its PEFT adapter directory, or with
-        `merged` full weights with the adapter merged in. Returns its path."""
-        request = pb.SaveWeightsForSamplerRequest(name=name, merged=merged)
-        return self._unary("SaveWeightsForSampler", request, "save_weights_for_sampler",
-                           wire.save_weights_for_sampler_response_from_pb)
-
-    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
-        """`save_weights_for_sampler(name)`, then a SamplingClient on those weights, sharing this
-        client's connection. None names the export `sampler-<random hex>`: each such call
-        writes a new directory, which stays until removed from --sampler-dir."""
-        saved = self.save_weights_for_sampler(name or f"sampler-{uuid.uuid4().hex[:16]}")
-        return SamplingClient(self, model_path=saved.path)
-
-    def create_sampling_client(self, model_path: str | None = None) -> SamplingClient:
-        """A SamplingClient sharing this client's connection and order of operations: on the
-        saved weights at `model_path`, or (None) on the training state's current weights."""
-        return SamplingClient(self, model_path=model_path)
-
-    def get_info(self) -> GetInfoResponse:
-        """The model, vocabulary size, limits and loss functions with their defaults."""
-        return self._unary(
-            "GetInfo", pb.GetInfoRequest(), "get_info", wire.get_info_response_from_pb
-        )
-
-    # --- async API: pipelined on one Stream ---------------------------------------------------
-
-    async def forward_backward_async(
-        self,
-        data: Sequence[Datum],
-        loss_fn: str = "cispo",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> APIFuture[ForwardBackwardOutput]:
-        """Queue a `forward_backward` (see there) and return its future at once."""
-        request = self._fwd_stream_request("forward_backward", data, loss_fn, loss_fn_config)
-        return self._submit(request, "forward_backward", wire.forward_backward_output_from_pb)
-
-    async def forward_async(
-        self,
-        data: Sequence[Datum],
-        loss_fn: str = "cispo",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> APIFuture[ForwardBackwardOutput]:
-        """Queue a `forward` (see there) and return its future at once."""
         request = self._fwd_stream_request("forward", data, loss_fn, loss_fn_config)
         return self._submit(request, "forward", wire.forward_backward_output_from_pb)
 
-    async def optim_step_async(
-        self, adam_params: AdamParams | None = None
-    ) -> APIFuture[OptimStepResponse]:
-        """Queue an `optim_step` (see there) and return its future at once."""
+    def forward_backward_custom(self, data: Sequence[Datum], loss_fn: CustomLossFn) -> APIFuture[ForwardBackwardOutput]:
+        """A forward_backward through a loss computed here, on the client, as Tinker does it.
+
+        loss_fn(data, logprobs) -> (loss, metrics): `logprobs[i]` is a torch tensor (N_i,) of
+        datum i's target logprobs that requires grad; `loss` a torch scalar; `metrics` a dict
+        of floats. The client runs a forward, calls loss_fn, differentiates it, then sends a
+        backward through cross_entropy with weights -dloss/dlogprobs, whose gradient is the
+        custom loss's. Operations submitted after this one wait for that backward, so an
+        optim_step right after it steps on its gradient. If the loss fails, the future fails
+        and so do the operations waiting behind it (they are not sent).
+        The answer's metrics: loss_fn's, "loss:sum" (the custom loss) and
+        "surrogate_loss:sum" (the cross_entropy surrogate's). Needs torch on the client.
+        """
+        try:
+            import torch  # only here: the client does not depend on torch
+        except ImportError:
+            raise ImportError("forward_backward_custom differentiates the loss with torch: pip install torch") from None
+        data = wire.as_data_list(data)
+        forward_data = []
+        for index, datum in enumerate(data):
+            targets = datum.loss_fn_inputs.get("target_tokens")
+            if targets is None:
+                raise ValueError(f"data[{index}].loss_fn_inputs: forward_backward_custom needs target_tokens")
+            weights = datum.loss_fn_inputs.get("weights", np.zeros(len(targets), np.float32))
+            forward_data.append(Datum(datum.model_input, {"target_tokens": targets, "weights": weights}))
+        decode = wire.forward_backward_output_from_pb
+        forward_request = self._fwd_stream_request("forward", forward_data, "cross_entropy", None)
+
+        def start(release: Release) -> concurrent.futures.Future:
+            forward = self._send(forward_request, "forward", decode)
+            answer: concurrent.futures.Future = concurrent.futures.Future()
+            answer.set_running_or_notify_cancel()
+
+            def run() -> None:
+                try:
+                    logprobs = [torch.tensor(out["logprobs"].to_numpy(), requires_grad=True)
+                                for out in forward.result().loss_fn_outputs]
+                    loss, metrics = loss_fn(data, logprobs)
+                    loss.backward()
+                    grads = [lp.grad if lp.grad is not None else torch.zeros_like(lp) for lp in logprobs]
+                    backward_data = [Datum(d.model_input, {"target_tokens": d.loss_fn_inputs["target_tokens"],
+                                                           "weights": -g.detach().float().numpy()})
+                                     for d, g in zip(forward_data, grads)]
+                    backward = self._send(self._fwd_stream_request("forward_backward", backward_data, "cross_entropy",
+                                                                   None), "forward_backward", decode)
+                except BaseException as exc:
+                    release(exc)
+                    answer.set_exception(exc)
+                    return
+                release(None)
+                try:
+                    result = backward.result()
+                except BaseException as exc:
+                    answer.set_exception(exc)
+                    return
+                surrogate = result.metrics.pop("loss:sum")
+                result.metrics.update({name: float(value) for name, value in metrics.items()})
+                result.metrics["loss:sum"] = float(loss.detach().sum())
+                result.metrics["surrogate_loss:sum"] = surrogate
+                answer.set_result(result)
+
+            threading.Thread(target=run, name="cispo-custom-loss", daemon=True).start()
+            return answer
+
+        return APIFuture(self._order.submit_holding(start))
+
+    def optim_step(self, optim_params: AdamParams | None = None, *,
+                   adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        """Apply the accumulated gradient with AdamW (AdamParams' defaults when None), then
+        zero it. `adam_params=` is Tinker's keyword for the same argument. Returns the future
+        of the pre-clip gradient norm, the step count and the step's metrics."""
+        if optim_params is not None and adam_params is not None:
+            raise ValueError("pass optim_params or adam_params, not both")
         request = pb.StreamRequest()
         request.optim_step.SetInParent()
-        wire.adam_params_to_pb(adam_params, out=request.optim_step.adam_params)
+        wire.adam_params_to_pb(optim_params if optim_params is not None else adam_params,
+                               out=request.optim_step.adam_params)
         return self._submit(request, "optim_step", wire.optim_step_response_from_pb)
 
-    async def save_state_async(self, name: str) -> APIFuture[SaveStateResponse]:
-        """Queue a `save_state` (see there) and return its future at once."""
+    def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveStateResponse]:
+        """Save weights (a LoRA run: its adapter), optimizer state and step count under `name`
+        (letters, digits, '.', '_', '-'; replaces an existing state atomically) in the server's
+        --checkpoint-dir. The answer's `path` is what load_state and
+        ServiceClient.create_training_client_from_state take. ttl_seconds: accepted for
+        Tinker's signature; states are kept until deleted from the checkpoint volume."""
+        if ttl_seconds is not None and (isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int)
+                                        or ttl_seconds <= 0):
+            raise ValueError(f"ttl_seconds: expected a positive int or None, got {ttl_seconds!r}")
         request = pb.StreamRequest(save_state=pb.SaveStateRequest(name=name))
         return self._submit(request, "save_state", wire.save_state_response_from_pb)
 
-    async def load_state_async(self, name: str) -> APIFuture[LoadStateResponse]:
-        """Queue a `load_state` (see there) and return its future at once."""
-        request = pb.StreamRequest(load_state=self._load_request(name, False))
+    def load_state(self, path: str) -> APIFuture[LoadStateResponse]:
+        """Load the weights saved at `path` (what save_state answered, or the state's name) and
+        reset the optimizer (no moments, step 0); the accumulated gradient is dropped. Use
+        `load_state_with_optimizer` to resume a run. Fails with NotFoundError/
+        FailedPreconditionError if there is no such state."""
+        request = pb.StreamRequest(load_state=pb.LoadStateRequest(name=path, with_optimizer=False))
         return self._submit(request, "load_state", wire.load_state_response_from_pb)
 
-    async def load_state_with_optimizer_async(self, name: str) -> APIFuture[LoadStateResponse]:
-        """Queue a `load_state_with_optimizer` (see there) and return its future at once."""
-        request = pb.StreamRequest(load_state=self._load_request(name, True))
+    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadStateResponse]:
+        """Load the weights and the optimizer state (moments, step count) saved at `path`."""
+        request = pb.StreamRequest(load_state=pb.LoadStateRequest(name=path, with_optimizer=True))
         return self._submit(request, "load_state", wire.load_state_response_from_pb)
 
-    async def save_weights_for_sampler_async(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
-        """Queue a `save_weights_for_sampler` (see there) and return its future at once."""
-        request = pb.StreamRequest(save_weights_for_sampler=pb.SaveWeightsForSamplerRequest(name=name))
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
+                                 merged: bool = False) -> APIFuture[SaveWeightsForSamplerResponse]:
+        """Write the current weights, and nothing else, as a directory that vLLM (`--model
+        path`) and transformers load as they are, in the server's --sampler-dir (replaces an
+        export of that name atomically); a LoRA run writes its PEFT adapter directory, or with
+        `merged` full weights with the adapter merged in. The answer's `path` is what
+        create_sampling_client takes. ttl_seconds: as for save_state."""
+        request = pb.StreamRequest(save_weights_for_sampler=pb.SaveWeightsForSamplerRequest(name=name, merged=merged))
         return self._submit(request, "save_weights_for_sampler", wire.save_weights_for_sampler_response_from_pb)
 
-    async def get_info_async(self) -> APIFuture[GetInfoResponse]:
-        """Queue a `get_info` and return its future at once."""
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """`save_weights_for_sampler(name)`, then a SamplingClient on those weights, sharing this
+        client's connection; returns at once (its samples queue behind the save).
+        `.result()` / `await` on it wait for the save and raise its error. None names the
+        export `sampler-<random hex>`: each such call writes a new directory, which stays until
+        removed from --sampler-dir."""
+        name = name or f"sampler-{uuid.uuid4().hex[:16]}"
+        return SamplingClient(self, model_path=name, saved=self.save_weights_for_sampler(name))
+
+    def create_sampling_client(self, model_path: str | None = None) -> SamplingClient:
+        """A SamplingClient sharing this client's connection and order of operations: on the
+        saved weights at `model_path`, or (None) on the run's current weights."""
+        return SamplingClient(self, model_path=model_path)
+
+    def get_info(self) -> GetInfoResponse:
+        """The run and the model: vocabulary size, limits, loss functions with their defaults,
+        LoRA rank, step. Blocks until answered, in order: after every operation submitted
+        before it (as Tinker's, it returns the answer, not a future)."""
+        return self._get_info().result()
+
+    def _get_info(self) -> APIFuture[GetInfoResponse]:
         request = pb.StreamRequest()
         request.get_info.SetInParent()
         return self._submit(request, "get_info", wire.get_info_response_from_pb)
+
+    def get_tokenizer(self) -> Any:
+        """Not offered: the client never downloads a tokenizer. Load the served model's own
+        with `transformers.AutoTokenizer.from_pretrained(<model directory>)`."""
+        raise NotImplementedError("cispo's client has no get_tokenizer: load the served model directory's tokenizer "
+                                  "with transformers.AutoTokenizer.from_pretrained(...)")
+
+    # --- Tinker's async spellings: the same operations ---------------------------------------
+
+    async def forward_backward_async(self, data: Sequence[Datum], loss_fn: str = "cispo",
+                                     loss_fn_config: Mapping[str, float] | None = None
+                                     ) -> APIFuture[ForwardBackwardOutput]:
+        """`forward_backward`: `await` gives its future."""
+        return self.forward_backward(data, loss_fn, loss_fn_config)
+
+    async def forward_async(self, data: Sequence[Datum], loss_fn: str = "cispo",
+                            loss_fn_config: Mapping[str, float] | None = None) -> APIFuture[ForwardBackwardOutput]:
+        """`forward`: `await` gives its future."""
+        return self.forward(data, loss_fn, loss_fn_config)
+
+    async def forward_backward_custom_async(self, data: Sequence[Datum],
+                                            loss_fn: CustomLossFn) -> APIFuture[ForwardBackwardOutput]:
+        """`forward_backward_custom`: `await` gives its future."""
+        return self.forward_backward_custom(data, loss_fn)
+
+    async def optim_step_async(self, optim_params: AdamParams | None = None, *,
+                               adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        """`optim_step`: `await` gives its future."""
+        return self.optim_step(optim_params, adam_params=adam_params)
+
+    async def save_state_async(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveStateResponse]:
+        """`save_state`: `await` gives its future."""
+        return self.save_state(name, ttl_seconds)
+
+    async def load_state_async(self, path: str) -> APIFuture[LoadStateResponse]:
+        """`load_state`: `await` gives its future."""
+        return self.load_state(path)
+
+    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[LoadStateResponse]:
+        """`load_state_with_optimizer`: `await` gives its future."""
+        return self.load_state_with_optimizer(path)
+
+    async def save_weights_for_sampler_async(self, name: str, ttl_seconds: int | None = None,
+                                             merged: bool = False) -> APIFuture[SaveWeightsForSamplerResponse]:
+        """`save_weights_for_sampler`: `await` gives its future."""
+        return self.save_weights_for_sampler(name, ttl_seconds, merged)
+
+    async def save_weights_and_get_sampling_client_async(self, name: str | None = None) -> SamplingClient:
+        """`save_weights_and_get_sampling_client`, once the weights are saved."""
+        return await self.save_weights_and_get_sampling_client(name)
+
+    async def get_info_async(self) -> GetInfoResponse:
+        """`get_info` without blocking the running event loop."""
+        return await self._get_info()
+
+    # --- a client is its own resolved future (ServiceClient's creations) ---------------------
+
+    def result(self, timeout: float | None = None) -> TrainingClient:
+        """This client: Tinker's ServiceClient returns a future of the TrainingClient, so
+        `create_lora_training_client(...).result()` and `await ...` work here too."""
+        return self
+
+    async def result_async(self, timeout: float | None = None) -> TrainingClient:
+        return self
+
+    def __await__(self):
+        return self.result_async().__await__()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -358,6 +468,7 @@ class TrainingClient:
         """A client of run `model_id` sharing this client's connection (and its closing)."""
         bound = copy.copy(self)
         bound.model_id = model_id
+        bound._order = SubmissionOrder()  # each run has its own order of operations
         bound._parent = self  # the connection closes when its first client is collected or closed
         return bound
 

@@ -6,7 +6,7 @@
     for sequence in future.result().sequences:
         sequence.tokens, sequence.logprobs, sequence.stop_reason
 
-With `model_path=None` a sample runs on the training state's current weights at its place in the
+With `model_path=None` a sample runs on the training run's current weights at its place in the
 order of operations: it sees every optim_step submitted before it, none after. With a path (what
 `save_weights_for_sampler` answered) it runs on those saved weights.
 """
@@ -19,7 +19,7 @@ from cispo.v1 import training_pb2 as pb
 
 from . import wire
 from .futures import APIFuture
-from .types import ModelInput, SampleResponse, SamplingParams
+from .types import ModelInput, SampleResponse, SamplingParams, SaveWeightsForSamplerResponse
 
 if TYPE_CHECKING:
     from .client import TrainingClient
@@ -30,13 +30,15 @@ __all__ = ["SamplingClient"]
 class SamplingClient:
     """Sampling from one set of weights. Thread-safe; futures as `TrainingClient`'s."""
 
-    def __init__(self, target: str | TrainingClient, *, model_path: str | None = None, **connection: Any) -> None:
+    def __init__(self, target: str | TrainingClient, *, model_path: str | None = None,
+                 saved: APIFuture[SaveWeightsForSamplerResponse] | None = None, **connection: Any) -> None:
         """
         target: "host:port" (then `connection` takes TrainingClient's keyword arguments: token,
             root_certificates, ...), or a TrainingClient whose connection, and so whose order
             of operations, this client shares.
         model_path: saved sampler weights (a path `save_weights_for_sampler` answered, or the
-            export's name); None samples the training state's current weights.
+            export's name); None samples the training run's current weights.
+        saved: the pending save of those weights, which `result()` waits for.
         """
         from .client import TrainingClient
 
@@ -45,6 +47,23 @@ class SamplingClient:
             raise TypeError("connection arguments go with a target address, not with a TrainingClient")
         self._client = TrainingClient(target, **connection) if self._owns_client else target
         self.model_path = model_path
+        self._saved = saved
+
+    def result(self, timeout: float | None = None) -> SamplingClient:
+        """This client, once its weights are saved (raises the save's error). Tinker returns a
+        future of the SamplingClient; this client is its own."""
+        if self._saved is not None:
+            self.model_path = self._saved.result(timeout).path
+        return self
+
+    async def result_async(self, timeout: float | None = None) -> SamplingClient:
+        """`result()`, awaited."""
+        if self._saved is not None:
+            self.model_path = (await self._saved.result_async(timeout)).path
+        return self
+
+    def __await__(self):
+        return self.result_async().__await__()
 
     def sample(
         self,

@@ -13,7 +13,7 @@ tensors keep their dtype where the wire has it (int64, int32, float32, float64).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = [
     "GetInfoResponse",
     "Limits",
     "LoadStateResponse",
+    "LoadWeightsResponse",
     "LossFnInputs",
     "LossFnOutput",
     "LossFnType",
@@ -37,9 +38,11 @@ __all__ = [
     "SamplingParams",
     "SaveStateResponse",
     "SaveWeightsForSamplerResponse",
+    "SaveWeightsResponse",
     "StopReason",
     "TensorData",
     "TensorDtype",
+    "convert",
 ]
 
 LossFnType = Literal["cispo", "importance_sampling", "ppo", "cross_entropy", "dro", "gspo"]
@@ -103,6 +106,8 @@ def to_array(
         array = value
     elif _is_torch_like(value):
         array = _torch_to_numpy(value)
+    elif callable(getattr(value, "to_numpy", None)):  # another package's TensorData (the tinker SDK's)
+        array = np.asarray(value.to_numpy())
     elif isinstance(value, (list, tuple, range)):
         typed = False
         try:
@@ -141,6 +146,28 @@ def to_array(
     else:
         raise ValueError(f"{what}: expected numeric data, got dtype {array.dtype}")
     return array.astype(target, copy=False)
+
+
+def convert(value: Any, cls: type, what: str) -> Any:
+    """`value` as a `cls` of this module. An object of another package whose class has the same
+    name (the tinker SDK's `Datum`, `ModelInput`, `AdamParams`, `SamplingParams`, ...) is
+    converted field by field; anything else raises TypeError naming both classes."""
+    if isinstance(value, cls):
+        return value
+    if type(value).__name__ != cls.__name__:
+        raise TypeError(f"{what}: expected {_qualified(cls)}, got {_qualified(type(value))}")
+    names = [f.name for f in fields(cls)]
+    try:
+        return cls(**{name: getattr(value, name) for name in names if hasattr(value, name)})
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{what}: cannot convert {_qualified(type(value))} to {_qualified(cls)}: {exc}") from None
+
+
+def _qualified(cls: type) -> str:
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    module = "cispo.client" if cls.__module__ == __name__ else cls.__module__
+    return f"{module}.{cls.__qualname__}"
 
 
 class TensorData:
@@ -265,6 +292,9 @@ class ModelInput:
     chunks: list[EncodedTextChunk] = field(default_factory=list)
     """The token chunks, read in order."""
 
+    def __post_init__(self) -> None:
+        self.chunks = [convert(chunk, EncodedTextChunk, f"ModelInput.chunks[{i}]") for i, chunk in enumerate(self.chunks)]
+
     @classmethod
     def from_ints(cls, tokens: Any) -> ModelInput:
         """From token ids: a list of ints, an integer array or tensor, shape (N,)."""
@@ -331,7 +361,9 @@ class Datum:
                        ratio averages over; default the tokens with advantage != 0."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_input, ModelInput):
+        if type(self.model_input).__name__ == "ModelInput":  # this package's, or the tinker SDK's
+            self.model_input = convert(self.model_input, ModelInput, "Datum.model_input")
+        else:
             self.model_input = ModelInput.from_ints(self.model_input)
         if not isinstance(self.loss_fn_inputs, Mapping):
             raise TypeError(
@@ -379,17 +411,8 @@ class AdamParams:
             setattr(self, name, float(value))
 
 
-class _Resolved:
-    """Lets a result stand where Tinker code expects a future (`x.result()`)."""
-
-    def result(self, timeout: float | None = None):
-        """Tinker compatibility: Tinker's sync methods return futures; this client's sync
-        methods return results, whose `result()` returns themselves."""
-        return self
-
-
 @dataclass
-class ForwardBackwardOutput(_Resolved):
+class ForwardBackwardOutput:
     """The answer to `forward` and `forward_backward`."""
 
     loss_fn_outputs: list[LossFnOutput]
@@ -402,7 +425,7 @@ class ForwardBackwardOutput(_Resolved):
 
 
 @dataclass
-class OptimStepResponse(_Resolved):
+class OptimStepResponse:
     """The answer to `optim_step`."""
 
     grad_norm: float
@@ -414,7 +437,7 @@ class OptimStepResponse(_Resolved):
 
 
 @dataclass
-class SaveStateResponse(_Resolved):
+class SaveStateResponse:
     """The answer to `save_state`."""
 
     name: str
@@ -426,7 +449,7 @@ class SaveStateResponse(_Resolved):
 
 
 @dataclass
-class SaveWeightsForSamplerResponse(_Resolved):
+class SaveWeightsForSamplerResponse:
     """The answer to `save_weights_for_sampler`."""
 
     name: str
@@ -479,7 +502,7 @@ class SampledSequence:
 
 
 @dataclass
-class SampleResponse(_Resolved):
+class SampleResponse:
     """The answer to `sample`."""
 
     sequences: list[SampledSequence]
@@ -490,13 +513,20 @@ class SampleResponse(_Resolved):
 
 
 @dataclass
-class LoadStateResponse(_Resolved):
+class LoadStateResponse:
     """The answer to `load_state` and `load_state_with_optimizer`."""
 
     name: str
     """The state's name, as given."""
     step: int
     """Optimizer steps recorded in the state."""
+
+
+SaveWeightsResponse = SaveStateResponse
+"""Tinker's name for the answer to `save_state`."""
+
+LoadWeightsResponse = LoadStateResponse
+"""Tinker's name for the answer to `load_state`."""
 
 
 @dataclass
@@ -534,7 +564,7 @@ class Limits:
 
 
 @dataclass
-class GetInfoResponse(_Resolved):
+class GetInfoResponse:
     """The answer to `get_info`: the model, its limits and the loss functions."""
 
     model_name: str

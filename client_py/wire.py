@@ -35,10 +35,12 @@ from .types import (
     SaveStateResponse,
     SaveWeightsForSamplerResponse,
     TensorData,
+    convert,
 )
 
 __all__ = [
     "adam_params_to_pb",
+    "as_data_list",
     "datum_from_pb",
     "datum_to_pb",
     "forward_backward_input_to_pb",
@@ -167,15 +169,12 @@ def datum_from_pb(message: pb.Datum, what: str = "datum") -> Datum:
     return Datum(model_input=ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
 
 
-def _as_data_list(data: Iterable[Datum]) -> list[Datum]:
-    """`data` as a list of Datum; TypeError naming the first bad entry."""
-    if isinstance(data, (Datum, str, bytes, Mapping)):
+def as_data_list(data: Iterable[Datum]) -> list[Datum]:
+    """`data` as a list of Datum (the tinker SDK's are converted); TypeError naming the first
+    bad entry."""
+    if isinstance(data, (str, bytes, Mapping)) or type(data).__name__ == "Datum":
         raise TypeError(f"data: expected a list of Datum, got {type(data).__name__}")
-    items = list(data)
-    for index, datum in enumerate(items):
-        if not isinstance(datum, Datum):
-            raise TypeError(f"data[{index}]: expected Datum, got {type(datum).__name__}")
-    return items
+    return [convert(datum, Datum, f"data[{index}]") for index, datum in enumerate(data)]
 
 
 def forward_backward_input_to_pb(
@@ -193,7 +192,7 @@ def forward_backward_input_to_pb(
     out.SetInParent()
     if not isinstance(loss_fn, str):
         raise TypeError(f"loss_fn: expected a str, got {type(loss_fn).__name__}")
-    for datum in _as_data_list(data):
+    for datum in as_data_list(data):
         datum_to_pb(datum, out.data.add())
     out.loss_fn = loss_fn
     for key, value in (loss_fn_config or {}).items():
@@ -207,9 +206,7 @@ def forward_backward_input_to_pb(
 
 def adam_params_to_pb(params: AdamParams | None, out: pb.AdamParams | None = None) -> pb.AdamParams:
     """An `AdamParams` message with every field set (None means the defaults)."""
-    params = AdamParams() if params is None else params
-    if not isinstance(params, AdamParams):
-        raise TypeError(f"adam_params: expected AdamParams, got {type(params).__name__}")
+    params = AdamParams() if params is None else convert(params, AdamParams, "adam_params")
     out = pb.AdamParams() if out is None else out
     out.learning_rate = params.learning_rate
     out.beta1 = params.beta1
@@ -231,10 +228,8 @@ def sample_request_to_pb(
     """A `SampleRequest`; types are checked here, values by the server."""
     out = pb.SampleRequest() if out is None else out
     out.SetInParent()
-    if not isinstance(prompt, ModelInput):
-        raise TypeError(f"prompt: expected ModelInput, got {type(prompt).__name__}")
-    if not isinstance(sampling_params, SamplingParams):
-        raise TypeError(f"sampling_params: expected SamplingParams, got {type(sampling_params).__name__}")
+    prompt = convert(prompt, ModelInput, "prompt")
+    sampling_params = convert(sampling_params, SamplingParams, "sampling_params")
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
         raise TypeError(f"num_samples: expected an int, got {type(num_samples).__name__}")
     _array_to_pb(prompt.to_numpy(), out.prompt)

@@ -84,8 +84,10 @@ def main() -> None:
         # 3. The policy gradient step.
         metrics = {}
         if data:
-            metrics = training_client.forward_backward(data, loss_fn="cispo").metrics
-            training_client.optim_step(AdamParams(learning_rate=args.learning_rate))
+            fwd_bwd_future = training_client.forward_backward(data, loss_fn="cispo")
+            optim_future = training_client.optim_step(AdamParams(learning_rate=args.learning_rate))
+            metrics = fwd_bwd_future.result().metrics
+            optim_future.result()
         # 4. The new weights, for the next step's samples.
         sampling_client = training_client.save_weights_and_get_sampling_client("rl-loop")
         active = max(metrics.get("active_tokens:sum", 0), 1)

@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 from cispo.client import (AdamParams, Datum, FailedPreconditionError, InvalidArgumentError, ModelInput,
                           ResourceExhaustedError, TrainingClient)
+from cispo.client import wire
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from cispo.worker import AdamParams as EngineAdamParams
@@ -72,12 +73,12 @@ def test_readme_snippet_runs_verbatim(client):
     result = asyncio.run(main())
     assert math.isfinite(result.metrics["loss:sum"])
     assert [o["logprobs"].to_numpy().shape for o in result.loss_fn_outputs] == [(7,), (12,), (3,)]
-    client.optim_step(AdamParams())
+    client.optim_step(AdamParams()).result()
 
 
-def test_unary_and_stream_give_identical_results(client):
+def test_unary_and_stream_give_identical_results(client, stub):
     data = make_data(1)
-    unary = client.forward(data, "ppo")
+    unary = wire.forward_backward_output_from_pb(stub.Forward(wire.forward_backward_input_to_pb(data, "ppo")))
 
     async def streamed():
         return await (await client.forward_async(data, "ppo")).result_async()
@@ -90,12 +91,12 @@ def test_unary_and_stream_give_identical_results(client):
 
 def test_service_matches_in_process_engine(client, server):
     """Same weights (loaded from a state the server saved) give the same numbers in-process."""
-    client.save_state("compare")
+    client.save_state("compare").result()
     engine = Engine(load_policy_model(), EngineConfig(checkpoint_dir=server_checkpoint_dir(server)))
     engine.load_state("compare")
     data = make_data(2)
     expected = engine.forward(to_samples(data))
-    got = client.forward(data)
+    got = client.forward(data).result()
     assert got.metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-6)
     for o, lp in zip(got.loss_fn_outputs, expected.logprobs):
         np.testing.assert_allclose(o["logprobs"].to_numpy(), lp.numpy(), rtol=1e-6, atol=1e-6)
@@ -117,10 +118,10 @@ def test_hundred_pipelined_requests_come_back_in_order(client):
         futures = []
         for i in range(100):
             if i % 10 == 9:
-                futures.append(await client.get_info_async())
+                futures.append(await client.get_info_async())  # an answer: get_info waits, in order
             else:
                 futures.append(await client.forward_async(make_data(i, lengths=(i % 7 + 1,))))
-        return [await f.result_async() for f in futures]
+        return [f if i % 10 == 9 else await f.result_async() for i, f in enumerate(futures)]
 
     results = asyncio.run(run())
     for i, r in enumerate(results):
@@ -231,21 +232,21 @@ def test_errors_change_no_state(server, client):
     """Bad requests between good ones leave the gradient as if they never came."""
     data = make_data(3)
     engine = Engine(load_policy_model(), EngineConfig(checkpoint_dir=server_checkpoint_dir(server)))
-    client.save_state("errors-base")
+    client.save_state("errors-base").result()
     engine.load_state("errors-base")
-    client.load_state("errors-base")
-    client.forward_backward(data)
+    client.load_state("errors-base").result()
+    client.forward_backward(data).result()
     bad = make_data(4)
     bad[0].loss_fn_inputs["logprobs"] = np.full(bad[0].model_input.length, 0.5, dtype=np.float32)
     with pytest.raises(InvalidArgumentError) as err:
-        client.forward_backward(bad)
+        client.forward_backward(bad).result()
     assert err.value.field_violations[0].field == "data[0].loss_fn_inputs.logprobs"
     with pytest.raises(InvalidArgumentError):
-        client.forward_backward(data, "cispo", {"clip_high_threshold": 0.28})
+        client.forward_backward(data, "cispo", {"clip_high_threshold": 0.28}).result()
     with pytest.raises(InvalidArgumentError) as err:
-        client.optim_step(AdamParams(learning_rate=-1.0))
+        client.optim_step(AdamParams(learning_rate=-1.0)).result()
     assert err.value.field_violations[0].field == "adam_params.learning_rate"
-    got = client.optim_step(AdamParams(learning_rate=1e-3))
+    got = client.optim_step(AdamParams(learning_rate=1e-3)).result()
     engine.forward_backward(to_samples(data))
     expected = engine.optim_step(EngineAdamParams(learning_rate=1e-3))
     assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-6)
@@ -253,9 +254,9 @@ def test_errors_change_no_state(server, client):
 
 def test_failed_precondition_and_bad_names(client):
     with pytest.raises(FailedPreconditionError, match="no saved state named 'never-saved'"):
-        client.load_state("never-saved")
+        client.load_state("never-saved").result()
     with pytest.raises(InvalidArgumentError) as err:
-        client.save_state("../outside")
+        client.save_state("../outside").result()
     assert err.value.field_violations[0].field == "name"
     assert client.get_info().vocab_size == 1024
 

@@ -176,7 +176,7 @@ def test_bad_tokens_and_keys():
         ModelInput.from_ints(np.array([True, False]))
     with pytest.raises(ValueError, match="unknown input 'mask'"):
         Datum(model_input=[1, 2], loss_fn_inputs={"mask": [1, 1]})
-    with pytest.raises(TypeError, match=r"data\[1\]: expected Datum, got dict"):
+    with pytest.raises(TypeError, match=r"data\[1\]: expected cispo.client.Datum, got dict"):
         wire.forward_backward_input_to_pb([make_datum(CONVERTERS["list"]), {"model_input": [1]}])
     with pytest.raises(TypeError, match="expected a list of Datum"):
         wire.forward_backward_input_to_pb(make_datum(CONVERTERS["list"]))
@@ -282,7 +282,6 @@ def test_response_decoding():
     np.testing.assert_array_equal(output.loss_fn_outputs[0]["logprobs"].to_numpy(), logprobs)
     assert output.loss_fn_outputs[1]["logprobs"].tolist() == [-1.0]
     assert output.metrics["loss:sum"] == 1.5
-    assert output.result() is output  # Tinker-style `.result()` on a sync result
 
     step = wire.optim_step_response_from_pb(
         pb.OptimStepResponse(grad_norm=2.5, step=3, metrics={"grad_norm:max": 2.5})
@@ -483,6 +482,6 @@ def test_unreachable_server_fails_with_unavailable():
                     await future.result_async(timeout=30)
             return [future.request_id for future in futures]
 
-        assert asyncio.run(pipelined()) == ["1", "2", "3", "4"]
+        assert asyncio.run(pipelined()) == ["2", "3", "4", "5"]  # get_info was request 1
         # The broken stream is replaced on the next call (in a new event loop, too).
-        assert asyncio.run(pipelined()) == ["5", "6", "7", "8"]
+        assert asyncio.run(pipelined()) == ["6", "7", "8", "9"]

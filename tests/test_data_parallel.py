@@ -45,13 +45,13 @@ def train(address: str, checkpoint_dir) -> dict:
     with TrainingClient(address, wait_for_ready=True) as client:
         out = {"world_size": client.get_info().world_size, "results": [], "grad_norms": []}
         for seed in (1, 2):
-            r = client.forward_backward(batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0})
+            r = client.forward_backward(batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result()
             out["results"].append(r)
             with pytest.raises(FailedPreconditionError, match="non-finite"):
-                client.optim_step(AdamParams(learning_rate=3e38))
-            out["grad_norms"].append(client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).grad_norm)
-        out["final"] = client.forward(batch(3))
-        client.save_state("final")
+                client.optim_step(AdamParams(learning_rate=3e38)).result()
+            out["grad_norms"].append(client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).result().grad_norm)
+        out["final"] = client.forward(batch(3)).result()
+        client.save_state("final").result()
         # Rank 0 samples and exports alone, on the weights every rank holds.
         greedy = SamplingParams(max_tokens=12, temperature=0.0)
         out["sample"] = client.create_sampling_client().sample(ModelInput.from_ints([4, 5, 6]), 2, greedy).result()
@@ -117,10 +117,10 @@ def test_group_resizes_through_a_saved_state(tmp_path):
     leader, workers = start_cluster_ranks(tmp_path, 2)
     try:
         with TrainingClient(leader.address, wait_for_ready=True) as client:
-            client.forward_backward(batch(4))
-            client.optim_step(AdamParams(learning_rate=1e-2))
-            client.save_state("from-2")
-            expected = client.forward(batch(5))
+            client.forward_backward(batch(4)).result()
+            client.optim_step(AdamParams(learning_rate=1e-2)).result()
+            client.save_state("from-2").result()
+            expected = client.forward(batch(5)).result()
     finally:
         leader.terminate()
         [w.wait(30) for w in workers]
@@ -128,8 +128,8 @@ def test_group_resizes_through_a_saved_state(tmp_path):
         leader, workers = start_cluster_ranks(tmp_path, world_size)
         try:
             with TrainingClient(leader.address, wait_for_ready=True) as client:
-                assert client.load_state_with_optimizer("from-2").step == 1
-                got = client.forward(batch(5))
+                assert client.load_state_with_optimizer("from-2").result().step == 1
+                got = client.forward(batch(5)).result()
         finally:
             leader.terminate()
             [w.wait(30) for w in workers]
@@ -143,7 +143,7 @@ def test_killing_a_rank_mid_stream_gives_unavailable_naming_it(tmp_path):
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(service="cispo.v1.TrainingService")).status == 1
         with TrainingClient(leader.address, wait_for_ready=True) as client:
-            client.forward_backward(batch(6))  # the group works
+            client.forward_backward(batch(6)).result()  # the group works
             started = time.monotonic()
 
             async def stream():
@@ -174,7 +174,7 @@ def test_killing_a_rank_mid_stream_gives_unavailable_naming_it(tmp_path):
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         with TrainingClient(leader.address) as client:
             with pytest.raises(UnavailableError, match="rank 1"):
-                client.forward(batch(7))
+                client.forward(batch(7)).result()
     finally:
         assert leader.terminate(timeout=60) == 3
         for w in workers:

@@ -116,7 +116,7 @@ def test_node_client_matches_python(node, server):
     python_logprobs = [np.frombuffer(out.logprobs.raw_data, "<f4") for out in response.loss_fn_outputs]
     # then the Python client's Forward, which packs raw little-endian bytes.
     with TrainingClient(server.address) as client:
-        result = client.forward(data=to_datums(batch), loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
+        result = client.forward(data=to_datums(batch), loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG).result()
 
     assert from_node["metrics"]["tokens:sum"] == sum(len(d["model_input"]) for d in batch["data"])
     assert from_node["metrics"]["clipped_high:sum"] > 0  # the batch exercises the clip
@@ -291,7 +291,7 @@ def test_node_client_with_tls_and_a_token(node, secure_server):
 
     # The Python client over the same TLS channel and token computes the same logprobs.
     with TrainingClient(server.address, token=NODE_TOKEN, root_certificates=pki.ca_cert) as client:
-        result = client.forward(data=to_datums(batch), loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG)
+        result = client.forward(data=to_datums(batch), loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG).result()
     for i in range(len(batch["data"])):
         np.testing.assert_allclose(np.asarray(from_node["logprobs"][i], np.float32),
                                    result.loss_fn_outputs[i]["logprobs"].to_numpy(), rtol=1e-6, atol=1e-6)

@@ -22,7 +22,7 @@ import study  # noqa: E402
 
 def kl_series(metrics_port: int) -> tuple[float, float]:
     text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-    values = [float(re.search(rf'^cispo_sampler_trainer_kl_{part}{{loss_fn="cispo"}} (\S+)$', text, re.M)[1])
+    values = [float(re.search(rf'^cispo_sampler_trainer_kl_{part}{{[^}}]*loss_fn="cispo"[^}}]*}} (\S+)$', text, re.M)[1])
               for part in ("sum", "count")]
     return values[0], values[1]
 

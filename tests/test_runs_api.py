@@ -152,8 +152,8 @@ def test_service_client_runs_lora_clients_sync_and_pipelined(server, stub):
         a = service.create_lora_training_client(rank=4, seed=7)
         b = service.create_lora_training_client(rank=4, seed=7)
         assert a.model_id != b.model_id and a.get_info().lora_rank == 4
-        sync = a.forward_backward(data)
-        a.optim_step(AdamParams(learning_rate=1e-2))
+        sync = a.forward_backward(data).result()
+        a.optim_step(AdamParams(learning_rate=1e-2)).result()
 
         async def pipelined():
             forward_backward = await b.forward_backward_async(data)
@@ -169,8 +169,8 @@ def test_service_client_runs_lora_clients_sync_and_pipelined(server, stub):
         assert {m.model_id for m in service.list_models()} == {a.model_id, b.model_id}
         service.unload_model(b.model_id)
         with pytest.raises(NotFoundError):
-            b.optim_step(AdamParams())
-        path = a.save_state("alice-svc").path
+            b.optim_step(AdamParams()).result()
+        path = a.save_state("alice-svc").result().path
         resumed = service.create_training_client_from_state_with_optimizer(path)
         assert resumed.get_info().step == 1
     unload_all(stub)

@@ -80,11 +80,11 @@ def test_a_sample_sees_every_earlier_step_and_none_later(client, tmp_path):
 
 
 def test_saved_weights_stay_as_saved_and_load_in_transformers(client, server):
-    sampling = client.save_weights_and_get_sampling_client("frozen")
+    sampling = client.save_weights_and_get_sampling_client("frozen").result()
     assert Path(sampling.model_path) == server.sampler_dir.resolve() / "frozen"
     frozen = sampling.sample(ModelInput.from_ints(PROMPT), 1, GREEDY).result().sequences[0]
-    client.forward_backward(batch(2))
-    client.optim_step(AdamParams(learning_rate=2e-2))
+    client.forward_backward(batch(2)).result()
+    client.optim_step(AdamParams(learning_rate=2e-2)).result()
     assert sampling.sample(ModelInput.from_ints(PROMPT), 1, GREEDY).result().sequences[0] == frozen
     assert client.create_sampling_client().sample(ModelInput.from_ints(PROMPT), 1, GREEDY).result().sequences[0] != frozen
     from transformers import AutoModelForCausalLM
@@ -117,7 +117,7 @@ def test_compute_logprobs_and_prompt_logprobs(client):
     assert logprobs[0] is None and len(logprobs) == len(PROMPT)
     n = len(PROMPT) - 1
     trained = client.forward([Datum(model_input=ModelInput.from_ints(PROMPT[:-1]), loss_fn_inputs={
-        "target_tokens": PROMPT[1:], "logprobs": [0.0] * n, "advantages": [0.0] * n})])
+        "target_tokens": PROMPT[1:], "logprobs": [0.0] * n, "advantages": [0.0] * n})]).result()
     np.testing.assert_allclose(logprobs[1:], trained.loss_fn_outputs[0]["logprobs"].to_numpy(), atol=1e-4)
 
 
@@ -147,7 +147,7 @@ def test_errors_are_specific_and_the_stream_goes_on(client, server):
         client.create_sampling_client("/etc").sample(ModelInput.from_ints(PROMPT), 1, GREEDY).result()
     assert info.value.field_violations[0].field == "model_path"
     with pytest.raises(InvalidArgumentError, match="not a valid state name"):
-        client.save_weights_for_sampler("../escape")
+        client.save_weights_for_sampler("../escape").result()
     assert sampler.sample(ModelInput.from_ints(PROMPT), 1, GREEDY).result().sequences  # still serving
     with grpc.insecure_channel(server.address) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)

@@ -119,7 +119,7 @@ def test_tls_with_token_works_raw_and_with_the_client(server, pki):
     with tls_channel(server.address, pki) as channel:
         assert get_info(channel, bearer(ALICE_TOKEN)).model_name
     with TrainingClient(server.address, token=BOB_TOKEN, root_certificates=pki.ca_cert) as client:
-        result = client.forward_backward(make_data(), "cispo")  # unary
+        result = client.forward_backward(make_data(), "cispo").result()
         assert np.isfinite(result.metrics["loss:sum"])
         future = asyncio.run(client.forward_async(make_data(), "cispo"))  # on the stream
         assert future.result(timeout=60).loss_fn_outputs
@@ -218,7 +218,7 @@ def test_client_raises_a_typed_error_without_a_valid_token(server, pki, monkeypa
     for token in (None, "wrong-token-0123456789"):
         with TrainingClient(server.address, token=token, root_certificates=pki.ca_cert) as client:
             with pytest.raises(UnauthenticatedError) as info:
-                client.forward_backward(make_data(), "cispo")
+                client.forward_backward(make_data(), "cispo").result()
             assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(UnauthenticatedError) as info:  # the stream path: refused, not resent
                 asyncio.run(client.forward_async(make_data(), "cispo")).result(timeout=60)
@@ -270,7 +270,7 @@ def test_reflection_needs_a_token(server, pki):
 
 def test_the_log_names_the_caller(server, pki):
     with TrainingClient(server.address, token=BOB_TOKEN, root_certificates=pki.ca_cert) as client:
-        client.forward(make_data(), "cispo")  # unary
+        client.forward(make_data(), "cispo").result()
         asyncio.run(client.optim_step_async()).result(timeout=60)  # on the stream (a task of the call)
     deadline = time.monotonic() + 10
     while not re.search(r"op=optim_step\b.*identity=bob\b", server.log()) and time.monotonic() < deadline:

@@ -81,14 +81,14 @@ def reward(tokens: list[int]) -> float:
 def run(client: TrainingClient, arm: Arm, lag: int, seed: int, setup: Setup, on_step=None) -> list[dict]:
     """One training run from the initial state; returns one row per step. `on_step(step, data,
     output)` sees what was trained on and what the trainer answered."""
-    client.load_state("offpolicy-init")  # the embedded model's initial weights, a fresh optimizer
+    client.load_state("offpolicy-init").result()  # the embedded model's initial weights, a fresh optimizer
     rng = np.random.default_rng(seed)
     vocab_size = client.get_info().vocab_size
     prompts = [rng.integers(0, vocab_size, 4).tolist() for _ in range(32)]
     exports = deque()  # sampler weights of the last lag + 1 steps, oldest first
     rows = []
     for step in range(setup.steps):
-        exports.append(client.save_weights_for_sampler(f"offpolicy-lag{lag}-{step % (lag + 1)}").path)
+        exports.append(client.save_weights_for_sampler(f"offpolicy-lag{lag}-{step % (lag + 1)}").result().path)
         sampler = client.create_sampling_client(exports[0])  # the weights of step max(step - lag, 0)
         if len(exports) > lag:
             exports.popleft()
@@ -96,9 +96,10 @@ def run(client: TrainingClient, arm: Arm, lag: int, seed: int, setup: Setup, on_
         data, rewards = sample_groups(sampler, chosen, setup.group_size, setup.max_tokens, rng, reward)
         row = {"step": step, "reward": float(np.mean(rewards))}
         if data:
-            output = client.forward_backward(data, arm.loss_fn, {"clip_low_threshold": arm.low,
-                                                                 "clip_high_threshold": arm.high})
-            grad_norm = client.optim_step(AdamParams(learning_rate=setup.learning_rate)).grad_norm
+            output_future = client.forward_backward(data, arm.loss_fn, {"clip_low_threshold": arm.low,
+                                                                        "clip_high_threshold": arm.high})
+            grad_norm = client.optim_step(AdamParams(learning_rate=setup.learning_rate)).result().grad_norm
+            output = output_future.result()
             row.update(_metrics(data, output, grad_norm))
             if on_step is not None:
                 on_step(step, data, output)
@@ -185,7 +186,7 @@ def main() -> None:
     try:
         with TrainingClient(target, wait_for_ready=True) as client:
             if args.target is None:
-                client.save_state("offpolicy-init")
+                client.save_state("offpolicy-init").result()
             started = time.monotonic()
             for done, (arm, lag, seed) in enumerate(todo):
                 progress(done, len(todo), started, f"{arm} lag {lag} seed {seed}")
