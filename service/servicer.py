@@ -301,8 +301,7 @@ class TrainingServicer:
             return prepared(save, lambda r: (pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1]),
                                              {"name": name, "step": r[1]}))
         if op == "load_state":
-            name, with_optimizer = request.name, request.with_optimizer
-            state_dir(runs.config.checkpoint_dir, name)
+            name, with_optimizer = self._state_name(request.name, "name"), request.with_optimizer
             return prepared(lambda: runs.get(model_id, owner).load_state(name, with_optimizer, owner=owner),
                             lambda step: (pb.LoadStateResponse(name=name, step=step), {"name": name, "step": step}))
         if op == "get_info":
@@ -356,13 +355,25 @@ class TrainingServicer:
             raise InvalidInput([FieldViolation("base_model", f"{clip(base_model, 80)!r} is not the model this server "
                                                              f"serves; give '{self.base_model}' or leave it empty")])
 
+    def _state_name(self, name_or_path: str, field: str) -> str:
+        """The state a request names: by name, or by the path SaveState answered, which must lie
+        in this server's checkpoint directory."""
+        root = self.runs.config.checkpoint_dir
+        if "/" in name_or_path:
+            path = Path(name_or_path)
+            if path.parent.resolve() != Path(root).resolve():
+                raise InvalidInput([FieldViolation(field, f"{clip(name_or_path, 120)!r} is not a state of this server "
+                                                          f"(its states live in {root})")])
+            name_or_path = path.name
+        state_dir(root, name_or_path)
+        return name_or_path
+
     def _creation(self, request: pb.CreateModelRequest, owner: str | None) -> Callable[[], str]:
         """The call that makes the run CreateModel asks for (validated here)."""
         kind = request.WhichOneof("kind")
         if kind == "from_state":
             ref = request.from_state
-            name = Path(ref.path).name if "/" in ref.path else ref.path
-            state_dir(self.runs.config.checkpoint_dir, name)
+            name = self._state_name(ref.path, "from_state.path")
             return lambda: self.runs.create_from_state(owner, name, ref.with_optimizer)
         if kind == "full_fine_tuning":
             return lambda: self.runs.create(owner, None)
