@@ -33,6 +33,12 @@ def current_identity() -> str | None:
     return _identity.get()
 
 
+def set_identity(name: str | None) -> None:
+    """Make `name` the current identity of this task (and the tasks it creates): for fronts
+    other than gRPC, which authenticate in their own way."""
+    _identity.set(name)
+
+
 # --- the tokens file ---------------------------------------------------------------------------
 
 MIN_TOKEN_LENGTH = 16
@@ -120,12 +126,17 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None, "authorization is not a bearer token"
-        presented = _digest(token.strip())
+        found = self.identify(token.strip())
+        return (found, "") if found is not None else (None, "unknown bearer token")
+
+    def identify(self, token: str) -> str | None:
+        """The name of `token`, or None if it is none of the known ones (constant time)."""
+        presented = _digest(token)
         found = None
         for name, digest in self._digests:  # no break: every comparison is made
             if hmac.compare_digest(presented, digest):
                 found = name
-        return (found, "") if found is not None else (None, "unknown bearer token")
+        return found
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", defaults.metrics_port, int),
                    help="Prometheus /metrics port, plain HTTP; 0 picks a free one, -1 turns it off "
                         "[CISPO_METRICS_PORT]")
+    g.add_argument("--http-port", type=int, default=env("HTTP_PORT", defaults.http_port, int),
+                   help="the Tinker HTTP API, for the official tinker SDK (TINKER_BASE_URL=http://host:port); same "
+                        "runs, TLS and tokens (TINKER_API_KEY=tml-<token>) as gRPC; 0 picks a free one, -1 turns "
+                        "it off [CISPO_HTTP_PORT]")
     g.add_argument("--health-port", type=int, default=env("HEALTH_PORT", defaults.health_port, int),
                    help="extra plaintext port serving only grpc.health.v1, for Kubernetes gRPC probes "
                         "(which cannot speak TLS); 0 picks a free one, -1 turns it off. Health is always "
@@ -276,7 +280,7 @@ def server_config(args) -> ServerConfig:
                         max_message_bytes=args.max_message_bytes, max_tokens_per_request=args.max_tokens_per_request,
                         max_data_per_request=args.max_data_per_request, drain_seconds=args.drain_seconds, tls_cert_file=args.tls_cert_file,
                         tls_key_file=args.tls_key_file, tls_client_ca_file=args.tls_client_ca_file,
-                        auth_tokens_file=args.auth_tokens_file,
+                        auth_tokens_file=args.auth_tokens_file, http_port=args.http_port,
                         model_name=args.model_name or (Path(args.model).name if args.model else EMBEDDED_MODEL_NAME))
 
 
@@ -447,7 +451,8 @@ async def serve(runs, config: ServerConfig, world_size: int = 1, group: GroupEng
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the ready line: a SIGTERM right after it drains
         loop.add_signal_handler(sig, stop.set)
-    print(f"cispo-server listening on port {port} metrics {server.metrics_port}", flush=True)
+    http = f" http {server.http_port}" if server.http_port is not None else ""
+    print(f"cispo-server listening on port {port} metrics {server.metrics_port}{http}", flush=True)
     await stop.wait()
     await server.drain()
     if group is not None:

@@ -149,6 +149,11 @@ class ServiceMetrics:
         self.sampler_queue_depth = Gauge("cispo_sampler_queue_depth", "Sample requests accepted and waiting to run.",
                                          registry=r)
         self.world_size = Gauge("cispo_world_size", "Data-parallel ranks training this state.", registry=r)
+        self.http_requests = Counter("cispo_http_requests", "Tinker HTTP API requests, by route and HTTP status.",
+                                     ["route", "status"], registry=r)
+        self.http_seconds = Histogram("cispo_http_request_seconds", "Tinker HTTP API request latency (a submit, "
+                                      "not its operation; retrieve_future includes its long poll).", ["route"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
         # Series exist at 0 from the start, so rate() sees even the first observations.
         self._runs: set[str] = set()  # the runs whose series exist
         self.add_run(DEFAULT_RUN)

@@ -76,6 +76,9 @@ class ServerConfig:
     """At most this many bytes of remembered answers."""
     model_name: str = ""
     """The name CreateModel.base_model may give the served model ("" = its own name)."""
+    http_port: int = -1
+    """The Tinker HTTP API (service/tinker_http.py; TLS and tokens as the gRPC port's); 0 picks a
+    free one, -1 disables."""
 
 
 class TrainingServer:
@@ -108,6 +111,8 @@ class TrainingServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._http = None
+        self.http_port: int | None = None
+        self._tinker = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
@@ -131,8 +136,9 @@ class TrainingServer:
         # The metrics interceptor is outermost, so it counts the calls auth refuses.
         interceptors = [GrpcMetricsInterceptor(self.metrics.registry,
                                                (training_pb2.DESCRIPTOR.services_by_name["TrainingService"],))]
-        if tokens is not None:
-            interceptors.append(TokenAuthInterceptor(tokens))
+        auth = TokenAuthInterceptor(tokens) if tokens is not None else None
+        if auth is not None:
+            interceptors.append(auth)
         server = grpc.aio.server(interceptors=interceptors, options=options)
         add_training_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -151,9 +157,17 @@ class TrainingServer:
             except OSError as exc:
                 raise StartupError(_bind_error(config.host, config.metrics_port, "metrics", exc)) from None
             self.metrics_port = self._http.server_port
+        http_socket = _listen(config.host, config.http_port, "HTTP") if config.http_port >= 0 else None
         self._loop = asyncio.get_running_loop()
         self.pipeline.start()
         await server.start()
+        if http_socket is not None:
+            from cispo.service.tinker_http import TinkerFront  # the HTTP stack only when asked for
+
+            self._tinker = TinkerFront(self.servicer, auth, self.metrics, self.servicer.limits)
+            await self._tinker.start(http_socket, _http_tls(config))
+            self.http_port = http_socket.getsockname()[1]
+            log.info("Tinker HTTP API on %s:%d", config.host, self.http_port)
         self._server = server
         if self._health_server is not None:
             await self._health_server.start()
@@ -184,6 +198,8 @@ class TrainingServer:
         self.servicer.draining.set()
         await self._server.stop(grace=self.config.drain_seconds)
         await self.pipeline.close()
+        if self._tinker is not None:
+            await self._tinker.stop()
         self.servicer.close()
         if self._health_server is not None:
             await self._health_server.stop(grace=None)
@@ -239,6 +255,36 @@ def ensure_port_free(host: str, port: int, what: str) -> None:
                 probe.bind(sockaddr)
             except OSError as exc:
                 raise StartupError(_bind_error(host, port, what, exc)) from None
+
+
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    """A listening TCP socket on (host, port), as the other ports bind; StartupError if not."""
+    ensure_port_free(host, port, what)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(_bind_error(host, port, what, exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _http_tls(config: ServerConfig):
+    """The HTTP port's TLS context: the gRPC port's certificate (and client CA, for mTLS)."""
+    if not config.tls_cert_file:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    if config.tls_client_ca_file:
+        context.load_verify_locations(config.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _add_port(server: grpc.aio.Server, host: str, port: int, what: str, credentials=None) -> int:

@@ -170,6 +170,23 @@ class TrainingServicer:
             drained.cancel()
             await answers.put(None)
 
+    # -- for other fronts (HTTP): the same operations, prepared and accepted in two steps --------
+
+    async def prepare(self, op: str, request) -> Decoded:
+        """Decode and validate `request` of `op` on a codec thread, in the caller's context (its
+        identity); nothing is queued. A Decoded with `error` set for a bad request."""
+        def decode() -> Decoded:
+            try:
+                return Decoded(op, prepared=self._prepare(op, request))
+            except Exception as exc:  # noqa: BLE001 - answered by the caller
+                return Decoded(op, error=exc)
+        return await self._decode(decode)
+
+    async def accept(self, decoded: Decoded, started: float) -> asyncio.Future:
+        """Queue a prepared operation in its run's order, as gRPC's are (idempotency keys
+        included). The future of its answer: a response message or a google.rpc.Status."""
+        return await self._accept(decoded, started)
+
     # -- decoding (on the codec threads) ---------------------------------------------------------
 
     async def _decode(self, decode: Callable[[], Decoded]) -> Decoded:

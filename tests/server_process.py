@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-READY = re.compile(r"cispo-server listening on port (\d+) metrics (-?\d+|None)")
+READY = re.compile(r"cispo-server listening on port (\d+) metrics (-?\d+|None)(?: http (\d+))?")
 
 
 class ServerProcess:
@@ -25,7 +25,7 @@ class ServerProcess:
                                      start_new_session=True)
         self.lines: list[str] = []
         self._ready = threading.Event()
-        self.port = self.metrics_port = None
+        self.port = self.metrics_port = self.http_port = None
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._ready.wait(120) or self.port is None:
             self.kill()
@@ -37,6 +37,7 @@ class ServerProcess:
             m = READY.search(line)
             if m:
                 self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
+                self.http_port = int(m.group(3)) if m.group(3) else None
                 self._ready.set()
         self._ready.set()
 

@@ -586,7 +586,7 @@ def test_makefile_install_is_torch_then_the_project():
     torch_at = re.search(r'pip install [^\n]*"\$\(TORCH_SPEC\)"', recipe)
     project_at = re.search(r'pip install [^\n]*"\.\[dev\]"', recipe)
     assert torch_at and project_at and torch_at.start() < project_at.start()
-    assert "cispo[server]" in pyproject()["project"]["optional-dependencies"]["dev"]
+    assert "cispo[server,http]" in pyproject()["project"]["optional-dependencies"]["dev"]
 
 
 @pytest.mark.parametrize("variant", list(DOCKERFILES))
@@ -596,7 +596,7 @@ def test_dockerfile_installs_like_the_makefile(variant):
     assert len(installs) == 2, installs
     torch_install, project_install = installs
     assert torch_install.split()[-1].strip('"') == makefile_torch_spec()
-    assert project_install == '".[server]"'
+    assert project_install == '".[server,http]"'
     assert "server" in pyproject()["project"]["optional-dependencies"]
     index = re.search(r"--index-url (\S+)", torch_install).group(1).strip('"')
     # CPU wheels from PyTorch's CPU index; CUDA wheels are PyPI's Linux build.

@@ -1,0 +1,135 @@
+"""The official tinker SDK, unmodified, against a live server's --http-port: a loop that uses only
+`import tinker` gives bit for bit what the same operations give over gRPC; parallel chunks
+accumulate into one gradient; two SDK clients at once equal each alone; bad input raises the
+SDK's BadRequestError with cispo's field violation; the API key maps to the token identities;
+unknown and hosted-only routes answer JSON errors; HTTP requests appear in the metrics."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+import cispo.client as cispo
+from server_process import ServerProcess
+
+pytestmark = pytest.mark.timeout(300)
+SCRIPT = Path(__file__).with_name("tinker_sdk_loop.py")
+ALICE, BOB = "alice-tinker-0123456789", "bob-tinker-9876543210ab"
+sys.path.insert(0, str(SCRIPT.parent))
+import tinker_sdk_loop as loop_script  # noqa: E402 - its batches (tinker.Datum, which cispo's client takes)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    proc = ServerProcess("--http-port", "0", "--auth-tokens-file", str(tokens), "--sampler-dtype", "float32",
+                         "--sampler-dir", str(tmp_path_factory.mktemp("sampler")),
+                         checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    yield proc
+    assert proc.terminate() == 0, proc.log()
+
+
+def run_sdk(server, mode: str, token: str = ALICE) -> dict:
+    env = {**os.environ, "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}", "TINKER_API_KEY": f"tml-{token}",
+           "TINKER_TELEMETRY": "0"}
+    done = subprocess.run([sys.executable, str(SCRIPT), mode, ""], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def grpc_train(run, seed: int, steps: int, n: int = 4) -> dict:
+    out = {"loss": [], "logprobs": [], "grad_norm": []}
+    for step in range(steps):
+        fwd_bwd = run.forward_backward(loop_script.batch(seed + step, n), "cispo", loop_script.CONFIG)
+        optim = run.optim_step(cispo.AdamParams(learning_rate=1e-2))
+        result = fwd_bwd.result()
+        out["loss"].append(result.metrics["loss:sum"])
+        out["logprobs"].append([o["logprobs"].to_numpy().tolist() for o in result.loss_fn_outputs])
+        out["grad_norm"].append(optim.result().grad_norm)
+    return out
+
+
+def test_the_sdk_loop_equals_the_same_operations_over_grpc(server):
+    sdk = run_sdk(server, "loop")
+    assert sdk["lora_rank"] == 4 and ":train:" in sdk["model_id"]
+    with cispo.ServiceClient(server.address, token=ALICE) as service:
+        run = service.create_lora_training_client(rank=4, seed=11)
+        grpc = grpc_train(run, 100, 2)
+        after = run.forward(loop_script.batch(200), "cispo", loop_script.CONFIG).result()
+        sampled = run.save_weights_and_get_sampling_client().result().sample(
+            cispo.ModelInput.from_ints([5, 6, 7]), 2, cispo.SamplingParams(max_tokens=5, seed=3)).result()
+        big = grpc_train(run, 300, 1, n=loop_script.BIG)
+        service.unload_model(run.model_id)
+    assert sdk["loss"] == grpc["loss"] and sdk["logprobs"] == grpc["logprobs"]  # bit for bit
+    assert sdk["grad_norm"] == pytest.approx(grpc["grad_norm"], rel=1e-6)
+    assert sdk["after"] == [o["logprobs"].to_numpy().tolist() for o in after.loss_fn_outputs]
+    assert sdk["resumed"] == sdk["after"]  # create_training_client_from_state(save_state's path)
+    assert sdk["state_path"].startswith("tinker://run-") and sdk["state_path"].endswith("/weights/sdk-state")
+    assert [s["tokens"] for s in sdk["samples"]] == [s.tokens for s in sampled.sequences]
+    np.testing.assert_allclose([s["logprobs"] for s in sdk["samples"]], [s.logprobs for s in sampled.sequences],
+                               atol=1e-6)
+    assert sdk["named_samples"] == [s["tokens"] for s in sdk["samples"]]  # a named export of the same weights
+    # Three chunks sent in parallel accumulate into one gradient, as one gRPC request does.
+    assert sdk["big_batch"]["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
+    assert sdk["big_batch"]["loss"] == pytest.approx(big["loss"], rel=1e-5)
+    np.testing.assert_allclose(np.concatenate(sdk["big_batch"]["logprobs"][0]),  # packed otherwise: float order
+                               np.concatenate(big["logprobs"][0]), rtol=1e-5, atol=1e-5)
+    assert sdk["error"]["type"] == "BadRequestError"
+    assert "data[0].loss_fn_inputs.target_tokens: length 3 != model_input length 2" in sdk["error"]["message"]
+
+
+def test_two_sdk_clients_at_once_equal_each_alone(server):
+    result = run_sdk(server, "concurrent")
+    assert result["together"] == result["alone"]
+
+
+def test_api_keys_map_to_the_token_identities(server):
+    base = f"http://127.0.0.1:{server.http_port}/api/v1"
+    refused = requests.post(f"{base}/create_session", json={}, headers={"X-API-Key": "tml-nobody-at-all-12345"})
+    assert refused.status_code == 401 and "API key" in refused.json()["error"]
+    alice = {"X-API-Key": f"tml-{ALICE}"}
+    session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
+    future = requests.post(f"{base}/create_model", headers=alice, json={
+        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json()
+    result = requests.post(f"{base}/retrieve_future", headers=alice, json={"request_id": future["request_id"]}).json()
+    model_id = result["model_id"]
+    bob = {"X-API-Key": f"tml-{BOB}"}
+    assert requests.post(f"{base}/get_info", headers=bob, json={"model_id": model_id}).status_code == 404
+    assert requests.post(f"{base}/retrieve_future", headers=bob,
+                         json={"request_id": future["request_id"]}).status_code == 410
+    assert requests.post(f"{base}/get_info", headers=alice, json={"model_id": model_id}).json()["lora_rank"] == 4
+    assert requests.post(f"{base}/sessions/{session}/finish", headers=alice, json={}).status_code == 200
+    with cispo.ServiceClient(server.address, token=ALICE) as service:
+        assert service.list_models() == []  # finishing the session unloaded its run
+
+
+def test_errors_unknown_and_hosted_routes(server):
+    base = f"http://127.0.0.1:{server.http_port}/api/v1"
+    alice = {"X-API-Key": f"tml-{ALICE}"}
+    unknown = requests.post(f"{base}/no_such_route", json={}, headers=alice)
+    assert unknown.status_code == 404 and "no route" in unknown.json()["error"]
+    hosted = requests.post(f"{base}/create_custom_loss", json={}, headers=alice)
+    assert hosted.status_code == 400 and "not supported by cispo" in hosted.json()["error"]
+    garbage = requests.post(f"{base}/forward_backward", data=b"\xff" * 17, headers=alice)
+    assert garbage.status_code == 400 and "ForwardBackwardRequest" in garbage.json()["error"]
+    not_json = requests.post(f"{base}/optim_step", data=b"{", headers=alice)
+    assert not_json.status_code == 400
+    missing = requests.post(f"{base}/optim_step", json={"model_id": "nope:train:0", "seq_id": 1}, headers=alice)
+    assert missing.status_code == 404
+    session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
+    no_lora = requests.post(f"{base}/create_model", headers=alice, json={"session_id": session, "model_seq_id": 0,
+                                                                         "base_model": "someone/else"})
+    assert no_lora.status_code == 400
+    wrong_base = requests.post(f"{base}/create_model", headers=alice, json={
+        "session_id": session, "model_seq_id": 0, "base_model": "someone/else", "lora_config": {"rank": 4}})
+    assert wrong_base.status_code == 400 and wrong_base.json()["field_violations"][0]["field"] == "base_model"
+    metrics = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+    assert 'cispo_http_requests_total{route="create_custom_loss",status="400"} 1.0' in metrics
+    assert 'cispo_http_requests_total{route="forward_backward",status="200"}' in metrics
