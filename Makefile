@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	@echo "install [4/4] cispo and its dependencies"
 	@$(PY) -m pip install -q -e ".[dev]"
+	@# tinker-cookbook 0.6.1 (for its RL loop test) declares tml-renderers>=0.4.1, which PyPI lacks and
+	@# which it imports only for two model families; its other needs are in the dev extra.
+	@$(PY) -m pip install -q --no-deps "tinker-cookbook==0.6.1"
 	@touch $(STAMP)
 	@echo "install done"
 

@@ -60,6 +60,7 @@ CUSTOM_KINDS = {
 GRPC_PORT = ServerConfig().port
 HEALTH_PORT = 8081  # the manifests' CISPO_HEALTH_PORT (the server's default is off)
 METRICS_PORT = ServerConfig().metrics_port
+HTTP_PORT = 8000  # the manifests' CISPO_HTTP_PORT (the server's default is off)
 DEFAULT_DRAIN_SECONDS = ServerConfig().drain_seconds
 
 
@@ -313,12 +314,13 @@ def test_ports_match_the_server(name):
         env = env_of(container, docs)
         assert int(env.get("CISPO_PORT", GRPC_PORT)) == GRPC_PORT
         assert int(env.get("CISPO_METRICS_PORT", METRICS_PORT)) == METRICS_PORT
+        assert ports["tinker-http"] == int(env["CISPO_HTTP_PORT"]) == HTTP_PORT
     # Every Service port reaches a named container port of the pods it selects.
     for service in of_kind(docs, "Service"):
         selected = [w for w in workloads(docs) if selects(service["spec"]["selector"], pod_labels(w))]
         assert selected, f"Service {service['metadata']['name']} selects no pods"
         for port in service["spec"]["ports"]:
-            expected = {"grpc": GRPC_PORT, "metrics": METRICS_PORT}[port["name"]]
+            expected = {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "tinker-http": HTTP_PORT}[port["name"]]
             assert port["port"] == expected
             serving = [w for w in selected if w in servers(docs)]
             for workload in serving:

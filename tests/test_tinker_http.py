@@ -133,3 +133,36 @@ def test_errors_unknown_and_hosted_routes(server):
     metrics = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
     assert 'cispo_http_requests_total{route="create_custom_loss",status="400"} 1.0' in metrics
     assert 'cispo_http_requests_total{route="forward_backward",status="200"}' in metrics
+
+
+def test_a_repeated_idempotency_key_applies_once(server):
+    base = f"http://127.0.0.1:{server.http_port}/api/v1"
+    alice = {"X-API-Key": f"tml-{ALICE}"}
+
+    def result(future):
+        return requests.post(f"{base}/retrieve_future", headers=alice, json={"request_id": future["request_id"]}).json()
+
+    session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
+    model_id = result(requests.post(f"{base}/create_model", headers=alice, json={
+        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json())["model_id"]
+    data = loop_script.batch(7)
+    fwd_bwd = requests.post(f"{base}/forward_backward", headers={**alice, "Content-Type": "application/x-protobuf"},
+                            data=forward_backward_body(model_id, 1, data)).json()
+    assert fwd_bwd["model_id"] == model_id
+    step = {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-2}}
+    once = [result(requests.post(f"{base}/optim_step", json=step, headers={**alice, "X-Idempotency-Key": "step-1"}).json())
+            for _ in range(2)]
+    assert once[0] == once[1] and once[0]["metrics"]["step:max"] == 1.0 and once[0]["metrics"]["grad_norm:max"] > 0
+    again = result(requests.post(f"{base}/optim_step", json={**step, "seq_id": 3}, headers=alice).json())
+    assert again["metrics"]["step:max"] == 2.0  # the repeat was not a step; this one is
+    assert requests.post(f"{base}/sessions/{session}/finish", headers=alice, json={}).status_code == 200
+
+
+def forward_backward_body(model_id: str, seq_id: int, data) -> bytes:
+    """A forward_backward body exactly as the SDK builds it."""
+    from tinker import types
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    request = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(
+        data=data, loss_fn="cispo"), model_id=model_id, seq_id=seq_id)
+    return forward_backward_request_to_proto(request).SerializeToString()
