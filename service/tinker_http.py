@@ -63,6 +63,9 @@ SEQ_GAP_SECONDS = 300.0
 KEPT_FUTURES = 8192
 """Answered futures remembered for retrieval (the oldest retrieved ones go first)."""
 PROTOBUF = "application/x-protobuf"
+KEPT_EPHEMERAL = 4
+"""Exports of save_weights_and_get_sampling_client kept per model: an older one is deleted (with
+its sampling sessions) when a newer one is made, and all of a session's when it finishes."""
 MAX_CHUNK_DATA = 1024
 """Most datums of one forward_backward chunk the SDK sends (Tinker's own default)."""
 HOSTED_ONLY = ("create_custom_loss", "copy_weights", "save_weights_external", "auth/token", "telemetry",
@@ -200,6 +203,7 @@ class TinkerModel:
     owner: str | None
     lora_rank: int | None
     order: SeqOrder = field(default_factory=SeqOrder)
+    ephemeral: list[str] = field(default_factory=list)  # its ephemeral exports, oldest first
 
 
 @dataclass
@@ -452,6 +456,7 @@ class TinkerFront:
         for tinker_id in session.models:
             model = self.models.pop(tinker_id, None)
             if model is not None:
+                await self._remove_exports(model, model.ephemeral)
                 try:
                     await self._call("unload_model", pb.UnloadModelRequest(model_id=model.run_id))
                 except HttpError as exc:
@@ -584,12 +589,27 @@ class TinkerFront:
             if ephemeral is None:
                 return JSONResponse({"path": tinker_path, "type": "save_weights_for_sampler"})
             session_id = model.tinker_id.split(":train:")[0]
-            sampler = self._new_sampler(f"{session_id}:sample:{ephemeral}", out.path, tinker_path)
+            sampler = self._new_sampler(f"{session_id}:sample:{ephemeral}", export, tinker_path)
+            model.ephemeral.append(export)
+            if len(model.ephemeral) > KEPT_EPHEMERAL:
+                asyncio.ensure_future(self._remove_exports(model, [model.ephemeral.pop(0)]))
             return JSONResponse({"sampling_session_id": sampler.sampler_id, "type": "save_weights_for_sampler"})
 
         return await self._submit_to(model, seq_id, "save_weights_for_sampler", lambda: message, saved)
 
     # -- routes: sampling ---------------------------------------------------------------------------
+
+    async def _remove_exports(self, model: TinkerModel, exports: list[str]) -> None:
+        """Delete ephemeral exports (in the run's order, after its saves) and their samplers."""
+        runs, owner = self.servicer.runs, current_identity()
+        for sampler_id in [k for k, v in self.samplers.items() if v.export in exports]:
+            del self.samplers[sampler_id]
+        for export in exports:
+            try:
+                await (await self.servicer.pipeline.submit(lambda e=export: runs.remove_export(e, owner),
+                                                           model.run_id))
+            except Exception as exc:  # noqa: BLE001 - garbage collection: log, never fail a request
+                log.warning("could not remove the export %s: %s", export, exc)
 
     def _new_sampler(self, sampler_id: str, export: str, tinker_path: str) -> Sampler:
         sampler = Sampler(sampler_id, current_identity(), export, tinker_path)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,10 @@ import tinker_sdk_loop as loop_script  # noqa: E402 - its batches (tinker.Datum,
 def server(tmp_path_factory):
     tokens = tmp_path_factory.mktemp("tokens") / "tokens"
     tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    sampler_dir = tmp_path_factory.mktemp("sampler")
     proc = ServerProcess("--http-port", "0", "--auth-tokens-file", str(tokens), "--sampler-dtype", "float32",
-                         "--sampler-dir", str(tmp_path_factory.mktemp("sampler")),
-                         checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+                         "--sampler-dir", str(sampler_dir), checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    proc.sampler_dir = sampler_dir
     yield proc
     assert proc.terminate() == 0, proc.log()
 
@@ -212,3 +214,30 @@ def test_fuzzed_bodies_get_client_errors_and_the_server_keeps_serving(server):
         if answer.status_code >= 400:
             assert "error" in answer.json(), (route, answer.text)
     assert run_sdk(server, "concurrent")["together"]  # still serving
+
+
+def test_ephemeral_exports_are_pruned_and_removed_with_their_session(server):
+    base = f"http://127.0.0.1:{server.http_port}/api/v1"
+    alice = {"X-API-Key": f"tml-{ALICE}"}
+
+    def result(future):
+        return requests.post(f"{base}/retrieve_future", headers=alice, json={"request_id": future["request_id"]}).json()
+
+    def ephemeral_exports():
+        return sorted(p.name for p in server.sampler_dir.iterdir() if ".ephemeral-" in p.name)
+
+    session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
+    model_id = result(requests.post(f"{base}/create_model", headers=alice, json={
+        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json())["model_id"]
+    before = ephemeral_exports()
+    samplers = [result(requests.post(f"{base}/save_weights_for_sampler", headers=alice, json={
+        "model_id": model_id, "seq_id": seq, "sampling_session_seq_id": seq}).json())["sampling_session_id"]
+        for seq in range(1, 7)]
+    deadline = time.monotonic() + 30
+    while len(ephemeral_exports()) - len(before) > 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(ephemeral_exports()) - len(before) == 4
+    assert requests.get(f"{base}/samplers/{samplers[0]}", headers=alice).status_code == 404  # pruned with it
+    assert requests.get(f"{base}/samplers/{samplers[-1]}", headers=alice).status_code == 200
+    assert requests.post(f"{base}/sessions/{session}/finish", headers=alice, json={}).status_code == 200
+    assert ephemeral_exports() == before

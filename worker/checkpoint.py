@@ -147,6 +147,17 @@ def open_directory(root: Path, name: str, format: str, owner: str | None = None)
     return path, manifest
 
 
+def remove_directory(root: Path, name: str, format: str, owner: str | None = None) -> None:
+    """Delete the saved directory `root/name` of `format`, if `owner` may read it (StateNotFound
+    or PermissionDenied otherwise): renamed to a hidden copy first, so a crash leaves a complete
+    copy that `recover` puts back, never half a directory under its name."""
+    path, _ = open_directory(root, name, format, owner)
+    old = root / f".old-{name}-{uuid.uuid4().hex}"
+    os.rename(path, old)
+    _fsync(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def recover(root: Path) -> list[str]:
     """Finish what crashed saves left behind (see the module docstring): restore each missing
     name from its complete new copy, else its old one, then remove every other hidden copy.

@@ -70,6 +70,11 @@ class _Runs:
         """An engine that samples saved sampler weights (it needs no run of its own)."""
         raise NotImplementedError
 
+    def remove_export(self, name: str, owner: str | None) -> None:
+        """Delete the saved sampler weights `name` (if `owner` may read them), loaded or not."""
+        self.export_sampler().exports.forget(name)
+        checkpoint.remove_directory(self.config.export.sampler_dir, name, checkpoint.SAMPLER_FORMAT, owner)
+
     def validate(self, samples: list[Sample], loss_fn: str, loss_fn_config: Mapping[str, float] | None):
         """The loss and its resolved config (the base decides; every run shares it)."""
         return validate_forward(self.policy, self.config, samples, loss_fn, loss_fn_config)
