@@ -231,7 +231,7 @@ class Engine:
     def _micro_batch(self, mb: MicroBatch, loss: LossFunction, config: Mapping[str, float], backward: bool):
         """Trunk, chunked head, loss, and (if `backward`) the gradient: (logp (T,) fp32, stats)."""
         with self.policy.autocast():
-            hidden_TD = self.policy.hidden_states(mb.input_ids_1T, mb.position_ids_1T)
+            hidden_TD = self.policy.hidden_states(mb.input_ids_1T, mb.position_ids_1T, mb.lengths)
         weight_VD = self.policy.head_weight_VD.to(hidden_TD.dtype)
         inputs = TokenInputs(mb.logprobs_T, mb.advantages_T, mb.weights_T, mb.sequence_ratio_mask_T)
         chunk = self.config.head_chunk_tokens

@@ -4,6 +4,9 @@ Nothing is downloaded: a checkpoint is a directory with config.json and safetens
 The engine uses the model as a trunk (`decoder`, hidden states (1, T, D)) plus the LM head's
 weight (V, D), so that the head can run chunked.
 
+Attention is worker.attention's packed implementation wherever the architecture allows it
+(each datum of a packed micro-batch attends to itself only, with no (T x T) mask), else sdpa.
+
 Parameters, gradients and optimizer state stay fp32 ("master weights"); `compute_dtype` (bf16 on
 GPU) is applied with autocast, so small learning-rate updates are not lost to bf16 rounding.
 The model is kept in eval mode: dropout would make the trainer's logprobs disagree with the
@@ -16,6 +19,8 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+
+from cispo.worker.attention import PACKED_ATTENTION, packed_attention_kwargs, use_packed_attention
 
 EMBEDDED_MODEL_NAME = "embedded-tiny-llama"
 EMBEDDED_SEED = 0
@@ -90,9 +95,16 @@ class PolicyModel:
         enabled = self.compute_dtype in (torch.bfloat16, torch.float16)
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
 
-    def hidden_states(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor) -> torch.Tensor:
-        """(T, D) final hidden states of a packed sequence; position resets separate datums."""
-        out = self.model.get_decoder()(input_ids=input_ids_1T, position_ids=position_ids_1T, use_cache=False)
+    def hidden_states(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor,
+                      lengths: list[int] | None = None) -> torch.Tensor:
+        """(T, D) final hidden states of a packed sequence; position resets separate datums.
+
+        `lengths` (MicroBatch.lengths) names the datums to the packed attention, which then
+        needs no host sync to find them and builds no (T x T) mask (worker.attention)."""
+        kwargs = {}
+        if lengths and self.model.config._attn_implementation == PACKED_ATTENTION:
+            kwargs = packed_attention_kwargs(lengths, input_ids_1T.device)
+        out = self.model.get_decoder()(input_ids=input_ids_1T, position_ids=position_ids_1T, use_cache=False, **kwargs)
         return out.last_hidden_state[0]
 
 
@@ -135,6 +147,7 @@ def load_policy_model(path: str | None = None, device: str | None = None, dtype:
         tokenizer = load_tokenizer(checkpoint)
     model.to(device=dev, dtype=torch.float32)
     model.eval()
+    use_packed_attention(model)  # packed micro-batches at sum(len^2) attention cost
     if model.get_output_embeddings().bias is not None:
         raise ValueError(f"{name}: LM heads with a bias are not supported")
     return PolicyModel(name=name, model=model, device=dev, compute_dtype=dt, tokenizer=tokenizer)
