@@ -347,3 +347,19 @@ def test_bad_names_get_a_short_invalid_input(tmp_path, name):
     if isinstance(name, str) and len(name) > 64:
         assert f"… ({len(name)} chars)" in str(err.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_removing_a_directory_checks_its_owner_and_leaves_nothing_half_removed(tmp_path):
+    from cispo.worker.checkpoint import FORMAT, remove_directory
+
+    save(tmp_path, "s", 1, owner="alice")
+    before = snapshot(tmp_path)
+    with pytest.raises(PermissionDenied):
+        remove_directory(tmp_path, "s", FORMAT, owner="bob")
+    with pytest.raises(StateNotFound):
+        remove_directory(tmp_path, "absent", FORMAT, owner="alice")
+    assert snapshot(tmp_path) == before
+    remove_directory(tmp_path, "s", FORMAT, owner="alice")
+    assert sorted(os.listdir(tmp_path)) == []
+    with pytest.raises(StateNotFound):
+        load_state(tmp_path, "s", True, owner="alice")
