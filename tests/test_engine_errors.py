@@ -127,18 +127,21 @@ def test_token_limit_per_request(tmp_path):
     assert all(p.grad is None for p in engine.named_params.values())
 
 
+def fail_on_second_call(calls):
+    """A forward pre-hook that raises a simulated out-of-memory error on its second call."""
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+    return hook
+
+
 def test_failure_mid_way_leaves_gradient_exactly_as_it_was(primed):
     """A fault in the second micro-batch (as an out-of-memory error would strike) must not
     leave the first micro-batch's gradient behind."""
     before = grads_of(primed)
     calls = []
-
-    def fail_on_second_call(module, args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-
-    handle = primed.policy.model.model.layers[1].register_forward_pre_hook(fail_on_second_call)
+    handle = primed.policy.model.model.layers[1].register_forward_pre_hook(fail_on_second_call(calls))
     try:
         with pytest.raises(ComputeFailed, match="out of memory.*accumulated gradient is unchanged") as err:
             primed.forward_backward(make_samples([60, 60, 60], seed=5))  # 3 micro-batches of 64 tokens
@@ -192,3 +195,46 @@ def test_saving_replaces_atomically_and_leaves_no_temporaries(primed):
     assert sorted(p.name for p in root.iterdir()) == ["s"]
     assert sorted(p.name for p in (root / "s").iterdir()) == ["manifest.json", "model.safetensors", "optimizer.safetensors"]
     assert primed.load_state("s", with_optimizer=True) == 1
+
+
+def test_failure_mid_way_with_no_gradient_yet_leaves_none(engine):
+    """The first forward_backward after a step writes straight into fresh .grads (the head's
+    in its forward chunk loop); a fault in its second micro-batch leaves no gradient at all."""
+    calls = []
+    handle = engine.policy.model.model.layers[1].register_forward_pre_hook(fail_on_second_call(calls))
+    try:
+        with pytest.raises(ComputeFailed, match="out of memory.*accumulated gradient is unchanged"):
+            engine.forward_backward(make_samples([60, 60, 60], seed=5))
+    finally:
+        handle.remove()
+    assert all(p.grad is None for p in engine.named_params.values())
+
+
+def test_a_non_finite_sum_leaves_the_old_gradient_tensors_themselves_untouched(primed):
+    """The old gradient is added into the new buffers, never the other way round: a refused
+    batch puts back the very tensors that were there, bit for bit."""
+    tensors = [p.grad for p in primed.named_params.values()]
+    before = grads_of(primed)
+    [sample] = make_samples([6], seed=2)
+    huge = Sample(sample.model_input, {**sample.loss_fn_inputs, "advantages": torch.full((6,), 3e38)})
+    with pytest.raises(InvalidInput, match="not finite in float32.*accumulated gradient is unchanged"):
+        primed.forward_backward([huge])
+    assert all(p.grad is t for p, t in zip(primed.named_params.values(), tensors))
+    assert_grads_equal(primed, before)
+
+
+def test_accumulated_gradient_is_the_sum_of_the_calls(engine):
+    """Two calls accumulate exactly what one call over both batches gives (within rounding),
+    the head's gradient (written in the forward chunk loop) included."""
+    a, b = make_samples([8, 5], seed=0), make_samples([7], seed=1)
+    engine.forward_backward(a)
+    engine.forward_backward(b)
+    two = grads_of(engine)
+    engine.optimizer.zero_grad()
+    engine.forward_backward(b)
+    only_b = grads_of(engine)
+    engine.optimizer.zero_grad()
+    engine.forward_backward(a)
+    only_a = grads_of(engine)
+    for got, ga, gb in zip(two, only_a, only_b):
+        torch.testing.assert_close(got, ga + gb, rtol=1e-5, atol=1e-7)

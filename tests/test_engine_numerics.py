@@ -289,14 +289,18 @@ def test_load_weights_only_resets_optimizer(tmp_path):
     assert all(p.grad is None for p in e.named_params.values())
 
 
-def test_fallback_head_gives_the_torch_op_numbers():
-    from cispo.worker.logprob_head import HAS_LINEAR_CROSS_ENTROPY, target_logprobs
-
+def head_problem():
+    """(hidden (300, 48), weight (2000, 48), both leaves requiring grad; targets; per-token weights)."""
     torch.manual_seed(0)
     h = torch.randn(300, 48, requires_grad=True)
     w = (torch.randn(2000, 48) * 0.1).requires_grad_()
-    tgt = torch.randint(0, 2000, (300,))
-    g = torch.randn(300)
+    return h, w, torch.randint(0, 2000, (300,)), torch.randn(300)
+
+
+def test_fallback_head_gives_the_torch_op_numbers():
+    from cispo.worker.logprob_head import HAS_LINEAR_CROSS_ENTROPY, target_logprobs
+
+    h, w, tgt, g = head_problem()
     ref = torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None])[:, 0]
     ref_grads = torch.autograd.grad((ref * g).sum(), [h, w])
     paths = [False, True] if HAS_LINEAR_CROSS_ENTROPY else [False]
@@ -360,3 +364,25 @@ def test_fused_head_gradients_equal_autograd_of_the_loss(dtype):
     torch.testing.assert_close(logp, ref_logp.detach(), rtol=tol, atol=tol)
     for name, got, ref in [("hidden", h.grad, ref_grads[0]), ("weight", w.grad, ref_grads[1])]:
         assert_grad_close(got, ref, name, rel=tol)
+
+
+def test_fused_head_writes_a_leaf_weight_gradient_straight_into_grad():
+    """accumulate_weight_grad=True (what the engine uses): the head's weight gradient goes
+    into weight.grad in the forward chunk loop, created or added to, equal to autograd's."""
+    from cispo.worker.logprob_head import fused_head_gradients
+
+    h, w, tgt, a = head_problem()
+    ref_logp = torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None])[:, 0]
+    ref_grads = torch.autograd.grad(-(ref_logp * a).sum(), [h, w])
+    old = torch.randn(2000, 48)
+    w.grad = old.clone()
+    surrogate, logp = fused_head_gradients(h, w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37,
+                                           accumulate_weight_grad=True)
+    assert_grad_close(w.grad, old + ref_grads[1], "weight (before backward)", rel=1e-5)
+    surrogate.backward()
+    assert_grad_close(w.grad, old + ref_grads[1], "weight", rel=1e-5)
+    assert_grad_close(h.grad, ref_grads[0], "hidden", rel=1e-5)
+    w.grad = None
+    fused_head_gradients(h.detach(), w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37,
+                         accumulate_weight_grad=True)[0].backward()
+    assert_grad_close(w.grad, ref_grads[1], "weight (fresh)", rel=1e-5)

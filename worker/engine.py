@@ -175,9 +175,12 @@ class Engine:
     def run_forward_backward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
         """forward_backward on already validated samples (possibly none: a rank's empty shard).
 
-        The new gradient is accumulated apart from the old one and added only when every rank
-        succeeded (`agree_on_failure`), so a failure mid-way (e.g. out of memory) on any rank
-        leaves the accumulated gradient exactly as it was.
+        The new gradient is accumulated apart from the old one: backward writes straight into
+        fresh `.grad`s (after an optim_step there is no old one, and this is the only gradient),
+        the old one is added into them, and the sum is kept only when its norm is finite on
+        every rank (`agree_on_failure`). The old tensors are never written, so a failure
+        mid-way (e.g. out of memory) or a non-finite sum on any rank puts them back exactly as
+        they were.
         """
         self.activate()
         params = list(self.named_params.values())
@@ -190,8 +193,16 @@ class Engine:
         except Exception as exc:
             oom = isinstance(exc, torch.OutOfMemoryError)
             failure, error = ComputeFailed(f"{'out of memory' if oom else type(exc).__name__}: {exc}", oom), exc
-        if failure is None and not self._sum_is_finite(params, previous):
-            failure = ComputeFailed(NON_FINITE_GRADIENT, non_finite=True)
+        if failure is None:
+            try:
+                for p, g in zip(params, previous):
+                    if g is not None:  # new + old, in the new buffer; the old one stays as it was
+                        p.grad = g if p.grad is None else p.grad.add_(g)
+                if not self._grads_are_finite(params):
+                    failure = ComputeFailed(NON_FINITE_GRADIENT, non_finite=True)
+            except Exception as exc:
+                oom = isinstance(exc, torch.OutOfMemoryError)
+                failure, error = ComputeFailed(f"{'out of memory' if oom else type(exc).__name__}: {exc}", oom), exc
         if self.agree_on_failure is not None:
             failure = self.agree_on_failure(failure)
         if failure is not None:
@@ -201,17 +212,14 @@ class Engine:
                 raise InvalidInput([FieldViolation("data", f"{failure}; the accumulated gradient is unchanged")])
             raise ComputeFailed(f"forward_backward failed ({failure}); the accumulated gradient is unchanged",
                                 failure.out_of_memory) from error
-        for p, g in zip(params, previous):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
         return result
 
     @staticmethod
-    def _sum_is_finite(params: list[torch.nn.Parameter], previous: list[torch.Tensor | None]) -> bool:
-        """Whether the new gradients plus `previous` are finite in float32, before adding them:
-        every element of a + b is at most |a|_2 + |b|_2. One host sync."""
-        norms = [torch.linalg.vector_norm(t).float()
-                 for p, g in zip(params, previous) for t in (p.grad, g) if t is not None]
+    def _grads_are_finite(params: list[torch.nn.Parameter]) -> bool:
+        """Whether every gradient, and so the global L2 norm optim_step takes of them, is
+        finite in float32: the sum of the per-tensor norms is. One pass, one host sync."""
+        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32)).float()
+                 for p in params if p.grad is not None]
         return not norms or bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]).sum()))
 
     def _run(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
@@ -235,23 +243,31 @@ class Engine:
         weight_VD = self.policy.head_weight_VD.to(hidden_TD.dtype)
         inputs = TokenInputs(mb.logprobs_T, mb.advantages_T, mb.weights_T, mb.sequence_ratio_mask_T)
         chunk = self.config.head_chunk_tokens
-        logp_T = None
+        logp_T, loss_sum = None, None
         if loss.sequence_level:  # the sequence ratios need every target logprob first
             with torch.no_grad():
                 logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, chunk)
             inputs = inputs.with_sequence_log_ratio(logp_T, mb.lengths)
         if backward:
+            chunk_losses = []  # each chunk's loss (a sum over its tokens), kept on the device
+
             def token_gradient(logp_C: torch.Tensor, sl: slice) -> torch.Tensor:
                 with torch.enable_grad():
                     leaf_C = logp_C.detach().requires_grad_()
-                    return torch.autograd.grad(loss(leaf_C, inputs[sl], config), leaf_C)[0]
+                    value = loss(leaf_C, inputs[sl], config)
+                    chunk_losses.append(value.detach())
+                    return torch.autograd.grad(value, leaf_C)[0]
 
-            surrogate, logp_T = fused_head_gradients(hidden_TD, weight_VD, mb.target_tokens_T, token_gradient, chunk)
+            surrogate, logp_T = fused_head_gradients(hidden_TD, weight_VD, mb.target_tokens_T, token_gradient, chunk,
+                                                     accumulate_weight_grad=True)
             surrogate.backward()
+            # The loss is a sum over tokens: the sum of the chunks' losses (in fp64), one host sync.
+            loss_sum = float(torch.stack(chunk_losses).double().sum()) if chunk_losses else 0.0
         elif logp_T is None:
             logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, chunk)
-        with torch.no_grad():
-            loss_sum = float(loss(logp_T, inputs, config))
+        if loss_sum is None:
+            with torch.no_grad():
+                loss_sum = float(loss(logp_T, inputs, config))
         stats = BatchStats(loss_sum=loss_sum, tokens=int(mb.input_ids_1T.shape[1]), **loss.stats(logp_T, inputs, config))
         return logp_T, stats
 

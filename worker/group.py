@@ -65,12 +65,7 @@ def attach(engine: Engine, ctx: GroupContext) -> None:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
-            offset += p.numel()
+        all_reduce_in_buckets([p.grad for p in params])
 
     def agree_on_failure(failure: ComputeFailed | None) -> ComputeFailed | None:
         outcomes = [None] * ctx.world_size
@@ -85,6 +80,39 @@ def attach(engine: Engine, ctx: GroupContext) -> None:
     engine.gradient_reducer = reduce_gradients
     engine.agree_on_failure = agree_on_failure
     engine.rank = ctx.rank
+
+
+# Gradients smaller than this are summed together through one flat buffer of at most this size.
+BUCKET_BYTES = 32 << 20
+
+
+def all_reduce_in_buckets(tensors: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Sum `tensors` across the default group, in place. A contiguous tensor of at least
+    `bucket_bytes` is reduced where it lies; smaller ones go in consecutive buckets of the same
+    dtype through one flat buffer each, so the extra memory is one bucket, never a copy of all."""
+    bucket: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            dist.all_reduce(bucket[0])
+        elif bucket:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                offset += t.numel()
+        bucket.clear()
+
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (size + nbytes > bucket_bytes or t.dtype != bucket[0].dtype or t.device != bucket[0].device):
+            flush()
+            size = 0
+        bucket.append(t)
+        size += nbytes
+    flush()
 
 
 def shard_by_tokens(lengths: list[int], world_size: int) -> list[list[int]]:

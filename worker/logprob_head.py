@@ -115,28 +115,41 @@ def fused_head_gradients(
     targets_T: torch.Tensor,
     token_gradient: TokenGradient,
     chunk_tokens: int | None = None,
+    accumulate_weight_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(surrogate, logp_T): logp_T as `target_logprobs` gives it (no gradient), and a zero
     scalar whose backward carries the loss gradient into hidden_TD and weight_VD.
 
     `token_gradient` must be the per-token gradient of a loss that is a sum over tokens.
+
+    `accumulate_weight_grad`: when weight_VD is a leaf that requires grad, in the
+    accumulation dtype, its gradient is written straight into `weight_VD.grad` (created, or
+    added to) in the chunk loop itself, with no (V x D) scratch buffer; the surrogate must
+    then be backpropagated with its default gradient 1 (`surrogate.backward()`).
     """
     T, D = hidden_TD.shape
     chunk = chunk_tokens or default_chunk_tokens(T, D, weight_VD.shape[0])
-    return FusedHeadGradients.apply(hidden_TD, weight_VD, targets_T, chunk, token_gradient)
+    return FusedHeadGradients.apply(hidden_TD, weight_VD, targets_T, chunk, token_gradient, accumulate_weight_grad)
 
 
 class FusedHeadGradients(torch.autograd.Function):
-    """One chunk loop: logits, logp, the loss's per-token gradient, and the head's gradients."""
+    """One chunk loop: logits, logp, the loss's per-token gradient, and the head's gradients.
+
+    The weight gradient is written once: the first chunk's product goes straight into its
+    buffer (no zeros(V, D)), later chunks add into it with addmm_; the backward scales the
+    gradients in place (no second (V x D) copy)."""
 
     @staticmethod
-    def forward(ctx, hidden_TD, weight_VD, targets_T, chunk_tokens, token_gradient):
+    def forward(ctx, hidden_TD, weight_VD, targets_T, chunk_tokens, token_gradient, accumulate_weight_grad=False):
         acc = _acc_dtype(hidden_TD.dtype)
         logp_T = torch.empty(hidden_TD.shape[0], dtype=acc, device=hidden_TD.device)
         grad_hidden_TD = torch.empty_like(hidden_TD)
         # A frozen head (LoRA without train_unembed) needs no (V x D) gradient.
         need_weight = ctx.needs_input_grad[1]
-        grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if need_weight else None
+        into_grad = (need_weight and accumulate_weight_grad and weight_VD.is_leaf and weight_VD.dtype == acc
+                     and acc == hidden_TD.dtype)
+        # The (V, D) buffer the chunks accumulate into; None until the first chunk writes it.
+        grad_weight_VD = weight_VD.grad if into_grad else None
         for start in range(0, hidden_TD.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_CD, tgt_C1 = hidden_TD[sl], targets_T[sl, None]
@@ -151,11 +164,20 @@ class FusedHeadGradients(torch.autograd.Function):
             grad_hidden_TD[sl] = grad_logits_CV @ weight_VD
             if not need_weight:
                 continue
-            if acc == hidden_TD.dtype:
+            if grad_weight_VD is None:
+                grad_weight_VD = (grad_logits_CV.T @ h_CD).to(acc)
+            elif acc == hidden_TD.dtype:
                 grad_weight_VD.addmm_(grad_logits_CV.T, h_CD)
             else:
                 grad_weight_VD += grad_logits_CV.T @ h_CD
-        ctx.gradients = (grad_hidden_TD, grad_weight_VD.to(weight_VD.dtype) if need_weight else None)
+        if need_weight and grad_weight_VD is None and not into_grad:  # no tokens
+            grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
+        if into_grad:
+            weight_VD.grad = grad_weight_VD
+            grad_weight_VD = None
+        elif need_weight:
+            grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)
+        ctx.gradients = (grad_hidden_TD, grad_weight_VD)
         ctx.mark_non_differentiable(logp_T)
         return logp_T.new_zeros(()), logp_T
 
@@ -164,5 +186,6 @@ class FusedHeadGradients(torch.autograd.Function):
         grad_hidden_TD, grad_weight_VD = ctx.gradients
         del ctx.gradients
         scale = grad_surrogate.to(grad_hidden_TD.dtype)
-        grad_weight_VD = None if grad_weight_VD is None else grad_weight_VD * scale.to(grad_weight_VD.dtype)
-        return grad_hidden_TD * scale, grad_weight_VD, None, None, None
+        if grad_weight_VD is not None:
+            grad_weight_VD.mul_(scale.to(grad_weight_VD.dtype))
+        return grad_hidden_TD.mul_(scale), grad_weight_VD, None, None, None, None
