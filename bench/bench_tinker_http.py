@@ -28,70 +28,64 @@ from server_process import ServerProcess  # noqa: E402
 
 SHAPES = ((1, 16), (8, 256))
 
-SDK_SIDE = r"""
-import json, sys, time
-import numpy as np
-import tinker
-from tinker import types
-steps, shapes = int(sys.argv[1]), json.loads(sys.argv[2])
-out = {}
-with tinker.ServiceClient() as service:
-    for n, length in shapes:
-        client = service.create_lora_training_client(base_model="", rank=8, seed=0).result()
-        rng = np.random.default_rng(0)
-        data = [types.Datum(model_input=types.ModelInput.from_ints(rng.integers(0, 1024, length).tolist()),
-                            loss_fn_inputs={"target_tokens": rng.integers(0, 1024, length),
-                                            "logprobs": np.full(length, -7.0, np.float32),
-                                            "advantages": rng.normal(size=length).astype(np.float32)})
-                for _ in range(n)]
+def datums(types, n: int, length: int) -> list:
+    """n datums of `length` tokens, built with `types` (cispo.client's or the tinker SDK's)."""
+    rng = np.random.default_rng(0)
+    return [types.Datum(model_input=types.ModelInput.from_ints(rng.integers(0, 1024, length).tolist()),
+                        loss_fn_inputs={"target_tokens": rng.integers(0, 1024, length),
+                                        "logprobs": np.full(length, -7.0, np.float32),
+                                        "advantages": rng.normal(size=length).astype(np.float32)})
+            for _ in range(n)]
+
+
+def time_steps(create, types, steps: int) -> dict:
+    """Seconds per step for each shape, on a new LoRA run from `create()` per shape."""
+    out = {}
+    for n, length in SHAPES:
+        client, data = create(), datums(types, n, length)
         times = []
-        for i in range(steps + 2):
+        for _ in range(steps + 2):
             started = time.perf_counter()
-            fb = client.forward_backward(data, "cispo")
-            op = client.optim_step(types.AdamParams(learning_rate=1e-4))
-            fb.result(), op.result()
+            fwd_bwd = client.forward_backward(data, "cispo")
+            step = client.optim_step(types.AdamParams(learning_rate=1e-4))
+            fwd_bwd.result(), step.result()
             times.append(time.perf_counter() - started)
         out[f"{n}x{length}"] = times[2:]
-print(json.dumps(out))
-"""
+    return out
+
+
+def sdk_side(steps: int) -> None:
+    """The SDK's half, in its own process (TINKER_BASE_URL and TINKER_API_KEY set)."""
+    import tinker
+    from tinker import types
+
+    with tinker.ServiceClient() as service:
+        print(json.dumps(time_steps(lambda: service.create_lora_training_client(base_model="", rank=8, seed=0)
+                                    .result(), types, steps)))
 
 
 def grpc_side(address: str, steps: int) -> dict:
     import cispo.client as cispo
 
-    out = {}
     with cispo.ServiceClient(address) as service:
-        for n, length in SHAPES:
-            client = service.create_lora_training_client(rank=8, seed=0)
-            rng = np.random.default_rng(0)
-            data = [cispo.Datum(model_input=cispo.ModelInput.from_ints(rng.integers(0, 1024, length)),
-                                loss_fn_inputs={"target_tokens": rng.integers(0, 1024, length),
-                                                "logprobs": np.full(length, -7.0, np.float32),
-                                                "advantages": rng.normal(size=length).astype(np.float32)})
-                    for _ in range(n)]
-            times = []
-            for _ in range(steps + 2):
-                started = time.perf_counter()
-                fb = client.forward_backward(data, "cispo")
-                op = client.optim_step(cispo.AdamParams(learning_rate=1e-4))
-                fb.result(), op.result()
-                times.append(time.perf_counter() - started)
-            out[f"{n}x{length}"] = times[2:]
-            service.unload_model(client.model_id)
-    return out
+        return time_steps(lambda: service.create_lora_training_client(rank=8, seed=0), cispo, steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--sdk-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sdk_side:
+        sdk_side(args.steps)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess("--http-port", "0", checkpoint_dir=Path(tmp) / "ckpt")
         try:
             grpc = grpc_side(server.address, args.steps)
             env = {**os.environ, "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}",
                    "TINKER_API_KEY": "tml-bench", "TINKER_TELEMETRY": "0"}
-            done = subprocess.run([sys.executable, "-c", SDK_SIDE, str(args.steps), json.dumps(SHAPES)], env=env,
+            done = subprocess.run([sys.executable, __file__, "--sdk-side", "--steps", str(args.steps)], env=env,
                                   capture_output=True, text=True, check=True)
             sdk = json.loads(done.stdout.strip().splitlines()[-1])
         finally:

@@ -128,6 +128,8 @@ class FutureTable:
         return request_id, answer
 
     def _evict(self) -> None:
+        if len(self._futures) <= KEPT_FUTURES:  # the common case: nothing to scan
+            return
         done = [k for k, f in self._futures.items() if f.answer.done()]
         excess = len(done) - KEPT_FUTURES
         if excess > 0:
