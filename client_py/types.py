@@ -601,6 +601,21 @@ class GetInfoResponse:
     """Training runs live on the server."""
     max_runs: int = 0
     """The most runs the server takes."""
+    sharding: str = "replicated"
+    """How the group holds the training state: "replicated" or "fsdp" (docs/scaling.md)."""
+    memory: "MemoryUse | None" = None
+    """Bytes one rank holds for the run's parameters, gradient and AdamW moments."""
+
+
+@dataclass
+class MemoryUse:
+    """Bytes of training state on one rank (rank 0; sharded, its shards)."""
+
+    parameter_bytes: int = 0
+    gradient_bytes: int = 0
+    """0 when no gradient is accumulated."""
+    optimizer_bytes: int = 0
+    """0 before the first optim_step."""
 
 
 @dataclass

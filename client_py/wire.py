@@ -26,6 +26,7 @@ from .types import (
     Limits,
     LoadStateResponse,
     LossFunctionInfo,
+    MemoryUse,
     ModelInfo,
     ModelInput,
     OptimStepResponse,
@@ -344,6 +345,9 @@ def get_info_response_from_pb(message: pb.GetInfoResponse) -> GetInfoResponse:
         base_model=message.base_model,
         num_runs=message.num_runs,
         max_runs=message.max_runs,
+        sharding=message.sharding or "replicated",
+        memory=MemoryUse(parameter_bytes=message.memory.parameter_bytes, gradient_bytes=message.memory.gradient_bytes,
+                         optimizer_bytes=message.memory.optimizer_bytes),
     )
 
 

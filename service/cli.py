@@ -34,6 +34,7 @@ from cispo.worker.runs import SingleRun, TrainingRuns  # noqa: E402
 from cispo.worker.sampler_weights import SERVING_DTYPES, ExportConfig  # noqa: E402
 from cispo.worker.sampling import SamplingLimits  # noqa: E402
 from cispo.worker.group import GroupEngine, init_group, run_worker, world_size_from_env  # noqa: E402
+from cispo.worker.sharding import SHARDING_MODES, shard_model  # noqa: E402
 
 log = logging.getLogger("cispo.server")
 
@@ -125,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-tokens", type=int, default=env("MICRO_BATCH_TOKENS", 8192, int),
                    help="token budget of one packed micro-batch: bounds activation memory "
                         "[CISPO_MICRO_BATCH_TOKENS]")
+    g.add_argument("--sharding", type=str.lower, choices=SHARDING_MODES, default=env("SHARDING", "replicated").lower(),
+                   help="in a data-parallel group: replicated (every rank holds the whole fp32 model, gradient "
+                        "and AdamW state, 16 bytes per parameter) or fsdp (FSDP2 shards them across the ranks; "
+                        "the ranks must share --checkpoint-dir). See docs/scaling.md [CISPO_SHARDING]")
+    g.add_argument("--activation-checkpointing", action="store_true", default=env_bool("ACTIVATION_CHECKPOINTING"),
+                   help="recompute each decoder layer's activations in backward instead of keeping them: "
+                        "less memory for long sequences, about a third more compute "
+                        "[CISPO_ACTIVATION_CHECKPOINTING=1]")
     g.add_argument("--sampler-dir", default=env("SAMPLER_DIR", "sampler_weights"),
                    help="directory where SaveWeightsForSampler writes weights for samplers (HF directories "
                         "that vLLM and transformers load as they are); share it with sampler pods "
@@ -220,6 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"CISPO_LOG_LEVEL={args.log_level!r}: choose from {', '.join(LOG_LEVELS)}")
     if args.log_format not in LOG_FORMATS:
         parser.error(f"CISPO_LOG_FORMAT={args.log_format!r}: choose from {', '.join(LOG_FORMATS)}")
+    if args.sharding not in SHARDING_MODES:
+        parser.error(f"CISPO_SHARDING={args.sharding!r}: choose from {', '.join(SHARDING_MODES)}")
     return args
 
 
@@ -342,7 +353,7 @@ def check_device(device: str) -> None:
 
 def load_model(args, device: str):
     try:
-        return load_policy_model(args.model, device, args.dtype)
+        return load_policy_model(args.model, device, args.dtype, args.activation_checkpointing)
     except (ValueError, OSError) as exc:  # unknown dtype, no such checkpoint, unsupported model, I/O
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         what = f"model {args.model}" if args.model and args.model not in message else "the model"
@@ -383,12 +394,17 @@ def run(args) -> None:
     if args.max_runs < 1:
         raise StartupError(f"--max-runs must be >= 1, got {args.max_runs}")
     if world_size == 1:
+        if args.sharding == "fsdp":
+            log.info("--sharding fsdp: a single process has nothing to shard across; it holds the whole state")
         runs = TrainingRuns(load_model(args, device), engine_config, args.max_runs,
                             reload=lambda: load_model(args, device))
         asyncio.run(serve(runs, config))
         return
-    engine = Engine(load_model(args, device), engine_config)
-    ctx = init_group(engine.policy.device)
+    policy = load_model(args, device)
+    ctx = init_group(policy.device)
+    if args.sharding == "fsdp":
+        policy.sharded = shard_model(policy.model, policy.compute_dtype)
+    engine = Engine(policy, engine_config)
     if ctx.rank != 0:
         # Rank 0 drains and then releases this rank; torchrun forwards SIGTERM to every rank.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

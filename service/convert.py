@@ -196,6 +196,9 @@ def encode_info(info: EngineInfo, limits: Mapping[str, int], world_size: int, ru
         base_model=base_model,
         num_runs=num_runs,
         max_runs=max_runs,
+        sharding=info.sharding,
+        memory=pb.MemoryUse(parameter_bytes=info.memory.parameters, gradient_bytes=info.memory.gradients,
+                            optimizer_bytes=info.memory.optimizer),
     )
 
 

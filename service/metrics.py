@@ -86,8 +86,9 @@ class RatioHistogramCollector:
 
 
 class RunsCollector:
-    """`cispo_training_runs`, `cispo_training_runs_max` and `cispo_run_trainable_bytes{run}`,
-    read from the runs registry (worker.runs.TrainingRuns or SingleRun) at each scrape."""
+    """`cispo_training_runs`, `cispo_training_runs_max`, `cispo_run_trainable_bytes{run}` and
+    `cispo_run_state_bytes{run,kind}`, read from the runs registry (worker.runs.TrainingRuns or
+    SingleRun) at each scrape."""
 
     def __init__(self, runs):
         self.runs = runs
@@ -98,7 +99,7 @@ class RunsCollector:
     def collect(self):
         for attempt in range(_SCRAPE_READS):
             try:
-                sizes = self.runs.trainable_bytes()
+                sizes = self.runs.memory_use()
                 break
             except RuntimeError:  # a dict changed while it was read (the engine thread): read again
                 if attempt == _SCRAPE_READS - 1:
@@ -106,15 +107,21 @@ class RunsCollector:
         yield from self._families(sizes, self.runs.max_runs)
 
     @staticmethod
-    def _families(sizes: dict[str, int], max_runs: int):
+    def _families(sizes: dict, max_runs: int):
         yield GaugeMetricFamily("cispo_training_runs", "Live training runs.", value=len(sizes))
         yield GaugeMetricFamily("cispo_training_runs_max", "The most live training runs (--max-runs).", value=max_runs)
         trainable = GaugeMetricFamily("cispo_run_trainable_bytes",
                                       "Bytes of a run's trainable weights, their gradient and optimizer moments.",
                                       labels=["run"])
-        for run, size in sizes.items():
-            trainable.add_metric([run], size)
+        by_kind = GaugeMetricFamily("cispo_run_state_bytes",
+                                    "Bytes one rank holds of a run's training state (rank 0; sharded: its shards), by "
+                                    "kind: parameters, gradients, optimizer.", labels=["run", "kind"])
+        for run, use in sizes.items():
+            trainable.add_metric([run], use.total)
+            for kind in ("parameters", "gradients", "optimizer"):
+                by_kind.add_metric([run, kind], getattr(use, kind))
         yield trainable
+        yield by_kind
 
 
 class ServiceMetrics:

@@ -367,7 +367,7 @@ def test_fused_head_gradients_equal_autograd_of_the_loss(dtype):
 
 
 def test_fused_head_writes_a_leaf_weight_gradient_straight_into_grad():
-    """accumulate_weight_grad=True (what the engine uses): the head's weight gradient goes
+    """weight_grad_into=w (what the engine uses): the head's weight gradient goes
     into weight.grad in the forward chunk loop, created or added to, equal to autograd's."""
     from cispo.worker.logprob_head import fused_head_gradients
 
@@ -377,12 +377,12 @@ def test_fused_head_writes_a_leaf_weight_gradient_straight_into_grad():
     old = torch.randn(2000, 48)
     w.grad = old.clone()
     surrogate, logp = fused_head_gradients(h, w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37,
-                                           accumulate_weight_grad=True)
+                                           weight_grad_into=w)
     assert_grad_close(w.grad, old + ref_grads[1], "weight (before backward)", rel=1e-5)
     surrogate.backward()
     assert_grad_close(w.grad, old + ref_grads[1], "weight", rel=1e-5)
     assert_grad_close(h.grad, ref_grads[0], "hidden", rel=1e-5)
     w.grad = None
     fused_head_gradients(h.detach(), w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37,
-                         accumulate_weight_grad=True)[0].backward()
+                         weight_grad_into=w)[0].backward()
     assert_grad_close(w.grad, ref_grads[1], "weight (fresh)", rel=1e-5)

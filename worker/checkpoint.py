@@ -25,8 +25,8 @@ state name without ambiguity, and at most 166 characters they fit any file syste
 Trust. Names are plain file names and never reach outside the checkpoint directory. Symbolic
 links in it, as a state or as a file in one, are refused and never followed. A state's manifest
 records the identity that saved it (`owner`, None for anyone); another identity may neither load
-nor replace it. States are full (not sharded): a group of any size can load what a group of
-another size saved.
+nor replace it. These v1 states are whole (not sharded); sharded groups write v2 states
+(worker.sharded_checkpoint). A group of any size loads either, whatever size saved it.
 
 Sampler weights (worker.sampler_weights) are saved directories of the same protocol, with their
 own manifest format, in their own root directory.
@@ -49,8 +49,10 @@ from safetensors.torch import load_file, save_file
 from cispo.worker.errors import FieldViolation, InvalidInput, PermissionDenied, StateNotFound
 
 FORMAT = "cispo.state.v1"
+SHARDED_FORMAT = "cispo.state.v2"  # worker.sharded_checkpoint
+STATE_FORMATS = (FORMAT, SHARDED_FORMAT)
 SAMPLER_FORMAT = "cispo.sampler_weights.v1"  # worker.sampler_weights
-FORMATS = (FORMAT, SAMPLER_FORMAT)
+FORMATS = (*STATE_FORMATS, SAMPLER_FORMAT)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 HIDDEN_PATTERN = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{32}")
 MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE = "model.safetensors", "optimizer.safetensors", "manifest.json"
@@ -126,20 +128,26 @@ def save_directory(root: Path, name: str, write: Callable[[Path], None], manifes
 
 
 def load_state(root: Path, name: str, with_optimizer: bool, owner: str | None = None) -> LoadedState:
-    """Read a whole state into memory (nothing is applied here), if `owner` may read it."""
+    """Read a whole v1 state into memory (nothing is applied here), if `owner` may read it."""
     path, manifest = open_directory(root, name, FORMAT, owner)
+    return read_state(path, manifest, name, with_optimizer)
+
+
+def read_state(path: Path, manifest: dict, name: str, with_optimizer: bool) -> LoadedState:
+    """The whole v1 state at `path` (as `open_directory` gave it), in memory."""
     weights = _read_tensors(path, MODEL_FILE, name)
     optimizer = _read_tensors(path, OPTIMIZER_FILE, name) if with_optimizer else {}
     return LoadedState(weights=weights, optimizer=optimizer, step=manifest["step"], manifest=manifest)
 
 
-def open_directory(root: Path, name: str, format: str, owner: str | None = None) -> tuple[Path, dict]:
-    """(`root/name`, its manifest) of a saved directory of `format` that `owner` may read;
-    StateNotFound or PermissionDenied otherwise."""
+def open_directory(root: Path, name: str, format: str | tuple[str, ...], owner: str | None = None) -> tuple[Path, dict]:
+    """(`root/name`, its manifest) of a saved directory of `format` (or one of several) that
+    `owner` may read; StateNotFound or PermissionDenied otherwise."""
     path = state_dir(root, name)
     if not _is_state(path, name, replacing=False):
-        raise StateNotFound(f"no saved {'state' if format == FORMAT else 'weights'} named '{name}' in "
-                            f"the {'checkpoint' if format == FORMAT else 'sampler'} directory")
+        state = format != SAMPLER_FORMAT
+        raise StateNotFound(f"no saved {'state' if state else 'weights'} named '{name}' in "
+                            f"the {'checkpoint' if state else 'sampler'} directory")
     manifest = _read_manifest(path, name, format)
     check_owner(name, manifest, owner)
     for entry in os.listdir(path):
@@ -217,16 +225,18 @@ def _regular_file(path: Path, file: str, name: str) -> Path:
     return path / file
 
 
-def _read_manifest(path: Path, name: str, format: str | None = None) -> dict:
-    """The saved directory's manifest, checked field by field; of `format` (None: any known)."""
+def _read_manifest(path: Path, name: str, format: str | tuple[str, ...] | None = None) -> dict:
+    """The saved directory's manifest, checked field by field; of `format` (one of them; None:
+    any known)."""
     try:
         manifest = json.loads(_regular_file(path, MANIFEST_FILE, name).read_bytes())
     except (OSError, ValueError) as e:
         raise StateNotFound(f"state '{name}' cannot be read: {MANIFEST_FILE}: {reason(e)}") from e
     if not isinstance(manifest, dict):
         problem = "is not a JSON object"
-    elif manifest.get("format") not in ((format,) if format else FORMATS):
-        problem = f"has format {shown(manifest.get('format'))}, expected '{format or FORMAT}'"
+    elif manifest.get("format") not in ((format,) if isinstance(format, str) else format or FORMATS):
+        expected = format if isinstance(format, str) else "' or '".join(format or STATE_FORMATS)
+        problem = f"has format {shown(manifest.get('format'))}, expected '{expected}'"
     elif type(manifest.get("step")) is not int or manifest["step"] < 0:
         problem = "has no valid step"
     elif not isinstance(manifest.get("owner"), (str, type(None))):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from cispo.worker import checkpoint, lora, sampler_weights
-from cispo.worker.batch import MicroBatch, Sample, pack, plan_micro_batches
+from cispo.worker import checkpoint, lora, sampler_weights, sharded_checkpoint
+from cispo.worker.batch import LOSS_INPUT_KINDS, MicroBatch, Sample, pack, plan_micro_batches
 from cispo.worker.errors import (ComputeFailed, FieldViolation, InvalidInput, PermissionDenied, StateNotFound,
                                  StepRefused)
 from cispo.worker.logprob_head import fused_head_gradients, target_logprobs
@@ -25,6 +25,7 @@ from cispo.worker.model import PolicyModel
 from cispo.worker.optimizer import MOMENTS, AdamParams, Optimizer
 from cispo.worker.sampler_weights import ExportCache, ExportConfig, SamplerWeights
 from cispo.worker.sampling import SampleRequest, SampleResult, SamplingLimits, generate, validate_sample_request
+from cispo.worker.sharding import MemoryUse, like, local, local_bytes
 from cispo.worker.validation import validate_batch
 
 
@@ -85,7 +86,20 @@ class EngineInfo:
     has_tokenizer: bool = False
     eos_token_ids: tuple[int, ...] = ()
     loss_functions: dict[str, LossFunction] = field(default_factory=lambda: dict(LOSS_FUNCTIONS))
+    sharding: str = "replicated"
+    memory: MemoryUse = MemoryUse(0, 0, 0)
+    """Bytes this rank holds for the run's trainable parameters, gradient and AdamW moments."""
 
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# What a sharded rank with fewer micro-batches than the others runs (a zero gradient).
+PADDING = Sample(torch.zeros(1, dtype=torch.int64), {name: torch.zeros(1, dtype=torch.int64 if kind == "int" else
+                                                                       torch.float32)
+                                                     for name, kind in LOSS_INPUT_KINDS.items()})
+
+SHARDED_EXPORT_SAMPLING = ("a sharded group (--sharding fsdp) samples its current weights only (and the sampler "
+                           "weights it saved of them last, when --sampler-dtype is the compute dtype); serve other "
+                           "saved sampler weights with an external sampler such as vLLM")
 
 NON_FINITE_GRADIENT = ("the loss gradient of this batch, added to the accumulated gradient, is not finite in float32 "
                        "(advantages or weights too large?)")
@@ -125,11 +139,16 @@ class Engine:
         self.gradient_reducer = gradient_reducer
         self.agree_on_failure = agree_on_failure
         self.rank = 0  # data-parallel rank (set by worker.group)
+        self.process_group = None  # the group's control group (set by worker.group)
+        self.current_export: str | None = None  # sharded: the sampler weights that are the current weights
         self.adapter = adapter
         self.lora_spec = lora_spec
         self.named_params = (lora.adapter_parameters(policy, adapter) if adapter is not None else
                              {n: p for n, p in policy.model.named_parameters() if p.requires_grad})
-        self.optimizer = Optimizer(self.named_params)
+        head = policy.model.get_output_embeddings().weight
+        # The head's fp32 leaf, when the fused head may write its gradient straight into .grad.
+        self.head_param = head if policy.sharded is None and any(p is head for p in self.named_params.values()) else None
+        self.optimizer = Optimizer(self.named_params, sharded=policy.sharded is not None)
         self.exports = exports if exports is not None else ExportCache(config.export.cache_size)
 
     def activate(self) -> None:
@@ -144,7 +163,15 @@ class Engine:
             device=p.device.type, dtype=str(p.compute_dtype).removeprefix("torch."),
             num_parameters=sum(t.numel() for t in self.named_params.values()), step=self.optimizer.step_count,
             has_tokenizer=p.tokenizer is not None, eos_token_ids=p.eos_token_ids,
+            sharding="fsdp" if p.sharded is not None else "replicated", memory=self.memory_use(),
         )
+
+    def memory_use(self) -> MemoryUse:
+        """Bytes this rank holds now for the run's parameters, gradient and moments (shards only,
+        when sharded)."""
+        params = list(self.named_params.values())
+        return MemoryUse(parameters=local_bytes(params), gradients=local_bytes(p.grad for p in params),
+                         optimizer=local_bytes(self.optimizer.moments().values()))
 
     # -- forward / forward_backward -------------------------------------------------------------
 
@@ -158,13 +185,18 @@ class Engine:
         loss, config = self.validate(samples, loss_fn, loss_fn_config)
         return self.run_forward(samples, loss, config)
 
-    def run_forward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
-        """forward on already validated samples (possibly none)."""
-        if not samples:
+    def run_forward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
+                    micro_batches: int = 0) -> BatchResult:
+        """forward on already validated samples (possibly none), in at least `micro_batches`
+        trunk passes (the group's most, when sharded)."""
+        if not samples and not micro_batches:
             return BatchResult([], BatchStats())
         self.activate()
         with torch.no_grad():
-            return self._run(samples, loss, config, backward=False)
+            result = self._run(samples, loss, config, backward=False, micro_batches=micro_batches)
+        if self.policy.sharded is not None:
+            self.policy.sharded.reshard()  # the root's weights too: nothing stays gathered between operations
+        return result
 
     def forward_backward(self, samples: list[Sample], loss_fn: str = "cispo",
                          loss_fn_config: Mapping[str, float] | None = None) -> BatchResult:
@@ -172,8 +204,10 @@ class Engine:
         loss, config = self.validate(samples, loss_fn, loss_fn_config)
         return self.run_forward_backward(samples, loss, config)
 
-    def run_forward_backward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
-        """forward_backward on already validated samples (possibly none: a rank's empty shard).
+    def run_forward_backward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
+                             micro_batches: int = 0) -> BatchResult:
+        """forward_backward on already validated samples (possibly none: a rank's empty shard),
+        in at least `micro_batches` trunk passes (the group's most, when sharded).
 
         The new gradient is accumulated apart from the old one: backward writes straight into
         fresh `.grad`s (after an optim_step there is no old one, and this is the only gradient),
@@ -189,7 +223,8 @@ class Engine:
             p.grad = None
         failure, error = None, None
         try:
-            result = self._run(samples, loss, config, backward=True) if samples else BatchResult([], BatchStats())
+            result = (self._run(samples, loss, config, backward=True, micro_batches=micro_batches)
+                      if samples or micro_batches else BatchResult([], BatchStats()))
         except Exception as exc:
             oom = isinstance(exc, torch.OutOfMemoryError)
             failure, error = ComputeFailed(f"{'out of memory' if oom else type(exc).__name__}: {exc}", oom), exc
@@ -217,30 +252,41 @@ class Engine:
     @staticmethod
     def _grads_are_finite(params: list[torch.nn.Parameter]) -> bool:
         """Whether every gradient, and so the global L2 norm optim_step takes of them, is
-        finite in float32: the sum of the per-tensor norms is. One pass, one host sync."""
-        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32)).float()
-                 for p in params if p.grad is not None]
+        finite in float32: the sum of the per-tensor norms is. One pass, one host sync. Sharded,
+        this rank's shards (the group agrees through `agree_on_failure`)."""
+        grads = [local(p.grad) for p in params if p.grad is not None]  # this rank's shards, when sharded
+        norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]
         return not norms or bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]).sum()))
 
     def _run(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
-             backward: bool) -> BatchResult:
+             backward: bool, micro_batches: int = 0) -> BatchResult:
+        """The micro-batches of `samples`, then padding ones up to `micro_batches` (sharded
+        ranks must all run as many trunk passes; see worker.sharding)."""
         lengths = [s.length for s in samples]
         logprobs: list[torch.Tensor | None] = [None] * len(samples)
         stats = BatchStats()
         input_names = ("target_tokens", *loss.required_inputs, *loss.optional_inputs)
-        for indices in plan_micro_batches(lengths, self.config.micro_batch_tokens):
+        plan = plan_micro_batches(lengths, self.config.micro_batch_tokens)
+        for indices in plan:
             mb = pack(samples, indices, input_names, self.policy.device)
             logp_T, mb_stats = self._micro_batch(mb, loss, config, backward)
             stats = stats.merge(mb_stats)
             for i, lp in zip(mb.indices, logp_T.detach().float().cpu().split(mb.lengths)):
                 logprobs[i] = lp
+        for _ in range(micro_batches - len(plan)):
+            self._micro_batch(pack([PADDING], [0], input_names, self.policy.device), loss, config, backward,
+                              padding=True)
         return BatchResult(logprobs=logprobs, stats=stats)
 
-    def _micro_batch(self, mb: MicroBatch, loss: LossFunction, config: Mapping[str, float], backward: bool):
-        """Trunk, chunked head, loss, and (if `backward`) the gradient: (logp (T,) fp32, stats)."""
+    def _micro_batch(self, mb: MicroBatch, loss: LossFunction, config: Mapping[str, float], backward: bool,
+                     padding: bool = False):
+        """Trunk, chunked head, loss, and (if `backward`) the gradient: (logp (T,) fp32, stats).
+        A `padding` micro-batch contributes a zero gradient and no stats (stats None)."""
         with self.policy.autocast():
-            hidden_TD = self.policy.hidden_states(mb.input_ids_1T, mb.position_ids_1T, mb.lengths)
-        weight_VD = self.policy.head_weight_VD.to(hidden_TD.dtype)
+            hidden_TD, weight_VD = self.policy.trunk(mb.input_ids_1T, mb.position_ids_1T, mb.lengths)
+        # The head in the compute dtype (bf16 on GPU), its log-sum-exp and logp in fp32.
+        dtype = self.policy.compute_dtype if self.policy.compute_dtype in LOW_PRECISION else hidden_TD.dtype
+        hidden_TD, weight_VD = hidden_TD.to(dtype), weight_VD.to(dtype)
         inputs = TokenInputs(mb.logprobs_T, mb.advantages_T, mb.weights_T, mb.sequence_ratio_mask_T)
         chunk = self.config.head_chunk_tokens
         logp_T, loss_sum = None, None
@@ -252,6 +298,8 @@ class Engine:
             chunk_losses = []  # each chunk's loss (a sum over its tokens), kept on the device
 
             def token_gradient(logp_C: torch.Tensor, sl: slice) -> torch.Tensor:
+                if padding:
+                    return torch.zeros_like(logp_C)
                 with torch.enable_grad():
                     leaf_C = logp_C.detach().requires_grad_()
                     value = loss(leaf_C, inputs[sl], config)
@@ -259,12 +307,14 @@ class Engine:
                     return torch.autograd.grad(value, leaf_C)[0]
 
             surrogate, logp_T = fused_head_gradients(hidden_TD, weight_VD, mb.target_tokens_T, token_gradient, chunk,
-                                                     accumulate_weight_grad=True)
+                                                     weight_grad_into=self.head_param)
             surrogate.backward()
             # The loss is a sum over tokens: the sum of the chunks' losses (in fp64), one host sync.
             loss_sum = float(torch.stack(chunk_losses).double().sum()) if chunk_losses else 0.0
         elif logp_T is None:
             logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, chunk)
+        if padding:
+            return logp_T, None
         if loss_sum is None:
             with torch.no_grad():
                 loss_sum = float(loss(logp_T, inputs, config))
@@ -280,6 +330,7 @@ class Engine:
         rank 0 keeps the summed gradient, so the next step's sum counts it once."""
         if self.gradient_reducer is not None:
             self.gradient_reducer([p.grad for p in self.named_params.values()])
+        self.current_export = None
         try:
             grad_norm = self.optimizer.step(adam)
         except StepRefused:
@@ -290,31 +341,77 @@ class Engine:
 
     # -- states ---------------------------------------------------------------------------------
 
-    def save_state(self, name: str, owner: str | None = None) -> Path:
+    def save_state(self, name: str, owner: str | None = None) -> Path | None:
         """Write weights, optimizer state and step count under `name`, owned by `owner`
-        (None: anyone; PermissionDenied if another identity owns the name)."""
+        (None: anyone; PermissionDenied if another identity owns the name). Sharded, every rank
+        calls it and writes its shards (a v2 state); rank 0 returns the path, the others None."""
+        manifest = {"step": self.optimizer.step_count, "model_name": self.policy.name,
+                    "num_tensors": len(self.named_params),
+                    "lora": self.lora_spec.to_dict() if self.lora_spec is not None else None}
         with _save_failures(f"state '{name}'", "state"):
+            if self.policy.sharded is not None:
+                return sharded_checkpoint.save(
+                    self.config.checkpoint_dir, name, sharded_checkpoint.state_dict(self.named_params,
+                                                                                    self.optimizer.moments()),
+                    manifest, owner, self.process_group)
             return checkpoint.save_state(
                 self.config.checkpoint_dir, name, dict(self.named_params), self.optimizer.state_tensors(),
-                self.optimizer.step_count, self.policy.name, owner=owner,
-                lora=self.lora_spec.to_dict() if self.lora_spec is not None else None,
-            )
+                manifest["step"], self.policy.name, owner=owner, lora=manifest["lora"])
 
     def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
         """Restore weights (and, if asked, optimizer state and step count; else a fresh
         optimizer at step 0). Drops the accumulated gradient. Returns the state's step count.
-        Checks every tensor before changing anything."""
-        state = checkpoint.load_state(self.config.checkpoint_dir, name, with_optimizer, owner=owner)
-        saved_lora = state.manifest.get("lora")
+        Checks every tensor's name, shape and dtype before changing anything. Reads v1 and v2
+        states (worker.checkpoint, worker.sharded_checkpoint); sharded, every rank calls it."""
+        path, manifest = checkpoint.open_directory(self.config.checkpoint_dir, name, checkpoint.STATE_FORMATS, owner)
+        saved_lora = manifest.get("lora")
         if (saved_lora is None) != (self.lora_spec is None):
             raise StateNotFound(f"state '{name}' is {'a LoRA' if saved_lora else 'a full fine-tuning'} state and this "
                                 f"run is {'a LoRA' if self.lora_spec else 'a full fine-tuning'} run; create a run from "
                                 "the state instead")
+        sharded_state = manifest["format"] == checkpoint.SHARDED_FORMAT
+        if sharded_state:
+            saved = sharded_checkpoint.saved_tensors(path, name)
+            weights = {k.removeprefix(sharded_checkpoint.WEIGHTS): v for k, v in saved.items()
+                       if k.startswith(sharded_checkpoint.WEIGHTS)}
+            moments = {k.removeprefix(sharded_checkpoint.OPTIMIZER): v for k, v in saved.items()
+                       if k.startswith(sharded_checkpoint.OPTIMIZER)} if with_optimizer else {}
+            odd = sorted(k for k in saved if not k.startswith((sharded_checkpoint.WEIGHTS, sharded_checkpoint.OPTIMIZER)))
+            if odd:
+                raise StateNotFound(f"state '{name}' cannot be read: unexpected entries {odd[:3]}")
+        else:
+            state = checkpoint.read_state(path, manifest, name, with_optimizer)
+            weights = {k: (tuple(t.shape), t.dtype) for k, t in state.weights.items()}
+            moments = {k: (tuple(t.shape), t.dtype) for k, t in state.optimizer.items()}
+        self._check_fits(name, weights, moments)
+        if sharded_state:  # into fresh tensors laid out as the run's, then copied: all or nothing
+            targets = sharded_checkpoint.state_dict(
+                {n: torch.empty_like(p.detach()) for n, p in self.named_params.items()},
+                {k: self._empty_moment(k) for k in moments})
+            sharded_checkpoint.load(path, name, targets, self.process_group if self.policy.sharded is not None else None)
+            state = checkpoint.LoadedState(
+                weights={n: targets[sharded_checkpoint.WEIGHTS + n] for n in self.named_params},
+                optimizer={k: targets[sharded_checkpoint.OPTIMIZER + k] for k in moments},
+                step=manifest["step"], manifest=manifest)
+        self.current_export = None
+        with torch.no_grad():
+            for n, p in self.named_params.items():
+                p.copy_(like(p, state.weights[n]))
+                p.grad = None
+        if with_optimizer:
+            self.optimizer.load_state_tensors(state.optimizer, state.step)
+        else:
+            self.optimizer.reset()
+        return state.step
+
+    def _check_fits(self, name: str, weights: dict, moments: dict) -> None:
+        """StateNotFound unless the saved (shape, dtype) of `weights` and `moments` fit this run."""
         expected = {n: tuple(p.shape) for n, p in self.named_params.items()}
-        found = {n: tuple(t.shape) for n, t in state.weights.items()}
-        moments = {f"{n}/{k}": (() if k == "step" else shape) for n, shape in expected.items() for k in MOMENTS}
-        odd_moments = sorted(k for k, t in state.optimizer.items() if moments.get(k) != tuple(t.shape))[:3]
-        if odd_moments or not all(t.is_floating_point() for t in [*state.weights.values(), *state.optimizer.values()]):
+        found = {n: shape for n, (shape, _) in weights.items()}
+        shapes = {f"{n}/{k}": (() if k == "step" else shape) for n, shape in expected.items() for k in MOMENTS}
+        odd_moments = sorted(k for k, (shape, _) in moments.items() if shapes.get(k) != shape)[:3]
+        if odd_moments or not all(dtype is not None and dtype.is_floating_point
+                                  for _, dtype in [*weights.values(), *moments.values()]):
             raise StateNotFound(f"state '{name}' cannot be read: its optimizer state does not fit this model "
                                 f"(unexpected or reshaped {odd_moments}) or it holds non-float tensors")
         if found != expected:
@@ -325,15 +422,13 @@ class Engine:
                 f"state '{name}' does not fit this model (missing {missing}, unexpected {unexpected}, "
                 f"different shapes {reshaped})"
             )
-        with torch.no_grad():
-            for n, p in self.named_params.items():
-                p.copy_(state.weights[n])
-                p.grad = None
-        if with_optimizer:
-            self.optimizer.load_state_tensors(state.optimizer, state.step)
-        else:
-            self.optimizer.reset()
-        return state.step
+
+    def _empty_moment(self, key: str) -> torch.Tensor:
+        """A fresh tensor for saved moment `key` ("<param>/<moment>"), laid out as its parameter."""
+        param, _, moment = key.rpartition("/")
+        if moment == "step":
+            return torch.zeros((), dtype=torch.float32)
+        return torch.empty_like(self.named_params[param].detach())
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -362,7 +457,8 @@ class Engine:
             try:
                 if weights.adapter is not None:
                     lora.activate(weights.policy, weights.adapter)
-                outputs = generate(weights.policy, [requests[i] for i in allowed])
+                with self._gathered():
+                    outputs = generate(weights.policy, [requests[i] for i in allowed])
             except torch.OutOfMemoryError as exc:
                 outputs = [ComputeFailed(f"sampling ran out of memory: {exc}", out_of_memory=True)] * len(allowed)
             except Exception as exc:  # noqa: BLE001 - answered per request
@@ -371,8 +467,26 @@ class Engine:
                 results[i] = output
         return results
 
+    @contextmanager
+    def _gathered(self):
+        """Sharded: the root's weights (embeddings, norm, head) gathered for sampling, which
+        every rank runs on the same requests (the layers gather their own in each pass)."""
+        if self.policy.sharded is None:
+            yield
+            return
+        self.policy.sharded.unshard()
+        try:
+            yield
+        finally:
+            self.policy.sharded.reshard()
+
     def _sampler_weights(self, model_path: str, owner: str | None) -> SamplerWeights:
         name = sampler_weights.export_name(self.config.export, model_path)
+        if self.policy.sharded is not None:  # only the export of the current weights, which are the same
+            if name != self.current_export:
+                raise StateNotFound(SHARDED_EXPORT_SAMPLING)
+            checkpoint.open_directory(self.config.export.sampler_dir, name, checkpoint.SAMPLER_FORMAT, owner)
+            return SamplerWeights(self.policy, self.adapter)
         return self.exports.get(name, owner, lambda: sampler_weights.load_export(
             self.policy, self.config.export, name, owner))
 
@@ -383,6 +497,12 @@ class Engine:
         export, step = self.config.export, self.optimizer.step_count
         checkpoint.state_dir(export.sampler_dir, name)
         with _save_failures(f"sampler weights '{name}'", "export"):
+            if self.policy.sharded is not None:  # streamed; sampled from files by external samplers
+                path = sampler_weights.export_full_sharded(self.policy, export, name, step, owner, self.process_group)
+                # Sampling it is sampling the current weights when they compute in the serving dtype.
+                same = sampler_weights.SERVING_DTYPES[export.dtype] == sampler_weights.load_dtype(self.policy)
+                self.current_export = name if same else None
+                return path
             if self.adapter is None:
                 path = sampler_weights.export_full(self.policy, export, name, step, owner)
             elif merged:

@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from cispo.worker.batch import Sample
+from cispo.worker.batch import Sample, plan_micro_batches
 from cispo.worker.engine import BatchResult, Engine, EngineInfo, OptimResult
 from cispo.worker.errors import ComputeFailed, RankUnavailable
 from cispo.worker.loss_stats import BatchStats
@@ -58,7 +58,8 @@ def init_group(device: torch.device, gradient_timeout: timedelta = timedelta(min
 
 
 def attach(engine: Engine, ctx: GroupContext) -> None:
-    """Make `engine` one rank of the group: summed gradients, group-wide failure agreement."""
+    """Make `engine` one rank of the group: summed gradients (FSDP2 sums a sharded engine's
+    in its backward), group-wide failure agreement."""
 
     def reduce_gradients(grads: list[torch.Tensor | None]) -> None:
         params = list(engine.named_params.values())
@@ -77,9 +78,10 @@ def attach(engine: Engine, ctx: GroupContext) -> None:
                 return ComputeFailed(message if non_finite else f"rank {rank}: {message}", out_of_memory, non_finite)
         return None
 
-    engine.gradient_reducer = reduce_gradients
+    engine.gradient_reducer = None if engine.policy.sharded is not None else reduce_gradients
     engine.agree_on_failure = agree_on_failure
     engine.rank = ctx.rank
+    engine.process_group = ctx.control
 
 
 # Gradients smaller than this are summed together through one flat buffer of at most this size.
@@ -130,17 +132,24 @@ def shard_by_tokens(lengths: list[int], world_size: int) -> list[list[int]]:
 
 def _execute(engine: Engine, ctx: GroupContext, op: str, args: tuple):
     """Run one operation on this rank; returns this rank's outcome."""
+    sharded = engine.policy.sharded is not None
     if op in ("forward", "forward_backward"):
-        samples, loss_fn, config = args
+        samples, loss_fn, config, micro_batches = args
         run = engine.run_forward if op == "forward" else engine.run_forward_backward
-        return run(samples, get_loss_function(loss_fn), config)
+        return run(samples, get_loss_function(loss_fn), config, micro_batches)
     if op == "optim_step":
         return engine.optim_step(*args)
     if op == "save_state":
-        return engine.save_state(*args) if ctx.rank == 0 else None
+        return engine.save_state(*args) if ctx.rank == 0 or sharded else None
     if op == "load_state":
+        if sharded:  # every rank reads its shards from the shared checkpoint directory
+            return engine.load_state(*args)
         _load_from_rank0(engine, ctx, *args)
         return engine.optimizer.step_count
+    if op == "sample":  # sharded only: every rank runs the same seeded generation
+        return engine.sample(*args)
+    if op == "save_weights_for_sampler":
+        return engine.save_weights_for_sampler(*args)
     raise AssertionError(f"unknown group op {op}")
 
 
@@ -213,6 +222,7 @@ class GroupEngine:
         attach(engine, ctx)
         self.local = engine
         self.ctx = ctx
+        self.sharded = engine.policy.sharded is not None
         self.policy = engine.policy
         self.config = engine.config
         self.broken: RankUnavailable | None = None
@@ -228,10 +238,10 @@ class GroupEngine:
         return self.local.validate(samples, loss_fn, loss_fn_config)
 
     def forward(self, samples: list[Sample], loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
-        return self._sharded("forward", samples, loss_fn, loss_fn_config)
+        return self._scatter_batch("forward", samples, loss_fn, loss_fn_config)
 
     def forward_backward(self, samples: list[Sample], loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
-        return self._sharded("forward_backward", samples, loss_fn, loss_fn_config)
+        return self._scatter_batch("forward_backward", samples, loss_fn, loss_fn_config)
 
     def optim_step(self, adam: AdamParams) -> OptimResult:
         return self._everywhere("optim_step", (adam,))[0]
@@ -242,17 +252,22 @@ class GroupEngine:
     def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
         return self._everywhere("load_state", (name, with_optimizer, owner))[0]
 
-    # Rank 0 samples and exports alone: every rank holds the same weights.
+    # Replicated, rank 0 samples and exports alone: every rank holds the same weights. Sharded,
+    # every rank takes part (each pass gathers the weights).
 
     def validate_sample(self, request):
         return self.local.validate_sample(request)
 
     def sample(self, requests: list) -> list:
+        if self.sharded:
+            return self._everywhere("sample", (requests,))[0]
         if self.broken is not None:
             raise self.broken
         return self.local.sample(requests)
 
     def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False):
+        if self.sharded:
+            return self._everywhere("save_weights_for_sampler", (name, owner, merged))[0]
         if self.broken is not None:
             raise self.broken
         return self.local.save_weights_for_sampler(name, owner, merged)
@@ -263,10 +278,13 @@ class GroupEngine:
             dist.scatter_object_list([None], [("shutdown", ())] * self.ctx.world_size, src=0, group=self.ctx.control)
         self.monitor.stop()
 
-    def _sharded(self, op: str, samples, loss_fn, loss_fn_config) -> BatchResult:
+    def _scatter_batch(self, op: str, samples, loss_fn, loss_fn_config) -> BatchResult:
         loss, config = self.local.validate(samples, loss_fn, loss_fn_config)
         shards = shard_by_tokens([s.length for s in samples], self.ctx.world_size)
-        results = self._call([(op, ([samples[i] for i in shard], loss.name, config)) for shard in shards])
+        # Sharded ranks all run as many trunk passes as the busiest one (each pass gathers weights).
+        passes = max(len(plan_micro_batches([samples[i].length for i in shard], self.config.micro_batch_tokens))
+                     for shard in shards) if self.sharded else 0
+        results = self._call([(op, ([samples[i] for i in shard], loss.name, config, passes)) for shard in shards])
         logprobs: list = [None] * len(samples)
         stats = BatchStats()
         for shard, result in zip(shards, results):

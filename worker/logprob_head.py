@@ -115,21 +115,23 @@ def fused_head_gradients(
     targets_T: torch.Tensor,
     token_gradient: TokenGradient,
     chunk_tokens: int | None = None,
-    accumulate_weight_grad: bool = False,
+    weight_grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(surrogate, logp_T): logp_T as `target_logprobs` gives it (no gradient), and a zero
     scalar whose backward carries the loss gradient into hidden_TD and weight_VD.
 
     `token_gradient` must be the per-token gradient of a loss that is a sum over tokens.
 
-    `accumulate_weight_grad`: when weight_VD is a leaf that requires grad, in the
-    accumulation dtype, its gradient is written straight into `weight_VD.grad` (created, or
-    added to) in the chunk loop itself, with no (V x D) scratch buffer; the surrogate must
-    then be backpropagated with its default gradient 1 (`surrogate.backward()`).
+    `weight_grad_into`: a leaf parameter in the accumulation dtype (fp32 for an fp32, bf16 or
+    fp16 head) whose value weight_VD is, or is cast from (the compute dtype). The weight
+    gradient is then accumulated in fp32 straight into its `.grad` (created, or added to) in
+    the chunk loop itself, with no (V x D) scratch buffer, and weight_VD gets none through
+    autograd; the surrogate must be backpropagated with its default gradient 1
+    (`surrogate.backward()`).
     """
     T, D = hidden_TD.shape
     chunk = chunk_tokens or default_chunk_tokens(T, D, weight_VD.shape[0])
-    return FusedHeadGradients.apply(hidden_TD, weight_VD, targets_T, chunk, token_gradient, accumulate_weight_grad)
+    return FusedHeadGradients.apply(hidden_TD, weight_VD, targets_T, chunk, token_gradient, weight_grad_into)
 
 
 class FusedHeadGradients(torch.autograd.Function):
@@ -140,16 +142,18 @@ class FusedHeadGradients(torch.autograd.Function):
     gradients in place (no second (V x D) copy)."""
 
     @staticmethod
-    def forward(ctx, hidden_TD, weight_VD, targets_T, chunk_tokens, token_gradient, accumulate_weight_grad=False):
+    def forward(ctx, hidden_TD, weight_VD, targets_T, chunk_tokens, token_gradient, weight_grad_into=None):
         acc = _acc_dtype(hidden_TD.dtype)
         logp_T = torch.empty(hidden_TD.shape[0], dtype=acc, device=hidden_TD.device)
         grad_hidden_TD = torch.empty_like(hidden_TD)
+        into_grad = weight_grad_into is not None
+        if into_grad and (not weight_grad_into.is_leaf or weight_grad_into.dtype != acc):
+            raise ValueError(f"weight_grad_into must be a leaf in {acc}, got a {weight_grad_into.dtype} "
+                             f"{'leaf' if weight_grad_into.is_leaf else 'non-leaf'}")
         # A frozen head (LoRA without train_unembed) needs no (V x D) gradient.
-        need_weight = ctx.needs_input_grad[1]
-        into_grad = (need_weight and accumulate_weight_grad and weight_VD.is_leaf and weight_VD.dtype == acc
-                     and acc == hidden_TD.dtype)
+        need_weight = into_grad or ctx.needs_input_grad[1]
         # The (V, D) buffer the chunks accumulate into; None until the first chunk writes it.
-        grad_weight_VD = weight_VD.grad if into_grad else None
+        grad_weight_VD = weight_grad_into.grad if into_grad else None
         for start in range(0, hidden_TD.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_CD, tgt_C1 = hidden_TD[sl], targets_T[sl, None]
@@ -173,7 +177,7 @@ class FusedHeadGradients(torch.autograd.Function):
         if need_weight and grad_weight_VD is None and not into_grad:  # no tokens
             grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
         if into_grad:
-            weight_VD.grad = grad_weight_VD
+            weight_grad_into.grad = grad_weight_VD
             grad_weight_VD = None
         elif need_weight:
             grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)

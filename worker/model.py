@@ -13,11 +13,13 @@ The model is kept in eval mode: dropout would make the trainer's logprobs disagr
 sampler's even on-policy.
 """
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 from cispo.worker.attention import PACKED_ATTENTION, packed_attention_kwargs, use_packed_attention
@@ -61,6 +63,8 @@ class PolicyModel:
     """The model directory's tokenizer (transformers), or None when it has none."""
     peft: Any | None = None
     """The peft.PeftModel around `model` while LoRA runs are live (worker.lora), else None."""
+    sharded: torch.nn.Module | None = None
+    """The FSDP2 root (worker.sharding.Trunk) when `model`'s parameters are sharded, else None."""
 
     @property
     def vocab_size(self) -> int:
@@ -95,17 +99,21 @@ class PolicyModel:
         enabled = self.compute_dtype in (torch.bfloat16, torch.float16)
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
 
-    def hidden_states(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor,
-                      lengths: list[int] | None = None) -> torch.Tensor:
-        """(T, D) final hidden states of a packed sequence; position resets separate datums.
+    def trunk(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor,
+              lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """((T, D) final hidden states of a packed sequence, (V, D) LM head weight) for the
+        chunked head; position resets separate datums. Sharded, the weight is the all-gathered
+        one this pass computes with.
 
         `lengths` (MicroBatch.lengths) names the datums to the packed attention, which then
         needs no host sync to find them and builds no (T x T) mask (worker.attention)."""
         kwargs = {}
         if lengths and self.model.config._attn_implementation == PACKED_ATTENTION:
             kwargs = packed_attention_kwargs(lengths, input_ids_1T.device)
+        if self.sharded is not None:
+            return self.sharded(input_ids_1T, position_ids_1T, **kwargs)
         out = self.model.get_decoder()(input_ids=input_ids_1T, position_ids=position_ids_1T, use_cache=False, **kwargs)
-        return out.last_hidden_state[0]
+        return out.last_hidden_state[0], self.head_weight_VD
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -125,10 +133,12 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return resolved
 
 
-def load_policy_model(path: str | None = None, device: str | None = None, dtype: str | None = None) -> PolicyModel:
+def load_policy_model(path: str | None = None, device: str | None = None, dtype: str | None = None,
+                      activation_checkpointing: bool = False) -> PolicyModel:
     """Load `path` (a local HF checkpoint dir) or, when None/"", the embedded model.
 
     `dtype` is the compute dtype; parameters are held in fp32 whatever the checkpoint's dtype.
+    `activation_checkpointing`: see `checkpoint_activations`.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -148,9 +158,21 @@ def load_policy_model(path: str | None = None, device: str | None = None, dtype:
     model.to(device=dev, dtype=torch.float32)
     model.eval()
     use_packed_attention(model)  # packed micro-batches at sum(len^2) attention cost
+    if activation_checkpointing:
+        checkpoint_activations(model)
     if model.get_output_embeddings().bias is not None:
         raise ValueError(f"{name}: LM heads with a bias are not supported")
     return PolicyModel(name=name, model=model, device=dev, compute_dtype=dt, tokenizer=tokenizer)
+
+
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Keep only each decoder layer's input for backward and recompute the rest there
+    (torch.utils.checkpoint, non-reentrant): activation memory of about one layer plus one
+    (T, D) tensor per layer, for about a third more compute. Parameter names are unchanged,
+    and HF's own switch is not used, since it acts only in training mode and the model stays
+    in eval mode (no dropout)."""
+    for layer in model.get_decoder().layers:
+        layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
 
 
 def load_tokenizer(directory: Path):

@@ -18,6 +18,7 @@ from torch.optim.adam import adam
 
 from cispo.worker.errors import FieldViolation, InvalidInput, StepRefused
 from cispo.worker.losses import FLOAT32_MAX
+from cispo.worker.sharding import all_reduce_sum, like, local
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -63,10 +64,13 @@ def _adam_field_problem(name: str, value: float) -> str | None:
     return None
 
 
-def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """fp32 L2 norm over all accumulated gradients (0 when there are none)."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+def global_grad_norm(params: list[torch.nn.Parameter], sharded: bool = False) -> torch.Tensor:
+    """fp32 L2 norm over all accumulated gradients (0 when there are none); `sharded`: over
+    every rank's shards (a collective)."""
+    norms = [torch.linalg.vector_norm(local(p.grad), dtype=torch.float32) for p in params if p.grad is not None]
+    if not sharded:
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return all_reduce_sum(torch.stack(norms).square().sum()).sqrt()
 
 
 class Optimizer:
@@ -74,10 +78,15 @@ class Optimizer:
 
     state[name] holds "exp_avg", "exp_avg_sq" (like the parameter) and "step" (a float32 scalar
     tensor), created on a parameter's first step; parameters without a gradient are skipped.
+
+    `sharded` (FSDP2, worker.sharding): parameters, gradients and moments are DTensors; each
+    rank updates its shards, and the norm and the all-or-nothing check span the group (every
+    rank must step together).
     """
 
-    def __init__(self, named_params: dict[str, torch.nn.Parameter]):
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], sharded: bool = False):
         self.named_params = named_params
+        self.sharded = sharded
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.step_count = 0
 
@@ -91,7 +100,7 @@ class Optimizer:
         if not params:
             self.step_count += 1
             return 0.0
-        norm = global_grad_norm(params)
+        norm = global_grad_norm(params, self.sharded)
         if not bool(torch.isfinite(norm)):
             self.zero_grad()
             raise StepRefused(
@@ -102,9 +111,9 @@ class Optimizer:
             scale = (adam_params.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
         ok = torch.ones((), dtype=torch.bool, device=norm.device)
         for name, p in zip(names, params):  # dry run on copies, one parameter at a time
-            grad = p.grad if scale is None else p.grad * scale.to(p.grad.device)
-            trial = {k: v.clone() for k, v in self._moments(name, p).items()}
-            weight = p.detach().clone()
+            grad = local(p.grad) if scale is None else local(p.grad) * scale.to(p.grad.device)
+            trial = {k: local(v).clone() for k, v in self._moments(name, p).items()}
+            weight = local(p.detach()).clone()
             try:
                 self._adam([weight], [grad], [trial], adam_params)
             except RuntimeError:  # e.g. lr / (1 - beta1^t) overflows float32
@@ -112,6 +121,8 @@ class Optimizer:
                 break
             for t in (weight, trial["exp_avg"], trial["exp_avg_sq"]):
                 ok &= torch.isfinite(t).all().to(ok.device)
+        if self.sharded:  # all or nothing across the group
+            ok = all_reduce_sum((~ok).float()) == 0
         if not bool(ok):
             raise StepRefused(
                 f"this step would make weights or Adam moments non-finite (learning_rate={adam_params.learning_rate:g}, "
@@ -120,8 +131,9 @@ class Optimizer:
                 "grad_clip_norm set")
         if scale is not None:
             for p in params:
-                p.grad.mul_(scale.to(p.grad.device))
-        self._adam(params, [p.grad for p in params], [self._moments(n, p, create=True) for n, p in zip(names, params)],
+                local(p.grad).mul_(scale.to(p.grad.device))
+        self._adam([local(p.detach()) for p in params], [local(p.grad) for p in params],
+                   [{k: local(v) for k, v in self._moments(n, p, create=True).items()} for n, p in zip(names, params)],
                    adam_params)
         self.zero_grad()
         self.step_count += 1
@@ -153,18 +165,22 @@ class Optimizer:
         for p in self.named_params.values():
             p.grad = None
 
+    def moments(self) -> dict[str, torch.Tensor]:
+        """AdamW moments keyed "<param name>/<exp_avg|exp_avg_sq|step>", as held (DTensors when sharded)."""
+        return {f"{name}/{key}": value for name, state in self.state.items() for key, value in state.items()}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """AdamW moments keyed "<param name>/<exp_avg|exp_avg_sq|step>" (CPU, for saving)."""
-        return {f"{name}/{key}": value.detach().cpu().contiguous()
-                for name, state in self.state.items() for key, value in state.items()}
+        """`moments`, on the CPU (for saving a whole state)."""
+        return {key: value.detach().cpu().contiguous() for key, value in self.moments().items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step_count: int) -> None:
-        """Replace the AdamW state by `tensors` (as from `state_tensors`)."""
+        """Replace the AdamW state by `tensors` (as from `moments`: whole, or laid out as the
+        parameters already)."""
         self.state = {}
         for key, value in tensors.items():
             name, _, field = key.rpartition("/")
             p = self.named_params[name]
-            self.state.setdefault(name, {})[field] = value.to(p.device) if field != "step" else value.clone()
+            self.state.setdefault(name, {})[field] = like(p, value) if field != "step" else value.clone()
         self.step_count = step_count
 
     def reset(self) -> None:

@@ -30,6 +30,7 @@ from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, StateNo
 from cispo.worker.model import PolicyModel
 from cispo.worker.sampler_weights import ExportCache
 from cispo.worker.sampling import SampleRequest
+from cispo.worker.sharding import MemoryUse
 
 DEFAULT_RUN = "default"
 
@@ -124,14 +125,14 @@ class SingleRun(_Runs):
     def info(self, model_id: str, owner: str | None) -> RunInfo:
         self.get(model_id, owner)
         info = self.engine.info()
-        return RunInfo(DEFAULT_RUN, None, None, info.step, info.num_parameters, 16 * info.num_parameters,
+        return RunInfo(DEFAULT_RUN, None, None, info.step, info.num_parameters, info.memory.total,
                        self.created, self.created)
 
     def list(self, owner: str | None) -> list[RunInfo]:
         return [self.info("", owner)]
 
-    def trainable_bytes(self) -> dict[str, int]:
-        return {DEFAULT_RUN: self.info("", None).trainable_bytes}
+    def memory_use(self) -> dict[str, MemoryUse]:
+        return {DEFAULT_RUN: self.engine.info().memory}
 
     def __len__(self) -> int:
         return 1
@@ -186,11 +187,12 @@ class TrainingRuns(_Runs):
         """The runs `owner` may see (its own and ownerless ones), oldest first."""
         return [self._info(i, r) for i, r in self._runs.items() if r.owner is None or r.owner == owner]
 
-    def trainable_bytes(self) -> dict[str, int]:
-        """Run id -> trainable_bytes of every live run, whatever its owner. For metrics, read from
-        threads other than the engine's: it copies the registry first and reads tensor metadata
-        only (a dict changed meanwhile may still raise RuntimeError: read again)."""
-        return {model_id: _trainable_bytes(run.engine) for model_id, run in self._runs.copy().items()}
+    def memory_use(self) -> dict[str, MemoryUse]:
+        """Run id -> the bytes this rank holds for it, of every live run, whatever its owner. For
+        metrics, read from threads other than the engine's: it copies the registry first and
+        reads tensor metadata only (a dict changed meanwhile may still raise RuntimeError: read
+        again)."""
+        return {model_id: run.engine.memory_use() for model_id, run in self._runs.copy().items()}
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -209,7 +211,7 @@ class TrainingRuns(_Runs):
                           model_id: str | None = None) -> str:
         """Make a run of the kind saved in state `name` and load it (with its optimizer state and
         step count if asked); on any failure no run is left behind."""
-        manifest = checkpoint.open_directory(self.config.checkpoint_dir, name, checkpoint.FORMAT, owner)[1]
+        manifest = checkpoint.open_directory(self.config.checkpoint_dir, name, checkpoint.STATE_FORMATS, owner)[1]
         try:
             spec = lora.LoraSpec(**manifest["lora"]) if manifest.get("lora") else None
         except (TypeError, ValueError) as exc:
@@ -277,13 +279,5 @@ class TrainingRuns(_Runs):
         engine = run.engine
         numel = sum(p.numel() for p in engine.named_params.values())
         return RunInfo(model_id=model_id, lora=engine.lora_spec, owner=run.owner, step=engine.optimizer.step_count,
-                       trainable_parameters=numel, trainable_bytes=_trainable_bytes(engine),
+                       trainable_parameters=numel, trainable_bytes=engine.memory_use().total,
                        created=run.created, last_used=run.last_used)
-
-
-def _trainable_bytes(engine: Engine) -> int:
-    """Bytes of the engine's own parameters, their gradients and AdamW moments (no copy)."""
-    params = list(engine.named_params.values())
-    moments = [t for state in list(engine.optimizer.state.values()) for t in list(state.values())]
-    return (sum(p.numel() * p.element_size() * (2 if p.grad is not None else 1) for p in params)
-            + sum(t.numel() * t.element_size() for t in moments))

@@ -25,16 +25,19 @@ one more frozen adapter on the served model's PEFT model, which costs no copy of
 
 import copy
 import hashlib
+import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from cispo.worker import checkpoint, lora
+from cispo.worker import checkpoint, lora, sharding
 from cispo.worker.errors import FieldViolation, InvalidInput, StateNotFound
 from cispo.worker.model import PolicyModel, check_supported, load_tokenizer
 
@@ -84,15 +87,101 @@ def export_full(policy: PolicyModel, config: ExportConfig, name: str, step: int,
             k: v.to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in
             lora.merged_state(policy, merge_adapter).items()}
         model.save_pretrained(tmp, state_dict=state, max_shard_size=config.max_shard_bytes)
-        model_config = copy.deepcopy(policy.model.config)
-        model_config.dtype = config.dtype  # save_pretrained writes the parameters' (fp32) dtype
-        model_config.save_pretrained(tmp)
-        if policy.tokenizer is not None:
-            policy.tokenizer.save_pretrained(tmp)
+        _write_config(policy, config, tmp)
 
-    return checkpoint.save_directory(config.sampler_dir, name, write, {
-        "format": checkpoint.SAMPLER_FORMAT, "layout": "full", "step": step, "model_name": policy.name,
-        "dtype": config.dtype}, owner)
+    return checkpoint.save_directory(config.sampler_dir, name, write, _full_manifest(policy, config, step), owner)
+
+
+def _write_config(policy: PolicyModel, config: ExportConfig, directory: Path) -> None:
+    """config.json (dtype = the serving dtype), generation_config.json and the tokenizer."""
+    model_config = copy.deepcopy(policy.model.config)
+    model_config.dtype = config.dtype  # save_pretrained writes the parameters' (fp32) dtype
+    model_config.save_pretrained(directory)
+    if policy.model.generation_config is not None:
+        policy.model.generation_config.save_pretrained(directory)
+    if policy.tokenizer is not None:
+        policy.tokenizer.save_pretrained(directory)
+
+
+def _full_manifest(policy: PolicyModel, config: ExportConfig, step: int) -> dict:
+    return {"format": checkpoint.SAMPLER_FORMAT, "layout": "full", "step": step, "model_name": policy.name,
+            "dtype": config.dtype}
+
+
+def export_full_sharded(policy: PolicyModel, config: ExportConfig, name: str, step: int, owner: str | None,
+                        group: torch.distributed.ProcessGroup) -> Path | None:
+    """export_full for a sharded model (worker.sharding), streamed: every rank of `group`
+    all-gathers one parameter at a time, and rank 0 writes them into safetensors files of at
+    most `max_shard_bytes` (HF's sharded layout and index), so no rank holds the whole model.
+    Rank 0 returns the path, the others None; a failure raises on rank 0 after every rank has
+    gone through every parameter (so no rank is left waiting in a collective)."""
+    dtype = SERVING_DTYPES[config.dtype]
+    rank0 = torch.distributed.get_rank(group) == 0
+
+    def tensors():
+        for key, tensor in sharding.full_tensors(dict(policy.model.named_parameters())):
+            yield key, tensor.detach().to("cpu", dtype)
+
+    if not rank0:
+        if sharding.broadcast(None, group):
+            for _ in tensors():
+                pass
+        return None
+    sent = False
+
+    def write(tmp: Path) -> None:
+        nonlocal sent
+        sent = sharding.broadcast(True, group)
+        _write_safetensors_shards(tensors(), tmp, config.max_shard_bytes)
+        _write_config(policy, config, tmp)
+
+    try:
+        return checkpoint.save_directory(config.sampler_dir, name, write, _full_manifest(policy, config, step), owner)
+    finally:
+        if not sent:
+            sharding.broadcast(False, group)
+
+
+def _write_safetensors_shards(tensors, directory: Path, max_shard_bytes: int) -> None:
+    """Write (key, tensor) pairs as HF does: one model.safetensors, or numbered files of at most
+    `max_shard_bytes` each (a bigger tensor alone) plus model.safetensors.index.json. Consumes
+    every pair even after a write fails, then raises."""
+    files: list[dict[str, torch.Tensor]] = [{}]
+    size, total, failure = 0, 0, None
+    written: list[Path] = []
+
+    def flush() -> None:
+        nonlocal failure
+        if failure is None and files[-1]:
+            path = directory / f"part-{len(files)}.safetensors"
+            try:
+                save_file(files[-1], path, metadata={"format": "pt"})
+                written.append(path)
+            except OSError as exc:
+                failure = exc
+        files[-1] = {key: None for key in files[-1]}  # keep the keys, drop the tensors
+
+    for key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if files[-1] and size + nbytes > max_shard_bytes:
+            flush()
+            files.append({})
+            size = 0
+        files[-1][key] = tensor
+        size += nbytes
+        total += nbytes
+    flush()
+    if failure is not None:
+        raise failure
+    if len(written) == 1:
+        os.rename(written[0], directory / "model.safetensors")
+        return
+    names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    for path, new in zip(written, names):
+        os.rename(path, directory / new)
+    weight_map = {key: new for keys, new in zip(files, names) for key in keys}
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def export_adapter(policy: PolicyModel, config: ExportConfig, adapter: str, name: str, step: int,
@@ -120,11 +209,11 @@ def cache_adapter_name(name: str) -> str:
 
 def snapshot(policy: PolicyModel, config: ExportConfig, name: str) -> SamplerWeights:
     """What loading the export just written gives, without reading it back: a frozen copy of
-    the model with weights rounded to the serving dtype (held as `_load_dtype` holds them)."""
+    the model with weights rounded to the serving dtype (held as `load_dtype` holds them)."""
     params = list(policy.model.parameters())
     no_grads = {id(p.grad): None for p in params if p.grad is not None}  # deepcopy skips gradients
     model = copy.deepcopy(policy.model, memo=no_grads)
-    dtype, held = SERVING_DTYPES[config.dtype], _load_dtype(policy)
+    dtype, held = SERVING_DTYPES[config.dtype], load_dtype(policy)
     with torch.no_grad():
         for p in model.parameters():
             p.requires_grad_(False)
@@ -156,7 +245,7 @@ def load_export(policy: PolicyModel, config: ExportConfig, name: str,
         return _load_adapter_export(policy, path, name), manifest["owner"]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                                     dtype=_load_dtype(policy))
+                                                     dtype=load_dtype(policy))
         check_supported(model.config)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise StateNotFound(f"sampler weights '{name}' cannot be read: {checkpoint.reason(exc)}") from exc
@@ -179,7 +268,7 @@ def _load_adapter_export(policy: PolicyModel, path: Path, name: str) -> SamplerW
     return SamplerWeights(policy, cache_adapter_name(name))
 
 
-def _load_dtype(policy: PolicyModel) -> torch.dtype:
+def load_dtype(policy: PolicyModel) -> torch.dtype:
     """Loaded exports hold their weights in the compute dtype (fp32 when computing in fp32)."""
     return policy.compute_dtype if policy.compute_dtype in (torch.bfloat16, torch.float16) else torch.float32
 

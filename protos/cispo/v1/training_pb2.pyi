@@ -239,7 +239,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., idempotency_keys_remembered: _Optional[int] = ..., max_data_per_request: _Optional[int] = ..., max_sample_tokens: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., max_sample_request_tokens: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters", "has_tokenizer", "eos_token_ids", "model_id", "lora_config", "base_model", "num_runs", "max_runs")
+    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters", "has_tokenizer", "eos_token_ids", "model_id", "lora_config", "base_model", "num_runs", "max_runs", "sharding", "memory")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +257,8 @@ class GetInfoResponse(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNS_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNS_FIELD_NUMBER: _ClassVar[int]
+    SHARDING_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_sequence_length: int
@@ -274,7 +276,19 @@ class GetInfoResponse(_message.Message):
     base_model: str
     num_runs: int
     max_runs: int
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., base_model: _Optional[str] = ..., num_runs: _Optional[int] = ..., max_runs: _Optional[int] = ...) -> None: ...
+    sharding: str
+    memory: MemoryUse
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., base_model: _Optional[str] = ..., num_runs: _Optional[int] = ..., max_runs: _Optional[int] = ..., sharding: _Optional[str] = ..., memory: _Optional[_Union[MemoryUse, _Mapping]] = ...) -> None: ...
+
+class MemoryUse(_message.Message):
+    __slots__ = ("parameter_bytes", "gradient_bytes", "optimizer_bytes")
+    PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    def __init__(self, parameter_bytes: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("request_id", "forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info", "save_weights_for_sampler", "sample")

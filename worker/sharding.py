@@ -1,0 +1,122 @@
+"""Sharded parameters, gradients and AdamW state across a data-parallel group, with FSDP2.
+
+    --sharding replicated   every rank holds the whole fp32 model, gradient and moments
+                            (16 bytes per parameter per rank); gradients are all-reduced before
+                            each step (worker.group)
+    --sharding fsdp         `torch.distributed.fsdp.fully_shard` per decoder layer, then a root
+                            group for the embeddings, final norm and LM head: each rank holds
+                            1/W of the fp32 master weights, gradients and moments
+
+Under fsdp the compute runs in the compute dtype (FSDP2's `MixedPrecisionPolicy`: parameters
+all-gathered in bf16 on GPU), and gradients are reduce-scattered in fp32 as sums (the loss is a
+sum, so the divide factor is 1). The engine runs the model as a `Trunk`: the decoder's hidden
+states plus the LM head's unsharded weight, which the chunked head uses as it is (still no
+(tokens x V) logits); the head's weight gradient goes back through autograd, so FSDP2 reduces
+it with the others. Every rank must run the same number of trunk passes per operation, since
+each pass all-gathers: a rank with fewer micro-batches runs padding ones (engine).
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+SHARDING_MODES = ("replicated", "fsdp")
+
+
+class Trunk(torch.nn.Module):
+    """The decoder and the LM head of a causal LM, as one module FSDP2 can own as its root."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+
+    def forward(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor,
+                **attention_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """((T, D) hidden states, (V, D) head weight as computed with, differentiable)."""
+        out = self.decoder(input_ids=input_ids_1T, position_ids=position_ids_1T, use_cache=False, **attention_kwargs)
+        weight_VD = self.head.weight
+        # A view, so that FSDP2's backward hook goes on this pass's output, not on the parameter.
+        return out.last_hidden_state[0], weight_VD.view(weight_VD.shape)
+
+
+def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> Trunk:
+    """Shard `model`'s parameters in place over the default process group; returns its Trunk,
+    the FSDP2 root the engine computes through."""
+    low_precision = compute_dtype in (torch.bfloat16, torch.float16)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype if low_precision else None, reduce_dtype=torch.float32)
+    trunk = Trunk(model)
+    for layer in trunk.decoder.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(trunk, mp_policy=policy)
+    for module in trunk.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sums, as the loss is a sum
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+    # One pass of one token makes the trunk FSDP2's root before anything else runs a layer.
+    device = next(trunk.parameters()).device
+    with torch.no_grad():
+        trunk(torch.zeros((1, 1), dtype=torch.int64, device=device), torch.zeros((1, 1), dtype=torch.int64, device=device))
+    trunk.reshard()
+    return trunk
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `tensor` (a DTensor's local shard; any other tensor as it is)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over the default group (in place; returned)."""
+    dist.all_reduce(value)
+    return value
+
+
+def broadcast(value, group: dist.ProcessGroup):
+    """Rank 0's picklable `value`, on every rank of `group`."""
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def like(tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` (the whole tensor, on every rank) laid out as `tensor` is: its shard of it for a
+    DTensor (no communication), else `full` itself on `tensor`'s device. A DTensor `full` is
+    already laid out."""
+    if isinstance(full, DTensor) or not isinstance(tensor, DTensor):
+        return full.to(tensor.device)
+    return distribute_tensor(full.to(tensor.device, tensor.dtype), tensor.device_mesh, tensor.placements,
+                             src_data_rank=None)
+
+
+def full_tensors(named: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, the whole tensor) one at a time, all-gathered where sharded: a collective, so
+    every rank iterates together; at most one whole tensor is alive at a time."""
+    for name, tensor in named.items():
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Bytes this rank holds for training state."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+
+def local_bytes(tensors) -> int:
+    """Bytes of this rank's parts of `tensors` (None entries count 0)."""
+    return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
