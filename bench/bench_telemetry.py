@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from cispo.service.metrics import ServiceMetrics
 from cispo.worker import Engine, EngineConfig, RATIO_BUCKET_EDGES, Sample, load_policy_model
-from cispo.worker.loss_stats import BatchStats, token_stats
+from cispo.worker.loss_stats import stats_from_vector, token_stats
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -57,8 +57,8 @@ def main() -> None:
     metrics = ServiceMetrics()
 
     def bulk():
-        stats = BatchStats(tokens=args.tokens, **token_stats(active, log_ratio, 0.0, 4.0))
-        metrics.observe_batch("forward_backward", "cispo", stats)
+        stats = stats_from_vector(token_stats(active, log_ratio, 0.0, 4.0).tolist(), 0.0, args.tokens)
+        metrics.observe_batch("forward_backward", "cispo", stats, "default")
 
     bulk_s = median_seconds(bulk, 20)
     ratios = log_ratio[active].exp().tolist()

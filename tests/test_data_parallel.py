@@ -136,8 +136,9 @@ def test_group_resizes_through_a_saved_state(tmp_path):
         assert got.metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-5)
 
 
-def test_killing_a_rank_mid_stream_gives_unavailable_naming_it(tmp_path):
-    leader, workers = start_cluster_ranks(tmp_path, 2)
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
+def test_killing_a_rank_mid_stream_gives_unavailable_naming_it(tmp_path, sharding):
+    leader, workers = start_cluster_ranks(tmp_path, 2, CISPO_SHARDING=sharding)
     try:
         channel = grpc.insecure_channel(leader.address)
         health = health_pb2_grpc.HealthStub(channel)

@@ -7,6 +7,7 @@ fails. Not thread-safe: the service runs operations one at a time, in order.
 """
 
 import errno
+import math
 from contextlib import contextmanager
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from cispo.worker.batch import LOSS_INPUT_KINDS, MicroBatch, Sample, pack, plan_
 from cispo.worker.errors import (ComputeFailed, FieldViolation, InvalidInput, PermissionDenied, StateNotFound,
                                  StepRefused)
 from cispo.worker.logprob_head import fused_head_gradients, target_logprobs
-from cispo.worker.loss_stats import BatchStats
+from cispo.worker.loss_stats import STATS_SIZE, BatchStats, merge_stats, stats_from_vector
 from cispo.worker.losses import LOSS_FUNCTIONS, LossFunction, TokenInputs, get_loss_function
 from cispo.worker.model import PolicyModel
 from cispo.worker.optimizer import MOMENTS, AdamParams, Optimizer
@@ -65,6 +66,33 @@ class BatchResult:
     @property
     def metrics(self) -> dict[str, float]:
         return self.stats.metrics()
+
+
+@dataclass(frozen=True)
+class _PendingResult:
+    """An operation's results still on the device: per micro-batch (packed order) the target
+    logprobs (T,) fp64, the loss () fp64 and a stats vector (worker.loss_stats)."""
+
+    order: list[int]  # datum indices in packed order
+    lengths: list[int]  # their lengths
+    logprobs: list[torch.Tensor]
+    losses: list[torch.Tensor]
+    stats: list[torch.Tensor]
+
+    def read(self, num_samples: int, extra: torch.Tensor | None = None) -> tuple[BatchResult, float]:
+        """(the BatchResult, `extra` () read along) through one device-to-host transfer."""
+        if not self.order:
+            return BatchResult([], BatchStats()), float(extra) if extra is not None else math.nan
+        device = self.logprobs[0].device
+        parts = [merge_stats(self.stats), torch.stack(self.losses).sum()[None],
+                 (extra if extra is not None else torch.zeros(())).double().to(device)[None], *self.logprobs]
+        host = torch.cat(parts).cpu()  # the operation's one host sync
+        values = host[:STATS_SIZE + 2].tolist()
+        logprobs: list[torch.Tensor | None] = [None] * num_samples
+        for i, lp in zip(self.order, host[STATS_SIZE + 2:].float().split(self.lengths)):
+            logprobs[i] = lp
+        stats = stats_from_vector(values[:STATS_SIZE], loss_sum=values[STATS_SIZE], tokens=sum(self.lengths))
+        return BatchResult(logprobs=logprobs, stats=stats), values[STATS_SIZE + 1]
 
 
 @dataclass(frozen=True)
@@ -193,7 +221,7 @@ class Engine:
             return BatchResult([], BatchStats())
         self.activate()
         with torch.no_grad():
-            result = self._run(samples, loss, config, backward=False, micro_batches=micro_batches)
+            result = self._run(samples, loss, config, backward=False, micro_batches=micro_batches).read(len(samples))[0]
         if self.policy.sharded is not None:
             self.policy.sharded.reshard()  # the root's weights too: nothing stays gathered between operations
         return result
@@ -221,23 +249,19 @@ class Engine:
         previous = [p.grad for p in params]
         for p in params:
             p.grad = None
-        failure, error = None, None
+        failure, error, result = None, None, BatchResult([], BatchStats())
         try:
-            result = (self._run(samples, loss, config, backward=True, micro_batches=micro_batches)
-                      if samples or micro_batches else BatchResult([], BatchStats()))
+            pending = self._run(samples, loss, config, backward=True, micro_batches=micro_batches)
+            for p, g in zip(params, previous):
+                if g is not None:  # new + old, in the new buffer; the old one stays as it was
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+            # Results, stats and the finiteness of the sum in one device-to-host transfer.
+            result, finite = pending.read(len(samples), self._gradient_norm_sum(params))
+            if not math.isfinite(finite):
+                failure = ComputeFailed(NON_FINITE_GRADIENT, non_finite=True)
         except Exception as exc:
             oom = isinstance(exc, torch.OutOfMemoryError)
             failure, error = ComputeFailed(f"{'out of memory' if oom else type(exc).__name__}: {exc}", oom), exc
-        if failure is None:
-            try:
-                for p, g in zip(params, previous):
-                    if g is not None:  # new + old, in the new buffer; the old one stays as it was
-                        p.grad = g if p.grad is None else p.grad.add_(g)
-                if not self._grads_are_finite(params):
-                    failure = ComputeFailed(NON_FINITE_GRADIENT, non_finite=True)
-            except Exception as exc:
-                oom = isinstance(exc, torch.OutOfMemoryError)
-                failure, error = ComputeFailed(f"{'out of memory' if oom else type(exc).__name__}: {exc}", oom), exc
         if self.agree_on_failure is not None:
             failure = self.agree_on_failure(failure)
         if failure is not None:
@@ -250,38 +274,43 @@ class Engine:
         return result
 
     @staticmethod
-    def _grads_are_finite(params: list[torch.nn.Parameter]) -> bool:
-        """Whether every gradient, and so the global L2 norm optim_step takes of them, is
-        finite in float32: the sum of the per-tensor norms is. One pass, one host sync. Sharded,
-        this rank's shards (the group agrees through `agree_on_failure`)."""
+    def _gradient_norm_sum(params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """The sum of the per-tensor fp32 L2 norms of the gradients, a () tensor on the device:
+        finite exactly when every gradient, and so the global norm optim_step takes of them, is
+        finite in float32. One pass. Sharded, over this rank's shards (the group agrees through
+        `agree_on_failure`)."""
         grads = [local(p.grad) for p in params if p.grad is not None]  # this rank's shards, when sharded
         norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]
-        return not norms or bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]).sum()))
+        return torch.stack([n.to(norms[0].device) for n in norms]).sum() if norms else torch.zeros(())
 
     def _run(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
-             backward: bool, micro_batches: int = 0) -> BatchResult:
+             backward: bool, micro_batches: int = 0) -> "_PendingResult":
         """The micro-batches of `samples`, then padding ones up to `micro_batches` (sharded
-        ranks must all run as many trunk passes; see worker.sharding)."""
-        lengths = [s.length for s in samples]
-        logprobs: list[torch.Tensor | None] = [None] * len(samples)
-        stats = BatchStats()
+        ranks must all run as many trunk passes; see worker.sharding). Results stay on the
+        device until `_PendingResult.read`."""
+        logprobs, losses, stats = [], [], []
         input_names = ("target_tokens", *loss.required_inputs, *loss.optional_inputs)
-        plan = plan_micro_batches(lengths, self.config.micro_batch_tokens)
+        plan = plan_micro_batches([s.length for s in samples], self.config.micro_batch_tokens)
+        order: list[int] = []  # datum indices in packed order
+        lengths: list[int] = []
         for indices in plan:
             mb = pack(samples, indices, input_names, self.policy.device)
-            logp_T, mb_stats = self._micro_batch(mb, loss, config, backward)
-            stats = stats.merge(mb_stats)
-            for i, lp in zip(mb.indices, logp_T.detach().float().cpu().split(mb.lengths)):
-                logprobs[i] = lp
+            logp_T, loss_sum, stats_vector = self._micro_batch(mb, loss, config, backward)
+            logprobs.append(logp_T.detach().double())
+            losses.append(loss_sum)
+            stats.append(stats_vector)
+            order += mb.indices
+            lengths += mb.lengths
         for _ in range(micro_batches - len(plan)):
             self._micro_batch(pack([PADDING], [0], input_names, self.policy.device), loss, config, backward,
                               padding=True)
-        return BatchResult(logprobs=logprobs, stats=stats)
+        return _PendingResult(order, lengths, logprobs, losses, stats)
 
     def _micro_batch(self, mb: MicroBatch, loss: LossFunction, config: Mapping[str, float], backward: bool,
                      padding: bool = False):
-        """Trunk, chunked head, loss, and (if `backward`) the gradient: (logp (T,) fp32, stats).
-        A `padding` micro-batch contributes a zero gradient and no stats (stats None)."""
+        """Trunk, chunked head, loss, and (if `backward`) the gradient: (logp (T,) fp32, the
+        loss (a () fp64 tensor), a stats vector), all on the device. A `padding` micro-batch
+        contributes a zero gradient, and None for loss and stats."""
         with self.policy.autocast():
             hidden_TD, weight_VD = self.policy.trunk(mb.input_ids_1T, mb.position_ids_1T, mb.lengths)
         # The head in the compute dtype (bf16 on GPU), its log-sum-exp and logp in fp32.
@@ -309,17 +338,17 @@ class Engine:
             surrogate, logp_T = fused_head_gradients(hidden_TD, weight_VD, mb.target_tokens_T, token_gradient, chunk,
                                                      weight_grad_into=self.head_param)
             surrogate.backward()
-            # The loss is a sum over tokens: the sum of the chunks' losses (in fp64), one host sync.
-            loss_sum = float(torch.stack(chunk_losses).double().sum()) if chunk_losses else 0.0
+            if padding:
+                return logp_T, None, None
+            # The loss is a sum over tokens: the sum of the chunks' losses (in fp64).
+            loss_sum = torch.stack(chunk_losses).double().sum()
         elif logp_T is None:
             logp_T = target_logprobs(hidden_TD, weight_VD, mb.target_tokens_T, chunk)
         if padding:
-            return logp_T, None
+            return logp_T, None, None
         if loss_sum is None:
-            with torch.no_grad():
-                loss_sum = float(loss(logp_T, inputs, config))
-        stats = BatchStats(loss_sum=loss_sum, tokens=int(mb.input_ids_1T.shape[1]), **loss.stats(logp_T, inputs, config))
-        return logp_T, stats
+            loss_sum = loss(logp_T, inputs, config).double()
+        return logp_T, loss_sum, loss.stats(logp_T, inputs, config)
 
     # -- optimizer ------------------------------------------------------------------------------
 

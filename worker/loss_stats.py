@@ -77,40 +77,62 @@ class BatchStats:
         return out
 
 
+# A stats vector: (STATS_SIZE,) fp64 on the device, so that micro-batches merge there and the
+# host reads one operation's stats in one transfer. Sums first, then the extremes, then buckets.
+_SUMS = ("active_tokens", "clipped_high", "clipped_low", "ratio_tokens", "ratio_sum", "kl_k1_sum", "kl_k3_sum")
+_MIN, _MAX = len(_SUMS), len(_SUMS) + 1
+STATS_SIZE = len(_SUMS) + 2 + len(RATIO_BUCKET_EDGES) + 1
+
+
 def token_stats(
     active_T: torch.Tensor,
     log_ratio_T: torch.Tensor | None = None,
     clip_low: float | None = None,
     clip_high: float | None = None,
     clip_log_ratio_T: torch.Tensor | None = None,
-) -> dict:
-    """Active-token count and ratio statistics over active tokens, as BatchStats fields.
+) -> torch.Tensor:
+    """Active-token count and ratio statistics over active tokens: a stats vector, computed
+    with masks on the device (no host sync).
 
     active_T: (T,) bool. log_ratio_T: (T,) fp32 t - s, already clamped so exp() is finite, or
     None for losses without a ratio. clip_low/clip_high: the loss's bounds, or None if it has
     none. clip_log_ratio_T: (T,) the log ratio the bounds apply to, when not log_ratio_T (a
-    sequence ratio). One device-to-host transfer for everything.
+    sequence ratio).
     """
+    a_T = active_T.double()
+    zero = a_T.new_zeros(())
+    inf = a_T.new_tensor(math.inf)
     if log_ratio_T is None:
-        return dict(active_tokens=int(active_T.sum()))
-    lr = log_ratio_T[active_T].double()  # (A,)
-    r = lr.exp()
-    clip_r = r if clip_log_ratio_T is None else clip_log_ratio_T[active_T].double().exp()
-    edges = torch.tensor(RATIO_BUCKET_EDGES, dtype=torch.float64, device=r.device)
-    buckets = torch.bincount(torch.bucketize(r, edges), minlength=len(RATIO_BUCKET_EDGES) + 1)
-    zero = r.new_zeros(())
-    high = (clip_r > clip_high).sum() if clip_high is not None else zero
-    low = (clip_r < clip_low).sum() if clip_low is not None else zero
-    n = r.numel()
-    scalars = torch.stack([
-        high.double(), low.double(), r.sum(),
-        r.min() if n else r.new_tensor(math.inf), r.max() if n else r.new_tensor(-math.inf),
-        (-lr).sum(), (r - 1 - lr).sum(),
-    ])
-    values = torch.cat([scalars, buckets.double()]).tolist()
-    return dict(
-        active_tokens=n, clipped_high=int(values[0]), clipped_low=int(values[1]), ratio_tokens=n,
-        ratio_sum=values[2], ratio_min=values[3], ratio_max=values[4],
-        kl_k1_sum=values[5], kl_k3_sum=values[6],
-        ratio_bucket_counts=tuple(int(c) for c in values[7:]),
+        return torch.cat([torch.stack([a_T.sum(), *[zero] * (len(_SUMS) - 1), inf, -inf]),
+                          a_T.new_zeros(len(RATIO_BUCKET_EDGES) + 1)])
+    lr_T = log_ratio_T.double()
+    r_T = lr_T.exp()
+    clip_r_T = r_T if clip_log_ratio_T is None else clip_log_ratio_T.double().exp()
+    edges = torch.tensor(RATIO_BUCKET_EDGES, dtype=torch.float64, device=r_T.device)
+    buckets = torch.bincount(torch.bucketize(r_T, edges), weights=a_T, minlength=len(RATIO_BUCKET_EDGES) + 1)
+    high = ((clip_r_T > clip_high) & active_T).sum().double() if clip_high is not None else zero
+    low = ((clip_r_T < clip_low) & active_T).sum().double() if clip_low is not None else zero
+    n = a_T.sum()
+    return torch.cat([torch.stack([
+        n, high, low, n, (r_T * a_T).sum(), (-lr_T * a_T).sum(), ((r_T - 1 - lr_T) * a_T).sum(),
+        torch.where(active_T, r_T, inf).min(), torch.where(active_T, r_T, -inf).max(),
+    ]), buckets])
+
+
+def merge_stats(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """The stats vector of several micro-batches together (on the device)."""
+    stacked = torch.stack(vectors)
+    merged = stacked.sum(0)
+    merged[_MIN] = stacked[:, _MIN].min()
+    merged[_MAX] = stacked[:, _MAX].max()
+    return merged
+
+
+def stats_from_vector(values: list[float], loss_sum: float, tokens: int) -> BatchStats:
+    """BatchStats from a stats vector read to the host, the loss sum and the token count."""
+    sums = dict(zip(_SUMS, values))
+    return BatchStats(
+        loss_sum=loss_sum, tokens=tokens, ratio_min=values[_MIN], ratio_max=values[_MAX],
+        ratio_bucket_counts=tuple(int(c) for c in values[_MAX + 1:]),
+        **{k: (v if k.endswith("_sum") else int(v)) for k, v in sums.items()},
     )

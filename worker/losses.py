@@ -112,9 +112,10 @@ class LossFunction:
     def __call__(self, target_logprobs_T, inputs: TokenInputs, config: Mapping[str, float]) -> torch.Tensor:
         return self.body(target_logprobs_T, inputs, config)
 
-    def stats(self, target_logprobs_T, inputs: TokenInputs, config: Mapping[str, float]) -> dict:
-        """Token counts and, for losses with a ratio, ratio statistics over active tokens;
-        a sequence-level loss counts a token clipped by its sequence ratio."""
+    def stats(self, target_logprobs_T, inputs: TokenInputs, config: Mapping[str, float]) -> torch.Tensor:
+        """Token counts and, for losses with a ratio, ratio statistics over active tokens, as a
+        stats vector on the device (worker.loss_stats); a sequence-level loss counts a token
+        clipped by its sequence ratio."""
         if inputs.sampling_logprobs_T is None:
             return token_stats(inputs.weights_T != 0)
         log_ratio_T = _log_ratio(target_logprobs_T.detach(), inputs.sampling_logprobs_T)
