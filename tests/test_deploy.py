@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILES = {"cpu": DEPLOY / "docker" / "Dockerfile.cpu", "cuda": DEPLOY / "docker" / "Dockerfile.cuda"}
-OVERLAYS = ("cpu", "gpu", "group")
+OVERLAYS = ("cpu", "gpu", "group", "group-fsdp")
+GROUPS = ("group", "group-fsdp")
 KUSTOMIZATIONS = {
     "base": K8S / "base",
     **{name: K8S / "overlays" / name for name in OVERLAYS},
@@ -389,7 +390,7 @@ def test_one_pod_overlays(name):
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_device_and_gpu_limits(name):
     docs = render(name)
-    gpu = name in ("gpu", "group")
+    gpu = name in ("gpu", *GROUPS)
     for workload in workloads(docs):
         container = the_container(workload)
         resources = container["resources"]
@@ -405,8 +406,9 @@ def test_device_and_gpu_limits(name):
 # The data-parallel group
 
 
-def test_group_is_one_torchrun_c10d_rendezvous():
-    docs = render("group")
+@pytest.mark.parametrize("name", GROUPS)
+def test_group_is_one_torchrun_c10d_rendezvous(name):
+    docs = render(name)
     (leader,) = servers(docs)
     (worker,) = [w for w in workloads(docs) if w is not leader]
     group_size = 1 + worker["spec"]["replicas"]
@@ -451,6 +453,24 @@ def test_group_is_one_torchrun_c10d_rendezvous():
     assert prestop_seconds(worker_c) >= prestop_seconds(leader_c) + drain_seconds(leader_c, docs)
     # No autoscaler on a group: its replicas are its ranks.
     assert not of_kind(docs, "ScaledObject")
+
+
+def test_fsdp_group_shares_one_read_write_many_checkpoint_volume():
+    """Under --sharding fsdp every rank writes its shards of a state: all ranks mount one
+    ReadWriteMany claim at the checkpoint directory they are given."""
+    docs = render("group-fsdp")
+    (claim,) = of_kind(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert len(workloads(docs)) == 2
+    for workload in workloads(docs):
+        container = the_container(workload)
+        env = env_of(container, docs)
+        assert env["CISPO_SHARDING"] == "fsdp"
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = volumes[mounts[env["CISPO_CHECKPOINT_DIR"]]]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert env_of(the_container(servers(render("group"))[0]), render("group"))["CISPO_SHARDING"] == "replicated"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -789,7 +809,7 @@ def test_networkpolicy_admits_clients_prometheus_and_the_group(name):
     for target in workloads(docs):
         for source in workloads(docs):
             for port in ("rdzv", 29400, 45678):
-                if name == "group":
+                if name in GROUPS:
                     assert admitted(docs, target, port, pod_labels(source)), (target["metadata"]["name"], port)
                 elif target in servers(docs):
                     assert not admitted(docs, target, port, pod_labels(source))

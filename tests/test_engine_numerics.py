@@ -428,3 +428,23 @@ def test_bf16_head_runs_in_the_compute_dtype_with_fp32_log_sum_exp():
     error = max(float((lp.double() - t).abs().max()) for lp, t in zip(result.logprobs, ref))
     assert error < 0.01, error  # docs/scaling.md, "Precision": 0.0018 measured
     assert result.metrics["loss:sum"] == pytest.approx(ref_loss, rel=1e-3)  # 2e-6 measured
+
+
+def test_activation_checkpointing_gives_the_same_results_and_gradients():
+    """--activation-checkpointing recomputes each decoder layer in backward: same logprobs,
+    loss and gradients (to float order), same parameter names."""
+    samples = make_samples(LENGTHS, seed=12)
+    plain, checkpointed = Engine(load_policy_model()), Engine(load_policy_model(activation_checkpointing=True))
+    runs = {}
+    for engine in (plain, checkpointed):  # an MLP runs once per micro-batch, and again in backward if recomputed
+        calls, mlp = [], engine.policy.model.get_decoder().layers[0].mlp
+        mlp.forward = lambda *args, _forward=mlp.forward, _calls=calls: _calls.append(1) or _forward(*args)
+        runs[id(engine)] = (engine.forward_backward(samples), calls)
+    (a, plain_calls), (b, checkpointed_calls) = runs[id(plain)], runs[id(checkpointed)]
+    assert len(checkpointed_calls) == 2 * len(plain_calls) > 0
+    assert plain.named_params.keys() == checkpointed.named_params.keys()
+    assert b.metrics == pytest.approx(a.metrics, rel=1e-6)
+    for x, y in zip(a.logprobs, b.logprobs):
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+    for name, p in plain.named_params.items():
+        assert_grad_close(checkpointed.named_params[name].grad, p.grad, name, rel=1e-6)

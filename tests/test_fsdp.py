@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from cispo.client import AdamParams, FailedPreconditionError, ModelInput, SamplingParams, TrainingClient
 from cispo.worker import sharded_checkpoint
+from cispo.worker.sharding import state_bytes
 from server_process import ServerProcess
 from test_data_parallel import batch, free_port, start_cluster_ranks
 
@@ -64,7 +65,8 @@ def test_fsdp_two_ranks_equal_one_rank(tmp_path):
         one = train(single.address, tmp_path / "w1")
     finally:
         single.terminate()
-    group = ServerProcess("--sampler-dtype", "float32", "--sharding", "fsdp", checkpoint_dir=tmp_path / "w2",
+    group = ServerProcess("--sampler-dtype", "float32", "--sharding", "fsdp", "--activation-checkpointing",
+                          checkpoint_dir=tmp_path / "w2",
                           launcher=torchrun(2))
     try:
         two = train(group.address, tmp_path / "w2")
@@ -97,6 +99,11 @@ def test_fsdp_two_ranks_equal_one_rank(tmp_path):
     assert whole.optimizer_bytes >= 2 * whole.parameter_bytes
     assert shard.optimizer_bytes == pytest.approx(whole.optimizer_bytes / 2, rel=0.01)
     assert (whole.gradient_bytes, shard.gradient_bytes) == (0, 0)  # stepped: no gradient left
+    # The accounting docs/scaling.md tabulates predicts both (AdamW's step counters aside).
+    n = sum(w.numel() for w in one["weights"].values())
+    for use, predicted in ((whole, state_bytes(n)), (shard, state_bytes(n, 2, "fsdp"))):
+        assert use.parameter_bytes == pytest.approx(predicted.parameters, rel=0.01)
+        assert use.optimizer_bytes == pytest.approx(predicted.optimizer, rel=0.01)
 
 
 def test_fsdp_states_load_across_group_sizes_and_formats(tmp_path):

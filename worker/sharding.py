@@ -117,6 +117,20 @@ class MemoryUse:
         return self.parameters + self.gradients + self.optimizer
 
 
+# Bytes per trainable parameter: the fp32 master weight, its fp32 gradient, AdamW's two fp32 moments.
+BYTES_PER_PARAMETER = MemoryUse(parameters=4, gradients=4, optimizer=8)
+
+
+def state_bytes(num_parameters: int, world_size: int = 1, sharding: str = "replicated") -> MemoryUse:
+    """What one rank holds of a run with `num_parameters` trainable parameters after a
+    forward_backward that follows a step (the accounting `Engine.memory_use` reports and
+    docs/scaling.md tabulates): BYTES_PER_PARAMETER each, or 1/W of them under fsdp (a shard
+    of every tensor; AdamW's per-tensor step counters, 4 bytes each, are left out)."""
+    share = -(-num_parameters // world_size) if sharding == "fsdp" else num_parameters
+    b = BYTES_PER_PARAMETER
+    return MemoryUse(b.parameters * share, b.gradients * share, b.optimizer * share)
+
+
 def local_bytes(tensors) -> int:
     """Bytes of this rank's parts of `tensors` (None entries count 0)."""
     return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
