@@ -32,12 +32,11 @@ def worker(args) -> None:
 
     from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model
     from cispo.worker.group import attach, init_group, shard_by_tokens
-    from cispo.worker.sharding import shard_model, state_bytes
+    from cispo.worker.sharding import state_bytes
 
-    policy = load_policy_model(args.model, activation_checkpointing=args.activation_checkpointing)
-    ctx = init_group(policy.device)
-    if args.sharding == "fsdp":
-        policy.sharded = shard_model(policy.model, policy.compute_dtype)
+    ctx = init_group(torch.device("cpu"))
+    policy = load_policy_model(args.model, "cpu", activation_checkpointing=args.activation_checkpointing,
+                               shard=args.sharding == "fsdp")
     engine = Engine(policy, EngineConfig(checkpoint_dir=args.tmp))
     attach(engine, ctx)
     g = torch.Generator().manual_seed(0)

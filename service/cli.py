@@ -34,7 +34,8 @@ from cispo.worker.runs import SingleRun, TrainingRuns  # noqa: E402
 from cispo.worker.sampler_weights import SERVING_DTYPES, ExportConfig  # noqa: E402
 from cispo.worker.sampling import SamplingLimits  # noqa: E402
 from cispo.worker.group import GroupEngine, init_group, run_worker, world_size_from_env  # noqa: E402
-from cispo.worker.sharding import SHARDING_MODES, shard_model  # noqa: E402
+from cispo.worker.model import resolve_device  # noqa: E402
+from cispo.worker.sharding import SHARDING_MODES  # noqa: E402
 
 log = logging.getLogger("cispo.server")
 
@@ -351,9 +352,9 @@ def check_device(device: str) -> None:
             raise StartupError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
 
 
-def load_model(args, device: str):
+def load_model(args, device: str, shard: bool = False):
     try:
-        return load_policy_model(args.model, device, args.dtype, args.activation_checkpointing)
+        return load_policy_model(args.model, device, args.dtype, args.activation_checkpointing, shard)
     except (ValueError, OSError) as exc:  # unknown dtype, no such checkpoint, unsupported model, I/O
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         what = f"model {args.model}" if args.model and args.model not in message else "the model"
@@ -400,11 +401,8 @@ def run(args) -> None:
                             reload=lambda: load_model(args, device))
         asyncio.run(serve(runs, config))
         return
-    policy = load_model(args, device)
-    ctx = init_group(policy.device)
-    if args.sharding == "fsdp":
-        policy.sharded = shard_model(policy.model, policy.compute_dtype)
-    engine = Engine(policy, engine_config)
+    ctx = init_group(resolve_device(device))
+    engine = Engine(load_model(args, device, shard=args.sharding == "fsdp"), engine_config)
     if ctx.rank != 0:
         # Rank 0 drains and then releases this rank; torchrun forwards SIGTERM to every rank.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

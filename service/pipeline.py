@@ -1,7 +1,9 @@
 """The ordered operation pipeline of the training runs.
 
 Operations run one at a time on a dedicated engine thread, while the event loop goes on decoding
-and validating the next requests. Each training run has a lane: its operations run in the order
+and validating the next requests. The engine thread takes the next operation itself as soon as
+it finishes one, and hands results back to the event loop without waiting for it, so
+consecutive operations run back to back however busy the event loop is. Each training run has a lane: its operations run in the order
 submitted, and lanes with waiting operations take turns (round robin), so a long queue on one run
 does not starve another. At most `capacity` operations wait per lane; `submit` blocks beyond
 that, so a stream's reader stops reading and gRPC flow control slows the client (back-pressure)
@@ -15,11 +17,12 @@ their own (`batch_capacity`), so many small requests can gather into one batch.
 """
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
 
 @dataclass(frozen=True)
 class Batchable:
@@ -47,9 +50,14 @@ class OperationPipeline:
         self._waiting: dict[tuple[Any, bool], int] = {}  # (lane, batchable) -> waiting operations
         self._total = {False: 0, True: 0}
         self._closing = False
+        # The queues are shared with the engine thread under `_lock`; `_work` wakes the engine
+        # thread, `_changed` the submitters waiting for room (on the event loop).
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
         self._changed = asyncio.Condition()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cispo-engine")
-        self._runner: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the submitters', set on first use
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future | None = None
         self._running: list[asyncio.Future] = []
         self._failure: BaseException | None = None
         self.accepted = 0  # operations submitted so far
@@ -66,7 +74,11 @@ class OperationPipeline:
         return self._total[True]
 
     def start(self) -> None:
-        self._runner = asyncio.create_task(self._run())
+        """Start the engine thread (call from the event loop that submits)."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = self._loop.create_future()
+        self._thread = threading.Thread(target=self._engine, name="cispo-engine", daemon=True)
+        self._thread.start()
 
     async def submit(self, fn: Callable[[], Any] | Batchable, lane: Any = None) -> asyncio.Future:
         """Queue `fn` in `lane` (waiting for room) and return the future of its result.
@@ -85,29 +97,33 @@ class OperationPipeline:
                 raise self._failure
             if self._closing:
                 raise RuntimeError("the pipeline is closed")
-            future = asyncio.get_running_loop().create_future()
-            if lane not in self._lanes:
-                self._lanes[lane] = deque()
-                self._turns.append(lane)
-            self._lanes[lane].append((fn, future))
-            self._waiting[lane, batchable] = self._waiting.get((lane, batchable), 0) + 1
-            self._total[batchable] += 1
-            self.accepted += 1
-            self._changed.notify_all()
+            self._loop = asyncio.get_running_loop()
+            future = self._loop.create_future()
+            with self._work:
+                if lane not in self._lanes:
+                    self._lanes[lane] = deque()
+                    self._turns.append(lane)
+                self._lanes[lane].append((fn, future))
+                self._waiting[lane, batchable] = self._waiting.get((lane, batchable), 0) + 1
+                self._total[batchable] += 1
+                self.accepted += 1
+                self._work.notify()
         return future
 
     def fail(self, exc: BaseException) -> None:
         """The engine can no longer run (e.g. a rank is lost): fail the running and queued
         operations with `exc` now, and every later submit too. The engine thread may stay
         blocked; `close` does not wait for it."""
-        self._failure = exc
-        pending = list(self._running)
-        for queue in self._lanes.values():
-            pending += [future for _, future in queue]
-        self._lanes.clear()
-        self._turns.clear()
-        self._waiting.clear()
-        self._total = {False: 0, True: 0}
+        with self._work:
+            self._failure = exc
+            pending = list(self._running)
+            for queue in self._lanes.values():
+                pending += [future for _, future in queue]
+            self._lanes.clear()
+            self._turns.clear()
+            self._waiting.clear()
+            self._total = {False: 0, True: 0}
+            self._work.notify()
         for future in pending:
             if future is not None and not future.done():
                 future.set_exception(exc)
@@ -115,17 +131,12 @@ class OperationPipeline:
 
     async def close(self) -> None:
         """Run everything already accepted, then stop the engine thread."""
-        if self._failure is not None:
-            if self._runner is not None:
-                self._runner.cancel()
-            self._executor.shutdown(wait=False)
-            return
-        async with self._changed:
+        with self._work:
             self._closing = True
-            self._changed.notify_all()
-        if self._runner is not None:
-            await self._runner
-        self._executor.shutdown(wait=True)
+            self._work.notify()
+        await self._notify()
+        if self._failure is None and self._stopped is not None:
+            await self._stopped  # the engine thread may stay blocked after a failure: not waited for
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -158,34 +169,46 @@ class OperationPipeline:
         self._total[batchable] -= len(taken)
         return taken
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _engine(self) -> None:
+        """The engine thread: take the next operation, run it, hand its outcome to the event
+        loop (without waiting), and go on; until closed and empty, or failed."""
         while True:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self._turns or self._closing)
-                if not self._turns:
-                    return
+            with self._work:
+                self._work.wait_for(lambda: self._turns or self._closing or self._failure is not None)
+                if self._failure is not None or not self._turns:
+                    break
                 taken = self._take()
-                self._changed.notify_all()
+                futures = [future for _, future in taken]
+                self._running = futures
+            self._loop.call_soon_threadsafe(self._room_freed)
             first = taken[0][0]
-            futures = [future for _, future in taken]
-            self._running = futures
             try:
                 if isinstance(first, Batchable):
-                    results = await loop.run_in_executor(self._executor, first.run_batch,
-                                                         [fn.item for fn, _ in taken])
+                    results = first.run_batch([fn.item for fn, _ in taken])
                     outcomes = [(isinstance(r, Exception), r) for r in results]
                 else:
-                    outcomes = [(False, await loop.run_in_executor(self._executor, first))]
+                    outcomes = [(False, first())]
             except Exception as exc:  # handed to the waiting callers
                 outcomes = [(True, exc)] * len(futures)
-            finally:
+            with self._work:
                 self._running = []
                 self.completed += len(futures)
-            for future, (failed, value) in zip(futures, outcomes):
-                if future.done():
-                    continue
-                if failed:
-                    future.set_exception(value)
-                else:
-                    future.set_result(value)
+            self._loop.call_soon_threadsafe(self._deliver, futures, outcomes)
+        self._loop.call_soon_threadsafe(self._finished)
+
+    def _room_freed(self) -> None:
+        asyncio.ensure_future(self._notify())
+
+    def _finished(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    @staticmethod
+    def _deliver(futures: list[asyncio.Future], outcomes: list[tuple[bool, Any]]) -> None:
+        for future, (failed, value) in zip(futures, outcomes):
+            if future.done():
+                continue
+            if failed:
+                future.set_exception(value)
+            else:
+                future.set_result(value)

@@ -155,3 +155,26 @@ def test_fsdp_states_load_across_group_sizes_and_formats(tmp_path):
             check(client, "from-3")
     finally:
         group.terminate()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fsdp_reads_a_checkpoint_into_shards(tmp_path, arch):
+    """A sharded group builds the model without weights and each rank reads its shards from
+    the checkpoint: the same logprobs and loss as a single process that loads it whole."""
+    from tiny_models import save_tiny_model
+
+    save_tiny_model(tmp_path / arch, arch, vocab_size=1024)
+    data = batch(8)
+    results = []
+    for launcher, flags in ((None, ()), (torchrun(2), ("--sharding", "fsdp"))):
+        server = ServerProcess("--model", str(tmp_path / arch), *flags, checkpoint_dir=tmp_path / f"c{len(results)}",
+                               launcher=launcher)
+        try:
+            with TrainingClient(server.address, wait_for_ready=True) as client:
+                results.append(client.forward(data).result())
+        finally:
+            server.terminate()
+    one, two = results
+    assert two.metrics["loss:sum"] == pytest.approx(one.metrics["loss:sum"], rel=1e-5)
+    for x, y in zip(one.loss_fn_outputs, two.loss_fn_outputs):
+        np.testing.assert_allclose(y["logprobs"].to_numpy(), x["logprobs"].to_numpy(), rtol=1e-5, atol=1e-5)

@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import accelerate
 import torch
 import torch.utils.checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
+                          PreTrainedModel)
 
+from cispo.worker import sharding
 from cispo.worker.attention import PACKED_ATTENTION, packed_attention_kwargs, use_packed_attention
 
 EMBEDDED_MODEL_NAME = "embedded-tiny-llama"
@@ -134,35 +137,52 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def load_policy_model(path: str | None = None, device: str | None = None, dtype: str | None = None,
-                      activation_checkpointing: bool = False) -> PolicyModel:
+                      activation_checkpointing: bool = False, shard: bool = False) -> PolicyModel:
     """Load `path` (a local HF checkpoint dir) or, when None/"", the embedded model.
 
     `dtype` is the compute dtype; parameters are held in fp32 whatever the checkpoint's dtype.
-    `activation_checkpointing`: see `checkpoint_activations`.
+    `activation_checkpointing`: see `checkpoint_activations`. `shard`: shard the parameters
+    over the default process group (worker.sharding, `--sharding fsdp`); a checkpoint's model
+    is then built without weights and each rank reads its shards one tensor at a time, so no
+    rank ever holds the whole model.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    tokenizer = None
+    tokenizer, checkpoint = None, None
     if path in (None, "", EMBEDDED_MODEL_NAME):
         name, model = EMBEDDED_MODEL_NAME, build_embedded_model()
     else:
         checkpoint = Path(path)
         if not (checkpoint / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
-        check_supported(AutoConfig.from_pretrained(checkpoint, local_files_only=True))
+        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+        check_supported(config)
         name = str(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
-        )
+        if shard:
+            with accelerate.init_empty_weights(include_buffers=False):  # parameters on the meta device
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            model.tie_weights()  # not done on the meta device; a tied head is the embedding, read once
+            if (checkpoint / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(checkpoint, local_files_only=True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                checkpoint, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
+            )
         tokenizer = load_tokenizer(checkpoint)
-    model.to(device=dev, dtype=torch.float32)
+    if model.get_output_embeddings().bias is not None:
+        raise ValueError(f"{name}: LM heads with a bias are not supported")
     model.eval()
     use_packed_attention(model)  # packed micro-batches at sum(len^2) attention cost
     if activation_checkpointing:
         checkpoint_activations(model)
-    if model.get_output_embeddings().bias is not None:
-        raise ValueError(f"{name}: LM heads with a bias are not supported")
-    return PolicyModel(name=name, model=model, device=dev, compute_dtype=dt, tokenizer=tokenizer)
+    sharded = None
+    if not shard:
+        model.to(device=dev, dtype=torch.float32)
+    elif checkpoint is None:
+        sharded = sharding.shard_model(model.to(dev), dt)
+    else:
+        sharded = sharding.shard_model(model, dt, weights=checkpoint, device=dev)
+    return PolicyModel(name=name, model=model, device=dev, compute_dtype=dt, tokenizer=tokenizer, sharded=sharded)
 
 
 def checkpoint_activations(model: PreTrainedModel) -> None:

@@ -16,11 +16,14 @@ it with the others. Every rank must run the same number of trunk passes per oper
 each pass all-gathers: a rank with fewer micro-batches runs padding ones (engine).
 """
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -44,9 +47,14 @@ class Trunk(torch.nn.Module):
         return out.last_hidden_state[0], weight_VD.view(weight_VD.shape)
 
 
-def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> Trunk:
+def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype, weights: Path | None = None,
+                device: torch.device | None = None) -> Trunk:
     """Shard `model`'s parameters in place over the default process group; returns its Trunk,
-    the FSDP2 root the engine computes through."""
+    the FSDP2 root the engine computes through.
+
+    `weights`: an HF checkpoint directory to read the parameters from, when `model`'s are on
+    the meta device (its buffers real): each rank allocates its shards on `device` and reads
+    the checkpoint one tensor at a time, so it never holds more than one whole tensor."""
     low_precision = compute_dtype in (torch.bfloat16, torch.float16)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype if low_precision else None, reduce_dtype=torch.float32)
     trunk = Trunk(model)
@@ -57,12 +65,40 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> Trunk:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sums, as the loss is a sum
             module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+    if weights is not None:
+        _read_shards(model, weights, device)
     # One pass of one token makes the trunk FSDP2's root before anything else runs a layer.
     device = next(trunk.parameters()).device
     with torch.no_grad():
         trunk(torch.zeros((1, 1), dtype=torch.int64, device=device), torch.zeros((1, 1), dtype=torch.int64, device=device))
     trunk.reshard()
     return trunk
+
+
+def _read_shards(model: torch.nn.Module, directory: Path, device: torch.device) -> None:
+    """Materialise `model`'s meta parameters as this rank's fp32 shards on `device`, read from
+    the safetensors files of `directory` one whole tensor at a time (buffers kept as they are)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        index = directory / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else ["model.safetensors"])
+        params = dict(model.named_parameters())  # tied weights once
+        found = set()
+        for file in files:
+            with safe_open(directory / file, "pt") as f:
+                for key in f.keys():
+                    if key in params:
+                        param = params[key]
+                        local(param).copy_(local(like(param, f.get_tensor(key).to(torch.float32))))
+                        found.add(key)
+        missing = sorted(set(params) - found)
+        if missing:
+            raise ValueError(f"{directory}: the checkpoint has no tensor for {missing[:3]} "
+                             f"({len(missing)} parameters); it cannot be loaded sharded")
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
