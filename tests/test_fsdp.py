@@ -66,7 +66,7 @@ def test_fsdp_two_ranks_equal_one_rank(tmp_path):
     finally:
         single.terminate()
     group = ServerProcess("--sampler-dtype", "float32", "--sharding", "fsdp", "--activation-checkpointing",
-                          checkpoint_dir=tmp_path / "w2",
+                          "--sampler-max-shard-bytes", "300000", checkpoint_dir=tmp_path / "w2",
                           launcher=torchrun(2))
     try:
         two = train(group.address, tmp_path / "w2")
@@ -89,7 +89,10 @@ def test_fsdp_two_ranks_equal_one_rank(tmp_path):
     for name, w in one["weights"].items():
         err = (two["weights"][name] - w).abs().max().item()
         assert err <= 1e-5 * w.abs().max().item() + 1e-7, name
-    # The streamed export is an HF directory transformers loads, with the trained weights.
+    # The streamed export is an HF directory transformers loads, with the trained weights, in
+    # files of at most --sampler-max-shard-bytes (a bigger tensor alone) and their index.
+    files = sorted(p.name for p in (tmp_path / "w2-sampler" / "final").glob("model*.safetensors*"))
+    assert len(files) > 2 and files[-1] == "model.safetensors.index.json", files
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "w2-sampler" / "final", dtype=torch.float32)
     for name, p in exported.named_parameters():
         torch.testing.assert_close(p.detach(), two["weights"][name], rtol=0, atol=0)
