@@ -26,7 +26,7 @@ from cispo.worker.model import PolicyModel
 from cispo.worker.optimizer import MOMENTS, AdamParams, Optimizer
 from cispo.worker.sampler_weights import ExportCache, ExportConfig, SamplerWeights
 from cispo.worker.sampling import SampleRequest, SampleResult, SamplingLimits, generate, validate_sample_request
-from cispo.worker.sharding import MemoryUse, like, local, local_bytes
+from cispo.worker.sharding import MemoryUse, first_failure, like, local, local_bytes
 from cispo.worker.validation import validate_batch
 
 
@@ -391,33 +391,24 @@ class Engine:
         """Restore weights (and, if asked, optimizer state and step count; else a fresh
         optimizer at step 0). Drops the accumulated gradient. Returns the state's step count.
         Checks every tensor's name, shape and dtype before changing anything. Reads v1 and v2
-        states (worker.checkpoint, worker.sharded_checkpoint); sharded, every rank calls it."""
-        path, manifest = checkpoint.open_directory(self.config.checkpoint_dir, name, checkpoint.STATE_FORMATS, owner)
-        saved_lora = manifest.get("lora")
-        if (saved_lora is None) != (self.lora_spec is None):
-            raise StateNotFound(f"state '{name}' is {'a LoRA' if saved_lora else 'a full fine-tuning'} state and this "
-                                f"run is {'a LoRA' if self.lora_spec else 'a full fine-tuning'} run; create a run from "
-                                "the state instead")
-        sharded_state = manifest["format"] == checkpoint.SHARDED_FORMAT
-        if sharded_state:
-            saved = sharded_checkpoint.saved_tensors(path, name)
-            weights = {k.removeprefix(sharded_checkpoint.WEIGHTS): v for k, v in saved.items()
-                       if k.startswith(sharded_checkpoint.WEIGHTS)}
-            moments = {k.removeprefix(sharded_checkpoint.OPTIMIZER): v for k, v in saved.items()
-                       if k.startswith(sharded_checkpoint.OPTIMIZER)} if with_optimizer else {}
-            odd = sorted(k for k in saved if not k.startswith((sharded_checkpoint.WEIGHTS, sharded_checkpoint.OPTIMIZER)))
-            if odd:
-                raise StateNotFound(f"state '{name}' cannot be read: unexpected entries {odd[:3]}")
-        else:
-            state = checkpoint.read_state(path, manifest, name, with_optimizer)
-            weights = {k: (tuple(t.shape), t.dtype) for k, t in state.weights.items()}
-            moments = {k: (tuple(t.shape), t.dtype) for k, t in state.optimizer.items()}
-        self._check_fits(name, weights, moments)
-        if sharded_state:  # into fresh tensors laid out as the run's, then copied: all or nothing
+        states (worker.checkpoint, worker.sharded_checkpoint); sharded, every rank calls it,
+        and the ranks agree on the checks before any of them reads tensors."""
+        sharded = self.policy.sharded is not None
+        failure, found = None, None
+        try:
+            found = self._saved_state(name, with_optimizer, owner)
+        except Exception as exc:  # noqa: BLE001 - raised below, on every rank when sharded
+            failure = exc
+        if sharded:
+            failure = first_failure(failure, self.process_group)
+        if failure is not None:
+            raise failure
+        path, manifest, moments, state = found
+        if state is None:  # v2: into fresh tensors laid out as the run's, then copied: all or nothing
             targets = sharded_checkpoint.state_dict(
                 {n: torch.empty_like(p.detach()) for n, p in self.named_params.items()},
                 {k: self._empty_moment(k) for k in moments})
-            sharded_checkpoint.load(path, name, targets, self.process_group if self.policy.sharded is not None else None)
+            sharded_checkpoint.load(path, name, targets, self.process_group if sharded else None)
             state = checkpoint.LoadedState(
                 weights={n: targets[sharded_checkpoint.WEIGHTS + n] for n in self.named_params},
                 optimizer={k: targets[sharded_checkpoint.OPTIMIZER + k] for k in moments},
@@ -432,6 +423,32 @@ class Engine:
         else:
             self.optimizer.reset()
         return state.step
+
+    def _saved_state(self, name: str, with_optimizer: bool, owner: str | None):
+        """(path, manifest, the saved moments' keys, the whole v1 state or None for v2) of
+        state `name`, checked to fit this run; StateNotFound/PermissionDenied otherwise."""
+        path, manifest = checkpoint.open_directory(self.config.checkpoint_dir, name, checkpoint.STATE_FORMATS, owner)
+        saved_lora = manifest.get("lora")
+        if (saved_lora is None) != (self.lora_spec is None):
+            raise StateNotFound(f"state '{name}' is {'a LoRA' if saved_lora else 'a full fine-tuning'} state and this "
+                                f"run is {'a LoRA' if self.lora_spec else 'a full fine-tuning'} run; create a run from "
+                                "the state instead")
+        state = None
+        if manifest["format"] == checkpoint.SHARDED_FORMAT:
+            saved = sharded_checkpoint.saved_tensors(path, name)
+            weights = {k.removeprefix(sharded_checkpoint.WEIGHTS): v for k, v in saved.items()
+                       if k.startswith(sharded_checkpoint.WEIGHTS)}
+            moments = {k.removeprefix(sharded_checkpoint.OPTIMIZER): v for k, v in saved.items()
+                       if k.startswith(sharded_checkpoint.OPTIMIZER)} if with_optimizer else {}
+            odd = sorted(k for k in saved if not k.startswith((sharded_checkpoint.WEIGHTS, sharded_checkpoint.OPTIMIZER)))
+            if odd:
+                raise StateNotFound(f"state '{name}' cannot be read: unexpected entries {odd[:3]}")
+        else:
+            state = checkpoint.read_state(path, manifest, name, with_optimizer)
+            weights = {k: (tuple(t.shape), t.dtype) for k, t in state.weights.items()}
+            moments = {k: (tuple(t.shape), t.dtype) for k, t in state.optimizer.items()}
+        self._check_fits(name, weights, moments)
+        return path, manifest, list(moments), state
 
     def _check_fits(self, name: str, weights: dict, moments: dict) -> None:
         """StateNotFound unless the saved (shape, dtype) of `weights` and `moments` fit this run."""

@@ -123,6 +123,14 @@ def broadcast(value, group: dist.ProcessGroup):
     return box[0]
 
 
+def first_failure(failure: Exception | None, group: dist.ProcessGroup) -> Exception | None:
+    """The lowest rank's failure (pickled across), or None when no rank of `group` failed: so
+    that every rank goes on to a collective, or none does."""
+    outcomes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(outcomes, failure, group=group)
+    return next((f for f in outcomes if f is not None), None)
+
+
 def like(tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` (the whole tensor, on every rank) laid out as `tensor` is: its shard of it for a
     DTensor (no communication), else `full` itself on `tensor`'s device. A DTensor `full` is
