@@ -3,15 +3,26 @@
 Decoding never loops over elements in Python: raw bytes become `np.frombuffer` views and typed
 fields go through numpy in one call. Malformed tensors become field violations, so the caller
 can reject the whole request before any compute.
+
+A ForwardBackwardInput is read without a message per datum: the servicer parses it in LAZY's
+form, whose `data` are the datums' encodings as bytes, and `decode_forward_backward` reads the
+datums' fields and tensors from those bytes with whole-array operations (`_read_data`), into a
+SampleBatch of columns. A datum that is not in the plain form protobuf serialisers write (a
+repeated or unknown field, a malformed tensor, an int64_data id of 2**35 or more) is decoded
+the exact way, with protobuf and `tensor_to_torch`, and only such datums.
 """
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
 
 from cispo.v1 import training_pb2 as pb
-from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, LimitExceeded, Sample
+from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, LimitExceeded
+from cispo.worker.batch import Column, SampleBatch, ranges
 from cispo.worker.sampling import SampleRequest, SampleResult, SamplingParams
 from cispo.worker.lora import LoraSpec
 from cispo.worker.runs import RunInfo
@@ -27,6 +38,38 @@ TYPED_FIELDS: dict[str, tuple[int, np.dtype]] = {
     "float_data": (pb.DTYPE_FLOAT32, np.dtype(np.float32)),
     "double_data": (pb.DTYPE_FLOAT64, np.dtype(np.float64)),
 }
+
+
+def _lazy_types() -> dict[type, type]:
+    """ForwardBackwardInput and StreamRequest as protobuf types of a copy of the .proto in which
+    ForwardBackwardInput.data is `repeated bytes` (wire-compatible: a message field's encoding
+    is length-prefixed bytes), so parsing keeps each datum as its bytes."""
+    pool, added = descriptor_pool.DescriptorPool(), set()
+
+    def add(file, change=lambda proto: None) -> None:
+        if file.name in added:
+            return
+        added.add(file.name)
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        change(proto)
+        pool.Add(proto)
+
+    def data_as_bytes(proto) -> None:
+        message = next(m for m in proto.message_type if m.name == pb.ForwardBackwardInput.DESCRIPTOR.name)
+        data = next(f for f in message.field if f.name == "data")
+        data.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+        data.ClearField("type_name")
+
+    add(pb.DESCRIPTOR, data_as_bytes)
+    return {t: GetMessageClass(pool.FindMessageTypeByName(t.DESCRIPTOR.full_name))
+            for t in (pb.ForwardBackwardInput, pb.StreamRequest)}
+
+
+LAZY = _lazy_types()  # type -> its lazy form, same fields and full name
+LAZY_FORWARD_BACKWARD = LAZY[pb.ForwardBackwardInput]
 
 
 class _Violations(list):
@@ -86,34 +129,261 @@ def _dtype_name(code: int) -> str:
     return pb.DType.Name(code) if code in pb.DType.values() else f"{code} (not a DType)"
 
 
-def decode_forward_backward(req: pb.ForwardBackwardInput, max_data: int,
-                            max_tokens: int) -> tuple[list[Sample], str, dict[str, float]]:
-    """(samples, loss_fn, loss_fn_config) of a request; InvalidInput for malformed tensors.
-    LimitExceeded for more than `max_data` datums or `max_tokens` tokens, found from the sizes
-    on the wire before any tensor is copied."""
-    if len(req.data) > max_data:
-        raise LimitExceeded("max_data_per_request", f"request has {len(req.data)} data, over the limit "
+# Wire types and the field numbers the reader below knows.
+VARINT, LEN = 0, 2
+_NUMBER = {f.name: f.number for m in (pb.Datum, pb.Tensor) for f in m.DESCRIPTOR.fields}
+LOSS_INPUT_NUMBERS = {f.name: f.number for f in pb.LossFnInputs.DESCRIPTOR.fields}
+TENSOR_FIELDS = ("model_input", *LOSS_INPUT_NUMBERS)
+TENSOR_WIRE_TYPES = {_NUMBER["dtype"]: VARINT, **dict.fromkeys(
+    (_NUMBER[f] for f in ("shape", "raw_data", "int64_data", "float_data", "double_data")), LEN)}
+# Tensor data forms in field order, and the dtype each implies (raw_data: its own dtype field).
+FORMS = ("raw_data", "int64_data", "float_data", "double_data")
+FORM_DTYPES = np.array([pb.DTYPE_UNSPECIFIED, pb.DTYPE_INT64, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64])
+ITEMSIZES = np.array([1] + [RAW_DTYPES[code].itemsize for code in range(1, len(RAW_DTYPES) + 1)])
+INT64_DATA = 0  # a _Part's code for int64_data: packed varints
+TEMPLATE_MEMBERS = 64  # datums of one size that pay for reading them by a template
+
+
+class _Part(NamedTuple):
+    """One field's tensors of one wire dtype (`code`, or INT64_DATA) in some plain datums:
+    datums (k,) ascending, where their data begins in the buffer (k,), its bytes (k,) and
+    element counts (k,)."""
+
+    datums: np.ndarray
+    code: int
+    offsets: np.ndarray
+    nbytes: np.ndarray
+    counts: np.ndarray
+
+    def elements(self, buf: np.ndarray) -> np.ndarray:
+        """(sum(counts),) the tensors' elements, native byte order, datum after datum."""
+        if self.code == INT64_DATA:  # plain: each span ends a varint
+            at = ranges(self.offsets, self.nbytes)
+            return _varint(buf, at[np.r_[True, buf[at[:-1]] < 0x80]])[0]
+        dtype = RAW_DTYPES[self.code]
+        rows = np.lib.stride_tricks.as_strided(buf, (len(buf) - dtype.itemsize + 1, dtype.itemsize), (1, 1))
+        values = rows[ranges(self.offsets, self.counts, dtype.itemsize)].view(dtype)[:, 0]
+        return values.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]], np.ndarray]:
+    """The datums' encodings read in parallel: (buffer of them all (bytes,) uint8, field -> its
+    tensors in the plain datums, one part per wire dtype; plain (B,) bool). A datum is plain
+    when every message in it has known fields of the right wire type, each at most once, and
+    every tensor is well-formed raw_data, int64_data, float_data or double_data (or empty).
+
+    Where TEMPLATE_MEMBERS datums or more have one byte size, the first is read in full
+    (`_read_messages`) and another whose bytes equal its everywhere but in tensor data (checked
+    8 bytes at a time) has its layout: the same tags, lengths, dtypes and shapes. The rest are
+    read in full."""
+    sizes = np.fromiter(map(len, payloads), np.int64, len(payloads))
+    buf = np.frombuffer(b"".join(payloads) + bytes(16), np.uint8)  # padded: reads may run past the end
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    _, first, group, members = np.unique(sizes, return_index=True, return_inverse=True, return_counts=True)
+    big = np.flatnonzero(members >= TEMPLATE_MEMBERS)
+    layouts, odd_first = _read_messages(buf, starts[first[big]], ends[first[big]])  # message g: big[g]'s template
+    words = np.ndarray((len(buf) - 7,), "<u8", buf, strides=(1,))  # the 8 bytes at each offset
+    by_group = np.split(np.argsort(group, kind="stable"), np.cumsum(members)[:-1])
+    found: dict[str, list[_Part]] = {name: [] for name in TENSOR_FIELDS}
+    rest = [np.flatnonzero(members[group] < TEMPLATE_MEMBERS)]  # datums to read in full
+    for g, start in enumerate(starts[first[big]]):
+        datums = by_group[big[g]]  # ascending, the template first
+        if odd_first[g]:
+            rest.append(datums)
+            continue
+        tensors = [(f, c, o - start, b, n) for _, f, c, o, b, n in zip(*(a[layouts[0] == g].tolist() for a in layouts))]
+        structure = np.full(-(-sizes[datums[0]] // 8) * 8, 0xFF, dtype=np.uint8)  # in whole words
+        structure[sizes[datums[0]]:] = 0
+        for _, _, offset, nbytes, _ in tensors:
+            structure[offset:offset + nbytes] = 0
+        mask = structure.view("<u8")
+        cols = np.flatnonzero(mask)
+        seen = words[starts[datums][:, None] + 8 * cols] & mask[cols]
+        same = (seen == seen[0]).all(1)
+        for _, code, offset, nbytes, count in tensors:  # varints: as many, none over 5 bytes
+            if code == INT64_DATA:
+                counts, ok = _packed(buf, starts[datums] + offset, np.full(len(datums), nbytes))
+                same &= ok & (counts == count)
+        rest.append(datums[~same])
+        like = datums[same]
+        for field, code, offset, nbytes, count in tensors:
+            found[TENSOR_FIELDS[field]].append(_Part(like, code, starts[like] + offset, np.full(len(like), nbytes),
+                                                     np.full(len(like), count)))
+    rest = np.sort(np.concatenate(rest))
+    (message, field, *layout), odd = _read_messages(buf, starts[rest], ends[rest])
+    plain = ~odd[message]
+    for f, code in set(zip(field[plain].tolist(), layout[0][plain].tolist())):
+        these = plain & (field == f) & (layout[0] == code)  # messages ascending within a field
+        found[TENSOR_FIELDS[f]].append(_Part(rest[message[these]], code, *(a[these] for a in layout[1:])))
+    plain_B = np.ones(len(payloads), dtype=bool)
+    plain_B[rest[odd]] = False
+    return buf, {name: _by_dtype(parts) for name, parts in found.items()}, plain_B
+
+
+def _by_dtype(parts: list[_Part]) -> list[_Part]:
+    """The parts merged into one per code, datums ascending."""
+    merged = []
+    for code in {part.code for part in parts}:
+        these = [part for part in parts if part.code == code]
+        if len(these) > 1:
+            datums, offsets, nbytes, counts = (np.concatenate(a) for a in zip(*((p.datums, *p[2:]) for p in these)))
+            order = np.argsort(datums, kind="stable")
+            these = [_Part(datums[order], code, offsets[order], nbytes[order], counts[order])]
+        merged += these
+    return merged
+
+
+def _read_messages(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """The Datum messages buf[starts[m]:ends[m]] read in full, level by level (Datum,
+    LossFnInputs, Tensor), in parallel: their tensors, (message, field index in TENSOR_FIELDS,
+    code, data offset, data bytes, element count) (T,) each, the messages ascending within a
+    field; and odd (M,): the messages that are not plain (see `_read_data`)."""
+    model, loss_inputs = _NUMBER["model_input"], _NUMBER["loss_fn_inputs"]
+    datum, datum_end, odd = _fields(buf, starts, ends, {model: LEN, loss_inputs: LEN})
+    odd |= datum[:, model] < 0  # no model_input: protobuf's decoder names it
+    with_inputs = np.flatnonzero(datum[:, loss_inputs] >= 0)
+    end = datum_end[with_inputs, loss_inputs]
+    inputs, inputs_end, odd_inputs = _fields(buf, end - datum[with_inputs, loss_inputs], end,
+                                             dict.fromkeys(LOSS_INPUT_NUMBERS.values(), LEN))
+    odd[with_inputs[odd_inputs]] = True
+    has_model = np.flatnonzero(datum[:, model] >= 0)
+    spans = [(has_model, datum[has_model, model], datum_end[has_model, model])]
+    for number in LOSS_INPUT_NUMBERS.values():  # (messages, tensor lengths, tensor ends) of each field
+        given = np.flatnonzero(inputs[:, number] >= 0)
+        spans.append((with_inputs[given], inputs[given, number], inputs_end[given, number]))
+    owner, length, stop = (np.concatenate(a) for a in zip(*spans))  # (T,) each tensor's
+    field = np.repeat(np.arange(len(spans)), [len(m) for m, _, _ in spans])
+    tensor, tensor_end, odd_tensor = _fields(buf, stop - length, stop, TENSOR_WIRE_TYPES)
+    *data, bad = _tensor_data(buf, tensor, tensor_end)
+    odd[owner[odd_tensor | bad]] = True
+    return (owner, field, *data), odd
+
+
+def _tensor_data(buf: np.ndarray, value: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The data of T tensors from their fields (`_fields`' tables (T, 8)): (codes, data
+    offsets, data bytes, element counts, bad) (T,) each; bad marks those not plain."""
+    rows = np.arange(len(value))
+    code = np.maximum(value[:, _NUMBER["dtype"]], 0)
+    numbers = np.array([_NUMBER[f] for f in FORMS])
+    given = value[:, numbers] > 0  # (T, 4): an empty form is as good as none
+    form = np.where(given.any(1), given.argmax(1), -1)
+    dtypes = np.where(form > 0, FORM_DTYPES[form], np.where((form < 0) & (code == 0), pb.DTYPE_INT64, code))
+    nbytes = np.where(form >= 0, value[rows, numbers[form]], 0)
+    offsets = end[rows, numbers[form]] - nbytes
+    itemsize = ITEMSIZES[np.clip(dtypes, 0, len(ITEMSIZES) - 1)]
+    counts = nbytes // itemsize
+    packed = form == FORMS.index("int64_data")
+    varints = np.flatnonzero(packed)
+    counts[varints], ok = _packed(buf, offsets[varints], nbytes[varints])
+    bad = ((given.sum(1) > 1) | (dtypes < 1) | (dtypes >= len(ITEMSIZES)) | ((form > 0) & (code != 0) & (code != dtypes))
+           | (nbytes % itemsize != 0) & ~packed)
+    bad[varints] |= ~ok
+    shape = _NUMBER["shape"]
+    has_shape = np.flatnonzero(value[:, shape] > 0)  # then it must be one varint: the count
+    size, size_end = _varint(buf, end[has_shape, shape] - value[has_shape, shape])
+    bad[has_shape] |= (size_end != end[has_shape, shape]) | (size != counts[has_shape])
+    dtypes[varints] = INT64_DATA
+    return dtypes, offsets, nbytes, counts, bad
+
+
+def _packed(buf: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Packed varints in the spans buf[offsets[i]:offsets[i] + nbytes[i]] (each non-empty):
+    (counts (k,), ok (k,)): the span ends a varint and none is over 5 bytes (ids >= 2**35 are
+    left to protobuf)."""
+    if not len(offsets):
+        return offsets, np.ones(0, dtype=bool)
+    more = np.r_[buf[ranges(offsets, nbytes)] >= 0x80, np.zeros(4, dtype=bool)]  # continued, padded
+    first = np.cumsum(nbytes) - nbytes  # each span's first byte
+    too_long = more[:-4] & more[1:-3] & more[2:-2] & more[3:-1] & more[4:]  # 5 bytes continued from here
+    ok = ~more[first + nbytes - 1] & (np.add.reduceat(too_long, first) == 0)
+    return np.add.reduceat(~more[:-4], first), ok
+
+
+def _fields(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+            wire_types: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fields of the M messages buf[starts[m]:ends[m]], read in parallel, one field of every
+    message per round. Field f (below 16: one-byte tags) must have wire type wire_types[f] and
+    appear at most once. Returns value, end (M, max f + 2) int64: a VARINT's value or a LEN
+    field's byte length (its bytes end at `end`), -1 where absent; and odd (M,): messages with
+    anything else (another field, wire type or tag, a repeated field, a varint over 5 bytes, a
+    field past the message's end)."""
+    width = max(wire_types) + 1  # column `width`: any other field
+    expected = np.full(width + 1, -1)
+    expected[list(wire_types)] = list(wire_types.values())
+    value = np.full((len(starts), width + 1), -1, dtype=np.int64)
+    end = value.copy()
+    odd = np.zeros(len(starts), dtype=bool)
+    msg = np.flatnonzero(starts < ends)
+    pos, msg_end = starts[msg], ends[msg]
+    while msg.size:
+        tag = buf[pos].astype(np.int64)
+        number, wire = np.minimum(tag >> 3, width), tag & 7
+        field_value, stop = _varint(buf, pos + 1)
+        stop += field_value * (wire == LEN)
+        bad = (expected[number] != wire) | (field_value < 0) | (stop > msg_end) | (value[msg, number] >= 0)
+        if bad.any():
+            odd[msg[bad]] = True
+            keep = ~bad
+            msg, msg_end, number, field_value, stop = msg[keep], msg_end[keep], number[keep], field_value[keep], stop[keep]
+        value[msg, number] = field_value
+        end[msg, number] = stop
+        more = stop < msg_end
+        if not more.all():
+            msg, msg_end, stop = msg[more], msg_end[more], stop[more]
+        pos = stop
+    return value, end, odd
+
+
+def _varint(buf: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The varints at `pos` (k,): (values, where each ends) (k,) int64; -1 both for one over 5 bytes."""
+    byte = buf[pos].astype(np.int64)
+    value, end = byte & 0x7F, pos + 1
+    more = np.flatnonzero(byte >= 0x80)
+    for shift in (7, 14, 21, 28):
+        if not more.size:
+            return value, end
+        byte = buf[end[more]].astype(np.int64)
+        value[more] |= (byte & 0x7F) << shift
+        end[more] += 1
+        more = more[byte >= 0x80]
+    value[more] = end[more] = -1
+    return value, end
+
+
+def decode_forward_backward(req, max_data: int, max_tokens: int) -> tuple[SampleBatch, str, dict[str, float]]:
+    """(batch, loss_fn, loss_fn_config) of a request, a ForwardBackwardInput or LAZY's form of
+    one; InvalidInput for malformed tensors. LimitExceeded for more than `max_data` datums or
+    `max_tokens` tokens, found from the sizes on the wire before any tensor is copied. In LAZY's
+    form, DecodeError if a datum does not parse."""
+    lazy = req if isinstance(req, LAZY_FORWARD_BACKWARD) else LAZY_FORWARD_BACKWARD.FromString(req.SerializeToString())
+    payloads = list(lazy.data)
+    if len(payloads) > max_data:
+        raise LimitExceeded("max_data_per_request", f"request has {len(payloads)} data, over the limit "
                                                     f"max_data_per_request={max_data}")
-    tokens = sum(_wire_length(datum.model_input) for datum in req.data)
+    buf, parts, plain_B = _read_data(payloads)
+    exact = np.flatnonzero(~plain_B).tolist()  # datums for protobuf
+    data = pb.ForwardBackwardInput.FromString(lazy.SerializeToString()).data if exact else []
+    tokens = sum(int(part.counts.sum()) for part in parts["model_input"])
+    tokens += sum(_wire_length(data[i].model_input) for i in exact)
     if tokens > max_tokens:
         raise LimitExceeded("max_tokens_per_request",
                             f"request has {tokens} tokens, over the limit max_tokens_per_request={max_tokens}")
     violations = _Violations()
-    samples = []
-    for i, datum in enumerate(req.data):
-        where = f"data[{i}]"
+    decoded: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in parts}
+    for i in exact:
+        datum, where = data[i], f"data[{i}]"
         if not datum.HasField("model_input"):
             violations.add(f"{where}.model_input", "required")
-        tokens = tensor_to_torch(datum.model_input, f"{where}.model_input", violations)
-        inputs = {}
+        decoded["model_input"].append((i, tensor_to_torch(datum.model_input, f"{where}.model_input", violations)))
         for descriptor, tensor in datum.loss_fn_inputs.ListFields():
             value = tensor_to_torch(tensor, f"{where}.loss_fn_inputs.{descriptor.name}", violations)
-            if value is not None:
-                inputs[descriptor.name] = value
-        if tokens is not None:
-            samples.append(Sample(tokens, inputs))
+            decoded[descriptor.name].append((i, value))
     violations.raise_if_any()
-    return samples, req.loss_fn or "cispo", dict(req.loss_fn_config)
+    columns = {name: Column.build(name, len(payloads), [(p.datums, p.counts, torch.from_numpy(p.elements(buf)))
+                                                        for p in parts[name]], decoded[name])
+               for name in parts if name == "model_input" or parts[name] or decoded[name]}
+    return SampleBatch(columns), lazy.loss_fn or "cispo", dict(lazy.loss_fn_config)
 
 
 def encode_batch_result(result: BatchResult, typed: bool = False) -> pb.ForwardBackwardOutput:

@@ -197,6 +197,8 @@ class TrainingServicer:
         try:
             self._check_size(message_type, body)
             return Decoded(op, prepared=self._prepare(op, self._parse(message_type, body)))
+        except DecodeError:  # a datum the lazy parse kept as bytes does not parse
+            return Decoded(op, error=self._parse_error(message_type, body))
         except Exception as exc:  # noqa: BLE001 - answered as a Status
             return Decoded(op, error=exc)
 
@@ -211,6 +213,8 @@ class TrainingServicer:
             if op is None:
                 raise InvalidInput([FieldViolation("op", "set exactly one operation")])
             return Decoded(op, request.request_id, prepared=self._prepare(op, getattr(request, op)))
+        except DecodeError:  # as if the body had not parsed
+            return Decoded("none", error=self._parse_error(pb.StreamRequest, body))
         except Exception as exc:  # noqa: BLE001
             return Decoded(op or "none", request.request_id, error=exc)
 
@@ -221,12 +225,21 @@ class TrainingServicer:
                                                      f"the limit max_message_bytes={limit}")
 
     @staticmethod
-    def _parse(message_type: type, body: bytes):
+    def _parse(message_type: type, body: bytes, lazy: bool = True):
+        """`body` as a `message_type` (its lazy form, if it has one: see convert.LAZY)."""
         try:
-            return message_type.FromString(body)
+            return (convert.LAZY.get(message_type, message_type) if lazy else message_type).FromString(body)
         except (DecodeError, RuntimeError, ValueError) as exc:
             raise InvalidInput([FieldViolation("body", f"is not a valid {message_type.DESCRIPTOR.full_name} message "
                                                        f"({len(body)} bytes: {clip(str(exc), 80)})")]) from None
+
+    def _parse_error(self, message_type: type, body: bytes) -> InvalidInput:
+        """Why `body` does not parse in full (a datum in it does not)."""
+        try:
+            self._parse(message_type, body, lazy=False)
+        except InvalidInput as exc:
+            return exc
+        raise AssertionError("a datum that does not parse in a body that does")
 
     def _prepare(self, op: str, request) -> Prepared:
         """The engine call and result encoder of one operation; raises on invalid input. The
@@ -244,21 +257,19 @@ class TrainingServicer:
             return Prepared(call, encode, key if keyed else "", digest if keyed else b"", lane)
 
         if op in ("forward", "forward_backward"):
-            samples, loss_fn, config = convert.decode_forward_backward(request, self.limits["max_data_per_request"],
-                                                                       self.limits["max_tokens_per_request"])
-            try:
-                runs.validate(samples, loss_fn, config)
-            except Exception:
-                _release(samples)
-                raise
+            batch, loss_fn, config = convert.decode_forward_backward(request, self.limits["max_data_per_request"],
+                                                                     self.limits["max_tokens_per_request"])
+            loss, resolved = runs.validate(batch, loss_fn, config)
+            held = [batch]  # dropped once run: the Prepared outlives the call
             typed = request.typed_outputs
 
             def call():
                 try:
                     engine = runs.get(model_id, owner)
-                    result = (engine.forward if op == "forward" else engine.forward_backward)(samples, loss_fn, config)
+                    run = engine.run_forward if op == "forward" else engine.run_forward_backward
+                    result = run(held[0], loss, resolved)  # the batch validated above, as it is
                 finally:
-                    _release(samples)
+                    held.clear()
                 metrics.observe_batch(op, loss_fn, result.stats, lane)  # on the engine thread: see forget_run
                 return result
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cispo.worker import checkpoint, lora, sampler_weights, sharded_checkpoint
-from cispo.worker.batch import LOSS_INPUT_KINDS, MicroBatch, Sample, pack, plan_micro_batches
+from cispo.worker.batch import LOSS_INPUT_KINDS, MicroBatch, Sample, SampleBatch, Samples, pack, plan_micro_batches
 from cispo.worker.errors import (ComputeFailed, FieldViolation, InvalidInput, PermissionDenied, StateNotFound,
                                  StepRefused)
 from cispo.worker.logprob_head import fused_head_gradients, target_logprobs
@@ -121,9 +121,8 @@ class EngineInfo:
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # What a sharded rank with fewer micro-batches than the others runs (a zero gradient).
-PADDING = Sample(torch.zeros(1, dtype=torch.int64), {name: torch.zeros(1, dtype=torch.int64 if kind == "int" else
-                                                                       torch.float32)
-                                                     for name, kind in LOSS_INPUT_KINDS.items()})
+PADDING = SampleBatch.from_samples([Sample(torch.zeros(1, dtype=torch.int64), {
+    name: torch.zeros(1, dtype=torch.int64 if kind == "int" else torch.float32) for name, kind in LOSS_INPUT_KINDS.items()})])
 
 SHARDED_EXPORT_SAMPLING = ("a sharded group (--sharding fsdp) samples its current weights only (and the sampler "
                            "weights it saved of them last, when --sampler-dtype is the compute dtype); serve other "
@@ -138,7 +137,7 @@ GradientReducer = Callable[[list[torch.Tensor]], None]
 FailureAgreement = Callable[[ComputeFailed | None], ComputeFailed | None]
 
 
-def validate_forward(policy: PolicyModel, config: EngineConfig, samples: list[Sample], loss_fn: str,
+def validate_forward(policy: PolicyModel, config: EngineConfig, samples: Samples, loss_fn: str,
                      loss_fn_config: Mapping[str, float] | None) -> tuple[LossFunction, dict[str, float]]:
     """The loss and its resolved config for a forward(_backward) on `policy`; raises
     InvalidInput/LimitExceeded, computes nothing."""
@@ -203,17 +202,17 @@ class Engine:
 
     # -- forward / forward_backward -------------------------------------------------------------
 
-    def validate(self, samples: list[Sample], loss_fn: str, loss_fn_config: Mapping[str, float] | None):
+    def validate(self, samples: Samples, loss_fn: str, loss_fn_config: Mapping[str, float] | None):
         """The loss and its resolved config; raises InvalidInput/LimitExceeded, computes nothing."""
         return validate_forward(self.policy, self.config, samples, loss_fn, loss_fn_config)
 
-    def forward(self, samples: list[Sample], loss_fn: str = "cispo",
+    def forward(self, samples: Samples, loss_fn: str = "cispo",
                 loss_fn_config: Mapping[str, float] | None = None) -> BatchResult:
         """Target logprobs and loss stats; no gradient."""
         loss, config = self.validate(samples, loss_fn, loss_fn_config)
         return self.run_forward(samples, loss, config)
 
-    def run_forward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
+    def run_forward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float],
                     micro_batches: int = 0) -> BatchResult:
         """forward on already validated samples (possibly none), in at least `micro_batches`
         trunk passes (the group's most, when sharded)."""
@@ -226,13 +225,13 @@ class Engine:
             self.policy.sharded.reshard()  # the root's weights too: nothing stays gathered between operations
         return result
 
-    def forward_backward(self, samples: list[Sample], loss_fn: str = "cispo",
+    def forward_backward(self, samples: Samples, loss_fn: str = "cispo",
                          loss_fn_config: Mapping[str, float] | None = None) -> BatchResult:
         """As forward, and adds the loss gradient to the accumulated gradient."""
         loss, config = self.validate(samples, loss_fn, loss_fn_config)
         return self.run_forward_backward(samples, loss, config)
 
-    def run_forward_backward(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
+    def run_forward_backward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float],
                              micro_batches: int = 0) -> BatchResult:
         """forward_backward on already validated samples (possibly none: a rank's empty shard),
         in at least `micro_batches` trunk passes (the group's most, when sharded).
@@ -283,18 +282,19 @@ class Engine:
         norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]
         return torch.stack([n.to(norms[0].device) for n in norms]).sum() if norms else torch.zeros(())
 
-    def _run(self, samples: list[Sample], loss: LossFunction, config: Mapping[str, float],
+    def _run(self, samples: Samples, loss: LossFunction, config: Mapping[str, float],
              backward: bool, micro_batches: int = 0) -> "_PendingResult":
         """The micro-batches of `samples`, then padding ones up to `micro_batches` (sharded
         ranks must all run as many trunk passes; see worker.sharding). Results stay on the
         device until `_PendingResult.read`."""
         logprobs, losses, stats = [], [], []
         input_names = ("target_tokens", *loss.required_inputs, *loss.optional_inputs)
-        plan = plan_micro_batches([s.length for s in samples], self.config.micro_batch_tokens)
+        batch = SampleBatch.of(samples)
+        plan = plan_micro_batches(batch.length_list, self.config.micro_batch_tokens)
         order: list[int] = []  # datum indices in packed order
         lengths: list[int] = []
         for indices in plan:
-            mb = pack(samples, indices, input_names, self.policy.device)
+            mb = pack(batch, indices, input_names, self.policy.device)
             logp_T, loss_sum, stats_vector = self._micro_batch(mb, loss, config, backward)
             logprobs.append(logp_T.detach().double())
             losses.append(loss_sum)
@@ -302,7 +302,7 @@ class Engine:
             order += mb.indices
             lengths += mb.lengths
         for _ in range(micro_batches - len(plan)):
-            self._micro_batch(pack([PADDING], [0], input_names, self.policy.device), loss, config, backward,
+            self._micro_batch(pack(PADDING, [0], input_names, self.policy.device), loss, config, backward,
                               padding=True)
         return _PendingResult(order, lengths, logprobs, losses, stats)
 

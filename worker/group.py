@@ -15,18 +15,18 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from cispo.worker.batch import Sample, plan_micro_batches
+from cispo.worker.batch import SampleBatch, Samples, plan_micro_batches
 from cispo.worker.engine import BatchResult, Engine, EngineInfo, OptimResult
 from cispo.worker.errors import ComputeFailed, RankUnavailable
 from cispo.worker.loss_stats import BatchStats
-from cispo.worker.losses import get_loss_function
+from cispo.worker.losses import LossFunction, get_loss_function
 from cispo.worker.optimizer import AdamParams
 
 log = logging.getLogger(__name__)
@@ -237,11 +237,19 @@ class GroupEngine:
     def validate(self, samples, loss_fn, loss_fn_config):
         return self.local.validate(samples, loss_fn, loss_fn_config)
 
-    def forward(self, samples: list[Sample], loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
-        return self._scatter_batch("forward", samples, loss_fn, loss_fn_config)
+    def forward(self, samples: Samples, loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
+        return self.run_forward(samples, *self.validate(samples, loss_fn, loss_fn_config))
 
-    def forward_backward(self, samples: list[Sample], loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
-        return self._scatter_batch("forward_backward", samples, loss_fn, loss_fn_config)
+    def forward_backward(self, samples: Samples, loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
+        return self.run_forward_backward(samples, *self.validate(samples, loss_fn, loss_fn_config))
+
+    def run_forward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
+        """forward on validated samples (as Engine.run_forward), each rank on its shard."""
+        return self._scatter_batch("forward", samples, loss, config)
+
+    def run_forward_backward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
+        """forward_backward on validated samples (as Engine.run_forward_backward)."""
+        return self._scatter_batch("forward_backward", samples, loss, config)
 
     def optim_step(self, adam: AdamParams) -> OptimResult:
         return self._everywhere("optim_step", (adam,))[0]
@@ -278,13 +286,14 @@ class GroupEngine:
             dist.scatter_object_list([None], [("shutdown", ())] * self.ctx.world_size, src=0, group=self.ctx.control)
         self.monitor.stop()
 
-    def _scatter_batch(self, op: str, samples, loss_fn, loss_fn_config) -> BatchResult:
-        loss, config = self.local.validate(samples, loss_fn, loss_fn_config)
-        shards = shard_by_tokens([s.length for s in samples], self.ctx.world_size)
+    def _scatter_batch(self, op: str, samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
+        batch = SampleBatch.of(samples)
+        lengths = batch.length_list
+        shards = shard_by_tokens(lengths, self.ctx.world_size)
         # Sharded ranks all run as many trunk passes as the busiest one (each pass gathers weights).
-        passes = max(len(plan_micro_batches([samples[i].length for i in shard], self.config.micro_batch_tokens))
+        passes = max(len(plan_micro_batches([lengths[i] for i in shard], self.config.micro_batch_tokens))
                      for shard in shards) if self.sharded else 0
-        results = self._call([(op, ([samples[i] for i in shard], loss.name, config, passes)) for shard in shards])
+        results = self._call([(op, (batch.take(shard), loss.name, config, passes)) for shard in shards])
         logprobs: list = [None] * len(samples)
         stats = BatchStats()
         for shard, result in zip(shards, results):

@@ -1,133 +1,117 @@
 """Validation of a whole request before any compute: every problem is reported at once, as
 field violations naming the datum and field, and nothing is touched when one is found.
 
-Structure (shapes, dtypes, lengths, which inputs) is checked per datum, which is cheap; values
-(token ids in the vocabulary, floats finite in float32, sampling logprobs <= 0) are checked in
-bulk over each field concatenated across the batch, so a request of 60,000 tiny datums costs a
-few tensor ops, not 60,000 of each.
+Vectorised over datums: a batch is checked column by column (worker.batch.SampleBatch) with
+whole-array numpy operations - which inputs each datum gives, their dtypes and lengths, token ids
+in the vocabulary, floats finite in float32, sampling logprobs <= 0 - and a message is written
+only for a datum that fails a check, so 60,000 tiny datums cost a few array passes.
 """
 
-from collections import defaultdict
+from collections.abc import Callable
 
-import torch
+import numpy as np
 
-from cispo.worker.batch import LOSS_INPUT_KINDS, Sample
+from cispo.worker.batch import FIELD_KINDS, LOSS_INPUT_KINDS, Column, SampleBatch, Samples
 from cispo.worker.errors import FieldViolation, InvalidInput, LimitExceeded
 from cispo.worker.losses import LossFunction
 
+# (datum, rank, violation): a datum's violations are reported in rank order.
+Found = list[tuple[int, int, FieldViolation]]
+
 
 def validate_batch(
-    samples: list[Sample],
+    samples: Samples,
     loss: LossFunction,
     vocab_size: int,
     max_sequence_length: int,
     max_tokens_per_request: int,
 ) -> None:
     """Raise LimitExceeded or InvalidInput unless `samples` can be run through `loss`."""
-    if not samples:
+    batch = SampleBatch.of(samples)
+    if not len(batch):
         raise InvalidInput([FieldViolation("data", "at least one datum is required")])
-    total = sum(s.length for s in samples)
+    lengths = batch.lengths
+    total = int(lengths.sum())
     if total > max_tokens_per_request:
         raise LimitExceeded(
             "max_tokens_per_request",
             f"request has {total} tokens, over the limit max_tokens_per_request={max_tokens_per_request}",
         )
-    violations: list[FieldViolation] = []
-    by_field: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)  # well-formed tensors to check
-    for i, sample in enumerate(samples):
-        violations += _structure_violations(i, sample, loss, by_field)
-    for name, tensors in by_field.items():
-        violations += _value_violations(name, tensors, vocab_size)
-    if violations:
-        raise InvalidInput(sorted(violations, key=_datum_order))
-    longest = max(range(len(samples)), key=lambda i: samples[i].length)
-    if samples[longest].length > max_sequence_length:
+    found = _violations(batch, loss, vocab_size)
+    if found:
+        raise InvalidInput([violation for *_, violation in sorted(found, key=lambda f: f[:2])])
+    longest = int(np.argmax(lengths))
+    if lengths[longest] > max_sequence_length:
         raise LimitExceeded(
             "max_sequence_length",
-            f"data[{longest}].model_input has {samples[longest].length} tokens, over the model's "
+            f"data[{longest}].model_input has {lengths[longest]} tokens, over the model's "
             f"max_sequence_length={max_sequence_length}",
         )
 
 
-def _structure_violations(i: int, sample: Sample, loss: LossFunction,
-                          by_field: dict[str, list[tuple[int, torch.Tensor]]]) -> list[FieldViolation]:
-    """Shapes, dtypes, lengths and names of datum `i`; its well-formed tensors go to `by_field`."""
-    where = f"data[{i}]"
-    out = _shape_violations(f"{where}.model_input", sample.model_input, "int")
-    n = sample.length if not out else -1
-    if not out:
-        by_field["model_input"].append((i, sample.model_input))
-    if n == 0:
-        out.append(FieldViolation(f"{where}.model_input", "must hold at least one token"))
-    inputs = sample.loss_fn_inputs
+def _violations(batch: SampleBatch, loss: LossFunction, vocab_size: int) -> Found:
+    """Structure (which inputs, dtypes, lengths), then values of the well-formed tensors."""
+    found: Found = []
+
+    def add(bad_B: np.ndarray, rank: int, field: str, describe: Callable[[int], str]) -> None:
+        found.extend((i, rank, FieldViolation(f"data[{i}].{field}", describe(i))) for i in np.flatnonzero(bad_B).tolist())
+
+    columns = batch.columns
+    model = columns["model_input"]
+    n_B = model.lengths
+    known_B = model.good()  # datums whose model_input length counts
+    add(~known_B, 0, "model_input", model.problems.__getitem__)
+    add(known_B & (n_B == 0), 1, "model_input", lambda i: "must hold at least one token")
     required = ("target_tokens", *loss.required_inputs)
     used = (*required, *loss.optional_inputs)
-    for name in required:
-        if name not in inputs:
-            out.append(FieldViolation(f"{where}.loss_fn_inputs.{name}", f"required by loss '{loss.name}'"))
-    for name, tensor in inputs.items():
-        field = f"{where}.loss_fn_inputs.{name}"
+    for r, name in enumerate(required):
+        given_B = columns[name].given() if name in columns else np.zeros(len(batch), dtype=bool)
+        add(~given_B, 2 + r, f"loss_fn_inputs.{name}", lambda i: f"required by loss '{loss.name}'")
+    checked = {"model_input": known_B}  # field -> (B,) datums whose values are checked
+    for k, (name, column) in enumerate((n, c) for n, c in columns.items() if n != "model_input"):
+        field, rank, given_B = f"loss_fn_inputs.{name}", 10 + k, column.given()
         if name not in LOSS_INPUT_KINDS:
-            out.append(FieldViolation(field, f"unknown loss input (known: {', '.join(LOSS_INPUT_KINDS)})"))
-            continue
-        if name not in used:
-            out.append(FieldViolation(field, f"not used by loss '{loss.name}', which takes {', '.join(used)}"))
-            continue
-        bad = _shape_violations(field, tensor, LOSS_INPUT_KINDS[name])
-        if not bad and n >= 0 and tensor.shape[0] != n:
-            bad.append(FieldViolation(field, f"length {tensor.shape[0]} != model_input length {n}"))
-        if not bad:
-            by_field[f"loss_fn_inputs.{name}"].append((i, tensor))
-        out += bad
-    return out
+            add(given_B, rank, field, lambda i: f"unknown loss input (known: {', '.join(LOSS_INPUT_KINDS)})")
+        elif name not in used:
+            add(given_B, rank, field, lambda i: f"not used by loss '{loss.name}', which takes {', '.join(used)}")
+        else:
+            good_B = column.good()
+            add(given_B & ~good_B, rank, field, column.problems.__getitem__)
+            wrong_B = good_B & known_B & (column.lengths != n_B)
+            add(wrong_B, rank, field, lambda i: f"length {column.lengths[i]} != model_input length {n_B[i]}")
+            checked[name] = good_B & ~wrong_B
+    for k, (name, checked_B) in enumerate(checked.items()):
+        found += _value_violations(name, columns[name], checked_B, vocab_size, 100 + k)
+    return found
 
 
-def _shape_violations(field: str, tensor: torch.Tensor, kind: str) -> list[FieldViolation]:
-    """1-D, and integer ids for an "int" field, floats for a "float" one."""
-    if tensor.dim() != 1:
-        return [FieldViolation(field, f"must be 1-D, got shape {tuple(tensor.shape)}")]
-    if kind == "int" and (tensor.is_floating_point() or tensor.dtype == torch.bool):
-        return [FieldViolation(field, f"must hold integer token ids, got {tensor.dtype}")]
-    if kind == "float" and not tensor.is_floating_point():
-        return [FieldViolation(field, f"must hold floats, got {tensor.dtype}")]
-    return []
-
-
-def _value_violations(name: str, tensors: list[tuple[int, torch.Tensor]], vocab_size: int) -> list[FieldViolation]:
-    """One violation per datum whose `name` holds a bad value (the first one in it): ids
+def _value_violations(name: str, column: Column, checked_B: np.ndarray, vocab_size: int, rank: int) -> Found:
+    """One violation per checked datum whose `name` holds a bad value (the first one in it): ids
     outside [0, vocab_size); floats not finite in float32 (the engine computes in float32);
     sampling logprobs above 0."""
-    datums = [i for i, _ in tensors]
-    lengths = torch.tensor([t.shape[0] for _, t in tensors])
-    if LOSS_INPUT_KINDS.get(name.removeprefix("loss_fn_inputs."), "int") == "int":
-        values = torch.cat([t for _, t in tensors]).to(torch.int64)  # cat promotes mixed dtypes
+    values = column.values
+    if FIELD_KINDS[name] == "int":
         checks = [((values < 0) | (values >= vocab_size),
                    lambda v, pos: f"token id {int(v)} at position {pos} is outside the vocabulary [0, {vocab_size})")]
     else:
-        values = torch.cat([t for _, t in tensors]).to(torch.float64)
-        finite = torch.isfinite(values.to(torch.float32))
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(values.astype(np.float32, copy=False))
         checks = [(~finite, lambda v, pos: f"value {float(v):g} at position {pos} is not finite in float32")]
-        if name == "loss_fn_inputs.logprobs":
+        if name == "logprobs":
             checks.append((finite & (values > 0),
                            lambda v, pos: f"sampling logprobs must be <= 0; position {pos} is {float(v):g}"))
-    starts = torch.cumsum(lengths, 0) - lengths
+    field = name if name == "model_input" else f"loss_fn_inputs.{name}"
+    datums = np.flatnonzero(column.good())  # the datums in `values`, in order
     out, seen = [], set()
     for bad, describe in checks:
-        if not bool(bad.any()):
+        if not bad.any():
             continue
-        where = torch.nonzero(bad)[:, 0]
-        owner = torch.searchsorted(starts, where, right=True) - 1
-        first = torch.ones_like(owner, dtype=torch.bool)  # first bad position of each datum
+        where = np.flatnonzero(bad)
+        owner = datums[np.searchsorted(column.starts[datums], where, side="right") - 1]
+        first = np.ones(len(owner), dtype=bool)  # the first bad position of each datum
         first[1:] = owner[1:] != owner[:-1]
-        for flat, k in zip(where[first].tolist(), owner[first].tolist()):
-            if datums[k] not in seen:
-                seen.add(datums[k])
-                out.append(FieldViolation(f"data[{datums[k]}].{name}", describe(values[flat], flat - int(starts[k]))))
+        for flat, i in zip(where[first].tolist(), owner[first].tolist()):
+            if checked_B[i] and i not in seen:
+                seen.add(i)
+                out.append((i, rank, FieldViolation(f"data[{i}].{field}", describe(values[flat], flat - column.starts[i]))))
     return out
-
-
-def _datum_order(violation: FieldViolation) -> tuple[int, int]:
-    """Sort key: by datum index, keeping each datum's violations in the order found."""
-    if violation.field.startswith("data["):
-        return int(violation.field[5:violation.field.index("]")]), 0
-    return -1, 0
