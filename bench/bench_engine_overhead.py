@@ -14,7 +14,10 @@ import root) that reports:
   one, then zero_grad), with glibc told to mmap every allocation over 64 KiB so RSS follows
   the live bytes; in MiB. It includes the new gradient itself (4 bytes per parameter).
   Once with the default head chunks (at d=512 a chunk's (C x V) logits are as large as the
-  (V x D) head gradient), once with `head_chunk_tokens=128`.
+  (V x D) head gradient), once with `head_chunk_tokens=128`;
+- `accumulating peak`, with `--accumulation`: the same growth over a forward_backward onto an
+  accumulated gradient, under `gradient_accumulation` "exact" (the new gradient apart from the
+  old one) and "in-place" (trees that have the option).
 
 Trees alternate: every round runs each tree once, in a rotating order, and the table gives
 medians over rounds (`--rounds`).
@@ -56,7 +59,9 @@ def child(model: str, what: str, repeats: int) -> dict:
                              tie_word_embeddings=False)
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(os.path.join(tmp, "m"))
         policy = load_policy_model(os.path.join(tmp, "m"))
-    engine = Engine(policy, EngineConfig(checkpoint_dir=tmp, head_chunk_tokens=128 if what == "memory128" else None))
+    options = {"gradient_accumulation": what.removeprefix("accumulating:")} if what.startswith("accumulating:") else {}
+    engine = Engine(policy, EngineConfig(checkpoint_dir=tmp, head_chunk_tokens=128 if what == "memory128" else None,
+                                         **options))
     vocab = policy.vocab_size
     g = torch.Generator().manual_seed(0)
 
@@ -70,6 +75,8 @@ def child(model: str, what: str, repeats: int) -> dict:
     out = {"params_M": sum(p.numel() for p in params) / 1e6}
     if what.startswith("memory"):
         return out | {f"extra_peak_{what}_MiB": extra_peak_mib(engine, batch(2, 512))}
+    if what.startswith("accumulating:"):
+        return out | {f"extra_peak_{what}_MiB": extra_peak_mib(engine, batch(2, 512), accumulating=True)}
     tiny = batch(1, 16)
 
     def timed(reset: bool) -> float:
@@ -86,11 +93,12 @@ def child(model: str, what: str, repeats: int) -> dict:
     return out
 
 
-def extra_peak_mib(engine, big) -> float:
+def extra_peak_mib(engine, big, accumulating: bool = False) -> float:
     import gc
 
     engine.forward_backward(big, "cispo")  # first-call work (kernels, thread pools), untimed
-    engine.optimizer.zero_grad()
+    if not accumulating:
+        engine.optimizer.zero_grad()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
@@ -119,10 +127,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--accumulation", action="store_true",
+                        help="also the peak of an accumulating call, exact and in-place")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        model, what = args.child.split(":")
+        model, what = args.child.split(":", 1)
         print(json.dumps(child(model, what, args.repeats)))
         return
     trees = [t.split("=", 1) for t in (args.tree or [f"this={os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}"])]
@@ -133,7 +143,8 @@ def main() -> None:
             order = trees[r % len(trees):] + trees[:r % len(trees)]
             for label, _ in order:
                 result = {}
-                for what in ("time", "memory", "memory128"):
+                extra = ("accumulating:exact", "accumulating:in-place") if args.accumulation else ()
+                for what in ("time", "memory", "memory128", *extra):
                     # Memory: every allocation over 64 KiB is mmapped and unmapped when freed, so
                     # RSS follows the live bytes. Times: glibc's default (it reuses memory).
                     env = dict(os.environ, PYTHONPATH=roots[label])
@@ -147,16 +158,19 @@ def main() -> None:
                     result |= json.loads(proc.stdout.strip().splitlines()[-1])
                 results[(model, label)].append(result)
                 print(f"  round {r} {model} {label}: {results[(model, label)][-1]}", flush=True)
+    accumulating = (" | accumulating peak, exact | accumulating peak, in-place", "|---|---") if args.accumulation else ("", "")
     print("\n| model | tree | tiny fwd_bwd, no gradient yet | tiny fwd_bwd, accumulating | "
-          "extra peak, fwd_bwd 2 x 512 | same, 128-token head chunks |")
-    print("|---|---|---|---|---|---|")
+          f"extra peak, fwd_bwd 2 x 512 | same, 128-token head chunks{accumulating[0]} |")
+    print(f"|---|---|---|---|---|---{accumulating[1]}|")
     for model in args.models:
         for label, _ in trees:
             rs = results[(model, label)]
             med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+            cells = "".join(f" {med[f'extra_peak_accumulating:{mode}_MiB']:.0f} MiB |" for mode in ("exact", "in-place")
+                            if args.accumulation)
             print(f"| {model} ({med['params_M']:.1f}M) | {label} | {med['first_ms']:.1f} ms | "
                   f"{med['accumulating_ms']:.1f} ms | {med['extra_peak_memory_MiB']:.0f} MiB | "
-                  f"{med['extra_peak_memory128_MiB']:.0f} MiB |")
+                  f"{med['extra_peak_memory128_MiB']:.0f} MiB |{cells}")
 
 
 if __name__ == "__main__":

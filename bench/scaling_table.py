@@ -8,8 +8,14 @@ config shape. Per rank, in GiB, for a bf16 compute dtype:
   state        sharding.state_bytes: fp32 weights, gradient, AdamW moments (16 bytes per parameter;
                1/W of that under fsdp)
   working set  replicated: autocast's bf16 copy of every weight (2 bytes per parameter, kept for
-               backward); fsdp: the root's gathered bf16 weights (embeddings, head) plus two
-               gathered decoder layers and one layer's unsharded bf16 gradient
+               backward); fsdp: the root's gathered bf16 weights (embeddings, head) and their
+               unsharded fp32 gradients (alive from the head's backward to the root's
+               reduce-scatter), plus two gathered decoder layers and one layer's unsharded bf16
+               gradient
+  accumulation --gradient-accumulation exact (the default): a forward_backward onto an
+               accumulated gradient holds a second gradient (4 bytes per parameter, 1/W under
+               fsdp); in-place: only the embedding's dense (V x D) fp32 gradient, which its
+               backward makes before adding it in (replicated; fsdp's root term covers it)
   activations  one micro-batch of `--micro-batch-tokens` tokens in bf16, saved for backward:
                per layer T x (6 D + 2 D_kv + 4 I) with a varlen attention kernel (no T x T), or
                T x D per layer plus one layer's full set with --activation-checkpointing; plus
@@ -62,14 +68,20 @@ def activation_bytes(s: dict, tokens: int, checkpointing: bool) -> int:
     return layers + 2 * default_chunk_tokens(tokens, s["D"], s["V"]) * s["V"] * 4
 
 
-def full_bytes(s: dict, world_size: int, sharding: str, tokens: int, checkpointing: bool) -> int:
+def full_bytes(s: dict, world_size: int, sharding: str, tokens: int, checkpointing: bool, accumulation: str) -> int:
     state = state_bytes(s["n"], world_size, sharding).total
-    working = 2 * s["n"] if sharding == "replicated" else 2 * s["root"] + 3 * 2 * s["layer"]
-    return state + working + activation_bytes(s, tokens, checkpointing) + OVERHEAD
+    replicated = sharding == "replicated"
+    working = 2 * s["n"] if replicated else (2 + 4) * s["root"] + 3 * 2 * s["layer"]
+    if accumulation == "exact":
+        second = 4 * s["n"] // (1 if replicated else world_size)
+    else:
+        second = 4 * s["V"] * s["D"] if replicated else 0
+    return state + working + second + activation_bytes(s, tokens, checkpointing) + OVERHEAD
 
 
-def lora_bytes(s: dict, tokens: int, checkpointing: bool) -> int:
-    return 6 * s["n"] + state_bytes(s["lora"]).total + activation_bytes(s, tokens, checkpointing) + OVERHEAD
+def lora_bytes(s: dict, tokens: int, checkpointing: bool, accumulation: str) -> int:
+    second = 4 * s["lora"] if accumulation == "exact" else 0
+    return 6 * s["n"] + state_bytes(s["lora"]).total + second + activation_bytes(s, tokens, checkpointing) + OVERHEAD
 
 
 def main() -> None:
@@ -77,22 +89,26 @@ def main() -> None:
     p.add_argument("--gpu-gib", type=float, default=80)
     p.add_argument("--micro-batch-tokens", type=int, default=8192)
     p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument("--gradient-accumulation", choices=("exact", "in-place"), default="exact")
     args = p.parse_args()
+    mode = args.gradient_accumulation
     limit, tokens = args.gpu_gib * GIB, args.micro_batch_tokens
 
     def cell(size: int) -> str:
         return f"{size / GIB:.0f} {'fits' if size <= limit else 'no'}"
 
-    print(f"GiB per rank on {args.gpu_gib:g} GiB GPUs, {tokens}-token micro-batches, bf16 compute; "
+    print(f"GiB per rank on {args.gpu_gib:g} GiB GPUs, {tokens}-token micro-batches, bf16 compute, "
+          f"--gradient-accumulation {mode}; "
           "'fits' when it is at most the GPU's memory. Each cell: without / with --activation-checkpointing.\n")
     print("| model | parameters | full, replicated (any W) | "
           + " | ".join(f"full, fsdp W={w}" for w in args.world_sizes) + " | LoRA r=32, one GPU |")
     print("|---|---|---|" + "---|" * len(args.world_sizes) + "---|")
     for name, config in MODELS.items():
         s = shape(config)
-        cells = [" / ".join(cell(full_bytes(s, 1, "replicated", tokens, c)) for c in (False, True))]
-        cells += [" / ".join(cell(full_bytes(s, w, "fsdp", tokens, c)) for c in (False, True)) for w in args.world_sizes]
-        cells.append(" / ".join(cell(lora_bytes(s, tokens, c)) for c in (False, True)))
+        cells = [" / ".join(cell(full_bytes(s, 1, "replicated", tokens, c, mode)) for c in (False, True))]
+        cells += [" / ".join(cell(full_bytes(s, w, "fsdp", tokens, c, mode)) for c in (False, True))
+                  for w in args.world_sizes]
+        cells.append(" / ".join(cell(lora_bytes(s, tokens, c, mode)) for c in (False, True)))
         print(f"| {name} | {s['n'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
 
 

@@ -30,6 +30,7 @@ from cispo.service.tls import TlsConfigError, check_tls_files  # noqa: E402
 from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
                                   is_loopback)
 from cispo.worker import EMBEDDED_MODEL_NAME, Engine, EngineConfig, checkpoint, load_policy_model  # noqa: E402
+from cispo.worker.engine import GRADIENT_ACCUMULATION  # noqa: E402
 from cispo.worker.runs import SingleRun, TrainingRuns  # noqa: E402
 from cispo.worker.sampler_weights import SERVING_DTYPES, ExportConfig  # noqa: E402
 from cispo.worker.sampling import SamplingLimits  # noqa: E402
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in a data-parallel group: replicated (every rank holds the whole fp32 model, gradient "
                         "and AdamW state, 16 bytes per parameter) or fsdp (FSDP2 shards them across the ranks; "
                         "the ranks must share --checkpoint-dir). See docs/scaling.md [CISPO_SHARDING]")
+    g.add_argument("--gradient-accumulation", type=str.lower, choices=GRADIENT_ACCUMULATION,
+                   default=env("GRADIENT_ACCUMULATION", "exact").lower(),
+                   help="exact: a forward_backward that fails (out of memory, a non-finite gradient) leaves the "
+                        "accumulated gradient exactly as it was, at the cost of a second gradient's memory while "
+                        "it runs; in-place: it adds into the accumulated gradient (one gradient in memory), and "
+                        "a failure discards what was accumulated since the last optim_step, as its error says "
+                        "[CISPO_GRADIENT_ACCUMULATION]")
     g.add_argument("--activation-checkpointing", action="store_true", default=env_bool("ACTIVATION_CHECKPOINTING"),
                    help="recompute each decoder layer's activations in backward instead of keeping them: "
                         "less memory for long sequences, about a third more compute "
@@ -232,6 +240,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"CISPO_LOG_FORMAT={args.log_format!r}: choose from {', '.join(LOG_FORMATS)}")
     if args.sharding not in SHARDING_MODES:
         parser.error(f"CISPO_SHARDING={args.sharding!r}: choose from {', '.join(SHARDING_MODES)}")
+    if args.gradient_accumulation not in GRADIENT_ACCUMULATION:
+        parser.error(f"CISPO_GRADIENT_ACCUMULATION={args.gradient_accumulation!r}: choose from "
+                     f"{', '.join(GRADIENT_ACCUMULATION)}")
     return args
 
 
@@ -386,7 +397,7 @@ def run(args) -> None:
     try:
         engine_config = EngineConfig(
             checkpoint_dir=Path(args.checkpoint_dir), micro_batch_tokens=args.micro_batch_tokens,
-            max_tokens_per_request=args.max_tokens_per_request,
+            max_tokens_per_request=args.max_tokens_per_request, gradient_accumulation=args.gradient_accumulation,
             sampling=SamplingLimits(args.max_sample_tokens, args.max_num_samples, args.max_sample_request_tokens),
             export=ExportConfig(Path(args.sampler_dir), args.sampler_dtype, args.sampler_max_shard_bytes,
                                 args.sampler_cache_size))

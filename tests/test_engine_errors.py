@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from cispo.worker import AdamParams, ComputeFailed, InvalidInput, LimitExceeded, Sample, StateNotFound
+from cispo.worker import (AdamParams, ComputeFailed, Engine, EngineConfig, InvalidInput, LimitExceeded, Sample,
+                          StateNotFound, load_policy_model)
 from reference import make_samples
 
 
@@ -238,3 +239,52 @@ def test_accumulated_gradient_is_the_sum_of_the_calls(engine):
     only_a = grads_of(engine)
     for got, ga, gb in zip(two, only_a, only_b):
         torch.testing.assert_close(got, ga + gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture
+def in_place(tmp_path) -> Engine:
+    """An engine with --gradient-accumulation in-place and small micro-batches."""
+    return Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path / "ckpt", micro_batch_tokens=64,
+                                                    gradient_accumulation="in-place"))
+
+
+def test_in_place_accumulation_adds_into_the_same_tensors(in_place, engine):
+    """In place, backward adds into the accumulated .grads themselves (no second gradient), and
+    the sum equals what exact accumulation gives."""
+    a, b = make_samples([8, 5], seed=0), make_samples([60, 60, 60], seed=1)  # b: 3 micro-batches
+    for e in (in_place, engine):
+        e.forward_backward(a)
+    storage = [p.grad.untyped_storage().data_ptr() for p in in_place.named_params.values()]
+    for e in (in_place, engine):
+        e.forward_backward(b)
+    assert [p.grad.untyped_storage().data_ptr() for p in in_place.named_params.values()] == storage
+    for got, want in zip(grads_of(in_place), grads_of(engine)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_in_place_failure_discards_the_accumulated_gradient_and_says_so(in_place):
+    in_place.forward_backward(make_samples([8, 5], seed=0))
+    weights = [p.detach().clone() for p in in_place.named_params.values()]
+    calls = []
+    handle = in_place.policy.model.model.layers[1].register_forward_pre_hook(fail_on_second_call(calls))
+    try:
+        with pytest.raises(ComputeFailed, match="out of memory.*accumulated since the last optim_step was "
+                                                "discarded.*weights and optimizer state are unchanged"):
+            in_place.forward_backward(make_samples([60, 60, 60], seed=5))
+    finally:
+        handle.remove()
+    assert all(p.grad is None for p in in_place.named_params.values())
+    in_place.forward_backward(make_samples([6], seed=2))
+    [sample] = make_samples([6], seed=2)
+    huge = Sample(sample.model_input, {**sample.loss_fn_inputs, "advantages": torch.full((6,), 3e38)})
+    with pytest.raises(InvalidInput, match="not finite in float32.*accumulated since the last optim_step was discarded"):
+        in_place.forward_backward([huge])
+    assert all(p.grad is None for p in in_place.named_params.values())
+    assert all(torch.equal(p, w) for p, w in zip(in_place.named_params.values(), weights))
+    with pytest.raises(InvalidInput, match="not finite in float32.*accumulated gradient is unchanged"):
+        in_place.forward_backward([huge])  # nothing was accumulated: nothing is lost
+
+
+def test_gradient_accumulation_mode_is_checked():
+    with pytest.raises(ValueError, match="gradient_accumulation must be one of exact, in-place, got 'inplace'"):
+        EngineConfig(gradient_accumulation="inplace")

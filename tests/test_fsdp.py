@@ -34,14 +34,15 @@ def read_state(path) -> dict[str, torch.Tensor]:
 
 
 def train(address: str, checkpoint_dir) -> dict:
-    """Two forward_backward + step rounds (a refused step between them), a save, samples and an
-    export; returns what the test compares."""
+    """Two rounds of forward_backward (two calls in the first) + step, with a refused step
+    between them, a save, samples and an export; returns what the test compares."""
     with TrainingClient(address, wait_for_ready=True) as client:
         info = client.get_info()
         out = {"info": [info], "results": [], "grad_norms": []}
-        for seed in (1, 2):
-            r = client.forward_backward(batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result()
-            out["results"].append(r)
+        for seeds in ((1, 4), (2,)):  # the first step's gradient accumulates over two calls
+            for seed in seeds:
+                out["results"].append(client.forward_backward(
+                    batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result())
             with pytest.raises(FailedPreconditionError, match="non-finite"):
                 client.optim_step(AdamParams(learning_rate=3e38)).result()
             out["grad_norms"].append(client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).result().grad_norm)
@@ -60,13 +61,16 @@ def train(address: str, checkpoint_dir) -> dict:
 
 
 def test_fsdp_two_ranks_equal_one_rank(tmp_path):
+    """W=2 fsdp (activation checkpointing, in-place gradient accumulation) against W=1
+    (replicated, exact accumulation): the same results, steps, samples, weights and export."""
     single = ServerProcess("--sampler-dtype", "float32", checkpoint_dir=tmp_path / "w1")
     try:
         one = train(single.address, tmp_path / "w1")
     finally:
         single.terminate()
     group = ServerProcess("--sampler-dtype", "float32", "--sharding", "fsdp", "--activation-checkpointing",
-                          "--sampler-max-shard-bytes", "300000", checkpoint_dir=tmp_path / "w2",
+                          "--gradient-accumulation", "in-place", "--sampler-max-shard-bytes", "300000",
+                          checkpoint_dir=tmp_path / "w2",
                           launcher=torchrun(2))
     try:
         two = train(group.address, tmp_path / "w2")

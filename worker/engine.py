@@ -30,6 +30,9 @@ from cispo.worker.sharding import MemoryUse, first_failure, like, local, local_b
 from cispo.worker.validation import validate_batch
 
 
+GRADIENT_ACCUMULATION = ("exact", "in-place")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits and sizes of the engine."""
@@ -46,6 +49,11 @@ class EngineConfig:
     """Bounds of Sample requests."""
     export: ExportConfig = ExportConfig()
     """Where and how save_weights_for_sampler writes, and the cache of loaded exports."""
+    gradient_accumulation: str = "exact"
+    """How forward_backward adds to an accumulated gradient (GRADIENT_ACCUMULATION): "exact"
+    holds the new gradient apart until it is known good, so a failure leaves the old one as it
+    was (two gradients at the peak); "in-place" adds into the old one (one gradient), and a
+    failure discards the gradient accumulated since the last optim_step."""
 
     def __post_init__(self):
         if self.micro_batch_tokens < 1:
@@ -54,6 +62,9 @@ class EngineConfig:
             raise ValueError(f"max_tokens_per_request must be >= 1, got {self.max_tokens_per_request}")
         if self.head_chunk_tokens is not None and self.head_chunk_tokens < 1:
             raise ValueError(f"head_chunk_tokens must be >= 1 or None, got {self.head_chunk_tokens}")
+        if self.gradient_accumulation not in GRADIENT_ACCUMULATION:
+            raise ValueError(f"gradient_accumulation must be one of {', '.join(GRADIENT_ACCUMULATION)}, "
+                             f"got {self.gradient_accumulation!r}")
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,9 @@ SHARDED_EXPORT_SAMPLING = ("a sharded group (--sharding fsdp) samples its curren
 
 NON_FINITE_GRADIENT = ("the loss gradient of this batch, added to the accumulated gradient, is not finite in float32 "
                        "(advantages or weights too large?)")
+
+DISCARDED_GRADIENT = ("the gradient accumulated since the last optim_step was discarded (--gradient-accumulation "
+                      "in-place); the weights and optimizer state are unchanged")
 
 # Sums gradients across data-parallel ranks in place (None on a single rank).
 GradientReducer = Callable[[list[torch.Tensor]], None]
@@ -236,18 +250,25 @@ class Engine:
         """forward_backward on already validated samples (possibly none: a rank's empty shard),
         in at least `micro_batches` trunk passes (the group's most, when sharded).
 
-        The new gradient is accumulated apart from the old one: backward writes straight into
-        fresh `.grad`s (after an optim_step there is no old one, and this is the only gradient),
-        the old one is added into them, and the sum is kept only when its norm is finite on
-        every rank (`agree_on_failure`). The old tensors are never written, so a failure
-        mid-way (e.g. out of memory) or a non-finite sum on any rank puts them back exactly as
-        they were.
+        "exact" accumulation: the new gradient is accumulated apart from the old one. Backward
+        writes straight into fresh `.grad`s (after an optim_step there is no old one, and this
+        is the only gradient), the old one is added into them, and the sum is kept only when its
+        norm is finite on every rank (`agree_on_failure`). The old tensors are never written, so
+        a failure mid-way (e.g. out of memory) or a non-finite sum on any rank puts them back
+        exactly as they were.
+
+        "in-place": backward adds into the old `.grad`s, so one gradient is alive; a failure or
+        a non-finite sum drops the whole accumulated gradient (every `.grad` None), and the
+        error says so.
         """
         self.activate()
         params = list(self.named_params.values())
-        previous = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        in_place = self.config.gradient_accumulation == "in-place"
+        had_gradient = any(p.grad is not None for p in params)
+        previous = [None if in_place else p.grad for p in params]  # no reference: backward adds in place
+        if not in_place:
+            for p in params:
+                p.grad = None
         failure, error, result = None, None, BatchResult([], BatchStats())
         try:
             pending = self._run(samples, loss, config, backward=True, micro_batches=micro_batches)
@@ -266,10 +287,10 @@ class Engine:
         if failure is not None:
             for p, g in zip(params, previous):
                 p.grad = g
+            left = (DISCARDED_GRADIENT if in_place and had_gradient else "the accumulated gradient is unchanged")
             if failure.non_finite:
-                raise InvalidInput([FieldViolation("data", f"{failure}; the accumulated gradient is unchanged")])
-            raise ComputeFailed(f"forward_backward failed ({failure}); the accumulated gradient is unchanged",
-                                failure.out_of_memory) from error
+                raise InvalidInput([FieldViolation("data", f"{failure}; {left}")])
+            raise ComputeFailed(f"forward_backward failed ({failure}); {left}", failure.out_of_memory) from error
         return result
 
     @staticmethod
