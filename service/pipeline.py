@@ -180,7 +180,7 @@ class OperationPipeline:
                 taken = self._take()
                 futures = [future for _, future in taken]
                 self._running = futures
-            self._loop.call_soon_threadsafe(self._room_freed)
+            self._on_loop(self._room_freed)
             first = taken[0][0]
             try:
                 if isinstance(first, Batchable):
@@ -193,8 +193,16 @@ class OperationPipeline:
             with self._work:
                 self._running = []
                 self.completed += len(futures)
-            self._loop.call_soon_threadsafe(self._deliver, futures, outcomes)
-        self._loop.call_soon_threadsafe(self._finished)
+            self._on_loop(self._deliver, futures, outcomes)
+        self._on_loop(self._finished)
+
+    def _on_loop(self, callback, *args) -> None:
+        """Run `callback(*args)` on the event loop; nothing if the loop is closed (its callers are gone)."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            if not self._loop.is_closed():
+                raise
 
     def _room_freed(self) -> None:
         asyncio.ensure_future(self._notify())
