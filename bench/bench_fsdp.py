@@ -1,7 +1,8 @@
-"""Per-rank memory of full fine-tuning, replicated against `--sharding fsdp`, at W = 1, 2, 4
-(torch.distributed with gloo on the CPU, launched by torchrun as the server's groups are).
+"""Per-rank memory of full fine-tuning (or, with `--lora`, of a LoRA run), replicated against
+`--sharding fsdp`, at W = 1, 2, 4 (torch.distributed with gloo on the CPU, launched by torchrun
+as the server's groups are).
 
-    .venv/bin/python bench/bench_fsdp.py [--layers 4 --hidden 512 --vocab 32000 --world-sizes 1 2 4]
+    .venv/bin/python bench/bench_fsdp.py [--layers 4 --hidden 512 --vocab 32000 --world-sizes 1 2 4] [--lora]
 
 A Llama (random init, `save_pretrained`, loaded with `load_policy_model`) runs two steps of
 forward_backward (the same batch, split over the ranks by tokens) + optim_step on each rank's
@@ -9,6 +10,8 @@ Engine. Reported per rank, in MiB:
   state     what the engine reports (GetInfo.memory, cispo_run_state_bytes) after a
             forward_backward: weights + gradient + AdamW moments
   predicted `sharding.state_bytes` for the same model: the accounting docs/scaling.md uses
+  base      --lora: the bytes of the frozen base this rank holds (every base parameter, 1/W
+            of each under fsdp), beside the adapter's state (whole on every rank)
   peak RSS  the process's peak resident memory (torch, the model load, activations included)
 and seconds per step. Optional `--activation-checkpointing` row at the largest W.
 """
@@ -30,15 +33,21 @@ def worker(args) -> None:
     """One rank: load, shard (W > 1 and fsdp), two steps; rank 0 prints every rank's figures."""
     import torch.distributed as dist
 
-    from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model
+    from cispo.worker import AdamParams, Engine, EngineConfig, Sample, lora, load_policy_model
     from cispo.worker.group import attach, init_group, shard_by_tokens
-    from cispo.worker.sharding import state_bytes
+    from cispo.worker.sharding import local_bytes, state_bytes
 
     ctx = init_group(torch.device("cpu"))
     policy = load_policy_model(args.model, "cpu", activation_checkpointing=args.activation_checkpointing,
                                shard=args.sharding == "fsdp")
-    engine = Engine(policy, EngineConfig(checkpoint_dir=args.tmp))
+    run = {}
+    if args.lora:
+        spec = lora.LoraSpec(rank=args.lora_rank)
+        lora.add_adapter(policy, "bench", spec)
+        run = {"adapter": "bench", "lora_spec": spec}
+    engine = Engine(policy, EngineConfig(checkpoint_dir=args.tmp), **run)
     attach(engine, ctx)
+    base = local_bytes(p for n, p in policy.model.named_parameters() if "lora_" not in n)
     g = torch.Generator().manual_seed(0)
     lengths = [512] * 8
     samples = [Sample(torch.randint(0, args.vocab, (n,), generator=g), {
@@ -54,8 +63,8 @@ def worker(args) -> None:
         engine.optim_step(AdamParams(learning_rate=1e-4))
         times.append(time.perf_counter() - started)
     num_parameters = sum(p.numel() for p in engine.named_params.values())
-    predicted = state_bytes(num_parameters, ctx.world_size, args.sharding)
-    mine = {"rank": ctx.rank, "state": state.total, "predicted": predicted.total,
+    predicted = state_bytes(num_parameters, ctx.world_size, "replicated" if args.lora else args.sharding)
+    mine = {"rank": ctx.rank, "state": state.total, "predicted": predicted.total, "base": base,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "seconds": times[-1]}
     everyone = [None] * ctx.world_size
     dist.all_gather_object(everyone, mine, group=ctx.control)
@@ -67,7 +76,8 @@ def worker(args) -> None:
 def run(args, world_size: int, sharding: str, checkpointing: bool = False) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
            __file__, "--worker", "--model", args.model, "--vocab", str(args.vocab), "--sharding", sharding,
-           "--tmp", args.tmp] + (["--activation-checkpointing"] if checkpointing else [])
+           "--tmp", args.tmp, "--lora-rank", str(args.lora_rank)] + (["--activation-checkpointing"] if checkpointing else []) \
+        + (["--lora"] if args.lora else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world_size))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
@@ -80,6 +90,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--lora", action="store_true", help="a LoRA run (every linear layer) in place of a full fine-tune")
+    p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--sharding", default="replicated", help=argparse.SUPPRESS)
@@ -98,18 +110,24 @@ def main() -> None:
         model.save_pretrained(args.model)
         n = sum(t.numel() for t in model.parameters())
         print(f"model: {n / 1e6:.1f}M parameters ({args.layers} layers, d={args.hidden}, V={args.vocab}); "
-              f"batch 8 x 512 tokens; CPU, gloo")
-        print("| W | sharding | state per rank (MiB) | predicted (MiB) | peak RSS per rank (MiB) | s/step |")
-        print("|---|---|---|---|---|---|")
+              f"batch 8 x 512 tokens; CPU, gloo" + (f"; LoRA r={args.lora_rank}" if args.lora else ""))
+        print("| W | sharding | state per rank (MiB) | predicted (MiB) | frozen base per rank (MiB) "
+              "| peak RSS per rank (MiB) | s/step |")
+        print("|---|---|---|---|---|---|---|")
         rows = [(w, "replicated" if w == 1 else mode, False) for w in args.world_sizes
                 for mode in (("replicated",) if w == 1 else ("replicated", "fsdp"))]
         if args.activation_checkpointing:
             rows.append((max(args.world_sizes), "fsdp", True))
         mib = 1 << 20
+
+        def base(ranks) -> str:
+            return f"{max(r['base'] for r in ranks) / mib:.1f}" if args.lora else "-"
+
         for world_size, sharding, checkpointing in rows:
             ranks = run(args, world_size, sharding, checkpointing)
             print(f"| {world_size} | {sharding}{' + activation checkpointing' if checkpointing else ''} "
                   f"| {max(r['state'] for r in ranks) / mib:.1f} | {ranks[0]['predicted'] / mib:.1f} "
+                  f"| {base(ranks)} "
                   f"| {max(r['peak_rss'] for r in ranks) / mib:.0f} | {max(r['seconds'] for r in ranks):.2f} |",
                   flush=True)
 

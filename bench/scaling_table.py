@@ -22,8 +22,10 @@ config shape. Per rank, in GiB, for a bf16 compute dtype:
                the chunked head's two (chunk x V) fp32 buffers
   overhead     3 GiB: CUDA context, allocator fragmentation, NCCL buffers
 A configuration fits when the sum is at most the GPU's memory. LoRA (rank 32, every linear
-layer) runs in one process: the frozen base is held in fp32 (4 bytes per parameter) plus its
-bf16 autocast copy; the adapter costs 16 bytes per adapter parameter.
+layer): the frozen base is held in the compute dtype (2 bytes per parameter) by one process or
+a replicated group, and in FSDP2's fp32 shards (4 bytes per parameter, 1/W of them) under fsdp,
+plus the root's and two decoder layers' gathered bf16 weights; the adapter costs 16 bytes per
+adapter parameter on every rank (20 with exact accumulation's second gradient).
 """
 
 import argparse
@@ -79,9 +81,13 @@ def full_bytes(s: dict, world_size: int, sharding: str, tokens: int, checkpointi
     return state + working + second + activation_bytes(s, tokens, checkpointing) + OVERHEAD
 
 
-def lora_bytes(s: dict, tokens: int, checkpointing: bool, accumulation: str) -> int:
+def lora_bytes(s: dict, world_size: int, sharding: str, tokens: int, checkpointing: bool, accumulation: str) -> int:
+    if sharding == "replicated":
+        base = 2 * s["n"]
+    else:
+        base = 4 * -(-s["n"] // world_size) + 2 * s["root"] + 2 * 2 * s["layer"]
     second = 4 * s["lora"] if accumulation == "exact" else 0
-    return 6 * s["n"] + state_bytes(s["lora"]).total + second + activation_bytes(s, tokens, checkpointing) + OVERHEAD
+    return base + state_bytes(s["lora"]).total + second + activation_bytes(s, tokens, checkpointing) + OVERHEAD
 
 
 def main() -> None:
@@ -100,17 +106,19 @@ def main() -> None:
     print(f"GiB per rank on {args.gpu_gib:g} GiB GPUs, {tokens}-token micro-batches, bf16 compute, "
           f"--gradient-accumulation {mode}; "
           "'fits' when it is at most the GPU's memory. Each cell: without / with --activation-checkpointing.\n")
-    print("| model | parameters | full, replicated (any W) | "
-          + " | ".join(f"full, fsdp W={w}" for w in args.world_sizes) + " | LoRA r=32, one GPU |")
-    print("|---|---|---|" + "---|" * len(args.world_sizes) + "---|")
-    for name, config in MODELS.items():
-        s = shape(config)
-        cells = [" / ".join(cell(full_bytes(s, 1, "replicated", tokens, c, mode)) for c in (False, True))]
-        cells += [" / ".join(cell(full_bytes(s, w, "fsdp", tokens, c, mode)) for c in (False, True))
-                  for w in args.world_sizes]
-        cells.append(" / ".join(cell(lora_bytes(s, tokens, c, mode)) for c in (False, True)))
-        print(f"| {name} | {s['n'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
+    def table(kind: str, size) -> None:
+        print(f"| model | parameters | {kind}, replicated (any W) | "
+              + " | ".join(f"{kind}, fsdp W={w}" for w in args.world_sizes) + " |")
+        print("|---|---|---|" + "---|" * len(args.world_sizes))
+        for name, config in MODELS.items():
+            s = shape(config)
+            cells = [" / ".join(cell(size(s, w, sharding, tokens, c, mode)) for c in (False, True))
+                     for w, sharding in [(1, "replicated")] + [(w, "fsdp") for w in args.world_sizes]]
+            print(f"| {name} | {s['n'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
 
+    table("full", full_bytes)
+    print()
+    table(f"LoRA r={LORA_RANK}", lora_bytes)
 
 if __name__ == "__main__":
     main()

@@ -29,12 +29,12 @@ from cispo.service.auth import TokenFileError, load_tokens  # noqa: E402
 from cispo.service.tls import TlsConfigError, check_tls_files  # noqa: E402
 from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
                                   is_loopback)
-from cispo.worker import EMBEDDED_MODEL_NAME, Engine, EngineConfig, checkpoint, load_policy_model  # noqa: E402
+from cispo.worker import EMBEDDED_MODEL_NAME, EngineConfig, checkpoint, load_policy_model  # noqa: E402
 from cispo.worker.engine import GRADIENT_ACCUMULATION  # noqa: E402
-from cispo.worker.runs import SingleRun, TrainingRuns  # noqa: E402
+from cispo.worker.runs import TrainingRuns  # noqa: E402
 from cispo.worker.sampler_weights import SERVING_DTYPES, ExportConfig  # noqa: E402
 from cispo.worker.sampling import SamplingLimits  # noqa: E402
-from cispo.worker.group import GroupEngine, init_group, run_worker, world_size_from_env  # noqa: E402
+from cispo.worker.group import GroupRuns, attach, init_group, run_worker, world_size_from_env  # noqa: E402
 from cispo.worker.model import resolve_device  # noqa: E402
 from cispo.worker.sharding import SHARDING_MODES  # noqa: E402
 
@@ -413,17 +413,17 @@ def run(args) -> None:
         asyncio.run(serve(runs, config))
         return
     ctx = init_group(resolve_device(device))
-    engine = Engine(load_model(args, device, shard=args.sharding == "fsdp"), engine_config)
+    shard = args.sharding == "fsdp"
+    runs = TrainingRuns(load_model(args, device, shard=shard), engine_config, args.max_runs,
+                        reload=lambda: load_model(args, device, shard=shard), attach=lambda e: attach(e, ctx))
     if ctx.rank != 0:
         # Rank 0 drains and then releases this rank; torchrun forwards SIGTERM to every rank.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        run_worker(engine, ctx)
+        run_worker(runs, ctx)
         dist.destroy_process_group()
         return
-    group = GroupEngine(engine, ctx, rank_timeout=args.rank_timeout_seconds)
-    why = (f"this server is a data-parallel group of {world_size} ranks, which trains the default run only; "
-           "training runs (CreateModel) need a single-process server")
-    asyncio.run(serve(SingleRun(group, why), config, world_size, group))
+    group = GroupRuns(runs, ctx, rank_timeout=args.rank_timeout_seconds)
+    asyncio.run(serve(group, config, world_size, group))
     if group.broken is not None:
         logging.shutdown()
         os._exit(3)  # the engine thread may be stuck in a collective with the lost rank
@@ -451,9 +451,9 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-async def serve(runs, config: ServerConfig, world_size: int = 1, group: GroupEngine | None = None) -> None:
+async def serve(runs, config: ServerConfig, world_size: int = 1, group: GroupRuns | None = None) -> None:
     """Serve `runs` until SIGTERM/SIGINT, then drain. `group`: rank 0's view of a data-parallel
-    group, whose one run `runs` serves."""
+    group (the runs served, then)."""
     server = TrainingServer(runs, config, world_size=world_size)
     if group is not None:
         group.on_rank_lost = server.rank_lost

@@ -88,7 +88,7 @@ class RatioHistogramCollector:
 class RunsCollector:
     """`cispo_training_runs`, `cispo_training_runs_max`, `cispo_run_trainable_bytes{run}` and
     `cispo_run_state_bytes{run,kind}`, read from the runs registry (worker.runs.TrainingRuns or
-    SingleRun) at each scrape."""
+    worker.group.GroupRuns) at each scrape."""
 
     def __init__(self, runs):
         self.runs = runs

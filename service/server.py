@@ -85,7 +85,7 @@ class TrainingServer:
     """One server process. `start()` binds; `drain()` stops accepting, finishes, exits."""
 
     def __init__(self, runs, config: ServerConfig, registry: CollectorRegistry | None = None, world_size: int = 1):
-        """`runs`: the training runs served (worker.runs.TrainingRuns, or SingleRun for a group)."""
+        """`runs`: the training runs served (worker.runs.TrainingRuns, or worker.group.GroupRuns)."""
         self.runs = runs
         self.config = config
         self.metrics = ServiceMetrics(registry)

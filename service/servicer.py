@@ -87,7 +87,7 @@ class Decoded:
 class TrainingServicer:
     def __init__(self, runs, pipeline: OperationPipeline, metrics: ServiceMetrics, limits: dict[str, int],
                  world_size: int = 1, idempotency: IdempotencyCache | None = None, base_model: str = ""):
-        """`runs`: the training runs (worker.runs.TrainingRuns or SingleRun); `base_model`: the
+        """`runs`: the training runs (worker.runs.TrainingRuns, or worker.group.GroupRuns); `base_model`: the
         name CreateModel may give the served model."""
         self.runs = runs
         self.base_model = base_model or runs.policy.name
@@ -374,7 +374,8 @@ class TrainingServicer:
                 max_sequence_length=runs.policy.max_sequence_length, device=runs.policy.device.type,
                 dtype=str(runs.policy.compute_dtype).removeprefix("torch."),
                 num_parameters=sum(p.numel() for p in runs.policy.model.parameters()), step=0,
-                has_tokenizer=runs.policy.tokenizer is not None, eos_token_ids=runs.policy.eos_token_ids)
+                has_tokenizer=runs.policy.tokenizer is not None, eos_token_ids=runs.policy.eos_token_ids,
+                sharding=runs.policy.sharding)
         return convert.encode_info(engine_info, self.limits, self.world_size, run=run, base_model=self.base_model,
                                    num_runs=len(runs), max_runs=runs.max_runs)
 

@@ -26,7 +26,7 @@ from cispo.worker.model import PolicyModel
 from cispo.worker.optimizer import MOMENTS, AdamParams, Optimizer
 from cispo.worker.sampler_weights import ExportCache, ExportConfig, SamplerWeights
 from cispo.worker.sampling import SampleRequest, SampleResult, SamplingLimits, generate, validate_sample_request
-from cispo.worker.sharding import MemoryUse, first_failure, like, local, local_bytes
+from cispo.worker.sharding import MemoryUse, first_failure, is_sharded, like, local, local_bytes
 from cispo.worker.validation import validate_batch
 
 
@@ -186,10 +186,12 @@ class Engine:
         self.lora_spec = lora_spec
         self.named_params = (lora.adapter_parameters(policy, adapter) if adapter is not None else
                              {n: p for n, p in policy.model.named_parameters() if p.requires_grad})
+        # FSDP2 shards a full fine-tune's parameters; a LoRA run's adapter is whole on every rank.
+        self.state_sharded = any(is_sharded(p) for p in self.named_params.values())
         head = policy.model.get_output_embeddings().weight
         # The head's fp32 leaf, when the fused head may write its gradient straight into .grad.
         self.head_param = head if policy.sharded is None and any(p is head for p in self.named_params.values()) else None
-        self.optimizer = Optimizer(self.named_params, sharded=policy.sharded is not None)
+        self.optimizer = Optimizer(self.named_params, sharded=self.state_sharded)
         self.exports = exports if exports is not None else ExportCache(config.export.cache_size)
 
     def activate(self) -> None:
@@ -204,7 +206,7 @@ class Engine:
             device=p.device.type, dtype=str(p.compute_dtype).removeprefix("torch."),
             num_parameters=sum(t.numel() for t in self.named_params.values()), step=self.optimizer.step_count,
             has_tokenizer=p.tokenizer is not None, eos_token_ids=p.eos_token_ids,
-            sharding="fsdp" if p.sharded is not None else "replicated", memory=self.memory_use(),
+            sharding=p.sharding, memory=self.memory_use(),
         )
 
     def memory_use(self) -> MemoryUse:
@@ -393,13 +395,13 @@ class Engine:
 
     def save_state(self, name: str, owner: str | None = None) -> Path | None:
         """Write weights, optimizer state and step count under `name`, owned by `owner`
-        (None: anyone; PermissionDenied if another identity owns the name). Sharded, every rank
-        calls it and writes its shards (a v2 state); rank 0 returns the path, the others None."""
+        (None: anyone; PermissionDenied if another identity owns the name). Sharded state, every
+        rank calls it and writes its shards (a v2 state); rank 0 returns the path, the others None."""
         manifest = {"step": self.optimizer.step_count, "model_name": self.policy.name,
                     "num_tensors": len(self.named_params),
                     "lora": self.lora_spec.to_dict() if self.lora_spec is not None else None}
         with _save_failures(f"state '{name}'", "state"):
-            if self.policy.sharded is not None:
+            if self.state_sharded:
                 return sharded_checkpoint.save(
                     self.config.checkpoint_dir, name, sharded_checkpoint.state_dict(self.named_params,
                                                                                     self.optimizer.moments()),
@@ -412,9 +414,9 @@ class Engine:
         """Restore weights (and, if asked, optimizer state and step count; else a fresh
         optimizer at step 0). Drops the accumulated gradient. Returns the state's step count.
         Checks every tensor's name, shape and dtype before changing anything. Reads v1 and v2
-        states (worker.checkpoint, worker.sharded_checkpoint); sharded, every rank calls it,
-        and the ranks agree on the checks before any of them reads tensors."""
-        sharded = self.policy.sharded is not None
+        states (worker.checkpoint, worker.sharded_checkpoint); sharded state, every rank calls
+        it, and the ranks agree on the checks before any of them reads tensors."""
+        sharded = self.state_sharded
         failure, found = None, None
         try:
             found = self._saved_state(name, with_optimizer, owner)
@@ -565,7 +567,12 @@ class Engine:
         checkpoint.state_dir(export.sampler_dir, name)
         with _save_failures(f"sampler weights '{name}'", "export"):
             if self.policy.sharded is not None:  # streamed; sampled from files by external samplers
-                path = sampler_weights.export_full_sharded(self.policy, export, name, step, owner, self.process_group)
+                if self.adapter is not None and not merged:  # whole on every rank: rank 0 writes it
+                    path = (sampler_weights.export_adapter(self.policy, export, self.adapter, name, step, owner)
+                            if self.rank == 0 else None)
+                else:
+                    path = sampler_weights.export_full_sharded(self.policy, export, name, step, owner,
+                                                               self.process_group, merge_adapter=self.adapter)
                 # Sampling it is sampling the current weights when they compute in the serving dtype.
                 same = sampler_weights.SERVING_DTYPES[export.dtype] == sampler_weights.load_dtype(self.policy)
                 self.current_export = name if same else None

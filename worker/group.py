@@ -2,13 +2,20 @@
 
 Rank 0 serves gRPC and drives the group: every operation is scattered to all ranks over a gloo
 control group (each rank gets its shard of the batch, balanced by token count), each rank runs
-it on its own Engine, and the outcomes are gathered back in the original datum order. Gradients
-are summed across ranks (all_reduce on the default group: gloo on CPU, nccl on GPU) before each
-optimizer step; the loss is a sum, so this is exact and the weights stay identical everywhere.
+it on its own engine of the run it names, and the outcomes are gathered back in the original
+datum order. Gradients are summed across ranks (all_reduce on the default group: gloo on CPU,
+nccl on GPU, or FSDP2's reduce-scatter for sharded parameters) before each optimizer step; the
+loss is a sum, so this is exact and the weights stay identical everywhere.
+
+Every rank holds the same training runs (worker.runs.TrainingRuns): rank 0 creates and unloads
+them on every rank at once (GroupRuns), so a group serves full fine-tunes and LoRA runs as a
+single process does, the LoRA runs over a frozen base that `--sharding fsdp` shards.
 
 Every rank writes a heartbeat into the rendezvous store; rank 0 watches them, so a rank that
 dies or hangs is named and the service fails over to UNAVAILABLE instead of hanging with it.
 """
+
+from __future__ import annotations
 
 import logging
 import os
@@ -23,11 +30,15 @@ import torch
 import torch.distributed as dist
 
 from cispo.worker.batch import SampleBatch, Samples, plan_micro_batches
-from cispo.worker.engine import BatchResult, Engine, EngineInfo, OptimResult
-from cispo.worker.errors import ComputeFailed, RankUnavailable
+from cispo.worker import lora
+from cispo.worker.engine import SHARDED_EXPORT_SAMPLING, BatchResult, Engine, EngineInfo, OptimResult
+from cispo.worker.errors import ComputeFailed, RankUnavailable, StateNotFound
 from cispo.worker.loss_stats import BatchStats
 from cispo.worker.losses import LossFunction, get_loss_function
 from cispo.worker.optimizer import AdamParams
+from cispo.worker.runs import DEFAULT_RUN, RunInfo, TrainingRuns, _Runs, new_run_id
+from cispo.worker.sampler_weights import export_name
+from cispo.worker.sharding import MemoryUse, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +69,16 @@ def init_group(device: torch.device, gradient_timeout: timedelta = timedelta(min
 
 
 def attach(engine: Engine, ctx: GroupContext) -> None:
-    """Make `engine` one rank of the group: summed gradients (FSDP2 sums a sharded engine's
-    in its backward), group-wide failure agreement."""
+    """Make `engine` one rank of the group: summed gradients (FSDP2 sums sharded parameters'
+    in its backward; the others, a LoRA adapter's under fsdp too, are all-reduced), group-wide
+    failure agreement."""
+    replicated = [p for p in engine.named_params.values() if not is_sharded(p)]
 
     def reduce_gradients(grads: list[torch.Tensor | None]) -> None:
-        params = list(engine.named_params.values())
-        for p in params:
+        for p in replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        all_reduce_in_buckets([p.grad for p in params])
+        all_reduce_in_buckets([p.grad for p in replicated])
 
     def agree_on_failure(failure: ComputeFailed | None) -> ComputeFailed | None:
         outcomes = [None] * ctx.world_size
@@ -78,7 +90,7 @@ def attach(engine: Engine, ctx: GroupContext) -> None:
                 return ComputeFailed(message if non_finite else f"rank {rank}: {message}", out_of_memory, non_finite)
         return None
 
-    engine.gradient_reducer = None if engine.policy.sharded is not None else reduce_gradients
+    engine.gradient_reducer = reduce_gradients if replicated else None
     engine.agree_on_failure = agree_on_failure
     engine.rank = ctx.rank
     engine.process_group = ctx.control
@@ -130,9 +142,16 @@ def shard_by_tokens(lengths: list[int], world_size: int) -> list[list[int]]:
 
 # -- what every rank executes -----------------------------------------------------------------
 
-def _execute(engine: Engine, ctx: GroupContext, op: str, args: tuple):
+def _execute(runs: TrainingRuns, ctx: GroupContext, op: str, args: tuple):
     """Run one operation on this rank; returns this rank's outcome."""
-    sharded = engine.policy.sharded is not None
+    if op == "create":  # (owner, spec, model_id): rank 0 chose the id
+        return runs.create(*args)
+    if op == "discard":
+        return runs.discard(*args)
+    if op == "unload":
+        return runs.unload(*args)
+    model_id, *args = args
+    engine = runs.engine(model_id)
     if op in ("forward", "forward_backward"):
         samples, loss_fn, config, micro_batches = args
         run = engine.run_forward if op == "forward" else engine.run_forward_backward
@@ -140,9 +159,9 @@ def _execute(engine: Engine, ctx: GroupContext, op: str, args: tuple):
     if op == "optim_step":
         return engine.optim_step(*args)
     if op == "save_state":
-        return engine.save_state(*args) if ctx.rank == 0 or sharded else None
+        return engine.save_state(*args) if ctx.rank == 0 or engine.state_sharded else None
     if op == "load_state":
-        if sharded:  # every rank reads its shards from the shared checkpoint directory
+        if engine.state_sharded:  # every rank reads its shards from the shared checkpoint directory
             return engine.load_state(*args)
         _load_from_rank0(engine, ctx, *args)
         return engine.optimizer.step_count
@@ -197,9 +216,9 @@ def _outcome(fn: Callable):
         return "error", exc
 
 
-def run_worker(engine: Engine, ctx: GroupContext) -> None:
-    """The loop of ranks 1..W-1: receive an operation, run it, send the outcome; until shutdown."""
-    attach(engine, ctx)
+def run_worker(runs: TrainingRuns, ctx: GroupContext) -> None:
+    """The loop of ranks 1..W-1: receive an operation, run it, send the outcome; until shutdown.
+    `runs` attaches its engines to the group (TrainingRuns' `attach`)."""
     Heartbeat(ctx).start()
     while True:
         message = [None]
@@ -208,77 +227,99 @@ def run_worker(engine: Engine, ctx: GroupContext) -> None:
         if op == "shutdown":
             log.info("rank %d: shutdown", ctx.rank)
             return
-        dist.gather_object(_outcome(lambda: _execute(engine, ctx, op, args)), None, dst=0, group=ctx.control)
+        dist.gather_object(_outcome(lambda: _execute(runs, ctx, op, args)), None, dst=0, group=ctx.control)
 
 
 # -- rank 0 -------------------------------------------------------------------------------------
 
-class GroupEngine:
-    """Rank 0's view of the group, with the Engine's interface; the service drives it."""
+class GroupRuns(_Runs):
+    """Rank 0's view of the group: the training runs every rank holds alike (worker.runs), each
+    served through a GroupEngine; the service drives it as it does a TrainingRuns."""
 
-    def __init__(self, engine: Engine, ctx: GroupContext, rank_timeout: float = 30.0,
+    def __init__(self, runs: TrainingRuns, ctx: GroupContext, rank_timeout: float = 30.0,
                  on_rank_lost: Callable[[RankUnavailable], None] | None = None):
+        """`runs`: rank 0's own registry, made with `attach` (as every rank's is)."""
         assert ctx.rank == 0
-        attach(engine, ctx)
-        self.local = engine
+        self.local = runs
         self.ctx = ctx
-        self.sharded = engine.policy.sharded is not None
-        self.policy = engine.policy
-        self.config = engine.config
+        self.config, self.max_runs = runs.config, runs.max_runs
         self.broken: RankUnavailable | None = None
         self.monitor = RankMonitor(ctx, rank_timeout, self._rank_lost)
         self.on_rank_lost = on_rank_lost
+        self._engines: dict[str | None, GroupEngine] = {}
         Heartbeat(ctx).start()
         self.monitor.start()
 
-    def info(self) -> EngineInfo:
-        return self.local.info()
+    @property
+    def policy(self):
+        return self.local.policy
 
-    def validate(self, samples, loss_fn, loss_fn_config):
-        return self.local.validate(samples, loss_fn, loss_fn_config)
+    @property
+    def sharded(self) -> bool:
+        return self.local.policy.sharded is not None
 
-    def forward(self, samples: Samples, loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
-        return self.run_forward(samples, *self.validate(samples, loss_fn, loss_fn_config))
+    # -- runs -----------------------------------------------------------------------------------
 
-    def forward_backward(self, samples: Samples, loss_fn: str = "cispo", loss_fn_config=None) -> BatchResult:
-        return self.run_forward_backward(samples, *self.validate(samples, loss_fn, loss_fn_config))
+    def get(self, model_id: str, owner: str | None) -> GroupEngine:
+        """The group's engine of run `model_id` ("" = the default run, made everywhere if need be)."""
+        if not model_id:
+            if DEFAULT_RUN not in self.local.engines():
+                self.create(None, None, DEFAULT_RUN)
+            model_id = DEFAULT_RUN
+        self.local.get(model_id, owner)  # ownership, last use
+        return self._engine(model_id)
 
-    def run_forward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
-        """forward on validated samples (as Engine.run_forward), each rank on its shard."""
-        return self._scatter_batch("forward", samples, loss, config)
+    def export_sampler(self) -> GroupEngine:
+        return self._engine(None)
 
-    def run_forward_backward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
-        """forward_backward on validated samples (as Engine.run_forward_backward)."""
-        return self._scatter_batch("forward_backward", samples, loss, config)
+    def export_engine(self, model_path: str) -> GroupEngine:
+        """Replicated, rank 0 samples saved weights alone. Sharded, only those that are a run's
+        current weights can be sampled, by that run (every rank computes)."""
+        if not self.sharded:
+            return self.export_sampler()
+        name = export_name(self.config.export, model_path)
+        for model_id, engine in self.local.engines().items():
+            if engine.current_export == name:
+                return self._engine(model_id)
+        raise StateNotFound(SHARDED_EXPORT_SAMPLING)
 
-    def optim_step(self, adam: AdamParams) -> OptimResult:
-        return self._everywhere("optim_step", (adam,))[0]
+    def info(self, model_id: str, owner: str | None) -> RunInfo:
+        return self.local.info(model_id, owner)
 
-    def save_state(self, name: str, owner: str | None = None):
-        return self._everywhere("save_state", (name, owner))[0]
+    def list(self, owner: str | None) -> list[RunInfo]:
+        return self.local.list(owner)
 
-    def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
-        return self._everywhere("load_state", (name, with_optimizer, owner))[0]
+    def memory_use(self) -> dict[str, MemoryUse]:
+        return self.local.memory_use()
 
-    # Replicated, rank 0 samples and exports alone: every rank holds the same weights. Sharded,
-    # every rank takes part (each pass gathers the weights).
+    def __len__(self) -> int:
+        return len(self.local)
 
-    def validate_sample(self, request):
-        return self.local.validate_sample(request)
+    def create(self, owner: str | None, spec: lora.LoraSpec | None, model_id: str | None = None) -> str:
+        """Make the run on every rank; one that only some ranks made (e.g. out of memory on
+        one) is dropped again everywhere."""
+        model_id = model_id or new_run_id()
+        outcomes = self._outcomes([("create", (owner, spec, model_id))] * self.ctx.world_size)
+        failures = [value for kind, value in outcomes if kind == "error"]
+        if failures and len(failures) < len(outcomes):
+            self.everywhere("discard", (model_id,))
+        if failures:
+            raise failures[0]
+        return model_id
 
-    def sample(self, requests: list) -> list:
-        if self.sharded:
-            return self._everywhere("sample", (requests,))[0]
-        if self.broken is not None:
-            raise self.broken
-        return self.local.sample(requests)
+    def unload(self, model_id: str, owner: str | None) -> None:
+        self.local.info(model_id, owner)  # RunNotFound before anything is sent
+        self._engines.pop(model_id, None)
+        self.everywhere("unload", (model_id, owner))
 
-    def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False):
-        if self.sharded:
-            return self._everywhere("save_weights_for_sampler", (name, owner, merged))[0]
-        if self.broken is not None:
-            raise self.broken
-        return self.local.save_weights_for_sampler(name, owner, merged)
+    def _engine(self, model_id: str | None) -> GroupEngine:
+        local = self.local.engine(model_id)
+        engine = self._engines.get(model_id)
+        if engine is None or engine.local is not local:
+            engine = self._engines[model_id] = GroupEngine(self, model_id, local)
+        return engine
+
+    # -- the group ------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Release the other ranks (they exit their loop)."""
@@ -286,27 +327,19 @@ class GroupEngine:
             dist.scatter_object_list([None], [("shutdown", ())] * self.ctx.world_size, src=0, group=self.ctx.control)
         self.monitor.stop()
 
-    def _scatter_batch(self, op: str, samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
-        batch = SampleBatch.of(samples)
-        lengths = batch.length_list
-        shards = shard_by_tokens(lengths, self.ctx.world_size)
-        # Sharded ranks all run as many trunk passes as the busiest one (each pass gathers weights).
-        passes = max(len(plan_micro_batches([lengths[i] for i in shard], self.config.micro_batch_tokens))
-                     for shard in shards) if self.sharded else 0
-        results = self._call([(op, (batch.take(shard), loss.name, config, passes)) for shard in shards])
-        logprobs: list = [None] * len(samples)
-        stats = BatchStats()
-        for shard, result in zip(shards, results):
-            stats = stats.merge(result.stats)
-            for i, lp in zip(shard, result.logprobs):
-                logprobs[i] = lp
-        return BatchResult(logprobs=logprobs, stats=stats)
+    def everywhere(self, op: str, args: tuple) -> list:
+        return self.call([(op, args)] * self.ctx.world_size)
 
-    def _everywhere(self, op: str, args: tuple) -> list:
-        return self._call([(op, args)] * self.ctx.world_size)
-
-    def _call(self, messages: list[tuple[str, tuple]]) -> list:
+    def call(self, messages: list[tuple[str, tuple]]) -> list:
         """Scatter one message per rank, run rank 0's, gather every outcome; raise the first error."""
+        outcomes = self._outcomes(messages)
+        for kind, value in outcomes:
+            if kind == "error":
+                raise value
+        return [value for _, value in outcomes]
+
+    def _outcomes(self, messages: list[tuple[str, tuple]]) -> list[tuple[str, object]]:
+        """Every rank's ("ok", value) or ("error", exception) for its message."""
         if self.broken is not None:
             raise self.broken
         try:
@@ -317,10 +350,7 @@ class GroupEngine:
             dist.gather_object(outcome, outcomes, dst=0, group=self.ctx.control)
         except RuntimeError as exc:  # a collective failed: some rank is gone
             raise self._diagnose(exc) from exc
-        for kind, value in outcomes:
-            if kind == "error":
-                raise value
-        return [value for _, value in outcomes]
+        return outcomes
 
     def _diagnose(self, exc: Exception) -> RankUnavailable:
         """Name the lost rank: wait (bounded) for its heartbeat to go stale."""
@@ -338,6 +368,83 @@ class GroupEngine:
             log.error("%s", error)
             if self.on_rank_lost is not None:
                 self.on_rank_lost(error)
+
+
+class GroupEngine:
+    """One run across the group, with the Engine's interface: every operation runs on each
+    rank's engine of the run (`model_id`; None: the export sampler)."""
+
+    def __init__(self, group: GroupRuns, model_id: str | None, local: Engine):
+        self.group, self.model_id, self.local = group, model_id, local
+        self.policy, self.config = local.policy, local.config
+
+    @property
+    def exports(self):
+        return self.local.exports
+
+    def info(self) -> EngineInfo:
+        return self.local.info()
+
+    def memory_use(self) -> MemoryUse:
+        return self.local.memory_use()
+
+    def run_forward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
+        """forward on validated samples (as Engine.run_forward), each rank on its shard."""
+        return self._scatter_batch("forward", samples, loss, config)
+
+    def run_forward_backward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
+        """forward_backward on validated samples (as Engine.run_forward_backward)."""
+        return self._scatter_batch("forward_backward", samples, loss, config)
+
+    def optim_step(self, adam: AdamParams) -> OptimResult:
+        return self._everywhere("optim_step", adam)
+
+    def save_state(self, name: str, owner: str | None = None):
+        return self._everywhere("save_state", name, owner)
+
+    def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int:
+        return self._everywhere("load_state", name, with_optimizer, owner)
+
+    # Replicated, rank 0 samples and exports alone: every rank holds the same weights. Sharded,
+    # every rank takes part (each pass gathers the weights).
+
+    def validate_sample(self, request):
+        return self.local.validate_sample(request)
+
+    def sample(self, requests: list) -> list:
+        if self.group.sharded:
+            return self._everywhere("sample", requests)
+        if self.group.broken is not None:
+            raise self.group.broken
+        return self.local.sample(requests)
+
+    def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False):
+        if self.group.sharded:
+            return self._everywhere("save_weights_for_sampler", name, owner, merged)
+        if self.group.broken is not None:
+            raise self.group.broken
+        return self.local.save_weights_for_sampler(name, owner, merged)
+
+    def _scatter_batch(self, op: str, samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
+        batch = SampleBatch.of(samples)
+        lengths = batch.length_list
+        shards = shard_by_tokens(lengths, self.group.ctx.world_size)
+        # Sharded ranks all run as many trunk passes as the busiest one (each pass gathers weights).
+        passes = max(len(plan_micro_batches([lengths[i] for i in shard], self.config.micro_batch_tokens))
+                     for shard in shards) if self.group.sharded else 0
+        results = self.group.call([(op, (self.model_id, batch.take(shard), loss.name, config, passes))
+                                   for shard in shards])
+        logprobs: list = [None] * len(samples)
+        stats = BatchStats()
+        for shard, result in zip(shards, results):
+            stats = stats.merge(result.stats)
+            for i, lp in zip(shard, result.logprobs):
+                logprobs[i] = lp
+        return BatchResult(logprobs=logprobs, stats=stats)
+
+    def _everywhere(self, op: str, *args):
+        """Rank 0's outcome of `op` on this run on every rank."""
+        return self.group.everywhere(op, (self.model_id, *args))[0]
 
 
 class Heartbeat(threading.Thread):

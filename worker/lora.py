@@ -10,8 +10,9 @@ rank, as Tinker and PEFT's own defaults do. The initial A is drawn from `seed` a
 seed gives the same adapter, bit for bit.
 
 All adapters live in one `peft.PeftModel` around the served model, which PEFT changes in place
-(its Linear layers become LoRA layers). The base is frozen and held once, in the compute dtype;
-adapter weights are fp32 master weights. Switching runs is `activate`: PEFT's `set_adapter`,
+(its Linear layers become LoRA layers). The base is frozen and held once, in the compute dtype
+(sharded under `--sharding fsdp`: 1/W of it per rank, in fp32 shards); adapter weights are fp32
+master weights, whole on every rank of a group. Switching runs is `activate`: PEFT's `set_adapter`,
 no reload. Parameters are named canonically (PEFT's names without the adapter's own name), so a
 state saved by one run loads into another run of the same shape.
 """
@@ -98,11 +99,13 @@ def add_adapter(policy: PolicyModel, name: str, spec: LoraSpec) -> dict[str, tor
 
 
 def _freeze_base(policy: PolicyModel) -> None:
+    """Sharded (FSDP2 owns the parameters), the base stays in its fp32 shards, which FSDP2
+    gathers in the compute dtype one layer at a time."""
     with torch.no_grad():
         for p in policy.model.parameters():
             p.requires_grad_(False)
             p.grad = None
-            if p.dtype != policy.compute_dtype:
+            if p.dtype != policy.compute_dtype and policy.sharded is None:
                 p.data = p.data.to(policy.compute_dtype)
 
 
@@ -162,20 +165,24 @@ def load_adapter(policy: PolicyModel, directory: Path, name: str) -> None:
     policy.peft.load_adapter(str(directory), adapter_name=name, is_trainable=False)
 
 
+def adapted_weights(policy: PolicyModel, name: str) -> dict[str, torch.nn.Module]:
+    """transformers' name of each weight adapter `name` adapts -> its LoRA layer."""
+    return {f"{module_name}.weight": module for module_name, module in policy.peft.get_base_model().named_modules()
+            if hasattr(module, "get_delta_weight") and name in getattr(module, "lora_A", {})}
+
+
+def merge(layer: torch.nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (layer's whole base weight) + adapter `name`'s (alpha/r) B A, in fp32."""
+    return weight.detach().float() + layer.get_delta_weight(name).detach().float()
+
+
 def merged_state(policy: PolicyModel, name: str) -> dict[str, torch.Tensor]:
     """The served model's state dict (transformers' names) with adapter `name` merged in."""
-    base = policy.peft.get_base_model()
-    merged = {}
-    for module_name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and name in getattr(module, "lora_A", {}):
-            merged[f"{module_name}.weight"] = module.base_layer.weight.detach().float() + \
-                module.get_delta_weight(name).detach().float()
+    adapted = adapted_weights(policy, name)
     state = {}
-    for key, tensor in base.state_dict().items():
+    for key, tensor in policy.peft.get_base_model().state_dict().items():
         if "lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")
-        state[clean] = merged.get(clean, tensor)
+        state[clean] = merge(adapted[clean], name, tensor) if clean in adapted else tensor
     return state
-
-

@@ -70,6 +70,11 @@ class PolicyModel:
     """The FSDP2 root (worker.sharding.Trunk) when `model`'s parameters are sharded, else None."""
 
     @property
+    def sharding(self) -> str:
+        """The --sharding mode the parameters are held in (worker.sharding.SHARDING_MODES)."""
+        return "fsdp" if self.sharded is not None else "replicated"
+
+    @property
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
 
@@ -80,12 +85,8 @@ class PolicyModel:
     @property
     def head_weight_VD(self) -> torch.Tensor:
         """The LM head's (V, D) weight, with the active LoRA adapter's W + (alpha/r) B A when
-        the head is adapted (differentiable w.r.t. A and B; still no (tokens x V) logits)."""
-        head = self.model.get_output_embeddings()
-        if not hasattr(head, "get_delta_weight"):
-            return head.weight
-        adapters = [a for a in head.active_adapters if a in head.lora_A]
-        return head.base_layer.weight + sum(head.get_delta_weight(a) for a in adapters) if adapters else head.weight
+        the head is adapted (sharding.output_weight)."""
+        return sharding.output_weight(self.model.get_output_embeddings())
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

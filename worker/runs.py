@@ -16,6 +16,9 @@ run ever sees another's changes. Unloading a run drops it, its gradient and its 
 what was not saved is gone. A run belongs to the identity that created it; other identities get
 RunNotFound, as if it did not exist. Not thread-safe, like Engine: the service calls it from its
 engine thread.
+
+In a data-parallel group every rank holds a TrainingRuns of its own, kept alike by rank 0
+(worker.group.GroupRuns), which gives each rank's engines to the group (`attach`).
 """
 
 import secrets
@@ -33,6 +36,11 @@ from cispo.worker.sampling import SampleRequest
 from cispo.worker.sharding import MemoryUse
 
 DEFAULT_RUN = "default"
+
+
+def new_run_id() -> str:
+    """A fresh run id for a CreateModel that names none."""
+    return f"run-{secrets.token_hex(6)}"
 
 
 @dataclass(frozen=True)
@@ -67,9 +75,37 @@ class _Runs:
     def get(self, model_id: str, owner: str | None):
         raise NotImplementedError
 
+    def create(self, owner: str | None, spec: lora.LoraSpec | None, model_id: str | None = None) -> str:
+        raise NotImplementedError
+
+    def unload(self, model_id: str, owner: str | None) -> None:
+        raise NotImplementedError
+
     def export_sampler(self):
         """An engine that samples saved sampler weights (it needs no run of its own)."""
         raise NotImplementedError
+
+    def export_engine(self, model_path: str):
+        """The engine that samples the saved sampler weights `model_path` for a request that
+        names no run."""
+        return self.export_sampler()
+
+    def create_from_state(self, owner: str | None, name: str, with_optimizer: bool,
+                          model_id: str | None = None) -> str:
+        """Make a run of the kind saved in state `name` and load it (with its optimizer state and
+        step count if asked); on any failure no run is left behind."""
+        manifest = checkpoint.open_directory(self.config.checkpoint_dir, name, checkpoint.STATE_FORMATS, owner)[1]
+        try:
+            spec = lora.LoraSpec(**manifest["lora"]) if manifest.get("lora") else None
+        except (TypeError, ValueError) as exc:
+            raise StateNotFound(f"state '{name}' cannot be read: its LoRA options are not valid ({exc})") from None
+        model_id = self.create(owner, spec, model_id)
+        try:
+            self.get(model_id, owner).load_state(name, with_optimizer, owner=owner)
+        except BaseException:
+            self.unload(model_id, owner)
+            raise
+        return model_id
 
     def remove_export(self, name: str, owner: str | None) -> None:
         """Delete the saved sampler weights `name` (if `owner` may read them), loaded or not."""
@@ -84,80 +120,37 @@ class _Runs:
         return validate_sample(self.policy, self.config, request)
 
     def sample(self, items: list[tuple[str, SampleRequest]]) -> list:
-        """Sample every (model_id, validated request), those of one run in one batch; a request
-        whose run its owner cannot see gets RunNotFound in its place."""
+        """Sample every (model_id, validated request), those on one engine in one batch; a
+        request whose run its owner cannot see gets RunNotFound in its place."""
         results: list = [None] * len(items)
-        by_run: dict[tuple[str, bool], list[int]] = {}
+        by_engine: dict[int, tuple[object, list[int]]] = {}
         for i, (model_id, request) in enumerate(items):
-            # Saved weights named by path need no run (unless the request names one).
-            by_run.setdefault((model_id, bool(request.model_path) and not model_id), []).append(i)
-        for (model_id, saved_weights), indices in by_run.items():
-            engine, allowed = None, []
-            for i in indices:
-                try:
-                    engine = self.export_sampler() if saved_weights else self.get(model_id, items[i][1].owner)
-                    allowed.append(i)
-                except (RunNotFound, RunConflict) as exc:
-                    results[i] = exc
-            if allowed:
-                for i, result in zip(allowed, engine.sample([items[i][1] for i in allowed])):
-                    results[i] = result
+            try:  # saved weights named by path need no run (unless the request names one)
+                engine = (self.export_engine(request.model_path) if request.model_path and not model_id
+                          else self.get(model_id, request.owner))
+            except (RunNotFound, RunConflict, StateNotFound) as exc:
+                results[i] = exc
+                continue
+            by_engine.setdefault(id(engine), (engine, []))[1].append(i)
+        for engine, indices in by_engine.values():
+            for i, result in zip(indices, engine.sample([items[i][1] for i in indices])):
+                results[i] = result
         return results
-
-
-class SingleRun(_Runs):
-    """The runs of a server that trains one state only, `engine` (e.g. a data-parallel group):
-    the default run; CreateModel and UnloadModel are refused with `why`."""
-
-    def __init__(self, engine, why: str):
-        self.engine, self.why = engine, why
-        self.policy, self.config, self.max_runs = engine.policy, engine.config, 1
-        self.created = time.time()
-
-    def get(self, model_id: str, owner: str | None):
-        if model_id not in ("", DEFAULT_RUN):
-            raise RunNotFound(f"no training run '{model_id}': {self.why}")
-        return self.engine
-
-    def export_sampler(self):
-        return self.engine
-
-    def info(self, model_id: str, owner: str | None) -> RunInfo:
-        self.get(model_id, owner)
-        info = self.engine.info()
-        return RunInfo(DEFAULT_RUN, None, None, info.step, info.num_parameters, info.memory.total,
-                       self.created, self.created)
-
-    def list(self, owner: str | None) -> list[RunInfo]:
-        return [self.info("", owner)]
-
-    def memory_use(self) -> dict[str, MemoryUse]:
-        return {DEFAULT_RUN: self.engine.info().memory}
-
-    def __len__(self) -> int:
-        return 1
-
-    def create(self, owner, spec, model_id=None) -> str:
-        raise RunConflict(self.why)
-
-    def create_from_state(self, owner, name, with_optimizer, model_id=None) -> str:
-        raise RunConflict(self.why)
-
-    def unload(self, model_id: str, owner: str | None) -> None:
-        raise RunConflict(self.why)
 
 
 class TrainingRuns(_Runs):
     def __init__(self, policy: PolicyModel, config: EngineConfig = EngineConfig(), max_runs: int = 16,
-                 reload: Callable[[], PolicyModel] | None = None):
+                 reload: Callable[[], PolicyModel] | None = None, attach: Callable[[Engine], None] | None = None):
         """`reload()` loads the served model afresh (for a run of the other kind, see above);
-        without it, such a switch is refused."""
+        without it, such a switch is refused. `attach(engine)` is called on every engine made
+        (worker.group makes it a rank of the group)."""
         if max_runs < 1:
             raise ValueError(f"max_runs must be >= 1, got {max_runs}")
         self.policy = policy
         self.config = config
         self.max_runs = max_runs
         self._reload = reload
+        self._attach = attach
         self._runs: dict[str, _Run] = {}
         self._base_used_by: str | None = None  # "full", "lora" or "changed" (by a full run now gone)
         self.exports = ExportCache(config.export.cache_size)
@@ -175,9 +168,14 @@ class TrainingRuns(_Runs):
         run.last_used = time.time()
         return run.engine
 
+    def engine(self, model_id: str | None) -> Engine:
+        """The engine of run `model_id` (None: the export sampler), with no ownership check: for
+        the other ranks of a group, whose rank 0 checked."""
+        return self.export_sampler() if model_id is None else self._runs[model_id].engine
+
     def export_sampler(self) -> Engine:
         if self._export_sampler is None:
-            self._export_sampler = Engine(self.policy, self.config, exports=self.exports)
+            self._export_sampler = self._engine()
         return self._export_sampler
 
     def info(self, model_id: str, owner: str | None) -> RunInfo:
@@ -186,6 +184,10 @@ class TrainingRuns(_Runs):
     def list(self, owner: str | None) -> list[RunInfo]:
         """The runs `owner` may see (its own and ownerless ones), oldest first."""
         return [self._info(i, r) for i, r in self._runs.items() if r.owner is None or r.owner == owner]
+
+    def engines(self) -> dict[str, Engine]:
+        """Every live run's engine by run id, whatever its owner."""
+        return {model_id: run.engine for model_id, run in self._runs.items()}
 
     def memory_use(self) -> dict[str, MemoryUse]:
         """Run id -> the bytes this rank holds for it, of every live run, whatever its owner. For
@@ -201,32 +203,23 @@ class TrainingRuns(_Runs):
 
     def create(self, owner: str | None, spec: lora.LoraSpec | None, model_id: str | None = None) -> str:
         """Make a run (full when `spec` is None) owned by `owner`; returns its id."""
-        model_id = model_id or f"run-{secrets.token_hex(6)}"
+        model_id = model_id or new_run_id()
         if model_id in self._runs:
             raise RunConflict(f"a run named '{model_id}' already exists")
         self._create(model_id, spec, owner)
         return model_id
 
-    def create_from_state(self, owner: str | None, name: str, with_optimizer: bool,
-                          model_id: str | None = None) -> str:
-        """Make a run of the kind saved in state `name` and load it (with its optimizer state and
-        step count if asked); on any failure no run is left behind."""
-        manifest = checkpoint.open_directory(self.config.checkpoint_dir, name, checkpoint.STATE_FORMATS, owner)[1]
-        try:
-            spec = lora.LoraSpec(**manifest["lora"]) if manifest.get("lora") else None
-        except (TypeError, ValueError) as exc:
-            raise StateNotFound(f"state '{name}' cannot be read: its LoRA options are not valid ({exc})") from None
-        model_id = self.create(owner, spec, model_id)
-        try:
-            self._runs[model_id].engine.load_state(name, with_optimizer, owner=owner)
-        except BaseException:
-            self.unload(model_id, owner)
-            raise
-        return model_id
-
     def unload(self, model_id: str, owner: str | None) -> None:
         """Drop run `model_id` with its gradient and optimizer state."""
-        run = self._visible(model_id, owner)
+        self._drop(model_id, self._visible(model_id, owner))
+
+    def discard(self, model_id: str) -> None:
+        """Drop run `model_id` if it exists, whatever its owner (a group undoing a creation
+        that failed on some rank)."""
+        if model_id in self._runs:
+            self._drop(model_id, self._runs[model_id])
+
+    def _drop(self, model_id: str, run: _Run) -> None:
         del self._runs[model_id]
         if run.engine.adapter is None:
             self._base_used_by = "changed"  # a full run's training stays in the weights: reload for the next
@@ -253,11 +246,17 @@ class TrainingRuns(_Runs):
             self._fresh_base()
         self._base_used_by = kind
         if spec is None:
-            engine = Engine(self.policy, self.config, exports=self.exports)
+            engine = self._engine()
         else:
             lora.add_adapter(self.policy, model_id, spec)
-            engine = Engine(self.policy, self.config, adapter=model_id, lora_spec=spec, exports=self.exports)
+            engine = self._engine(adapter=model_id, lora_spec=spec)
         self._runs[model_id] = _Run(engine, owner)
+
+    def _engine(self, **kwargs) -> Engine:
+        engine = Engine(self.policy, self.config, exports=self.exports, **kwargs)
+        if self._attach is not None:
+            self._attach(engine)
+        return engine
 
     def _fresh_base(self) -> None:
         if self._reload is None:
@@ -265,7 +264,7 @@ class TrainingRuns(_Runs):
                               "reload it")
         fresh = self._reload()
         self.exports, self._export_sampler = ExportCache(self.config.export.cache_size), None
-        self.policy.model, self.policy.peft = fresh.model, None
+        self.policy.model, self.policy.peft, self.policy.sharded = fresh.model, None, fresh.sharded
 
     def _visible(self, model_id: str, owner: str | None) -> _Run:
         run = self._runs.get(model_id)

@@ -109,17 +109,22 @@ def _full_manifest(policy: PolicyModel, config: ExportConfig, step: int) -> dict
 
 
 def export_full_sharded(policy: PolicyModel, config: ExportConfig, name: str, step: int, owner: str | None,
-                        group: torch.distributed.ProcessGroup) -> Path | None:
+                        group: torch.distributed.ProcessGroup, merge_adapter: str | None = None) -> Path | None:
     """export_full for a sharded model (worker.sharding), streamed: every rank of `group`
-    all-gathers one parameter at a time, and rank 0 writes them into safetensors files of at
-    most `max_shard_bytes` (HF's sharded layout and index), so no rank holds the whole model.
+    all-gathers one parameter at a time (adding adapter `merge_adapter`, whole on every rank,
+    to the weights it adapts), and rank 0 writes them into safetensors files of at most
+    `max_shard_bytes` (HF's sharded layout and index), so no rank holds the whole model.
     Rank 0 returns the path, the others None; a failure raises on rank 0 after every rank has
     gone through every parameter (so no rank is left waiting in a collective)."""
     dtype = SERVING_DTYPES[config.dtype]
     rank0 = torch.distributed.get_rank(group) == 0
+    adapted = {} if merge_adapter is None else lora.adapted_weights(policy, merge_adapter)
+    params = {key.replace(".base_layer.", "."): p for key, p in policy.model.named_parameters() if "lora_" not in key}
 
     def tensors():
-        for key, tensor in sharding.full_tensors(dict(policy.model.named_parameters())):
+        for key, tensor in sharding.full_tensors(params):
+            if key in adapted:
+                tensor = lora.merge(adapted[key], merge_adapter, tensor)
             yield key, tensor.detach().to("cpu", dtype)
 
     if not rank0:

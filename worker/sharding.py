@@ -37,14 +37,24 @@ class Trunk(torch.nn.Module):
         super().__init__()
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
+        self._output_embeddings = model.get_output_embeddings  # PEFT's LoRA layer once it adapts the head
 
     def forward(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor,
                 **attention_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """((T, D) hidden states, (V, D) head weight as computed with, differentiable)."""
         out = self.decoder(input_ids=input_ids_1T, position_ids=position_ids_1T, use_cache=False, **attention_kwargs)
-        weight_VD = self.head.weight
+        weight_VD = output_weight(self._output_embeddings())
         # A view, so that FSDP2's backward hook goes on this pass's output, not on the parameter.
         return out.last_hidden_state[0], weight_VD.view(weight_VD.shape)
+
+
+def output_weight(head: torch.nn.Module) -> torch.Tensor:
+    """The LM head's (V, D) weight, plus the active LoRA adapters' (alpha/r) B A when PEFT
+    adapts the head (differentiable w.r.t. A and B; still no (tokens x V) logits)."""
+    if not hasattr(head, "get_delta_weight"):
+        return head.weight
+    adapters = [a for a in head.active_adapters if a in head.lora_A]
+    return head.base_layer.weight + sum(head.get_delta_weight(a) for a in adapters) if adapters else head.weight
 
 
 def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype, weights: Path | None = None,

@@ -1,0 +1,107 @@
+"""Training runs in data-parallel groups (torchrun, gloo): LoRA runs on a replicated base and on a
+base that `--sharding fsdp` shards, interleaved with each other, saved, resumed, exported and
+sampled, then a full fine-tune on a fresh base, against the same calls on a single process."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cispo.client import (AdamParams, FailedPreconditionError, ModelInput, NotFoundError, SamplingParams,
+                          ServiceClient)
+from server_process import ServerProcess
+from test_data_parallel import batch
+from test_fsdp import read_state, torchrun
+
+pytestmark = pytest.mark.timeout(600)
+ADAM = AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
+
+
+def outputs(result) -> dict:
+    return {"metrics": result.metrics, "logprobs": [o["logprobs"].to_numpy() for o in result.loss_fn_outputs]}
+
+
+def train_runs(address: str, checkpoint_dir, sampler_dir) -> dict:
+    """Two LoRA runs interleaved (one adapting only the MLP, one everything), a state saved and
+    resumed into a third run, exports sampled, every run unloaded, then the default full run."""
+    out = {"results": [], "grad_norms": [], "samples": []}
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    with ServiceClient(address, wait_for_ready=True) as service:
+        a = service.create_lora_training_client(rank=4, seed=1)
+        b = service.create_lora_training_client(rank=2, seed=2, train_attn=False, train_unembed=False)
+        for step in range(2):
+            for run, seed in ((a, 10 + step), (b, 20 + step)):
+                out["results"].append(outputs(run.forward_backward(batch(seed)).result()))
+                out["grad_norms"].append(run.optim_step(ADAM).result().grad_norm)
+        out["info"] = [a.get_info(), b.get_info()]
+        out["listed"] = sorted((m.lora_rank, m.step) for m in service.list_models())
+        a.save_state("a-state").result()
+        adapter = a.save_weights_and_get_sampling_client("a-adapter")
+        out["samples"].append(adapter.sample(ModelInput.from_ints([4, 5, 6]), 2, greedy).result())
+        out["samples"].append(a.create_sampling_client().sample(ModelInput.from_ints([4, 5, 6]), 2, greedy).result())
+        a.save_weights_for_sampler("a-merged", merged=True).result()
+        resumed = service.create_training_client_from_state_with_optimizer("a-state")
+        out["resumed_step"] = resumed.get_info().step
+        out["resumed"] = [outputs(run.forward_backward(batch(30)).result()) for run in (resumed, a)]
+        out["resumed_norms"] = [run.optim_step(ADAM).result().grad_norm for run in (resumed, a)]
+        with pytest.raises(FailedPreconditionError, match="LoRA run"):
+            service.create_full_training_client()  # LoRA runs share the base
+        for run in (a, b, resumed):
+            service.unload_model(run.model_id)
+        with pytest.raises(NotFoundError):
+            b.optim_step(ADAM).result()
+        full = service.create_full_training_client()  # on a fresh base: no adapter ever trained it
+        out["full"] = outputs(full.forward_backward(batch(40)).result())
+        out["full_norm"] = full.optim_step(ADAM).result().grad_norm
+    out["state"] = read_state(checkpoint_dir / "a-state")
+    out["adapter"] = load_file(sampler_dir / "a-adapter" / "adapter_model.safetensors")
+    out["merged"] = read_state(sampler_dir / "a-merged")
+    return out
+
+
+def assert_same(expected: dict, got: dict) -> None:
+    for a, b in zip(expected["results"] + expected["resumed"] + [expected["full"]],
+                    got["results"] + got["resumed"] + [got["full"]], strict=True):
+        assert a["metrics"].keys() == b["metrics"].keys()
+        for key in a["metrics"]:
+            assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-5, abs=1e-6), key
+        for x, y in zip(a["logprobs"], b["logprobs"], strict=True):
+            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+    for key in ("grad_norms", "resumed_norms", "full_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert got["resumed_step"] == expected["resumed_step"] == 2 and got["listed"] == expected["listed"]
+    for a, b in zip(expected["samples"], got["samples"], strict=True):
+        assert [s.tokens for s in b.sequences] == [s.tokens for s in a.sequences]
+    for key in ("state", "adapter", "merged"):
+        assert got[key].keys() == expected[key].keys(), key
+        for name, w in expected[key].items():
+            torch.testing.assert_close(got[key][name], w, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+    for mine, theirs in zip(expected["info"], got["info"], strict=True):
+        assert theirs.memory.parameter_bytes == mine.memory.parameter_bytes > 0  # the adapter: whole on each rank
+
+
+FLAGS = ("--sampler-dtype", "float32")
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory):
+    """What a single process gives."""
+    root = tmp_path_factory.mktemp("w1")
+    single = ServerProcess(*FLAGS, checkpoint_dir=root / "states")
+    try:
+        return train_runs(single.address, root / "states", root / "states-sampler")
+    finally:
+        single.terminate()
+
+
+@pytest.mark.parametrize("sharding, flags", [("replicated", ("--gradient-accumulation", "in-place")),
+                                            ("fsdp", ("--activation-checkpointing",))])
+def test_lora_runs_in_a_group_equal_a_single_process(tmp_path, expected, sharding, flags):
+    group = ServerProcess(*FLAGS, "--sharding", sharding, *flags, checkpoint_dir=tmp_path / "w2",
+                          launcher=torchrun(2))
+    try:
+        got = train_runs(group.address, tmp_path / "w2", tmp_path / "w2-sampler")
+    finally:
+        group.terminate()
+    assert [i.sharding for i in got["info"]] == [sharding] * 2
+    assert_same(expected, got)
