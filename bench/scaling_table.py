@@ -19,7 +19,8 @@ config shape. Per rank, in GiB, for a bf16 compute dtype:
   activations  one micro-batch of `--micro-batch-tokens` tokens in bf16, saved for backward:
                per layer T x (6 D + 2 D_kv + 4 I) with a varlen attention kernel (no T x T), or
                T x D per layer plus one layer's full set with --activation-checkpointing; plus
-               the chunked head's two (chunk x V) fp32 buffers
+               the chunked head's (chunk x V) buffers: fp32 logits, softmax and gradient in
+               place in one, and its bf16 matmul output and copy, two fp32 buffers' worth
   overhead     3 GiB: CUDA context, allocator fragmentation, NCCL buffers
 A configuration fits when the sum is at most the GPU's memory. LoRA (rank 32, every linear
 layer): the frozen base is held in the compute dtype (2 bytes per parameter) by one process or

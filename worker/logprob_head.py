@@ -135,7 +135,8 @@ def fused_head_gradients(
 
 
 class FusedHeadGradients(torch.autograd.Function):
-    """One chunk loop: logits, logp, the loss's per-token gradient, and the head's gradients.
+    """One chunk loop: logits, logp, the loss's per-token gradient, and the head's gradients,
+    all in one (chunk x V) buffer at a time (freed before the next chunk's is made).
 
     The weight gradient is written once: the first chunk's product goes straight into its
     buffer (no zeros(V, D)), later chunks add into it with addmm_; the backward scales the
@@ -157,12 +158,17 @@ class FusedHeadGradients(torch.autograd.Function):
         for start in range(0, hidden_TD.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_CD, tgt_C1 = hidden_TD[sl], targets_T[sl, None]
-            logits_CV = _chunk_logits(h_CD, weight_VD)
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            logp_T[sl] = logits_CV.gather(1, tgt_C1)[:, 0] - lse_C
+            exp_CV = grad_logits_CV = None  # the last chunk's buffers go before the next is made
+            # The log-sum-exp in place in the one (C, V) buffer (torch.logsumexp would make a
+            # second): shifted by the row max, exponentiated, summed.
+            exp_CV = _chunk_logits(h_CD, weight_VD)
+            exp_CV.sub_(exp_CV.amax(dim=-1, keepdim=True))
+            target_C = exp_CV.gather(1, tgt_C1)[:, 0]
+            sum_C = exp_CV.exp_().sum(dim=-1)
+            logp_T[sl] = target_C - sum_C.log()
             g_C = token_gradient(logp_T[sl], sl).to(acc)
             # d logp / d logits = onehot(target) - softmax; scaled per token before any sum.
-            grad_logits_CV = logits_CV.sub_(lse_C[:, None]).exp_().mul_(-g_C[:, None])
+            grad_logits_CV = exp_CV.mul_((-g_C / sum_C)[:, None])
             grad_logits_CV.scatter_add_(1, tgt_C1, g_C[:, None])
             grad_logits_CV = grad_logits_CV.to(hidden_TD.dtype)  # matmuls in the model dtype
             grad_hidden_TD[sl] = grad_logits_CV @ weight_VD
