@@ -142,6 +142,7 @@ FORM_DTYPES = np.array([pb.DTYPE_UNSPECIFIED, pb.DTYPE_INT64, pb.DTYPE_FLOAT32, 
 ITEMSIZES = np.array([1] + [RAW_DTYPES[code].itemsize for code in range(1, len(RAW_DTYPES) + 1)])
 INT64_DATA = 0  # a _Part's code for int64_data: packed varints
 TEMPLATE_MEMBERS = 64  # datums of one size that pay for reading them by a template
+TEMPLATE_ROUNDS = 4  # templates tried per size, each on the datums the ones before did not fit
 
 
 class _Part(NamedTuple):
@@ -158,8 +159,7 @@ class _Part(NamedTuple):
     def elements(self, buf: np.ndarray) -> np.ndarray:
         """(sum(counts),) the tensors' elements, native byte order, datum after datum."""
         if self.code == INT64_DATA:  # plain: each span ends a varint
-            at = ranges(self.offsets, self.nbytes)
-            return _varint(buf, at[np.r_[True, buf[at[:-1]] < 0x80]])[0]
+            return _packed_values(buf[ranges(self.offsets, self.nbytes)])
         dtype = RAW_DTYPES[self.code]
         rows = np.lib.stride_tricks.as_strided(buf, (len(buf) - dtype.itemsize + 1, dtype.itemsize), (1, 1))
         values = rows[ranges(self.offsets, self.counts, dtype.itemsize)].view(dtype)[:, 0]
@@ -174,42 +174,51 @@ def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]
 
     Where TEMPLATE_MEMBERS datums or more have one byte size, the first is read in full
     (`_read_messages`) and another whose bytes equal its everywhere but in tensor data (checked
-    8 bytes at a time) has its layout: the same tags, lengths, dtypes and shapes. The rest are
-    read in full."""
+    8 bytes at a time) has its layout: the same tags, lengths, dtypes and shapes. Of those that
+    do not fit it, the first is the next template, while the last one fitted TEMPLATE_MEMBERS
+    datums or more, for up to TEMPLATE_ROUNDS templates per size (typed tensors of one byte size
+    split their bytes between fields in several ways). The rest are read in full."""
     sizes = np.fromiter(map(len, payloads), np.int64, len(payloads))
     buf = np.frombuffer(b"".join(payloads) + bytes(16), np.uint8)  # padded: reads may run past the end
     ends = np.cumsum(sizes)
     starts = ends - sizes
     _, first, group, members = np.unique(sizes, return_index=True, return_inverse=True, return_counts=True)
-    big = np.flatnonzero(members >= TEMPLATE_MEMBERS)
-    layouts, odd_first = _read_messages(buf, starts[first[big]], ends[first[big]])  # message g: big[g]'s template
     words = np.ndarray((len(buf) - 7,), "<u8", buf, strides=(1,))  # the 8 bytes at each offset
     by_group = np.split(np.argsort(group, kind="stable"), np.cumsum(members)[:-1])
     found: dict[str, list[_Part]] = {name: [] for name in TENSOR_FIELDS}
     rest = [np.flatnonzero(members[group] < TEMPLATE_MEMBERS)]  # datums to read in full
-    for g, start in enumerate(starts[first[big]]):
-        datums = by_group[big[g]]  # ascending, the template first
-        if odd_first[g]:
-            rest.append(datums)
-            continue
-        tensors = [(f, c, o - start, b, n) for _, f, c, o, b, n in zip(*(a[layouts[0] == g].tolist() for a in layouts))]
-        structure = np.full(-(-sizes[datums[0]] // 8) * 8, 0xFF, dtype=np.uint8)  # in whole words
-        structure[sizes[datums[0]]:] = 0
-        for _, _, offset, nbytes, _ in tensors:
-            structure[offset:offset + nbytes] = 0
-        mask = structure.view("<u8")
-        cols = np.flatnonzero(mask)
-        seen = words[starts[datums][:, None] + 8 * cols] & mask[cols]
-        same = (seen == seen[0]).all(1)
-        for _, code, offset, nbytes, count in tensors:  # varints: as many, none over 5 bytes
-            if code == INT64_DATA:
-                counts, ok = _packed(buf, starts[datums] + offset, np.full(len(datums), nbytes))
-                same &= ok & (counts == count)
-        rest.append(datums[~same])
-        like = datums[same]
-        for field, code, offset, nbytes, count in tensors:
-            found[TENSOR_FIELDS[field]].append(_Part(like, code, starts[like] + offset, np.full(len(like), nbytes),
-                                                     np.full(len(like), count)))
+    pending = [by_group[g] for g in np.flatnonzero(members >= TEMPLATE_MEMBERS)]  # each ascending, of one size
+    for _ in range(TEMPLATE_ROUNDS):  # each round: the first datum left of each size is a template
+        if not pending:
+            break
+        templates = starts[[datums[0] for datums in pending]]
+        layouts, odd_first = _read_messages(buf, templates, templates + sizes[[datums[0] for datums in pending]])
+        left = []
+        for g, (datums, start) in enumerate(zip(pending, templates)):
+            if odd_first[g]:
+                rest.append(datums)
+                continue
+            tensors = [(f, c, o - start, b, n) for _, f, c, o, b, n in zip(*(a[layouts[0] == g].tolist() for a in layouts))]
+            size = sizes[datums[0]]
+            structure = np.full(-(-size // 8) * 8, 0xFF, dtype=np.uint8)  # in whole words
+            structure[size:] = 0
+            for _, _, offset, nbytes, _ in tensors:
+                structure[offset:offset + nbytes] = 0
+            mask = structure.view("<u8")
+            cols = np.flatnonzero(mask)
+            seen = words[starts[datums][:, None] + 8 * cols] & mask[cols]
+            same = (seen == seen[0]).all(1)  # the template itself among them
+            varints = [(o, n, c) for _, code, o, n, c in tensors if code == INT64_DATA]
+            if varints:  # checked only where the structure fits
+                same[same] = _varints_alike(buf, starts[datums[same]], varints)
+            like, unlike = datums[same], datums[~same]
+            # Another template only after one that paid off, and for enough datums left.
+            (left if min(len(like), len(unlike)) >= TEMPLATE_MEMBERS else rest).append(unlike)
+            for field, code, offset, nbytes, count in tensors:
+                found[TENSOR_FIELDS[field]].append(_Part(like, code, starts[like] + offset, np.full(len(like), nbytes),
+                                                         np.full(len(like), count)))
+        pending = left
+    rest += pending
     rest = np.sort(np.concatenate(rest))
     (message, field, *layout), odd = _read_messages(buf, starts[rest], ends[rest])
     plain = ~odd[message]
@@ -287,6 +296,19 @@ def _tensor_data(buf: np.ndarray, value: np.ndarray, end: np.ndarray) -> tuple[n
     return dtypes, offsets, nbytes, counts, bad
 
 
+def _varints_alike(buf: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int, int]]) -> np.ndarray:
+    """(k,) bool: the datums at `starts` (k,) hold, at each (offset, bytes, count) of `spans`
+    (their template's packed varint fields), as many varints as it, none over 5 bytes, the last
+    ending the span. Each span is read as one (k, bytes) block."""
+    ok = np.ones(len(starts), dtype=bool)
+    for offset, nbytes, count in spans:
+        more = buf[(starts + offset)[:, None] + np.arange(nbytes)] >= 0x80  # (k, bytes): continued
+        ok &= ~more[:, -1] & (nbytes - more.sum(1) == count)
+        if nbytes > 4:
+            ok &= ~(more[:, :-4] & more[:, 1:-3] & more[:, 2:-2] & more[:, 3:-1] & more[:, 4:]).any(1)
+    return ok
+
+
 def _packed(buf: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Packed varints in the spans buf[offsets[i]:offsets[i] + nbytes[i]] (each non-empty):
     (counts (k,), ok (k,)): the span ends a varint and none is over 5 bytes (ids >= 2**35 are
@@ -298,6 +320,18 @@ def _packed(buf: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[n
     too_long = more[:-4] & more[1:-3] & more[2:-2] & more[3:-1] & more[4:]  # 5 bytes continued from here
     ok = ~more[first + nbytes - 1] & (np.add.reduceat(too_long, first) == 0)
     return np.add.reduceat(~more[:-4], first), ok
+
+
+def _packed_values(data: np.ndarray) -> np.ndarray:
+    """(k,) int64: the packed varints `data` (bytes,) uint8 holds, each of at most 5 bytes, the
+    last ending with data's last byte. Whole-array: each byte's 7 bits shifted by its place in
+    its varint, summed per varint."""
+    ends = np.flatnonzero(data < 0x80)
+    if not ends.size:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.r_[0, ends[:-1] + 1]
+    place = np.arange(len(data)) - np.repeat(starts, ends - starts + 1)
+    return np.add.reduceat((data & 0x7F).astype(np.int64) << (7 * place), starts)
 
 
 def _fields(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray,

@@ -225,3 +225,26 @@ def test_datums_protobuf_reads_in_another_form_agree():
         changed = body[:head] + b"\x0a" + fm._varint(len(datum)) + datum + body[end:]
         assert len(pb.ForwardBackwardInput.FromString(changed).data) == 70, name
         check(changed)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_typed_datums_of_one_size_in_several_layouts_agree(seed):
+    """Typed token ids of one- and two-byte varints (and, rarely, ids of 2**35 or more): datums
+    of one byte size split their bytes between model_input and target_tokens in several ways,
+    so the reader tries several templates per size; some datums corrupted in place."""
+    rng = random.Random(3000 + seed)
+    for _ in range(6):
+        n = rng.randint(1, 3)
+        msg = pb.ForwardBackwardInput(loss_fn="cispo")
+        for _ in range(rng.randint(200, 400)):
+            datum = msg.data.add()
+            for tensor in (datum.model_input, datum.loss_fn_inputs.target_tokens):
+                ids = [rng.choice((rng.randrange(128), rng.randrange(128, fm.VOCAB))) for _ in range(n)]
+                if rng.random() < 0.01:
+                    ids[0] = rng.choice((2**35, 2**35 - 1, fm.VOCAB))
+                fm.write_tensor(tensor, "int64_data", ids)
+            fm.write_tensor(datum.loss_fn_inputs.logprobs, "float_data", [-1.5] * n)
+            fm.write_tensor(datum.loss_fn_inputs.advantages, "float_data", [rng.uniform(-1, 1) for _ in range(n)])
+        body = msg.SerializeToString()
+        check(body)
+        check(corrupt_datums(rng, body, msg))
