@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           PreTrainedModel)
 
-from cispo.worker import embedding_gradient, sharding
+from cispo.worker import sharding
 from cispo.worker.attention import PACKED_ATTENTION, packed_attention_kwargs, use_packed_attention
 
 EMBEDDED_MODEL_NAME = "embedded-tiny-llama"
@@ -179,7 +179,6 @@ def load_policy_model(path: str | None = None, device: str | None = None, dtype:
     sharded = None
     if not shard:
         model.to(device=dev, dtype=torch.float32)
-        embedding_gradient.add_into_grad(model)  # no second (V x D) gradient when accumulating
     elif checkpoint is None:
         sharded = sharding.shard_model(model.to(dev), dt)
     else:
