@@ -143,11 +143,14 @@ ITEMSIZES = np.array([1] + [RAW_DTYPES[code].itemsize for code in range(1, len(R
 INT64_DATA = 0  # a _Part's code for int64_data: packed varints
 TEMPLATE_MEMBERS = 64  # datums of one size that pay for reading them by a template
 TEMPLATE_ROUNDS = 4  # templates tried per size, each on the datums the ones before did not fit
+LONG_SPAN = 256  # mean bytes per tensor from which tensors are copied one by one
+WORD = 8
+VARINT_MASKS = np.array([(1 << 8 * (n + 1)) - 1 for n in range(5)], dtype=np.uint64)  # by length - 1
 
 
 class _Part(NamedTuple):
     """One field's tensors of one wire dtype (`code`, or INT64_DATA) in some plain datums:
-    datums (k,) ascending, where their data begins in the buffer (k,), its bytes (k,) and
+    datums (k,), where their data begins in the buffer (k,), its bytes (k,) and
     element counts (k,)."""
 
     datums: np.ndarray
@@ -159,11 +162,25 @@ class _Part(NamedTuple):
     def elements(self, buf: np.ndarray) -> np.ndarray:
         """(sum(counts),) the tensors' elements, native byte order, datum after datum."""
         if self.code == INT64_DATA:  # plain: each span ends a varint
-            return _packed_values(buf[ranges(self.offsets, self.nbytes)])
+            return _packed_values(_spans(buf, self.offsets, self.nbytes))
         dtype = RAW_DTYPES[self.code]
-        rows = np.lib.stride_tricks.as_strided(buf, (len(buf) - dtype.itemsize + 1, dtype.itemsize), (1, 1))
-        values = rows[ranges(self.offsets, self.counts, dtype.itemsize)].view(dtype)[:, 0]
+        if len(self.offsets) * LONG_SPAN <= self.nbytes.sum():
+            values = _spans(buf, self.offsets, self.nbytes)[:-WORD].view(dtype)
+        else:  # each element read where it lies
+            at = np.ndarray((len(buf) - dtype.itemsize + 1,), dtype, buf, strides=(1,))
+            values = at[ranges(self.offsets, self.counts, dtype.itemsize)]
         return values.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _spans(buf: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """(sum(nbytes) + WORD,) uint8: the spans buf[offsets[i]:offsets[i] + nbytes[i]] one after
+    another, then WORD zero bytes; sliced one by one where they are long on average."""
+    if len(offsets) * LONG_SPAN <= nbytes.sum():
+        return np.concatenate([*(buf[o:o + n] for o, n in zip(offsets.tolist(), nbytes.tolist())),
+                               np.zeros(WORD, dtype=np.uint8)])
+    out = np.zeros(int(nbytes.sum()) + WORD, dtype=np.uint8)
+    np.take(buf, ranges(offsets, nbytes), out=out[:-WORD], mode="clip")  # "clip": unbuffered
+    return out
 
 
 def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]], np.ndarray]:
@@ -173,21 +190,25 @@ def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]
     every tensor is well-formed raw_data, int64_data, float_data or double_data (or empty).
 
     Where TEMPLATE_MEMBERS datums or more have one byte size, the first is read in full
-    (`_read_messages`) and another whose bytes equal its everywhere but in tensor data (checked
-    8 bytes at a time) has its layout: the same tags, lengths, dtypes and shapes. Of those that
-    do not fit it, the first is the next template, while the last one fitted TEMPLATE_MEMBERS
-    datums or more, for up to TEMPLATE_ROUNDS templates per size (typed tensors of one byte size
-    split their bytes between fields in several ways). The rest are read in full."""
+    (`_read_messages`) and another whose bytes equal its everywhere but in tensor data, and
+    whose packed varints' continuation bits equal its too (checked 8 bytes at a time), has its
+    layout: the same tags, lengths, dtypes, shapes and varint lengths. Of those that do not fit
+    it, the first is the next template, while the last one fitted TEMPLATE_MEMBERS datums or
+    more, for up to TEMPLATE_ROUNDS templates per size (typed tensors of one byte size split
+    their bytes between fields in several ways). A template with a tensor whose varints are not
+    all of one length is not tried. The rest are read in full."""
     sizes = np.fromiter(map(len, payloads), np.int64, len(payloads))
     buf = np.frombuffer(b"".join(payloads) + bytes(16), np.uint8)  # padded: reads may run past the end
     ends = np.cumsum(sizes)
     starts = ends - sizes
-    _, first, group, members = np.unique(sizes, return_index=True, return_inverse=True, return_counts=True)
+    by_size = np.argsort(sizes, kind="stable")
+    edges = np.r_[0, np.flatnonzero(np.diff(sizes[by_size])) + 1, len(sizes)]  # of the runs of one size
+    members = np.diff(edges)
+    few = members < TEMPLATE_MEMBERS
+    rest = [by_size[np.repeat(few, members)]]  # datums to read in full
+    pending = [by_size[edges[g]:edges[g + 1]] for g in np.flatnonzero(~few)]  # each ascending, of one size
     words = np.ndarray((len(buf) - 7,), "<u8", buf, strides=(1,))  # the 8 bytes at each offset
-    by_group = np.split(np.argsort(group, kind="stable"), np.cumsum(members)[:-1])
     found: dict[str, list[_Part]] = {name: [] for name in TENSOR_FIELDS}
-    rest = [np.flatnonzero(members[group] < TEMPLATE_MEMBERS)]  # datums to read in full
-    pending = [by_group[g] for g in np.flatnonzero(members >= TEMPLATE_MEMBERS)]  # each ascending, of one size
     for _ in range(TEMPLATE_ROUNDS):  # each round: the first datum left of each size is a template
         if not pending:
             break
@@ -199,18 +220,18 @@ def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]
                 rest.append(datums)
                 continue
             tensors = [(f, c, o - start, b, n) for _, f, c, o, b, n in zip(*(a[layouts[0] == g].tolist() for a in layouts))]
+            if not all(_one_length(buf[start + o:start + o + b], n) for _, c, o, b, n in tensors if c == INT64_DATA):
+                rest.append(datums)  # few others would share where its varints lie
+                continue
             size = sizes[datums[0]]
             structure = np.full(-(-size // 8) * 8, 0xFF, dtype=np.uint8)  # in whole words
             structure[size:] = 0
-            for _, _, offset, nbytes, _ in tensors:
-                structure[offset:offset + nbytes] = 0
+            for _, code, offset, nbytes, _ in tensors:  # a varint's continuation bits are structure
+                structure[offset:offset + nbytes] = 0x80 if code == INT64_DATA else 0
             mask = structure.view("<u8")
             cols = np.flatnonzero(mask)
             seen = words[starts[datums][:, None] + 8 * cols] & mask[cols]
             same = (seen == seen[0]).all(1)  # the template itself among them
-            varints = [(o, n, c) for _, code, o, n, c in tensors if code == INT64_DATA]
-            if varints:  # checked only where the structure fits
-                same[same] = _varints_alike(buf, starts[datums[same]], varints)
             like, unlike = datums[same], datums[~same]
             # Another template only after one that paid off, and for enough datums left.
             (left if min(len(like), len(unlike)) >= TEMPLATE_MEMBERS else rest).append(unlike)
@@ -222,7 +243,8 @@ def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]
     rest = np.sort(np.concatenate(rest))
     (message, field, *layout), odd = _read_messages(buf, starts[rest], ends[rest])
     plain = ~odd[message]
-    for f, code in set(zip(field[plain].tolist(), layout[0][plain].tolist())):
+    pairs = np.unique(field[plain] * len(ITEMSIZES) + layout[0][plain])  # (field, code) pairs present
+    for f, code in zip(*(a.tolist() for a in np.divmod(pairs, len(ITEMSIZES)))):
         these = plain & (field == f) & (layout[0] == code)  # messages ascending within a field
         found[TENSOR_FIELDS[f]].append(_Part(rest[message[these]], code, *(a[these] for a in layout[1:])))
     plain_B = np.ones(len(payloads), dtype=bool)
@@ -230,15 +252,20 @@ def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]
     return buf, {name: _by_dtype(parts) for name, parts in found.items()}, plain_B
 
 
+def _one_length(data: np.ndarray, count: int) -> bool:
+    """Whether the `count` packed varints in `data` (bytes,), each of at most 5 bytes, the last
+    ending data, are all of one length."""
+    return len(data) % count == 0 and bool((data.reshape(count, -1)[:, :-1] >= 0x80).all())
+
+
 def _by_dtype(parts: list[_Part]) -> list[_Part]:
-    """The parts merged into one per code, datums ascending."""
+    """The parts merged into one per code (datums ascending within each part merged, not across)."""
     merged = []
     for code in {part.code for part in parts}:
         these = [part for part in parts if part.code == code]
         if len(these) > 1:
-            datums, offsets, nbytes, counts = (np.concatenate(a) for a in zip(*((p.datums, *p[2:]) for p in these)))
-            order = np.argsort(datums, kind="stable")
-            these = [_Part(datums[order], code, offsets[order], nbytes[order], counts[order])]
+            these = [_Part(np.concatenate([p.datums for p in these]), code,
+                           *(np.concatenate(a) for a in zip(*(p[2:] for p in these))))]
         merged += these
     return merged
 
@@ -296,42 +323,34 @@ def _tensor_data(buf: np.ndarray, value: np.ndarray, end: np.ndarray) -> tuple[n
     return dtypes, offsets, nbytes, counts, bad
 
 
-def _varints_alike(buf: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int, int]]) -> np.ndarray:
-    """(k,) bool: the datums at `starts` (k,) hold, at each (offset, bytes, count) of `spans`
-    (their template's packed varint fields), as many varints as it, none over 5 bytes, the last
-    ending the span. Each span is read as one (k, bytes) block."""
-    ok = np.ones(len(starts), dtype=bool)
-    for offset, nbytes, count in spans:
-        more = buf[(starts + offset)[:, None] + np.arange(nbytes)] >= 0x80  # (k, bytes): continued
-        ok &= ~more[:, -1] & (nbytes - more.sum(1) == count)
-        if nbytes > 4:
-            ok &= ~(more[:, :-4] & more[:, 1:-3] & more[:, 2:-2] & more[:, 3:-1] & more[:, 4:]).any(1)
-    return ok
-
-
 def _packed(buf: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Packed varints in the spans buf[offsets[i]:offsets[i] + nbytes[i]] (each non-empty):
     (counts (k,), ok (k,)): the span ends a varint and none is over 5 bytes (ids >= 2**35 are
     left to protobuf)."""
-    if not len(offsets):
-        return offsets, np.ones(0, dtype=bool)
-    more = np.r_[buf[ranges(offsets, nbytes)] >= 0x80, np.zeros(4, dtype=bool)]  # continued, padded
-    first = np.cumsum(nbytes) - nbytes  # each span's first byte
-    too_long = more[:-4] & more[1:-3] & more[2:-2] & more[3:-1] & more[4:]  # 5 bytes continued from here
-    ok = ~more[first + nbytes - 1] & (np.add.reduceat(too_long, first) == 0)
-    return np.add.reduceat(~more[:-4], first), ok
+    ends = np.flatnonzero(_spans(buf, offsets, nbytes)[:-WORD] < 0x80)  # each varint's last byte
+    last = np.cumsum(nbytes) - 1  # each span's last byte
+    after = np.searchsorted(ends, last, side="right")  # varints ending in this span or before
+    counts = np.diff(after, prepend=0)
+    ok = np.zeros(len(offsets), dtype=bool)
+    ok[counts > 0] = ends[after[counts > 0] - 1] == last[counts > 0]
+    long = np.flatnonzero(np.diff(ends, prepend=-1) > 5)  # at a span's start, possibly counted from the span before
+    ok[np.searchsorted(last, ends[long])] = False
+    return counts, ok
 
 
 def _packed_values(data: np.ndarray) -> np.ndarray:
-    """(k,) int64: the packed varints `data` (bytes,) uint8 holds, each of at most 5 bytes, the
-    last ending with data's last byte. Whole-array: each byte's 7 bits shifted by its place in
-    its varint, summed per varint."""
-    ends = np.flatnonzero(data < 0x80)
-    if not ends.size:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.r_[0, ends[:-1] + 1]
-    place = np.arange(len(data)) - np.repeat(starts, ends - starts + 1)
-    return np.add.reduceat((data & 0x7F).astype(np.int64) << (7 * place), starts)
+    """(k,) int64: the packed varints in data[:-WORD] (uint8, then WORD bytes of padding), each
+    of at most 5 bytes, the last ending data[:-WORD]. Each is read as the 8-byte word at its first
+    byte, cut to its length, with its 7-bit groups closed up."""
+    ends = np.flatnonzero(data[:-WORD] < 0x80)
+    first = np.zeros_like(ends)
+    first[1:] = ends[:-1] + 1
+    words = np.ndarray((len(data) - WORD + 1,), "<u8", data, strides=(1,))
+    word = words[first] & VARINT_MASKS[ends - first]
+    value = word & np.uint64(0x7F)
+    for place in range(1, 5):
+        value |= (word >> np.uint64(place)) & np.uint64(0x7F << 7 * place)
+    return value.view(np.int64)
 
 
 def _fields(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray,

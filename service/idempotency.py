@@ -22,8 +22,9 @@ MAX_KEY_CHARS = 128
 
 
 def fingerprint(op: str, request) -> bytes:
-    """A digest of what an operation does: its name and its request message."""
-    digest = hashlib.blake2b(op.encode(), digest_size=16)
+    """A digest of what an operation does: its name and its request message (SHA-256, which
+    CPUs hash in hardware)."""
+    digest = hashlib.sha256(op.encode())
     digest.update(request.SerializeToString(deterministic=True))
     return digest.digest()
 

@@ -248,3 +248,39 @@ def test_typed_datums_of_one_size_in_several_layouts_agree(seed):
         body = msg.SerializeToString()
         check(body)
         check(corrupt_datums(rng, body, msg))
+
+
+@pytest.mark.parametrize("long_span", [1, 1 << 30])
+def test_tensors_copied_whole_or_element_by_element_agree(monkeypatch, long_span):
+    """Both ways of copying tensors out of the buffer (one slice per tensor where tensors are
+    long on average, else one index per element), on good and corrupted batches."""
+    monkeypatch.setattr(convert, "LONG_SPAN", long_span)
+    rng = random.Random(4000 + long_span)
+    for _ in range(30):
+        check(fm.good_batch(rng, max_datums=8).SerializeToString())
+        _, msg = uniform_batch(rng, 64)
+        check(corrupt_datums(rng, msg.SerializeToString(), msg))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_typed_datums_with_varints_of_one_length_agree(seed):
+    """Typed tensors of several token ids that are all two-byte varints: a template with
+    several varints per tensor is tried, and datums whose continuation bits differ (an id
+    of one or three bytes, among others) are not read by it."""
+    rng = random.Random(5000 + seed)
+    for _ in range(4):
+        n = rng.randint(2, 16)
+        msg = pb.ForwardBackwardInput(loss_fn="cispo")
+        for _ in range(rng.randint(150, 300)):
+            datum = msg.data.add()
+            for tensor in (datum.model_input, datum.loss_fn_inputs.target_tokens):
+                ids = [rng.randrange(128, fm.VOCAB) for _ in range(n)]
+                if rng.random() < 0.05:  # same byte size, other continuation bits
+                    i, j = rng.sample(range(n), 2)
+                    ids[i], ids[j] = rng.randrange(128), rng.randrange(1 << 14, 1 << 15)
+                fm.write_tensor(tensor, "int64_data", ids)
+            fm.write_tensor(datum.loss_fn_inputs.logprobs, "float_data", [-0.5] * n)
+            fm.write_tensor(datum.loss_fn_inputs.advantages, "float_data", [rng.uniform(-1, 1) for _ in range(n)])
+        body = msg.SerializeToString()
+        check(body)
+        check(corrupt_datums(rng, body, msg))

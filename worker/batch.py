@@ -50,6 +50,8 @@ def tensor_problem(shape: tuple[int, ...], dtype: torch.dtype, kind: str | None)
 
 def ranges(starts: np.ndarray, lengths: np.ndarray, step: int = 1) -> np.ndarray:
     """starts[i] + step * j for j < lengths[i], for each i in turn: (sum(lengths),) int64."""
+    if (lengths == 1).all():
+        return starts
     first = np.cumsum(lengths) - lengths
     return np.repeat(starts - first * step, lengths) + np.arange(int(lengths.sum())) * step
 
@@ -73,7 +75,7 @@ class Column:
     @classmethod
     def build(cls, name: str, size: int, parts: Sequence[tuple[np.ndarray, np.ndarray, torch.Tensor]] = (),
               tensors: Sequence[tuple[int, torch.Tensor]] = ()) -> "Column":
-        """The column `name` of `size` datums from `parts`, (datums (k,) ascending, their lengths
+        """The column `name` of `size` datums from `parts`, (datums (k,), their lengths
         (k,), their elements concatenated) of one dtype each, and from (datum, tensor) pairs of
         other datums. A tensor that is not 1-D, or a part of the wrong kind for `name`, is a problem."""
         kind = FIELD_KINDS.get(name)
@@ -100,7 +102,7 @@ class Column:
         good = np.maximum(lengths, 0)
         good[list(problems)] = 0
         starts = np.cumsum(good) - good
-        if len(kept) == 1:
+        if len(kept) == 1 and (np.diff(kept[0][0]) > 0).all():  # in datum order already
             values = kept[0][1]
         else:
             values = np.empty(int(good.sum()), np.result_type(*(v for _, v in kept)) if kept else np.int64)
