@@ -1,12 +1,15 @@
 """Every rejection of the engine: a specific message, and the accumulated gradient untouched."""
 
 import math
+import pickle
 
 import pytest
 import torch
 
 from cispo.worker import (AdamParams, ComputeFailed, Engine, EngineConfig, InvalidInput, LimitExceeded, Sample,
                           StateNotFound, load_policy_model)
+from cispo.worker import errors
+from cispo.worker.errors import FieldViolation
 from reference import make_samples
 
 
@@ -288,3 +291,15 @@ def test_in_place_failure_discards_the_accumulated_gradient_and_says_so(in_place
 def test_gradient_accumulation_mode_is_checked():
     with pytest.raises(ValueError, match="gradient_accumulation must be one of exact, in-place, got 'inplace'"):
         EngineConfig(gradient_accumulation="inplace")
+
+
+def test_every_engine_error_pickles_whole():
+    """A group's ranks send their errors to rank 0 pickled: type, message and fields survive."""
+    raised = [InvalidInput([FieldViolation("data[0].model_input", "required"), FieldViolation("loss_fn", "unknown")]),
+              LimitExceeded("max_runs", "at most 1 run"), ComputeFailed("out of memory: x", out_of_memory=True),
+              ComputeFailed("not finite", non_finite=True), errors.RankUnavailable(1, "rank 1 is gone"),
+              errors.StateNotFound("no state 'x'"), errors.StepRefused("refused"), errors.RunNotFound("no run"),
+              errors.RunConflict("a full run"), errors.PermissionDenied("not yours")]
+    for error in raised:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and vars(copy) == vars(error), error

@@ -2,13 +2,15 @@
 base that `--sharding fsdp` shards, interleaved with each other, saved, resumed, exported and
 sampled, then a full fine-tune on a fresh base, against the same calls on a single process."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from cispo.client import (AdamParams, FailedPreconditionError, ModelInput, NotFoundError, SamplingParams,
-                          ServiceClient)
+from cispo.client import (AdamParams, FailedPreconditionError, ModelInput, NotFoundError, ResourceExhaustedError,
+                          SamplingParams, ServiceClient)
 from server_process import ServerProcess
 from test_data_parallel import batch
 from test_fsdp import read_state, torchrun
@@ -105,3 +107,28 @@ def test_lora_runs_in_a_group_equal_a_single_process(tmp_path, expected, shardin
         group.terminate()
     assert [i.sharding for i in got["info"]] == [sharding] * 2
     assert_same(expected, got)
+
+
+def test_a_run_made_on_only_some_ranks_is_dropped_everywhere(tmp_path):
+    """Rank 1 alone holds at most one run (CISPO_MAX_RUNS=1 in its environment only), so a
+    second LoRA run is made on rank 0 and refused on rank 1: the group drops it on rank 0 too,
+    answers RESOURCE_EXHAUSTED, and goes on serving the first; once that is unloaded a new one
+    is made everywhere."""
+    rank_1_limited = ["--no-python", "sh", "-c", 'if [ "$RANK" = 1 ]; then export CISPO_MAX_RUNS=1; fi; exec "$0" "$@"',
+                      sys.executable]
+    group = ServerProcess(*FLAGS, checkpoint_dir=tmp_path / "states", launcher=torchrun(2) + rank_1_limited)
+    try:
+        with ServiceClient(group.address, wait_for_ready=True) as service:
+            a = service.create_lora_training_client(rank=2, seed=1)
+            with pytest.raises(ResourceExhaustedError, match="runs"):
+                service.create_lora_training_client(rank=2, seed=2)
+            assert [m.model_id for m in service.list_models()] == [a.model_id]  # none left on rank 0
+            a.forward_backward(batch(1)).result()
+            assert a.optim_step(ADAM).result().grad_norm > 0
+            service.unload_model(a.model_id)
+            b = service.create_lora_training_client(rank=2, seed=2)
+            assert [m.model_id for m in service.list_models()] == [b.model_id]
+            b.forward_backward(batch(2)).result()
+            assert b.optim_step(ADAM).result().grad_norm > 0
+    finally:
+        group.terminate()

@@ -1,4 +1,5 @@
-"""Errors the engine raises. The service maps each to a gRPC status; nothing here knows gRPC."""
+"""Errors the engine raises. The service maps each to a gRPC status; nothing here knows gRPC.
+Each pickles whole, since a group's ranks send them to rank 0."""
 
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ class InvalidInput(ValueError):
         self.violations = list(violations)
         super().__init__("; ".join(str(v) for v in self.violations))
 
+    def __reduce__(self):
+        return type(self), (self.violations,)
+
 
 class LimitExceeded(ValueError):
     """The request is over a configured limit, named in `limit` (RESOURCE_EXHAUSTED)."""
@@ -29,6 +33,9 @@ class LimitExceeded(ValueError):
     def __init__(self, limit: str, message: str):
         self.limit = limit
         super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.limit, str(self))
 
 
 class StateNotFound(LookupError):
@@ -55,6 +62,9 @@ class ComputeFailed(RuntimeError):
         self.non_finite = non_finite
         super().__init__(message)
 
+    def __reduce__(self):
+        return type(self), (str(self), self.out_of_memory, self.non_finite)
+
 
 class RankUnavailable(RuntimeError):
     """A data-parallel rank died or stopped answering; the group cannot train (UNAVAILABLE)."""
@@ -62,6 +72,9 @@ class RankUnavailable(RuntimeError):
     def __init__(self, rank: int | None, message: str):
         self.rank = rank
         super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.rank, str(self))
 
 
 class RunNotFound(LookupError):
