@@ -3,6 +3,7 @@
 as the server's groups are).
 
     .venv/bin/python bench/bench_fsdp.py [--layers 4 --hidden 512 --vocab 32000 --world-sizes 1 2 4] [--lora]
+        [--dtype bfloat16]
 
 A Llama (random init, `save_pretrained`, loaded with `load_policy_model`) runs two steps of
 forward_backward (the same batch, split over the ranks by tokens) + optim_step on each rank's
@@ -11,7 +12,8 @@ Engine. Reported per rank, in MiB:
             forward_backward: weights + gradient + AdamW moments
   predicted `sharding.state_bytes` for the same model: the accounting docs/scaling.md uses
   base      --lora: the bytes of the frozen base this rank holds (every base parameter, 1/W
-            of each under fsdp), beside the adapter's state (whole on every rank)
+            of each under fsdp), beside the adapter's state (whole on every rank); it is held
+            in the compute dtype (`--dtype`)
   peak RSS  the process's peak resident memory (torch, the model load, activations included)
 and seconds per step. Optional `--activation-checkpointing` row at the largest W.
 """
@@ -38,7 +40,7 @@ def worker(args) -> None:
     from cispo.worker.sharding import local_bytes, state_bytes
 
     ctx = init_group(torch.device("cpu"))
-    policy = load_policy_model(args.model, "cpu", activation_checkpointing=args.activation_checkpointing,
+    policy = load_policy_model(args.model, "cpu", args.dtype, activation_checkpointing=args.activation_checkpointing,
                                shard=args.sharding == "fsdp")
     run = {}
     if args.lora:
@@ -76,7 +78,7 @@ def worker(args) -> None:
 def run(args, world_size: int, sharding: str, checkpointing: bool = False) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
            __file__, "--worker", "--model", args.model, "--vocab", str(args.vocab), "--sharding", sharding,
-           "--tmp", args.tmp, "--lora-rank", str(args.lora_rank)] + (["--activation-checkpointing"] if checkpointing else []) \
+           "--tmp", args.tmp, "--lora-rank", str(args.lora_rank), "--dtype", args.dtype] + (["--activation-checkpointing"] if checkpointing else []) \
         + (["--lora"] if args.lora else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world_size))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
@@ -92,6 +94,7 @@ def main() -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--lora", action="store_true", help="a LoRA run (every linear layer) in place of a full fine-tune")
     p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--dtype", default="float32", help="the compute dtype (bfloat16 autocasts on the CPU too)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--sharding", default="replicated", help=argparse.SUPPRESS)
@@ -110,7 +113,7 @@ def main() -> None:
         model.save_pretrained(args.model)
         n = sum(t.numel() for t in model.parameters())
         print(f"model: {n / 1e6:.1f}M parameters ({args.layers} layers, d={args.hidden}, V={args.vocab}); "
-              f"batch 8 x 512 tokens; CPU, gloo" + (f"; LoRA r={args.lora_rank}" if args.lora else ""))
+              f"batch 8 x 512 tokens; CPU, gloo; compute dtype {args.dtype}" + (f"; LoRA r={args.lora_rank}" if args.lora else ""))
         print("| W | sharding | state per rank (MiB) | predicted (MiB) | frozen base per rank (MiB) "
               "| peak RSS per rank (MiB) | s/step |")
         print("|---|---|---|---|---|---|---|")

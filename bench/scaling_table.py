@@ -23,9 +23,9 @@ config shape. Per rank, in GiB, for a bf16 compute dtype:
                place in one, and its bf16 matmul output and copy, two fp32 buffers' worth
   overhead     3 GiB: CUDA context, allocator fragmentation, NCCL buffers
 A configuration fits when the sum is at most the GPU's memory. LoRA (rank 32, every linear
-layer): the frozen base is held in the compute dtype (2 bytes per parameter) by one process or
-a replicated group, and in FSDP2's fp32 shards (4 bytes per parameter, 1/W of them) under fsdp,
-plus the root's and two decoder layers' gathered bf16 weights; the adapter costs 16 bytes per
+layer): the frozen base is held in the compute dtype (2 bytes per parameter), whole by one
+process or a replicated group, in FSDP2's bf16 shards (1/W of them) under fsdp, plus the
+root's and two decoder layers' gathered bf16 weights; the adapter costs 16 bytes per
 adapter parameter on every rank (20 with exact accumulation's second gradient).
 """
 
@@ -86,7 +86,7 @@ def lora_bytes(s: dict, world_size: int, sharding: str, tokens: int, checkpointi
     if sharding == "replicated":
         base = 2 * s["n"]
     else:
-        base = 4 * -(-s["n"] // world_size) + 2 * s["root"] + 2 * 2 * s["layer"]
+        base = 2 * -(-s["n"] // world_size) + 2 * s["root"] + 2 * 2 * s["layer"]
     second = 4 * s["lora"] if accumulation == "exact" else 0
     return base + state_bytes(s["lora"]).total + second + activation_bytes(s, tokens, checkpointing) + OVERHEAD
 

@@ -132,3 +132,35 @@ def test_a_run_made_on_only_some_ranks_is_dropped_everywhere(tmp_path):
             assert b.optim_step(ADAM).result().grad_norm > 0
     finally:
         group.terminate()
+
+
+def bf16_lora_steps(address: str) -> dict:
+    """A LoRA run's two steps and a forward after them, in bf16."""
+    out = {"results": [], "grad_norms": []}
+    with ServiceClient(address, wait_for_ready=True) as service:
+        run = service.create_lora_training_client(rank=4, seed=1)
+        for seed in (50, 51):
+            out["results"].append(outputs(run.forward_backward(batch(seed)).result()))
+            out["grad_norms"].append(run.optim_step(ADAM).result().grad_norm)
+        out["final"] = outputs(run.forward(batch(52)).result())
+    return out
+
+
+def test_lora_over_bf16_shards_equals_a_replicated_bf16_base(tmp_path):
+    """Under fsdp a LoRA run's frozen base is cast to bf16 shards (half the bytes of fp32 ones),
+    its buffers (rotary frequencies) left in fp32: two steps and a forward equal those of a
+    replicated group, whose whole base is bf16."""
+    got = {}
+    for sharding in ("replicated", "fsdp"):
+        server = ServerProcess(*FLAGS, "--dtype", "bfloat16", "--sharding", sharding,
+                               checkpoint_dir=tmp_path / sharding, launcher=torchrun(2))
+        try:
+            got[sharding] = bf16_lora_steps(server.address)
+        finally:
+            server.terminate()
+    replicated, fsdp = got["replicated"], got["fsdp"]
+    assert fsdp["grad_norms"] == pytest.approx(replicated["grad_norms"], rel=1e-6)
+    for a, b in zip(replicated["results"] + [replicated["final"]], fsdp["results"] + [fsdp["final"]], strict=True):
+        assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-6, abs=1e-6)
+        for x, y in zip(a["logprobs"], b["logprobs"], strict=True):
+            np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)

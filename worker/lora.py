@@ -11,7 +11,7 @@ seed gives the same adapter, bit for bit.
 
 All adapters live in one `peft.PeftModel` around the served model, which PEFT changes in place
 (its Linear layers become LoRA layers). The base is frozen and held once, in the compute dtype
-(sharded under `--sharding fsdp`: 1/W of it per rank, in fp32 shards); adapter weights are fp32
+(sharded under `--sharding fsdp`: 1/W of it per rank, the shards cast to the compute dtype); adapter weights are fp32
 master weights, whole on every rank of a group. Switching runs is `activate`: PEFT's `set_adapter`,
 no reload. Parameters are named canonically (PEFT's names without the adapter's own name), so a
 state saved by one run loads into another run of the same shape.
@@ -25,6 +25,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from cispo.worker.model import PolicyModel
+from cispo.worker.sharding import cast_shards
 
 LORA_ALPHA = 32
 # Attention and MLP children of a decoder layer, by the names transformers' models give them.
@@ -99,13 +100,15 @@ def add_adapter(policy: PolicyModel, name: str, spec: LoraSpec) -> dict[str, tor
 
 
 def _freeze_base(policy: PolicyModel) -> None:
-    """Sharded (FSDP2 owns the parameters), the base stays in its fp32 shards, which FSDP2
-    gathers in the compute dtype one layer at a time."""
+    """The base frozen in the compute dtype: whole, or, sharded, as FSDP2 shards it casts (it
+    gathers them in that dtype anyway, so the computation is the same, in half the bytes)."""
     with torch.no_grad():
+        if policy.sharded is not None:
+            cast_shards(policy.sharded, policy.compute_dtype)
         for p in policy.model.parameters():
             p.requires_grad_(False)
             p.grad = None
-            if p.dtype != policy.compute_dtype and policy.sharded is None:
+            if p.dtype != policy.compute_dtype:
                 p.data = p.data.to(policy.compute_dtype)
 
 

@@ -85,6 +85,16 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype, weights: Pat
     return trunk
 
 
+def cast_shards(trunk: Trunk, dtype: torch.dtype) -> None:
+    """Cast the shards of `trunk`'s parameters to `dtype` in place (FSDP2 follows Module.to),
+    its buffers kept as they were (rotary frequencies stay fp32, as in an unsharded model)."""
+    buffers = list(trunk.named_buffers())
+    trunk.to(dtype)
+    for name, buffer in buffers:
+        owner, _, leaf = name.rpartition(".")
+        setattr(trunk.get_submodule(owner), leaf, buffer)
+
+
 def _read_shards(model: torch.nn.Module, directory: Path, device: torch.device) -> None:
     """Materialise `model`'s meta parameters as this rank's fp32 shards on `device`, read from
     the safetensors files of `directory` one whole tensor at a time (buffers kept as they are)."""
