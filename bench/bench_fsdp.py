@@ -3,7 +3,7 @@
 as the server's groups are).
 
     .venv/bin/python bench/bench_fsdp.py [--layers 4 --hidden 512 --vocab 32000 --world-sizes 1 2 4] [--lora]
-        [--dtype bfloat16]
+        [--dtype bfloat16] [--device cuda --world-sizes 1]   # nccl on one GPU per rank
 
 A Llama (random init, `save_pretrained`, loaded with `load_policy_model`) runs two steps of
 forward_backward (the same batch, split over the ranks by tokens) + optim_step on each rank's
@@ -39,8 +39,9 @@ def worker(args) -> None:
     from cispo.worker.group import attach, init_group, shard_by_tokens
     from cispo.worker.sharding import local_bytes, state_bytes
 
-    ctx = init_group(torch.device("cpu"))
-    policy = load_policy_model(args.model, "cpu", args.dtype, activation_checkpointing=args.activation_checkpointing,
+    ctx = init_group(torch.device(args.device))  # gloo on the CPU, nccl on CUDA
+    device = f"cuda:{ctx.rank}" if args.device == "cuda" else args.device
+    policy = load_policy_model(args.model, device, args.dtype, activation_checkpointing=args.activation_checkpointing,
                                shard=args.sharding == "fsdp")
     run = {}
     if args.lora:
@@ -78,7 +79,7 @@ def worker(args) -> None:
 def run(args, world_size: int, sharding: str, checkpointing: bool = False) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
            __file__, "--worker", "--model", args.model, "--vocab", str(args.vocab), "--sharding", sharding,
-           "--tmp", args.tmp, "--lora-rank", str(args.lora_rank), "--dtype", args.dtype] + (["--activation-checkpointing"] if checkpointing else []) \
+           "--tmp", args.tmp, "--lora-rank", str(args.lora_rank), "--dtype", args.dtype, "--device", args.device] + (["--activation-checkpointing"] if checkpointing else []) \
         + (["--lora"] if args.lora else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world_size))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
@@ -95,6 +96,7 @@ def main() -> None:
     p.add_argument("--lora", action="store_true", help="a LoRA run (every linear layer) in place of a full fine-tune")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--dtype", default="float32", help="the compute dtype (bfloat16 autocasts on the CPU too)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--sharding", default="replicated", help=argparse.SUPPRESS)
@@ -113,7 +115,7 @@ def main() -> None:
         model.save_pretrained(args.model)
         n = sum(t.numel() for t in model.parameters())
         print(f"model: {n / 1e6:.1f}M parameters ({args.layers} layers, d={args.hidden}, V={args.vocab}); "
-              f"batch 8 x 512 tokens; CPU, gloo; compute dtype {args.dtype}" + (f"; LoRA r={args.lora_rank}" if args.lora else ""))
+              f"batch 8 x 512 tokens; {'CUDA, nccl' if args.device == 'cuda' else 'CPU, gloo'}; compute dtype {args.dtype}" + (f"; LoRA r={args.lora_rank}" if args.lora else ""))
         print("| W | sharding | state per rank (MiB) | predicted (MiB) | frozen base per rank (MiB) "
               "| peak RSS per rank (MiB) | s/step |")
         print("|---|---|---|---|---|---|---|")
