@@ -227,27 +227,38 @@ def test_datums_protobuf_reads_in_another_form_agree():
         check(changed)
 
 
+def check_typed_batches(rng: random.Random, batches: int, datums: tuple[int, int], n: tuple[int, int], ids) -> None:
+    """`batches` cispo batches of typed tensors (int64_data, float_data), each of
+    rng.randint(*datums) datums of rng.randint(*n) tokens, token ids from `ids(n)`, checked as
+    they are and with some datums corrupted in place."""
+    for _ in range(batches):
+        length = rng.randint(*n)
+        msg = pb.ForwardBackwardInput(loss_fn="cispo")
+        for _ in range(rng.randint(*datums)):
+            datum = msg.data.add()
+            for tensor in (datum.model_input, datum.loss_fn_inputs.target_tokens):
+                fm.write_tensor(tensor, "int64_data", ids(length))
+            fm.write_tensor(datum.loss_fn_inputs.logprobs, "float_data", [-1.5] * length)
+            fm.write_tensor(datum.loss_fn_inputs.advantages, "float_data", [rng.uniform(-1, 1) for _ in range(length)])
+        body = msg.SerializeToString()
+        check(body)
+        check(corrupt_datums(rng, body, msg))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_typed_datums_of_one_size_in_several_layouts_agree(seed):
     """Typed token ids of one- and two-byte varints (and, rarely, ids of 2**35 or more): datums
     of one byte size split their bytes between model_input and target_tokens in several ways,
     so the reader tries several templates per size; some datums corrupted in place."""
     rng = random.Random(3000 + seed)
-    for _ in range(6):
-        n = rng.randint(1, 3)
-        msg = pb.ForwardBackwardInput(loss_fn="cispo")
-        for _ in range(rng.randint(200, 400)):
-            datum = msg.data.add()
-            for tensor in (datum.model_input, datum.loss_fn_inputs.target_tokens):
-                ids = [rng.choice((rng.randrange(128), rng.randrange(128, fm.VOCAB))) for _ in range(n)]
-                if rng.random() < 0.01:
-                    ids[0] = rng.choice((2**35, 2**35 - 1, fm.VOCAB))
-                fm.write_tensor(tensor, "int64_data", ids)
-            fm.write_tensor(datum.loss_fn_inputs.logprobs, "float_data", [-1.5] * n)
-            fm.write_tensor(datum.loss_fn_inputs.advantages, "float_data", [rng.uniform(-1, 1) for _ in range(n)])
-        body = msg.SerializeToString()
-        check(body)
-        check(corrupt_datums(rng, body, msg))
+
+    def ids(n: int) -> list[int]:
+        out = [rng.choice((rng.randrange(128), rng.randrange(128, fm.VOCAB))) for _ in range(n)]
+        if rng.random() < 0.01:
+            out[0] = rng.choice((2**35, 2**35 - 1, fm.VOCAB))
+        return out
+
+    check_typed_batches(rng, 6, (200, 400), (1, 3), ids)
 
 
 @pytest.mark.parametrize("long_span", [1, 1 << 30])
@@ -268,19 +279,12 @@ def test_typed_datums_with_varints_of_one_length_agree(seed):
     several varints per tensor is tried, and datums whose continuation bits differ (an id
     of one or three bytes, among others) are not read by it."""
     rng = random.Random(5000 + seed)
-    for _ in range(4):
-        n = rng.randint(2, 16)
-        msg = pb.ForwardBackwardInput(loss_fn="cispo")
-        for _ in range(rng.randint(150, 300)):
-            datum = msg.data.add()
-            for tensor in (datum.model_input, datum.loss_fn_inputs.target_tokens):
-                ids = [rng.randrange(128, fm.VOCAB) for _ in range(n)]
-                if rng.random() < 0.05:  # same byte size, other continuation bits
-                    i, j = rng.sample(range(n), 2)
-                    ids[i], ids[j] = rng.randrange(128), rng.randrange(1 << 14, 1 << 15)
-                fm.write_tensor(tensor, "int64_data", ids)
-            fm.write_tensor(datum.loss_fn_inputs.logprobs, "float_data", [-0.5] * n)
-            fm.write_tensor(datum.loss_fn_inputs.advantages, "float_data", [rng.uniform(-1, 1) for _ in range(n)])
-        body = msg.SerializeToString()
-        check(body)
-        check(corrupt_datums(rng, body, msg))
+
+    def ids(n: int) -> list[int]:
+        out = [rng.randrange(128, fm.VOCAB) for _ in range(n)]
+        if rng.random() < 0.05:  # same byte size, other continuation bits
+            i, j = rng.sample(range(n), 2)
+            out[i], out[j] = rng.randrange(128), rng.randrange(1 << 14, 1 << 15)
+        return out
+
+    check_typed_batches(rng, 4, (150, 300), (2, 16), ids)
