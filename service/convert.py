@@ -212,8 +212,9 @@ def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]
     for _ in range(TEMPLATE_ROUNDS):  # each round: the first datum left of each size is a template
         if not pending:
             break
-        templates = starts[[datums[0] for datums in pending]]
-        layouts, odd_first = _read_messages(buf, templates, templates + sizes[[datums[0] for datums in pending]])
+        firsts = [datums[0] for datums in pending]
+        templates = starts[firsts]
+        layouts, odd_first = _read_messages(buf, templates, templates + sizes[firsts])
         left = []
         for g, (datums, start) in enumerate(zip(pending, templates)):
             if odd_first[g]:

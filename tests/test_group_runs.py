@@ -41,6 +41,11 @@ def train_runs(address: str, checkpoint_dir, sampler_dir) -> dict:
         adapter = a.save_weights_and_get_sampling_client("a-adapter")
         out["samples"].append(adapter.sample(ModelInput.from_ints([4, 5, 6]), 2, greedy).result())
         out["samples"].append(a.create_sampling_client().sample(ModelInput.from_ints([4, 5, 6]), 2, greedy).result())
+        a.save_weights_for_sampler("shared").result()
+        path = b.save_weights_for_sampler("shared").result().path  # b wrote the files last
+        for sampler in (service.create_sampling_client(model_path=path), b.create_sampling_client()):
+            out["samples"].append(sampler.sample(ModelInput.from_ints([7, 8, 9]), 1, greedy,
+                                                 include_prompt_logprobs=True).result())
         a.save_weights_for_sampler("a-merged", merged=True).result()
         resumed = service.create_training_client_from_state_with_optimizer("a-state")
         out["resumed_step"] = resumed.get_info().step
@@ -74,6 +79,11 @@ def assert_same(expected: dict, got: dict) -> None:
     assert got["resumed_step"] == expected["resumed_step"] == 2 and got["listed"] == expected["listed"]
     for a, b in zip(expected["samples"], got["samples"], strict=True):
         assert [s.tokens for s in b.sequences] == [s.tokens for s in a.sequences]
+        assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+        if a.prompt_logprobs is not None:
+            np.testing.assert_allclose(b.prompt_logprobs[1:], a.prompt_logprobs[1:], rtol=1e-5, atol=1e-5)
+    by_path, on_b = got["samples"][-2:]  # the export b wrote last is b's weights
+    np.testing.assert_allclose(by_path.prompt_logprobs[1:], on_b.prompt_logprobs[1:], rtol=1e-5, atol=1e-5)
     for key in ("state", "adapter", "merged"):
         assert got[key].keys() == expected[key].keys(), key
         for name, w in expected[key].items():

@@ -136,8 +136,9 @@ PADDING = SampleBatch.from_samples([Sample(torch.zeros(1, dtype=torch.int64), {
     name: torch.zeros(1, dtype=torch.int64 if kind == "int" else torch.float32) for name, kind in LOSS_INPUT_KINDS.items()})])
 
 SHARDED_EXPORT_SAMPLING = ("a sharded group (--sharding fsdp) samples its current weights only (and the sampler "
-                           "weights it saved of them last, when --sampler-dtype is the compute dtype); serve other "
-                           "saved sampler weights with an external sampler such as vLLM")
+                           "weights a run saved of them last, when --sampler-dtype is the compute dtype and, for a "
+                           "LoRA adapter, float32; never merged ones); serve other saved sampler weights with an "
+                           "external sampler such as vLLM")
 
 NON_FINITE_GRADIENT = ("the loss gradient of this batch, added to the accumulated gradient, is not finite in float32 "
                        "(advantages or weights too large?)")
@@ -145,8 +146,8 @@ NON_FINITE_GRADIENT = ("the loss gradient of this batch, added to the accumulate
 DISCARDED_GRADIENT = ("the gradient accumulated since the last optim_step was discarded (--gradient-accumulation "
                       "in-place); the weights and optimizer state are unchanged")
 
-# Sums gradients across data-parallel ranks in place (None on a single rank).
-GradientReducer = Callable[[list[torch.Tensor]], None]
+# Sums the engine's gradients across data-parallel ranks in place (None on a single rank).
+GradientReducer = Callable[[], None]
 # Given this rank's failure (or None), returns the group's first failure (or None).
 FailureAgreement = Callable[[ComputeFailed | None], ComputeFailed | None]
 
@@ -381,7 +382,7 @@ class Engine:
         A refused step (StepRefused) changes no weight or moment. After a cross-rank sum, only
         rank 0 keeps the summed gradient, so the next step's sum counts it once."""
         if self.gradient_reducer is not None:
-            self.gradient_reducer([p.grad for p in self.named_params.values()])
+            self.gradient_reducer()
         self.current_export = None
         try:
             grad_norm = self.optimizer.step(adam)
@@ -573,9 +574,13 @@ class Engine:
                 else:
                     path = sampler_weights.export_full_sharded(self.policy, export, name, step, owner,
                                                                self.process_group, merge_adapter=self.adapter)
-                # Sampling it is sampling the current weights when they compute in the serving dtype.
-                same = sampler_weights.SERVING_DTYPES[export.dtype] == sampler_weights.load_dtype(self.policy)
-                self.current_export = name if same else None
+                # Sampling it is sampling the current weights where its tensors are exactly those
+                # the run computes with: in the compute dtype, an adapter in fp32 (its master
+                # weights), never merged ones (W + BA rounded as one).
+                dtype = sampler_weights.SERVING_DTYPES[export.dtype]
+                exact = dtype == sampler_weights.load_dtype(self.policy) and (
+                    self.adapter is None or (not merged and dtype == torch.float32))
+                self.current_export = name if exact else None
                 return path
             if self.adapter is None:
                 path = sampler_weights.export_full(self.policy, export, name, step, owner)

@@ -74,7 +74,7 @@ def attach(engine: Engine, ctx: GroupContext) -> None:
     failure agreement."""
     replicated = [p for p in engine.named_params.values() if not is_sharded(p)]
 
-    def reduce_gradients(grads: list[torch.Tensor | None]) -> None:
+    def reduce_gradients() -> None:
         for p in replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -247,6 +247,7 @@ class GroupRuns(_Runs):
         self.monitor = RankMonitor(ctx, rank_timeout, self._rank_lost)
         self.on_rank_lost = on_rank_lost
         self._engines: dict[str | None, GroupEngine] = {}
+        self._exported_by: dict[str, str] = {}  # sharded: export name -> the run that wrote it last
         Heartbeat(ctx).start()
         self.monitor.start()
 
@@ -278,10 +279,11 @@ class GroupRuns(_Runs):
         if not self.sharded:
             return self.export_sampler()
         name = export_name(self.config.export, model_path)
-        for model_id, engine in self.local.engines().items():
-            if engine.current_export == name:
-                return self._engine(model_id)
-        raise StateNotFound(SHARDED_EXPORT_SAMPLING)
+        model_id = self._exported_by.get(name)
+        engine = self.local.engines().get(model_id)
+        if engine is None or engine.current_export != name:
+            raise StateNotFound(SHARDED_EXPORT_SAMPLING)
+        return self._engine(model_id)
 
     def info(self, model_id: str, owner: str | None) -> RunInfo:
         return self.local.info(model_id, owner)
@@ -303,6 +305,7 @@ class GroupRuns(_Runs):
         failures = [value for kind, value in outcomes if kind == "error"]
         if failures and len(failures) < len(outcomes):
             self.everywhere("discard", (model_id,))
+        self._engines.pop(None, None)  # the base may have been reloaded: the export sampler is new
         if failures:
             raise failures[0]
         return model_id
@@ -385,9 +388,6 @@ class GroupEngine:
     def info(self) -> EngineInfo:
         return self.local.info()
 
-    def memory_use(self) -> MemoryUse:
-        return self.local.memory_use()
-
     def run_forward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
         """forward on validated samples (as Engine.run_forward), each rank on its shard."""
         return self._scatter_batch("forward", samples, loss, config)
@@ -420,7 +420,9 @@ class GroupEngine:
 
     def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False):
         if self.group.sharded:
-            return self._everywhere("save_weights_for_sampler", name, owner, merged)
+            saved = self._everywhere("save_weights_for_sampler", name, owner, merged)
+            self.group._exported_by[name] = self.model_id
+            return saved
         if self.group.broken is not None:
             raise self.group.broken
         return self.local.save_weights_for_sampler(name, owner, merged)

@@ -136,7 +136,9 @@ def fused_head_gradients(
 
 class FusedHeadGradients(torch.autograd.Function):
     """One chunk loop: logits, logp, the loss's per-token gradient, and the head's gradients,
-    all in one (chunk x V) buffer at a time (freed before the next chunk's is made).
+    chunk by chunk: one chunk's (chunk x V) buffers at a time (the fp32 logits, taken in place
+    through softmax to the gradient; in bf16 also the matmul's bf16 output and the gradient's
+    bf16 copy), freed before the next chunk's are made.
 
     The weight gradient is written once: the first chunk's product goes straight into its
     buffer (no zeros(V, D)), later chunks add into it with addmm_; the backward scales the

@@ -141,7 +141,8 @@ def load_policy_model(path: str | None = None, device: str | None = None, dtype:
                       activation_checkpointing: bool = False, shard: bool = False) -> PolicyModel:
     """Load `path` (a local HF checkpoint dir) or, when None/"", the embedded model.
 
-    `dtype` is the compute dtype; parameters are held in fp32 whatever the checkpoint's dtype.
+    `dtype` is the compute dtype; parameters are held in fp32 whatever the checkpoint's dtype
+    (until a LoRA run freezes the base in the compute dtype: worker.lora).
     `activation_checkpointing`: see `checkpoint_activations`. `shard`: shard the parameters
     over the default process group (worker.sharding, `--sharding fsdp`); a checkpoint's model
     is then built without weights and each rank reads its shards one tensor at a time, so no

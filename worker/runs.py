@@ -170,7 +170,7 @@ class TrainingRuns(_Runs):
 
     def engine(self, model_id: str | None) -> Engine:
         """The engine of run `model_id` (None: the export sampler), with no ownership check: for
-        the other ranks of a group, whose rank 0 checked."""
+        a group, whose rank 0 checked it."""
         return self.export_sampler() if model_id is None else self._runs[model_id].engine
 
     def export_sampler(self) -> Engine:
@@ -214,10 +214,14 @@ class TrainingRuns(_Runs):
         self._drop(model_id, self._visible(model_id, owner))
 
     def discard(self, model_id: str) -> None:
-        """Drop run `model_id` if it exists, whatever its owner (a group undoing a creation
-        that failed on some rank)."""
+        """Drop run `model_id` if it exists, whatever its owner: a group undoing, on every rank,
+        a creation that failed on some. Left with no run, every rank reloads the base for the
+        next one, whatever the failed creation did to it, so that all of them agree on it (a
+        sharded reload is a collective)."""
         if model_id in self._runs:
             self._drop(model_id, self._runs[model_id])
+        if not self._runs:
+            self._base_used_by = "changed"
 
     def _drop(self, model_id: str, run: _Run) -> None:
         del self._runs[model_id]
@@ -249,7 +253,11 @@ class TrainingRuns(_Runs):
             engine = self._engine()
         else:
             lora.add_adapter(self.policy, model_id, spec)
-            engine = self._engine(adapter=model_id, lora_spec=spec)
+            try:
+                engine = self._engine(adapter=model_id, lora_spec=spec)
+            except BaseException:
+                lora.remove_adapter(self.policy, model_id)  # no adapter without its run
+                raise
         self._runs[model_id] = _Run(engine, owner)
 
     def _engine(self, **kwargs) -> Engine:

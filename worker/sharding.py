@@ -12,8 +12,10 @@ all-gathered in bf16 on GPU), and gradients are reduce-scattered in fp32 as sums
 sum, so the divide factor is 1). The engine runs the model as a `Trunk`: the decoder's hidden
 states plus the LM head's unsharded weight, which the chunked head uses as it is (still no
 (tokens x V) logits); the head's weight gradient goes back through autograd, so FSDP2 reduces
-it with the others. Every rank must run the same number of trunk passes per operation, since
-each pass all-gathers: a rank with fewer micro-batches runs padding ones (engine).
+it with the others; an adapted head adds its LoRA delta to the gathered weight. Every rank
+must run the same number of trunk passes per operation, since each pass all-gathers: a rank
+with fewer micro-batches runs padding ones (engine). A LoRA run's frozen base has no master
+weights: its shards are cast to the compute dtype (`cast_shards`).
 """
 
 import json
@@ -36,7 +38,7 @@ class Trunk(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
+        self.head = model.get_output_embeddings()  # a child, so that FSDP2's root owns the head
         self._output_embeddings = model.get_output_embeddings  # PEFT's LoRA layer once it adapts the head
 
     def forward(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor,
