@@ -18,6 +18,7 @@ state saved by one run loads into another run of the same shape.
 """
 
 import copy
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,18 +175,21 @@ def adapted_weights(policy: PolicyModel, name: str) -> dict[str, torch.nn.Module
             if hasattr(module, "get_delta_weight") and name in getattr(module, "lora_A", {})}
 
 
-def merge(layer: torch.nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (layer's whole base weight) + adapter `name`'s (alpha/r) B A, in fp32."""
-    return weight.detach().float() + layer.get_delta_weight(name).detach().float()
+def merged(policy: PolicyModel, name: str | None,
+           tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers' name, tensor) of each (PEFT's name, whole tensor) of `tensors` but the
+    LoRA weights, adapter `name`'s (alpha/r) B A added in fp32 to each weight it adapts (None:
+    no adapter). Lazily: a sharded export gathers one tensor at a time."""
+    adapted = {} if name is None else adapted_weights(policy, name)
+    for key, tensor in tensors:
+        if "lora_" in key:
+            continue
+        clean = key.replace(".base_layer.", ".")
+        if clean in adapted:
+            tensor = tensor.detach().float() + adapted[clean].get_delta_weight(name).detach().float()
+        yield clean, tensor
 
 
 def merged_state(policy: PolicyModel, name: str) -> dict[str, torch.Tensor]:
     """The served model's state dict (transformers' names) with adapter `name` merged in."""
-    adapted = adapted_weights(policy, name)
-    state = {}
-    for key, tensor in policy.peft.get_base_model().state_dict().items():
-        if "lora_" in key:
-            continue
-        clean = key.replace(".base_layer.", ".")
-        state[clean] = merge(adapted[clean], name, tensor) if clean in adapted else tensor
-    return state
+    return dict(merged(policy, name, policy.peft.get_base_model().state_dict().items()))

@@ -118,13 +118,10 @@ def export_full_sharded(policy: PolicyModel, config: ExportConfig, name: str, st
     gone through every parameter (so no rank is left waiting in a collective)."""
     dtype = SERVING_DTYPES[config.dtype]
     rank0 = torch.distributed.get_rank(group) == 0
-    adapted = {} if merge_adapter is None else lora.adapted_weights(policy, merge_adapter)
-    params = {key.replace(".base_layer.", "."): p for key, p in policy.model.named_parameters() if "lora_" not in key}
+    params = {key: p for key, p in policy.model.named_parameters() if "lora_" not in key}
 
     def tensors():
-        for key, tensor in sharding.full_tensors(params):
-            if key in adapted:
-                tensor = lora.merge(adapted[key], merge_adapter, tensor)
+        for key, tensor in lora.merged(policy, merge_adapter, sharding.full_tensors(params)):
             yield key, tensor.detach().to("cpu", dtype)
 
     if not rank0:
