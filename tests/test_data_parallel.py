@@ -13,8 +13,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
-from cispo.client import (AdamParams, Datum, FailedPreconditionError, ModelInput, SamplingParams, TrainingClient,
-                          UnavailableError)
+from cispo.client import (AdamParams, Datum, FailedPreconditionError, InvalidArgumentError, ModelInput,
+                          SamplingParams, TrainingClient, UnavailableError)
 from cispo.worker.group import shard_by_tokens
 from server_process import ServerProcess
 
@@ -41,12 +41,19 @@ def batch(seed: int, lengths=(5, 40, 7, 19, 3, 11, 26)) -> list[Datum]:
 
 def train(address: str, checkpoint_dir) -> dict:
     """Two forward_backward + step rounds (a refused step between them: after the cross-rank
-    sum, the gradient must still count once), a save; returns what the test compares."""
+    sum, the gradient must still count once; and in the first, a forward_backward whose one
+    datum of huge advantages makes a non-finite gradient on one rank only, refused by every
+    rank with the gradient unchanged), a save; returns what the test compares."""
     with TrainingClient(address, wait_for_ready=True) as client:
         out = {"world_size": client.get_info().world_size, "results": [], "grad_norms": []}
         for seed in (1, 2):
             r = client.forward_backward(batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result()
             out["results"].append(r)
+            if seed == 1:
+                huge = batch(4, lengths=(30, 2))
+                huge[0].loss_fn_inputs["advantages"] = np.full(30, 3e38, dtype=np.float32)
+                with pytest.raises(InvalidArgumentError, match="not finite.*unchanged"):
+                    client.forward_backward(huge, "cispo").result()
             with pytest.raises(FailedPreconditionError, match="non-finite"):
                 client.optim_step(AdamParams(learning_rate=3e38)).result()
             out["grad_norms"].append(client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).result().grad_norm)

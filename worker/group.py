@@ -81,14 +81,12 @@ def attach(engine: Engine, ctx: GroupContext) -> None:
         all_reduce_in_buckets([p.grad for p in replicated])
 
     def agree_on_failure(failure: ComputeFailed | None) -> ComputeFailed | None:
-        outcomes = [None] * ctx.world_size
-        local = None if failure is None else (str(failure), failure.out_of_memory, failure.non_finite)
-        dist.all_gather_object(outcomes, local, group=ctx.control)
-        for rank, outcome in enumerate(outcomes):
-            if outcome is not None:
-                message, out_of_memory, non_finite = outcome
-                return ComputeFailed(message if non_finite else f"rank {rank}: {message}", out_of_memory, non_finite)
-        return None
+        outcomes: list[ComputeFailed | None] = [None] * ctx.world_size
+        dist.all_gather_object(outcomes, failure, group=ctx.control)
+        rank, first = next(((r, f) for r, f in enumerate(outcomes) if f is not None), (None, None))
+        if first is None or first.non_finite:
+            return first
+        return ComputeFailed(f"rank {rank}: {first}", first.out_of_memory)
 
     engine.gradient_reducer = reduce_gradients if replicated else None
     engine.agree_on_failure = agree_on_failure
