@@ -66,6 +66,14 @@ def _chunk_logits(hidden_CD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Ten
     return (hidden_CD @ weight_VD.T).to(_acc_dtype(hidden_CD.dtype))
 
 
+def _shifted_exp_(logits_CV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(logits - row max) in logits_CV's own buffer (torch.logsumexp would make a second
+    (C, V) one); returns the row max and the row sum of that, (C,) each: the log-sum-exp is
+    max + log(sum)."""
+    max_C1 = logits_CV.amax(dim=-1, keepdim=True)
+    return max_C1[:, 0], logits_CV.sub_(max_C1).exp_().sum(dim=-1)
+
+
 class ChunkedTargetLogprobs(torch.autograd.Function):
     """Chunked head + log-softmax + gather; backward recomputes each chunk's logits."""
 
@@ -76,8 +84,10 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
         for start in range(0, hidden_TD.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             logits_CV = _chunk_logits(hidden_TD[sl], weight_VD)
-            lse_T[sl] = torch.logsumexp(logits_CV, dim=-1)
-            logp_T[sl] = logits_CV.gather(1, targets_T[sl, None])[:, 0] - lse_T[sl]
+            target_C = logits_CV.gather(1, targets_T[sl, None])[:, 0]
+            max_C, sum_C = _shifted_exp_(logits_CV)
+            lse_T[sl] = max_C + sum_C.log()
+            logp_T[sl] = (target_C - max_C) - sum_C.log()
         ctx.save_for_backward(hidden_TD, weight_VD, targets_T, lse_T)
         ctx.chunk_tokens = chunk_tokens
         return logp_T
@@ -161,13 +171,10 @@ class FusedHeadGradients(torch.autograd.Function):
             sl = slice(start, start + chunk_tokens)
             h_CD, tgt_C1 = hidden_TD[sl], targets_T[sl, None]
             exp_CV = grad_logits_CV = None  # the last chunk's buffers go before the next is made
-            # The log-sum-exp in place in the one (C, V) buffer (torch.logsumexp would make a
-            # second): shifted by the row max, exponentiated, summed.
             exp_CV = _chunk_logits(h_CD, weight_VD)
-            exp_CV.sub_(exp_CV.amax(dim=-1, keepdim=True))
             target_C = exp_CV.gather(1, tgt_C1)[:, 0]
-            sum_C = exp_CV.exp_().sum(dim=-1)
-            logp_T[sl] = target_C - sum_C.log()
+            max_C, sum_C = _shifted_exp_(exp_CV)
+            logp_T[sl] = (target_C - max_C) - sum_C.log()
             g_C = token_gradient(logp_T[sl], sl).to(acc)
             # d logp / d logits = onehot(target) - softmax; scaled per token before any sum.
             grad_logits_CV = exp_CV.mul_((-g_C / sum_C)[:, None])
