@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -182,12 +181,12 @@ def _load_from_rank0(engine: Engine, ctx: GroupContext, name: str, with_optimize
     header = [None]
     if ctx.rank == 0:
         optimizer = engine.optimizer.state_tensors() if failure is None else {}
-        header = [(pickle.dumps(failure) if failure else None, engine.optimizer.step_count,
+        header = [(failure, engine.optimizer.step_count,
                    [(k, tuple(v.shape), v.dtype) for k, v in optimizer.items()])]
     dist.broadcast_object_list(header, src=0, group=ctx.control)
     failed, step_count, optimizer_meta = header[0]
     if failed is not None:
-        raise pickle.loads(failed)
+        raise failed
     with torch.no_grad():
         for p in engine.named_params.values():
             buf = p.detach().cpu() if ctx.rank == 0 else torch.empty(p.shape, dtype=p.dtype)
