@@ -409,20 +409,21 @@ class GroupEngine:
         return self.local.validate_sample(request)
 
     def sample(self, requests: list) -> list:
-        if self.group.sharded:
-            return self._everywhere("sample", requests)
-        if self.group.broken is not None:
-            raise self.group.broken
-        return self.local.sample(requests)
+        return self._on_weights("sample", requests)
 
     def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False):
+        saved = self._on_weights("save_weights_for_sampler", name, owner, merged)
         if self.group.sharded:
-            saved = self._everywhere("save_weights_for_sampler", name, owner, merged)
             self.group._exported_by[name] = self.model_id
-            return saved
+        return saved
+
+    def _on_weights(self, op: str, *args):
+        """`op` of the weights: on every rank when sharded, else on rank 0's alone."""
+        if self.group.sharded:
+            return self._everywhere(op, *args)
         if self.group.broken is not None:
             raise self.group.broken
-        return self.local.save_weights_for_sampler(name, owner, merged)
+        return getattr(self.local, op)(*args)
 
     def _scatter_batch(self, op: str, samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
         batch = SampleBatch.of(samples)
