@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 11's GPU checks in one run, sized for a short device lease (about 6 minutes on an
-# H100): the CUDA tests (varlen attention, packed bf16 against per datum, the bf16 head against
+# Issue 11's GPU checks in one run, sized for a short device lease (not yet run on a GPU; each
+# step has a timeout, at most 11.5 minutes in all): the CUDA tests (varlen attention, packed bf16 against per datum, the bf16 head against
 # fp64), the bf16 head benchmark at N=16384, d=2048, V=131072 against naive, MFU of a
 # forward_backward on the Qwen2.5-0.5B shape at 16k tokens, and a W=1 group on nccl. Each
 # one's output goes to a file of OUTDIR; record the figures, with the card, in BENCHMARKS.md.

@@ -86,8 +86,9 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
             logits_CV = _chunk_logits(hidden_TD[sl], weight_VD)
             target_C = logits_CV.gather(1, targets_T[sl, None])[:, 0]
             max_C, sum_C = _shifted_exp_(logits_CV)
-            lse_T[sl] = max_C + sum_C.log()
-            logp_T[sl] = (target_C - max_C) - sum_C.log()
+            log_sum_C = sum_C.log()
+            lse_T[sl] = max_C + log_sum_C
+            logp_T[sl] = (target_C - max_C) - log_sum_C
         ctx.save_for_backward(hidden_TD, weight_VD, targets_T, lse_T)
         ctx.chunk_tokens = chunk_tokens
         return logp_T
