@@ -69,9 +69,9 @@ class ServerProcess:
 def run_cli_in_process(*argv: str, env: dict | None = None) -> tuple[int, str]:
     """`cispo-server ARGV` in this process, for invocations that must stop before serving (a
     startup error, --help, --version): (exit code, stderr and stdout). `env` replaces the CISPO_*
-    environment for the call; every port defaults to 0 (a free one), so a call that gets further
-    than expected never meets a port another process holds. Much faster than a subprocess, which
-    imports torch first."""
+    environment for the call. The gRPC and metrics ports default to 0 (a free one), so a call that
+    gets further than expected never meets a port another process holds. Much faster than a
+    subprocess, which imports torch first."""
     import contextlib
     import io
     import logging
@@ -83,12 +83,11 @@ def run_cli_in_process(*argv: str, env: dict | None = None) -> tuple[int, str]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CISPO_")}
-    free_ports = {f"CISPO_{name}_PORT": "0" for name in ("METRICS", "HEALTH")} | {"CISPO_PORT": "0"}
     try:
-        with mock.patch.dict(os.environ, {**clean, **free_ports, **(env or {})}, clear=True), \
+        with mock.patch.dict(os.environ, {**clean, **(env or {})}, clear=True), \
                 contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
             try:
-                cli.main(list(argv))
+                cli.main(["--port", "0", "--metrics-port", "0", *argv])
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             else:
