@@ -25,6 +25,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import torch.distributed as dist  # noqa: E402
 
+from cispo.service import memory  # noqa: E402
 from cispo.service.auth import TokenFileError, load_tokens  # noqa: E402
 from cispo.service.tls import TlsConfigError, check_tls_files  # noqa: E402
 from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
@@ -373,6 +374,7 @@ def load_model(args, device: str, shard: bool = False):
 
 
 def main(argv=None) -> None:
+    memory.tune_allocator()  # before the server's threads allocate: see cispo.service.memory
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:

@@ -198,7 +198,7 @@ def _read_data(payloads: list[bytes]) -> tuple[np.ndarray, dict[str, list[_Part]
     their bytes between fields in several ways). A template with a tensor whose varints are not
     all of one length is not tried. The rest are read in full."""
     sizes = np.fromiter(map(len, payloads), np.int64, len(payloads))
-    buf = np.frombuffer(b"".join(payloads) + bytes(16), np.uint8)  # padded: reads may run past the end
+    buf = np.frombuffer(b"".join([*payloads, bytes(16)]), np.uint8)  # padded: reads may run past the end
     ends = np.cumsum(sizes)
     starts = ends - sizes
     by_size = np.argsort(sizes, kind="stable")

@@ -11,6 +11,7 @@ import logging
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from cispo.service import memory
 from cispo.worker import (ComputeFailed, FieldViolation, InvalidInput, LimitExceeded, PermissionDenied,
                           RankUnavailable, RunConflict, RunNotFound, StateNotFound, StepRefused)
 
@@ -32,7 +33,32 @@ def clip(text: str, limit: int) -> str:
 
 
 def to_status(exc: BaseException) -> status_pb2.Status:
-    """The rich status a failed operation is answered with."""
+    """The rich status a failed operation is answered with. Once it is logged, `exc` and the
+    exceptions chained to it lose their tracebacks: the frames in them hold the request (its
+    body, its decoded arrays), and a frame that refers back to `exc` (one that raised it again)
+    makes a cycle that only a rare full collection frees (cli.GC_THRESHOLDS). What that frees
+    goes back to the system soon (memory.release_soon)."""
+    try:
+        return _status_of(exc)
+    finally:
+        _drop_tracebacks(exc)
+        memory.release_soon()
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Clear the traceback of `exc` and of every exception in its cause and context chain."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        stack += [e.__cause__, e.__context__]
+
+
+def _status_of(exc: BaseException) -> status_pb2.Status:
     if isinstance(exc, InvalidInput):
         shown = [FieldViolation(clip(v.field, MAX_FIELD_CHARS), clip(v.description, MAX_DESCRIPTION_CHARS))
                  for v in exc.violations[:MAX_VIOLATIONS]]

@@ -114,7 +114,14 @@ class TrainingServicer:
             decoded = await self._decode(lambda: self._decode_unary(op, message_type, body))
             answer = await asyncio.shield(await self._accept(decoded, started))
             if isinstance(answer, status_pb2.Status):
-                await context.abort_with_status(rpc_status.to_status(answer))
+                # Set, not raised with abort_with_status: grpc.aio keeps an abort's exception on
+                # the call, and its traceback holds this frame (and so `body`) in a reference
+                # cycle that a rare full collection alone frees.
+                status = rpc_status.to_status(answer)
+                context.set_code(status.code)
+                context.set_details(status.details)
+                context.set_trailing_metadata(status.trailing_metadata)
+                return None
             return answer
 
         return behavior
