@@ -22,6 +22,7 @@ Names and shapes follow the Tinker SDK, so a Tinker training loop ports by chang
 from . import types
 from .client import DEFAULT_MAX_MESSAGE_BYTES, CustomLossFn, TrainingClient
 from .errors import (
+    AbortedError,
     CispoError,
     FailedPreconditionError,
     FieldViolation,
@@ -51,6 +52,7 @@ from .types import (
     ModelInfo,
     ModelInput,
     OptimStepResponse,
+    RunVersion,
     SampledSequence,
     SampleResponse,
     SamplingParams,
@@ -64,6 +66,7 @@ from .types import (
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "APIFuture",
+    "AbortedError",
     "AdamParams",
     "CispoError",
     "CustomLossFn",
@@ -87,6 +90,7 @@ __all__ = [
     "OptimStepResponse",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "RunVersion",
     "SampleResponse",
     "SampledSequence",
     "SamplingClient",

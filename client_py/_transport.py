@@ -20,6 +20,11 @@ A unary call that fails with UNAVAILABLE is resent; when a stream breaks with UN
 lost connection, a server that drains), its unanswered requests are resent in their order on a
 new stream, ahead of any request submitted meanwhile. Each request is resent at most
 `max_retries` times, with exponential backoff.
+
+Run versions. The transport learns each run's incarnation from the first answer that carries it
+and makes every later request on the run expect it, resent ones included, so a request that
+reaches a server whose run began again (after a restart) is refused with AbortedError, which is
+not retried, instead of being applied to a state its client never saw.
 """
 
 from __future__ import annotations
@@ -64,6 +69,31 @@ def set_idempotency_key(message: Any) -> None:
     """Give a mutating request message a fresh idempotency key (unless it has one)."""
     if "idempotency_key" in message.DESCRIPTOR.fields_by_name and not message.idempotency_key:
         message.idempotency_key = uuid.uuid4().hex
+
+
+class _Incarnations:
+    """The incarnation of each run (by the model_id requests name) learned from answers: from
+    the first answer that carries one, never replaced, so a client whose run began again keeps
+    being refused rather than going on as if nothing happened. On the I/O loop only."""
+
+    def __init__(self) -> None:
+        self._by_run: dict[str, str] = {}
+
+    def stamp(self, message: Any) -> None:
+        """Make a request on a run expect the run's incarnation, once it is known (not a
+        sample of saved weights, which reads no run)."""
+        if ("expected_version" in message.DESCRIPTOR.fields_by_name and not message.HasField("expected_version")
+                and not getattr(message, "model_path", "") and message.model_id in self._by_run):
+            message.expected_version.incarnation = self._by_run[message.model_id]
+
+    def learn(self, request: Any, answer: Any) -> None:
+        """Learn from the answer to `request` (a CreateModel's: of the run it made)."""
+        if isinstance(answer, pb.CreateModelResponse):
+            model_id, answer = answer.model_id, answer.info
+        else:
+            model_id = getattr(request, "model_id", "")
+        if "version" in answer.DESCRIPTOR.fields_by_name and answer.version.incarnation:
+            self._by_run.setdefault(model_id, answer.version.incarnation)
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -113,9 +143,11 @@ class _StreamSession:
     """
 
     def __init__(self, stub: pb_grpc.TrainingServiceStub, call_kwargs: dict, target: str,
-                 on_broken: Callable[[list[_Pending], grpc.StatusCode, str], None]) -> None:
+                 on_broken: Callable[[list[_Pending], grpc.StatusCode, str], None],
+                 incarnations: _Incarnations) -> None:
         self.target = target
         self.on_broken = on_broken  # gets the unanswered requests when the call ends
+        self.incarnations = incarnations
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending: dict[str, _Pending] = {}  # insertion order = request order
         self.broken = False  # the call has ended; no more answers will come
@@ -151,6 +183,9 @@ class _StreamSession:
                 if pending is None:
                     logger.warning("answer to unknown request id %r ignored", response.request_id)
                     continue
+                if response.WhichOneof("result") not in (None, "error"):
+                    self.incarnations.learn(getattr(pending.request, pending.request.WhichOneof("op")),
+                                            getattr(response, response.WhichOneof("result")))
                 pending.resolve(response)
                 if not self.pending:
                     self.idle.set()
@@ -223,6 +258,7 @@ class Transport:
         self._stub: pb_grpc.TrainingServiceStub | None = None
         self._session: _StreamSession | None = None
         self._held: list[tuple[pb.StreamRequest, _Pending]] | None = None  # submitted while resending
+        self._incarnations = _Incarnations()
         _LIVE.add(self)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -366,10 +402,12 @@ class Transport:
         session = self._session
         if session is None or session.broken or session.half_closed:
             try:
-                session = self._session = _StreamSession(self._stub, self._call_kwargs, self.target, self._on_broken)
+                session = self._session = _StreamSession(self._stub, self._call_kwargs, self.target, self._on_broken,
+                                                         self._incarnations)
             except Exception as exc:
                 pending.fail(UnavailableError(f"cannot open a stream to {self.target}: {exc!r}"))
                 return
+        self._incarnations.stamp(getattr(request, request.WhichOneof("op")))
         session.add(request, pending)
 
     def _on_broken(self, unanswered: list[_Pending], code: grpc.StatusCode, details: str) -> None:
@@ -417,10 +455,13 @@ class Transport:
 
     async def _unary(self, method: str, request: Any) -> Any:
         for attempt in range(self.max_retries + 1):
+            self._incarnations.stamp(request)
             try:
-                return await getattr(self._stub, method)(
+                response = await getattr(self._stub, method)(
                     request, timeout=self._timeout, **self._call_kwargs
                 )
+                self._incarnations.learn(request, response)
+                return response
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries or self._closed:
                     raise error_from_rpc_error(exc) from None

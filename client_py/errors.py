@@ -21,6 +21,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 __all__ = [
+    "AbortedError",
     "CispoError",
     "FailedPreconditionError",
     "FieldViolation",
@@ -155,9 +156,19 @@ class NotFoundError(CispoError):
     default_code = grpc.StatusCode.NOT_FOUND
 
 
+class AbortedError(CispoError):
+    """ABORTED: the run no longer holds the state this client last saw (e.g. the server
+    restarted and the run began again from the base model); nothing was applied, and the message
+    says what the run holds. Not retried: resume from your last saved state with a new client.
+    """
+
+    default_code = grpc.StatusCode.ABORTED
+
+
 _CLASS_BY_CODE: dict[grpc.StatusCode, type[CispoError]] = {
     cls.default_code: cls
     for cls in (
+        AbortedError,
         InvalidArgumentError,
         ResourceExhaustedError,
         FailedPreconditionError,

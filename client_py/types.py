@@ -411,6 +411,19 @@ class AdamParams:
             setattr(self, name, float(value))
 
 
+@dataclass(frozen=True)
+class RunVersion:
+    """A training run's version after an operation (docs/training-runs.md, "Run versions")."""
+
+    incarnation: str
+    """Unguessable token of the run's state, made when the server made the run: a restarted
+    server's runs have new ones."""
+    step: int
+    """Optimizer steps taken."""
+    accumulated: int
+    """forward_backward calls whose gradient the next optim_step applies."""
+
+
 @dataclass
 class ForwardBackwardOutput:
     """The answer to `forward` and `forward_backward`."""
@@ -422,6 +435,8 @@ class ForwardBackwardOutput:
     """Batch metrics; each key names its reduction after a colon: "loss:sum", "tokens:sum",
     "active_tokens:sum", "clipped_high:sum", "clipped_low:sum", "ratio:min", "ratio:mean",
     "ratio:max", "kl_k1:mean", "kl_k3:mean"."""
+    version: RunVersion | None = None
+    """The run's version after this operation."""
 
 
 @dataclass
@@ -434,6 +449,8 @@ class OptimStepResponse:
     """Optimizer steps taken so far, this one included."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Step metrics: "grad_norm:max" (pre-clip) and "learning_rate:max"."""
+    version: RunVersion | None = None
+    """The run's version after this step."""
 
 
 @dataclass
@@ -446,6 +463,8 @@ class SaveStateResponse:
     """Where the state lives on the server's checkpoint volume."""
     step: int
     """Optimizer steps taken when it was saved."""
+    version: RunVersion | None = None
+    """The run's version when it was saved."""
 
 
 @dataclass
@@ -459,6 +478,8 @@ class SaveWeightsForSamplerResponse:
     (`--model path`) and transformers load as it is, and that `create_sampling_client` takes."""
     step: int
     """Optimizer steps taken when it was saved."""
+    version: RunVersion | None = None
+    """The run's version when it was saved."""
 
 
 StopReason = Literal["length", "stop"]
@@ -510,6 +531,8 @@ class SampleResponse:
     prompt_logprobs: list[float | None] | None = None
     """With include_prompt_logprobs: per prompt token, its logprob (temperature 1) after the
     tokens before it; None for the first."""
+    version: RunVersion | None = None
+    """The version of the run whose current weights were sampled (None for saved weights)."""
 
 
 @dataclass
@@ -520,6 +543,8 @@ class LoadStateResponse:
     """The state's name, as given."""
     step: int
     """Optimizer steps recorded in the state."""
+    version: RunVersion | None = None
+    """The run's version after the load."""
 
 
 SaveWeightsResponse = SaveStateResponse
@@ -605,6 +630,8 @@ class GetInfoResponse:
     """How the group holds the training state: "replicated" or "fsdp" (docs/scaling.md)."""
     memory: "MemoryUse | None" = None
     """Bytes one rank holds for the run's parameters, gradient and AdamW moments."""
+    version: RunVersion | None = None
+    """The run's version (None when no run is reported on)."""
 
 
 @dataclass

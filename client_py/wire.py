@@ -30,6 +30,7 @@ from .types import (
     ModelInfo,
     ModelInput,
     OptimStepResponse,
+    RunVersion,
     SampledSequence,
     SampleResponse,
     SamplingParams,
@@ -262,29 +263,41 @@ def sample_request_to_pb(
 # --- responses ----------------------------------------------------------------------------
 
 
+def run_version_from_pb(answer: Any) -> RunVersion | None:
+    """The run version an answer carries (None when it carries none)."""
+    if not answer.HasField("version"):
+        return None
+    version = answer.version
+    return RunVersion(incarnation=version.incarnation, step=version.step, accumulated=version.accumulated)
+
+
 def forward_backward_output_from_pb(message: pb.ForwardBackwardOutput) -> ForwardBackwardOutput:
     """ForwardBackwardOutput: loss_fn_outputs[i]["logprobs"] (N_i,) and metrics."""
     outputs = [
         {"logprobs": tensor_from_pb(output.logprobs, f"loss_fn_outputs[{index}].logprobs")}
         for index, output in enumerate(message.loss_fn_outputs)
     ]
-    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=dict(message.metrics))
+    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=dict(message.metrics),
+                                 version=run_version_from_pb(message))
 
 
 def optim_step_response_from_pb(message: pb.OptimStepResponse) -> OptimStepResponse:
     return OptimStepResponse(
-        grad_norm=message.grad_norm, step=message.step, metrics=dict(message.metrics)
+        grad_norm=message.grad_norm, step=message.step, metrics=dict(message.metrics),
+        version=run_version_from_pb(message),
     )
 
 
 def save_state_response_from_pb(message: pb.SaveStateResponse) -> SaveStateResponse:
-    return SaveStateResponse(name=message.name, path=message.path, step=message.step)
+    return SaveStateResponse(name=message.name, path=message.path, step=message.step,
+                             version=run_version_from_pb(message))
 
 
 def save_weights_for_sampler_response_from_pb(
     message: pb.SaveWeightsForSamplerResponse,
 ) -> SaveWeightsForSamplerResponse:
-    return SaveWeightsForSamplerResponse(name=message.name, path=message.path, step=message.step)
+    return SaveWeightsForSamplerResponse(name=message.name, path=message.path, step=message.step,
+                                         version=run_version_from_pb(message))
 
 
 _STOP_REASONS = {pb.STOP_REASON_LENGTH: "length", pb.STOP_REASON_STOP: "stop"}
@@ -303,11 +316,11 @@ def sample_response_from_pb(message: pb.SampleResponse) -> SampleResponse:
     prompt_logprobs = None
     if message.HasField("prompt_logprobs"):
         prompt_logprobs = [None, *tensor_from_pb(message.prompt_logprobs, "prompt_logprobs").to_numpy().tolist()]
-    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs)
+    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs, version=run_version_from_pb(message))
 
 
 def load_state_response_from_pb(message: pb.LoadStateResponse) -> LoadStateResponse:
-    return LoadStateResponse(name=message.name, step=message.step)
+    return LoadStateResponse(name=message.name, step=message.step, version=run_version_from_pb(message))
 
 
 def get_info_response_from_pb(message: pb.GetInfoResponse) -> GetInfoResponse:
@@ -348,6 +361,7 @@ def get_info_response_from_pb(message: pb.GetInfoResponse) -> GetInfoResponse:
         sharding=message.sharding or "replicated",
         memory=MemoryUse(parameter_bytes=message.memory.parameter_bytes, gradient_bytes=message.memory.gradient_bytes,
                          optimizer_bytes=message.memory.optimizer_bytes),
+        version=run_version_from_pb(message),
     )
 
 

@@ -13,7 +13,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from cispo.service import memory
 from cispo.worker import (ComputeFailed, FieldViolation, InvalidInput, LimitExceeded, PermissionDenied,
-                          RankUnavailable, RunConflict, RunNotFound, StateNotFound, StepRefused)
+                          RankUnavailable, RunConflict, RunNotFound, RunRestored, StateNotFound, StepRefused,
+                          VersionMismatch)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def _status_of(exc: BaseException) -> status_pb2.Status:
             error_details_pb2.QuotaFailure.Violation(subject=exc.limit, description=clip(str(exc), MAX_DESCRIPTION_CHARS))
         ])
         return _status(code_pb2.RESOURCE_EXHAUSTED, str(exc), details)
-    if isinstance(exc, (StateNotFound, StepRefused, RunConflict)):
+    if isinstance(exc, RunRestored):
+        return _status(code_pb2.ABORTED, str(exc))
+    if isinstance(exc, (StateNotFound, StepRefused, RunConflict, VersionMismatch)):
         return _status(code_pb2.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, RunNotFound):
         return _status(code_pb2.NOT_FOUND, str(exc))

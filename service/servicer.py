@@ -35,6 +35,7 @@ from cispo.service.idempotency import IdempotencyCache, check_key, fingerprint
 from cispo.service.log_limits import RateLimitedLog
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import Batchable, OperationPipeline
+from cispo.service.versions import CONNECTION, RunVersions, stamped, take_expected
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import EngineInfo, FieldViolation, InvalidInput, LimitExceeded
 from cispo.worker.checkpoint import NAME_PATTERN, state_dir
@@ -97,6 +98,7 @@ class TrainingServicer:
         self.limits = limits
         self.world_size = world_size
         self.idempotency = idempotency or IdempotencyCache()
+        self.versions = RunVersions(runs)
         self.draining = asyncio.Event()
         self._codec = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="cispo-codec")
         self._rejections = RateLimitedLog(log, period_seconds=10.0)
@@ -111,6 +113,7 @@ class TrainingServicer:
 
         async def behavior(body: bytes, context):
             started = time.perf_counter()
+            CONNECTION.set(context.peer())
             decoded = await self._decode(lambda: self._decode_unary(op, message_type, body))
             answer = await asyncio.shield(await self._accept(decoded, started))
             if isinstance(answer, status_pb2.Status):
@@ -129,6 +132,7 @@ class TrainingServicer:
     # -- stream ---------------------------------------------------------------------------------
 
     async def Stream(self, request_iterator, context):
+        CONNECTION.set(context.peer())
         answers: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
         reader = asyncio.create_task(self._read_stream(request_iterator, answers))
         answered = 0
@@ -255,10 +259,16 @@ class TrainingServicer:
         runs, metrics = self.runs, self.metrics
         key = getattr(request, "idempotency_key", "")
         check_key(key)
+        expected = take_expected(request)  # before the fingerprint: a retry may expect another version
         digest = fingerprint(op, request) if key else b""
         owner = current_identity()
         model_id = _model_id(request)
         lane = model_id or DEFAULT_RUN
+        connection = CONNECTION.get()
+
+        def on_run(fn: Callable[[Any], Any]) -> tuple[Any, Any]:
+            """(fn(engine), the run's version after it), if the run is the version expected."""
+            return self.versions.apply(op, model_id, owner, expected, connection, fn)
 
         def prepared(call, encode, keyed: bool = True) -> Prepared:
             return Prepared(call, encode, key if keyed else "", digest if keyed else b"", lane)
@@ -271,19 +281,19 @@ class TrainingServicer:
             typed = request.typed_outputs
 
             def call():
-                try:
-                    engine = runs.get(model_id, owner)
-                    run = engine.run_forward if op == "forward" else engine.run_forward_backward
-                    result = run(held[0], loss, resolved)  # the batch validated above, as it is
+                try:  # the batch validated above, as it is
+                    result, version = on_run(lambda engine: (engine.run_forward if op == "forward" else
+                                                             engine.run_forward_backward)(held[0], loss, resolved))
                 finally:
                     held.clear()
                 metrics.observe_batch(op, loss_fn, result.stats, lane)  # on the engine thread: see forget_run
-                return result
+                return result, version
 
-            def encode_batch(result):
+            def encode_batch(answer):
+                result, version = answer
                 stats = result.stats
                 active = max(stats.active_tokens, 1)
-                response = convert.encode_batch_result(result, typed)
+                response = stamped(convert.encode_batch_result(result, typed), version)
                 _release(result.logprobs)  # here, one by one, not all at once on the event loop
                 return response, {"tokens": stats.tokens, "loss": stats.loss_sum,
                                   "clip_rate": (stats.clipped_high + stats.clipped_low) / active}
@@ -293,13 +303,14 @@ class TrainingServicer:
             adam = convert.decode_adam_params(request)
 
             def step():
-                result = runs.get(model_id, owner).optim_step(adam)
+                result, version = on_run(lambda engine: engine.optim_step(adam))
                 metrics.observe_step(result.grad_norm, lane)
-                return result
+                return result, version
 
-            def encode_step(result):
-                return pb.OptimStepResponse(grad_norm=result.grad_norm, step=result.step, metrics={
-                    "grad_norm:max": result.grad_norm, "learning_rate:max": result.learning_rate}), {
+            def encode_step(answer):
+                result, version = answer
+                return stamped(pb.OptimStepResponse(grad_norm=result.grad_norm, step=result.step, metrics={
+                    "grad_norm:max": result.grad_norm, "learning_rate:max": result.learning_rate}), version), {
                     "grad_norm": result.grad_norm, "step": result.step}
 
             return prepared(step, encode_step)
@@ -307,38 +318,39 @@ class TrainingServicer:
             sample = runs.validate_sample(convert.decode_sample_request(request, owner))
             typed = request.typed_outputs
 
-            def encode_sample(result):
+            def encode_sample(answer):
+                result, version = answer
                 metrics.observe_sample(result)
-                return convert.encode_sample_result(result, typed), {
+                return stamped(convert.encode_sample_result(result, typed), version), {
                     "sequences": len(result.sequences), "sampled_tokens": sum(len(s.tokens) for s in result.sequences)}
 
-            batch = Batchable((model_id, sample), runs.sample, sample.cost, runs.config.sampling.max_sample_request_tokens)
+            batch = Batchable((model_id, sample, expected), runs.sample, sample.cost,
+                              runs.config.sampling.max_sample_request_tokens)
             return prepared(batch, encode_sample)
         if op == "save_weights_for_sampler":
             name, merged = request.name, request.merged
             state_dir(runs.config.export.sampler_dir, name)
 
             def save_export():
-                engine = runs.get(model_id, owner)
-                return engine.save_weights_for_sampler(name, owner=owner, merged=merged), engine.info().step
+                return on_run(lambda engine: engine.save_weights_for_sampler(name, owner=owner, merged=merged))
 
-            return prepared(save_export, lambda r: (
-                pb.SaveWeightsForSamplerResponse(name=name, path=str(r[0].absolute()), step=r[1]),
-                {"name": name, "step": r[1]}))
+            return prepared(save_export, lambda r: (stamped(
+                pb.SaveWeightsForSamplerResponse(name=name, path=str(r[0].absolute()), step=r[1].step), r[1]),
+                {"name": name, "step": r[1].step}))
         if op == "save_state":
             name = request.name
             state_dir(runs.config.checkpoint_dir, name)  # reject a bad name before queueing
 
             def save():
-                engine = runs.get(model_id, owner)
-                return engine.save_state(name, owner=owner), engine.info().step
+                return on_run(lambda engine: engine.save_state(name, owner=owner))
 
-            return prepared(save, lambda r: (pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1]),
-                                             {"name": name, "step": r[1]}))
+            return prepared(save, lambda r: (stamped(pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1].step),
+                                                     r[1]), {"name": name, "step": r[1].step}))
         if op == "load_state":
             name, with_optimizer = self._state_name(request.name, "name"), request.with_optimizer
-            return prepared(lambda: runs.get(model_id, owner).load_state(name, with_optimizer, owner=owner),
-                            lambda step: (pb.LoadStateResponse(name=name, step=step), {"name": name, "step": step}))
+            return prepared(lambda: on_run(lambda engine: engine.load_state(name, with_optimizer, owner=owner)),
+                            lambda r: (stamped(pb.LoadStateResponse(name=name, step=r[0]), r[1]),
+                                       {"name": name, "step": r[0]}))
         if op == "get_info":
             return prepared(lambda: self._info(model_id, owner), lambda info: (info, {}), keyed=False)
         if op == "create_model":
@@ -362,6 +374,7 @@ class TrainingServicer:
 
             def unload():
                 runs.unload(model_id, owner)
+                self.versions.unloaded(connection, model_id)
                 metrics.forget_run(model_id)
 
             return prepared(unload, lambda _: (
@@ -383,8 +396,9 @@ class TrainingServicer:
                 num_parameters=sum(p.numel() for p in runs.policy.model.parameters()), step=0,
                 has_tokenizer=runs.policy.tokenizer is not None, eos_token_ids=runs.policy.eos_token_ids,
                 sharding=runs.policy.sharding)
-        return convert.encode_info(engine_info, self.limits, self.world_size, run=run, base_model=self.base_model,
-                                   num_runs=len(runs), max_runs=runs.max_runs)
+        return stamped(convert.encode_info(engine_info, self.limits, self.world_size, run=run,
+                                           base_model=self.base_model, num_runs=len(runs), max_runs=runs.max_runs),
+                       run.version if run is not None else None)
 
     def _check_base_model(self, base_model: str) -> None:
         if base_model and base_model not in (self.base_model, self.runs.policy.name):

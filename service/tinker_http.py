@@ -30,6 +30,7 @@ import contextvars
 import itertools
 import json
 import logging
+import re
 import socket
 import ssl
 import time
@@ -63,6 +64,8 @@ SEQ_GAP_SECONDS = 300.0
 KEPT_FUTURES = 8192
 """Answered futures remembered for retrieval (the oldest retrieved ones go first)."""
 PROTOBUF = "application/x-protobuf"
+MODEL_ID = re.compile(r"(session-[0-9a-f]{16}):train:\d+")
+"""The model ids create_session and _register make (see TinkerFront._model_named)."""
 KEPT_EPHEMERAL = 4
 """Exports of save_weights_and_get_sampling_client kept per model: an older one is deleted (with
 its sampling sessions) when a newer one is made, and all of a session's when it finishes."""
@@ -206,6 +209,7 @@ class TinkerModel:
     lora_rank: int | None
     order: SeqOrder = field(default_factory=SeqOrder)
     ephemeral: list[str] = field(default_factory=list)  # its ephemeral exports, oldest first
+    incarnation: str = ""  # of its run when it was made: every request on the model expects it
 
 
 @dataclass
@@ -409,13 +413,15 @@ class TinkerFront:
     async def _submit_to(self, model: TinkerModel, seq_id: int, op: str, build: Callable[[], Any],
                          encode: Callable[[Any], Response]) -> Response:
         """`_submit` of the message `build()` makes, in `model`'s order; the submit's answer."""
-        request_id = await self._submit(op, build(), encode, model.order, seq_id)
+        message = build()
+        message.expected_version.incarnation = model.incarnation  # see _model_named
+        request_id = await self._submit(op, message, encode, model.order, seq_id)
         return JSONResponse({"request_id": request_id, "model_id": model.tinker_id})
 
     def _model(self, body: dict) -> tuple[TinkerModel, int]:
         """The request's model and seq_id; until the request is queued, a refusal gives up its
         turn (the endpoint sees to it), so the model's later requests never wait for it."""
-        model = _owned(self.models, wire.field(body, "model_id", (str,)), "model")
+        model = self._model_named(wire.field(body, "model_id", (str,)))
         seq_id = wire.field(body, "seq_id", (int,), required=False, default=0)
         _turn.set((model, seq_id))
         return model, seq_id
@@ -480,8 +486,25 @@ class TinkerFront:
 
     # -- routes: models -----------------------------------------------------------------------------
 
-    def _register(self, session: Session, model_seq_id: int, run_id: str, lora_rank: int | None) -> TinkerModel:
-        model = TinkerModel(f"{session.session_id}:train:{model_seq_id}", run_id, session.owner, lora_rank)
+    # -- run versions (reference/run-state.md) -------------------------------------------------------
+    # A model keeps the incarnation of its run when it was made, and every request on it expects
+    # that incarnation. The id itself stays `<session>:train:<n>`, since the SDK builds it itself
+    # (create_training_client_from_state); its random session part is what marks an id of another
+    # server process: such an id (or one of a finished session) is answered 410 with the ABORTED
+    # message, which the SDK raises and does not retry, instead of 404.
+
+    def _model_named(self, tinker_id: str) -> TinkerModel:
+        made = MODEL_ID.fullmatch(tinker_id)
+        if tinker_id not in self.models and made and made[1] not in self.sessions:
+            raise HttpError(410, f"model {clip(tinker_id, 80)!r} is not on this server any more (the server restarted, "
+                                 "or its session finished); it no longer holds the state you last saw; resume from "
+                                 "your last saved state", code="ABORTED")
+        return _owned(self.models, tinker_id, "model")
+
+    def _register(self, session: Session, model_seq_id: int, run_id: str, lora_rank: int | None,
+                  incarnation: str) -> TinkerModel:
+        model = TinkerModel(f"{session.session_id}:train:{model_seq_id}", run_id, session.owner, lora_rank,
+                            incarnation=incarnation)
         self.models[model.tinker_id] = model
         session.models.append(model.tinker_id)
         return model
@@ -498,14 +521,15 @@ class TinkerFront:
                                         idempotency_key=request.headers.get("x-idempotency-key", ""))
 
         def created(response: pb.CreateModelResponse) -> Response:
-            model = self._register(session, model_seq_id, response.model_id, response.info.lora_config.rank)
+            model = self._register(session, model_seq_id, response.model_id, response.info.lora_config.rank,
+                                   response.info.version.incarnation)
             return JSONResponse({"model_id": model.tinker_id, "type": "create_model"})
 
         return JSONResponse({"request_id": await self._submit("create_model", message, created)})
 
     async def get_info(self, request: Request) -> Response:
         body = await self._json(request)
-        model = _owned(self.models, wire.field(body, "model_id", (str,)), "model")
+        model = self._model_named(wire.field(body, "model_id", (str,)))
         info = await self._call("get_info", pb.GetInfoRequest(model_id=model.run_id))
         policy = self.servicer.runs.policy
         base = self.servicer.base_model
@@ -519,7 +543,7 @@ class TinkerFront:
 
     async def forward_backward(self, request: Request) -> Response:
         message = wire.forward_backward_request(await self._body(request))
-        model = _owned(self.models, message.model_id, "model")
+        model = self._model_named(message.model_id)
         _turn.set((model, message.seq_id))
         key = request.headers.get("x-idempotency-key", "")
         op = "forward" if message.forward_only else "forward_backward"
@@ -566,7 +590,7 @@ class TinkerFront:
 
         def created(response: pb.CreateModelResponse) -> Response:
             rank = response.info.lora_config.rank if response.info.HasField("lora_config") else None
-            model = self._register(session, model_seq_id, response.model_id, rank)
+            model = self._register(session, model_seq_id, response.model_id, rank, response.info.version.incarnation)
             return JSONResponse({"path": path, "model_id": model.tinker_id, "type": "load_weights"})
 
         return JSONResponse({"request_id": await self._submit("create_model", message, created)})

@@ -491,9 +491,23 @@ def route(method: str, body: bytes, ctx: Context):
     """Where a (possibly corrupted) body may be sent without touching the twin comparison, and
     the codes it may get: (method, expected, checks, body), or None (skip it)."""
     routed = _route(method, body, ctx)
-    if routed is None or len(routed) == 4:
-        return routed
-    return (*routed, body)
+    if routed is None:
+        return None
+    target, expected, checks, sent = routed if len(routed) == 4 else (*routed, body)
+    if _expects_a_version(target, sent):  # one the fuzzer cannot know: refused when its turn comes
+        expected = frozenset(expected) | {"ABORTED", FP}
+    return target, expected, checks, sent
+
+
+def _expects_a_version(method: str, body: bytes) -> bool:
+    try:
+        msg = REQUEST_TYPES[method].FromString(body)
+    except DecodeError:
+        return False
+    if method == "Stream":
+        op = msg.WhichOneof("op")
+        msg = getattr(msg, op) if op else msg
+    return "expected_version" in msg.DESCRIPTOR.fields_by_name and msg.HasField("expected_version")
 
 
 def _route(method: str, body: bytes, ctx: Context):

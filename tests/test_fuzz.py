@@ -64,6 +64,11 @@ def _code_name(code: int) -> str:
 
 
 def det(msg) -> bytes:
+    """`msg` serialised, without its run's incarnation: each server makes its own (step and
+    accumulated must agree)."""
+    if "version" in msg.DESCRIPTOR.fields_by_name and msg.version.incarnation:
+        msg = type(msg).FromString(msg.SerializeToString())
+        msg.version.ClearField("incarnation")
     return msg.SerializeToString(deterministic=True)
 
 

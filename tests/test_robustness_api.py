@@ -1,6 +1,6 @@
 """Each class of bad input found by fuzzing, over a real server: a clean status, nothing changed,
 the server still serving. Plus exactly-once retries, answers that survive a dying stream, and a
-client that resends across a server restart."""
+client that resends across a server restart and is refused there."""
 
 import asyncio
 import os
@@ -17,7 +17,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from cispo.client import AdamParams, Datum, ModelInput, TrainingClient
+from cispo.client import AbortedError, AdamParams, Datum, ModelInput, TrainingClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from server_process import ServerProcess
@@ -251,9 +251,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_client_resends_across_a_server_restart_and_loses_nothing(tmp_path):
+def test_the_client_resends_across_a_server_restart_and_nothing_is_applied_twice_or_silently(tmp_path):
     """SIGTERM drains server A mid-stream; server B comes up on the same port; every future
-    resolves, and A's and B's accepted operations add up to what was submitted."""
+    resolves: those A accepted with their answers, the rest, resent to B, with AbortedError (B's
+    default run began again from the base model, not the state the client saw), and B applies
+    none of them."""
     port = str(free_port())
     data = [Datum(model_input=ModelInput.from_ints(list(range(1, 300))), loss_fn_inputs={
         "target_tokens": np.arange(2, 301), "logprobs": np.full(299, -1.0, np.float32),
@@ -271,12 +273,22 @@ def test_the_client_resends_across_a_server_restart_and_loses_nothing(tmp_path):
         a.proc.send_signal(15)
         assert a.proc.wait(60) == 0
         b = ServerProcess("--port", port, checkpoint_dir=tmp_path)
-        results = [f.result(120) for f in futures]
-        assert all(r.metrics["tokens:sum"] == 299 for r in results)
+        results = []
+        for future in futures:
+            try:
+                results.append(future.result(120))
+            except AbortedError as exc:
+                assert "restored from the base model at step 0 (accumulated 0)" in exc.message
+                results.append(None)
+        answered = [r for r in results if r is not None]
+        assert results == answered + [None] * (40 - len(answered))  # A answered a prefix
+        assert all(r.metrics["tokens:sum"] == 299 for r in answered)
         client.close()
+        with TrainingClient(b.address) as fresh:
+            assert fresh.get_info().version.accumulated == 0
         assert b.terminate() == 0
         accepted = [int(p.log().split("drained: ")[1].split()[0]) for p in (a, b)]
-        assert accepted[0] > 0 and accepted[0] + accepted[1] == 40
+        assert accepted[0] == len(answered) > 0 and accepted[1] == 40 - len(answered) + 1  # and the get_info
     finally:
         a.kill()
         if b is not None:

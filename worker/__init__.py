@@ -6,7 +6,8 @@ Speaks torch tensors and plain dataclasses; imports neither grpc nor protobuf.
 from cispo.worker.batch import Sample
 from cispo.worker.engine import BatchResult, Engine, EngineConfig, EngineInfo, OptimResult
 from cispo.worker.errors import (ComputeFailed, FieldViolation, InvalidInput, LimitExceeded, PermissionDenied,
-                                 RankUnavailable, RunConflict, RunNotFound, StateNotFound, StepRefused)
+                                 RankUnavailable, RunConflict, RunNotFound, RunRestored, StateNotFound, StepRefused,
+                                 VersionMismatch)
 from cispo.worker.loss_stats import RATIO_BUCKET_EDGES, BatchStats
 from cispo.worker.losses import LOSS_FUNCTIONS
 from cispo.worker.model import EMBEDDED_MODEL_NAME, PolicyModel, load_policy_model
@@ -15,6 +16,6 @@ from cispo.worker.optimizer import AdamParams
 __all__ = [
     "AdamParams", "BatchResult", "BatchStats", "ComputeFailed", "EMBEDDED_MODEL_NAME", "Engine", "EngineConfig",
     "EngineInfo", "FieldViolation", "InvalidInput", "LimitExceeded", "LOSS_FUNCTIONS", "OptimResult", "PermissionDenied",
-    "PolicyModel", "RankUnavailable", "RATIO_BUCKET_EDGES", "RunConflict", "RunNotFound", "Sample", "StateNotFound", "StepRefused",
-    "load_policy_model",
+    "PolicyModel", "RankUnavailable", "RATIO_BUCKET_EDGES", "RunConflict", "RunNotFound", "RunRestored", "Sample",
+    "StateNotFound", "StepRefused", "VersionMismatch", "load_policy_model",
 ]

@@ -85,3 +85,14 @@ class RunNotFound(LookupError):
 class RunConflict(RuntimeError):
     """The run cannot be created or used while other runs are live, e.g. a full fine-tune
     beside LoRA runs (FAILED_PRECONDITION)."""
+
+
+class RunRestored(RuntimeError):
+    """The request expects an incarnation of its run that the run no longer is: it no longer
+    holds the state the client last saw, and nothing was applied (ABORTED). The message says
+    what it holds."""
+
+
+class VersionMismatch(RuntimeError):
+    """The request expects another step or accumulation of its run's current incarnation; the
+    message names both, and nothing was applied (FAILED_PRECONDITION)."""

@@ -35,7 +35,7 @@ from cispo.worker.errors import ComputeFailed, RankUnavailable, StateNotFound
 from cispo.worker.loss_stats import BatchStats
 from cispo.worker.losses import LossFunction, get_loss_function
 from cispo.worker.optimizer import AdamParams
-from cispo.worker.runs import DEFAULT_RUN, RunInfo, TrainingRuns, _Runs, new_run_id
+from cispo.worker.runs import DEFAULT_RUN, RunInfo, TrainingRuns, _Run, _Runs, new_run_id
 from cispo.worker.sampler_weights import export_name
 from cispo.worker.sharding import MemoryUse, is_sharded
 
@@ -284,6 +284,9 @@ class GroupRuns(_Runs):
 
     def info(self, model_id: str, owner: str | None) -> RunInfo:
         return self.local.info(model_id, owner)
+
+    def _record(self, model_id: str) -> _Run:
+        return self.local._record(model_id)
 
     def list(self, owner: str | None) -> list[RunInfo]:
         return self.local.list(owner)

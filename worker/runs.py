@@ -17,30 +17,56 @@ what was not saved is gone. A run belongs to the identity that created it; other
 RunNotFound, as if it did not exist. Not thread-safe, like Engine: the service calls it from its
 engine thread.
 
+Every run has a version (RunVersion, reference/run-state.md): an incarnation, an unguessable
+token made with the run (so a run made again under the same id, or after a restart, has a new
+one), its optimizer step, and the forward_backward calls accumulated since that step. `apply`
+runs an operation only on the version its request expects, and counts its effect.
+
 In a data-parallel group every rank holds a TrainingRuns of its own, kept alike by rank 0
-(worker.group.GroupRuns), which gives each rank's engines to the group (`attach`).
+(worker.group.GroupRuns), which gives each rank's engines to the group (`attach`); rank 0's
+registry keeps the versions.
 """
 
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from cispo.worker import checkpoint, lora
 from cispo.worker.batch import Sample
 from cispo.worker.engine import Engine, EngineConfig, validate_forward, validate_sample
-from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, StateNotFound
+from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, RunRestored, StateNotFound, VersionMismatch
 from cispo.worker.model import PolicyModel
 from cispo.worker.sampler_weights import ExportCache
 from cispo.worker.sampling import SampleRequest
 from cispo.worker.sharding import MemoryUse
 
 DEFAULT_RUN = "default"
+T = TypeVar("T")
 
 
 def new_run_id() -> str:
     """A fresh run id for a CreateModel that names none."""
     return f"run-{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class RunVersion:
+    """A run's version after an operation."""
+
+    incarnation: str  # unguessable, made with the run
+    step: int  # optimizer steps taken
+    accumulated: int  # forward_backward calls whose gradient the next step applies
+
+
+@dataclass(frozen=True)
+class ExpectedVersion:
+    """What a request expects of its run; "" and None expect nothing."""
+
+    incarnation: str = ""
+    step: int | None = None
+    accumulated: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +81,7 @@ class RunInfo:
     trainable_bytes: int  # weights + gradient + optimizer moments of the run's own parameters
     created: float  # Unix time
     last_used: float
+    version: RunVersion
 
 
 @dataclass
@@ -63,6 +90,44 @@ class _Run:
     owner: str | None
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
+    incarnation: str = field(default_factory=lambda: secrets.token_hex(8))
+    accumulated: int = 0
+    origin: str = "the base model"  # what this incarnation began from
+    began: tuple[int, int] = (0, 0)  # its step and accumulation then
+
+    def version(self) -> RunVersion:
+        return RunVersion(self.incarnation, self.engine.optimizer.step_count, self.accumulated)
+
+    def begin(self, origin: str) -> None:
+        """This incarnation began from `origin`, as the run is now."""
+        self.origin, self.began = origin, (self.engine.optimizer.step_count, self.accumulated)
+
+    def check(self, model_id: str, expected: ExpectedVersion) -> None:
+        """RunRestored or VersionMismatch unless the run is the version `expected`."""
+        now = self.version()
+        if expected.incarnation and expected.incarnation != self.incarnation:
+            moved = "" if (now.step, now.accumulated) == self.began else (
+                f", and is now at step {now.step} (accumulated {now.accumulated})")
+            raise RunRestored(f"run '{model_id}' was restored from {self.origin} at step {self.began[0]} (accumulated "
+                              f"{self.began[1]}){moved}; it no longer holds the state you last saw; resume from your "
+                              "last saved state")
+        expects = {"step": (expected.step, now.step), "accumulated": (expected.accumulated, now.accumulated)}
+        if any(want is not None and want != actual for want, actual in expects.values()):
+            wanted = " and ".join(f"{name} {want}" for name, (want, _) in expects.items() if want is not None)
+            raise VersionMismatch(f"run '{model_id}' is at step {now.step} (accumulated {now.accumulated}), but the "
+                                  f"request expects {wanted}")
+
+    def count(self, op: str, succeeded: bool) -> None:
+        """Follow the accumulation through operation `op`: a forward_backward adds one, a step or
+        a load empties it, and a failure that dropped the gradient (see Engine's in-place
+        accumulation, and refused steps) leaves none."""
+        if succeeded and op == "forward_backward":
+            self.accumulated += 1
+        elif succeeded and op in ("optim_step", "load_state"):
+            self.accumulated = 0
+        elif (not succeeded and op in ("forward_backward", "optim_step")
+              and all(p.grad is None for p in self.engine.named_params.values())):
+            self.accumulated = 0
 
 
 class _Runs:
@@ -80,6 +145,26 @@ class _Runs:
 
     def unload(self, model_id: str, owner: str | None) -> None:
         raise NotImplementedError
+
+    def _record(self, model_id: str) -> _Run:
+        """The live run `model_id`'s record (its version), with no ownership check."""
+        raise NotImplementedError
+
+    def apply(self, model_id: str, owner: str | None, expected: ExpectedVersion, op: str,
+              fn: Callable[[Any], T]) -> tuple[T, RunVersion]:
+        """`fn(engine)` on run `model_id` ("" = the default run, made if need be), with the run's
+        version after it; RunRestored or VersionMismatch, and nothing run, unless the run is the
+        version `expected`. `op` names what `fn` does, for the accumulation count."""
+        engine = self.get(model_id, owner)
+        run = self._record(model_id or DEFAULT_RUN)
+        run.check(model_id or DEFAULT_RUN, expected)
+        try:
+            result = fn(engine)
+        except BaseException:
+            run.count(op, succeeded=False)
+            raise
+        run.count(op, succeeded=True)
+        return result, run.version()
 
     def export_sampler(self):
         """An engine that samples saved sampler weights (it needs no run of its own)."""
@@ -105,6 +190,7 @@ class _Runs:
         except BaseException:
             self.unload(model_id, owner)
             raise
+        self._record(model_id).begin(f"state '{name}'")
         return model_id
 
     def remove_export(self, name: str, owner: str | None) -> None:
@@ -119,22 +205,31 @@ class _Runs:
     def validate_sample(self, request: SampleRequest) -> SampleRequest:
         return validate_sample(self.policy, self.config, request)
 
-    def sample(self, items: list[tuple[str, SampleRequest]]) -> list:
-        """Sample every (model_id, validated request), those on one engine in one batch; a
-        request whose run its owner cannot see gets RunNotFound in its place."""
+    def sample(self, items: list[tuple[str, SampleRequest, ExpectedVersion]]) -> list:
+        """Sample every (model_id, validated request, expected version), those on one engine in
+        one batch; each result with the version of the run whose current weights it sampled
+        (else None). A request whose run its owner cannot see, or that is not the version
+        expected, gets the error in its place."""
         results: list = [None] * len(items)
+        versions: list[RunVersion | None] = [None] * len(items)
         by_engine: dict[int, tuple[object, list[int]]] = {}
-        for i, (model_id, request) in enumerate(items):
+        for i, (model_id, request, expected) in enumerate(items):
             try:  # saved weights named by path need no run (unless the request names one)
-                engine = (self.export_engine(request.model_path) if request.model_path and not model_id
-                          else self.get(model_id, request.owner))
-            except (RunNotFound, RunConflict, StateNotFound) as exc:
+                if request.model_path and not model_id:
+                    engine = self.export_engine(request.model_path)
+                else:
+                    engine = self.get(model_id, request.owner)
+                if not request.model_path:
+                    run = self._record(model_id or DEFAULT_RUN)
+                    run.check(model_id or DEFAULT_RUN, expected)
+                    versions[i] = run.version()
+            except (RunNotFound, RunConflict, StateNotFound, RunRestored, VersionMismatch) as exc:
                 results[i] = exc
                 continue
             by_engine.setdefault(id(engine), (engine, []))[1].append(i)
         for engine, indices in by_engine.values():
             for i, result in zip(indices, engine.sample([items[i][1] for i in indices])):
-                results[i] = result
+                results[i] = result if isinstance(result, Exception) else (result, versions[i])
         return results
 
 
@@ -167,6 +262,9 @@ class TrainingRuns(_Runs):
         run = self._visible(model_id, owner)
         run.last_used = time.time()
         return run.engine
+
+    def _record(self, model_id: str) -> _Run:
+        return self._runs[model_id]
 
     def engine(self, model_id: str | None) -> Engine:
         """The engine of run `model_id` (None: the export sampler), with no ownership check: for
@@ -287,4 +385,4 @@ class TrainingRuns(_Runs):
         numel = sum(p.numel() for p in engine.named_params.values())
         return RunInfo(model_id=model_id, lora=engine.lora_spec, owner=run.owner, step=engine.optimizer.step_count,
                        trainable_parameters=numel, trainable_bytes=engine.memory_use().total,
-                       created=run.created, last_used=run.last_used)
+                       created=run.created, last_used=run.last_used, version=run.version())

@@ -69,7 +69,7 @@ class Datum(_message.Message):
     def __init__(self, model_input: _Optional[_Union[Tensor, _Mapping]] = ..., loss_fn_inputs: _Optional[_Union[LossFnInputs, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardInput(_message.Message):
-    __slots__ = ("data", "loss_fn", "loss_fn_config", "idempotency_key", "typed_outputs", "model_id")
+    __slots__ = ("data", "loss_fn", "loss_fn_config", "idempotency_key", "typed_outputs", "model_id", "expected_version")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,13 +83,15 @@ class ForwardBackwardInput(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TYPED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     data: _containers.RepeatedCompositeFieldContainer[Datum]
     loss_fn: str
     loss_fn_config: _containers.ScalarMap[str, float]
     idempotency_key: str
     typed_outputs: bool
     model_id: str
-    def __init__(self, data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., idempotency_key: _Optional[str] = ..., typed_outputs: _Optional[bool] = ..., model_id: _Optional[str] = ...) -> None: ...
+    expected_version: RunVersion
+    def __init__(self, data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., idempotency_key: _Optional[str] = ..., typed_outputs: _Optional[bool] = ..., model_id: _Optional[str] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class LossFnOutput(_message.Message):
     __slots__ = ("logprobs",)
@@ -98,7 +100,7 @@ class LossFnOutput(_message.Message):
     def __init__(self, logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardOutput(_message.Message):
-    __slots__ = ("loss_fn_outputs", "metrics")
+    __slots__ = ("loss_fn_outputs", "metrics", "version")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,9 +110,11 @@ class ForwardBackwardOutput(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     LOSS_FN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     loss_fn_outputs: _containers.RepeatedCompositeFieldContainer[LossFnOutput]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, loss_fn_outputs: _Optional[_Iterable[_Union[LossFnOutput, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    version: RunVersion
+    def __init__(self, loss_fn_outputs: _Optional[_Iterable[_Union[LossFnOutput, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class AdamParams(_message.Message):
     __slots__ = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
@@ -129,17 +133,19 @@ class AdamParams(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
-    __slots__ = ("adam_params", "idempotency_key", "model_id")
+    __slots__ = ("adam_params", "idempotency_key", "model_id", "expected_version")
     ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     adam_params: AdamParams
     idempotency_key: str
     model_id: str
-    def __init__(self, adam_params: _Optional[_Union[AdamParams, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+    expected_version: RunVersion
+    def __init__(self, adam_params: _Optional[_Union[AdamParams, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class OptimStepResponse(_message.Message):
-    __slots__ = ("grad_norm", "step", "metrics")
+    __slots__ = ("grad_norm", "step", "metrics", "version")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -150,50 +156,60 @@ class OptimStepResponse(_message.Message):
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     grad_norm: float
     step: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    version: RunVersion
+    def __init__(self, grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class SaveStateRequest(_message.Message):
-    __slots__ = ("name", "idempotency_key", "model_id")
+    __slots__ = ("name", "idempotency_key", "model_id", "expected_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     idempotency_key: str
     model_id: str
-    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+    expected_version: RunVersion
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class SaveStateResponse(_message.Message):
-    __slots__ = ("name", "path", "step")
+    __slots__ = ("name", "path", "step", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     step: int
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    version: RunVersion
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., step: _Optional[int] = ..., version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class LoadStateRequest(_message.Message):
-    __slots__ = ("name", "with_optimizer", "idempotency_key", "model_id")
+    __slots__ = ("name", "with_optimizer", "idempotency_key", "model_id", "expected_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     with_optimizer: bool
     idempotency_key: str
     model_id: str
-    def __init__(self, name: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+    expected_version: RunVersion
+    def __init__(self, name: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class LoadStateResponse(_message.Message):
-    __slots__ = ("name", "step")
+    __slots__ = ("name", "step", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     step: int
-    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    version: RunVersion
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ("model_id",)
@@ -239,7 +255,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., idempotency_keys_remembered: _Optional[int] = ..., max_data_per_request: _Optional[int] = ..., max_sample_tokens: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., max_sample_request_tokens: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters", "has_tokenizer", "eos_token_ids", "model_id", "lora_config", "base_model", "num_runs", "max_runs", "sharding", "memory")
+    __slots__ = ("model_name", "vocab_size", "max_sequence_length", "loss_functions", "limits", "device", "dtype", "world_size", "step", "num_parameters", "has_tokenizer", "eos_token_ids", "model_id", "lora_config", "base_model", "num_runs", "max_runs", "sharding", "memory", "version")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +275,7 @@ class GetInfoResponse(_message.Message):
     MAX_RUNS_FIELD_NUMBER: _ClassVar[int]
     SHARDING_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_sequence_length: int
@@ -278,7 +295,18 @@ class GetInfoResponse(_message.Message):
     max_runs: int
     sharding: str
     memory: MemoryUse
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., base_model: _Optional[str] = ..., num_runs: _Optional[int] = ..., max_runs: _Optional[int] = ..., sharding: _Optional[str] = ..., memory: _Optional[_Union[MemoryUse, _Mapping]] = ...) -> None: ...
+    version: RunVersion
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loss_functions: _Optional[_Iterable[_Union[LossFunctionInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., num_parameters: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., base_model: _Optional[str] = ..., num_runs: _Optional[int] = ..., max_runs: _Optional[int] = ..., sharding: _Optional[str] = ..., memory: _Optional[_Union[MemoryUse, _Mapping]] = ..., version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
+
+class RunVersion(_message.Message):
+    __slots__ = ("incarnation", "step", "accumulated")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATED_FIELD_NUMBER: _ClassVar[int]
+    incarnation: str
+    step: int
+    accumulated: int
+    def __init__(self, incarnation: _Optional[str] = ..., step: _Optional[int] = ..., accumulated: _Optional[int] = ...) -> None: ...
 
 class MemoryUse(_message.Message):
     __slots__ = ("parameter_bytes", "gradient_bytes", "optimizer_bytes")
@@ -337,26 +365,30 @@ class StreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResponse, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateResponse, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateResponse, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoResponse, _Mapping]] = ..., save_weights_for_sampler: _Optional[_Union[SaveWeightsForSamplerResponse, _Mapping]] = ..., sample: _Optional[_Union[SampleResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class SaveWeightsForSamplerRequest(_message.Message):
-    __slots__ = ("name", "idempotency_key", "model_id", "merged")
+    __slots__ = ("name", "idempotency_key", "model_id", "merged", "expected_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MERGED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     idempotency_key: str
     model_id: str
     merged: bool
-    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., merged: _Optional[bool] = ...) -> None: ...
+    expected_version: RunVersion
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., merged: _Optional[bool] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class SaveWeightsForSamplerResponse(_message.Message):
-    __slots__ = ("name", "path", "step")
+    __slots__ = ("name", "path", "step", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     step: int
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    version: RunVersion
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., step: _Optional[int] = ..., version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_tokens", "stop_strings")
@@ -377,7 +409,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., stop_strings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "model_path", "typed_outputs", "idempotency_key", "model_id")
+    __slots__ = ("prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "model_path", "typed_outputs", "idempotency_key", "model_id", "expected_version")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -386,6 +418,7 @@ class SampleRequest(_message.Message):
     TYPED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     prompt: Tensor
     num_samples: int
     sampling_params: SamplingParams
@@ -394,7 +427,8 @@ class SampleRequest(_message.Message):
     typed_outputs: bool
     idempotency_key: str
     model_id: str
-    def __init__(self, prompt: _Optional[_Union[Tensor, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., model_path: _Optional[str] = ..., typed_outputs: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+    expected_version: RunVersion
+    def __init__(self, prompt: _Optional[_Union[Tensor, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., model_path: _Optional[str] = ..., typed_outputs: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class SampledSequence(_message.Message):
     __slots__ = ("tokens", "logprobs", "stop_reason")
@@ -407,12 +441,14 @@ class SampledSequence(_message.Message):
     def __init__(self, tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
-    __slots__ = ("sequences", "prompt_logprobs")
+    __slots__ = ("sequences", "prompt_logprobs", "version")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SampledSequence]
     prompt_logprobs: Tensor
-    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    version: RunVersion
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
     __slots__ = ("rank", "seed", "train_mlp", "train_attn", "train_unembed")
