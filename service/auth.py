@@ -156,7 +156,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, name, why, method), **kwargs)
 
     def _refuse(self, context, why: str, method: str):
-        self._failures.log(_peer_host(context.peer()),
+        self._failures.log(f"authentication failed from {_peer_host(context.peer())}: {why}",
                            "authentication failed for %s from %s%s: %s", method, context.peer(),
                            _client_certificate_name(context), why)
         return context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)

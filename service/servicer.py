@@ -503,8 +503,8 @@ class TrainingServicer:
         self.metrics.inflight.dec()
         self.metrics.operation_errors.labels(op, code_name(status)).inc()
         self.metrics.request_seconds.labels(op).observe(time.perf_counter() - started)
-        self._rejections.log("", "op=%s identity=%s code=%s: %s", op, current_identity() or "-", code_name(status),
-                             clip(status.message, 200))
+        who = f"op={op} identity={current_identity() or '-'} code={code_name(status)}"  # a line per period each
+        self._rejections.log(who, "%s: %s", who, clip(status.message, 200))
         return status
 
 
