@@ -27,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 
 from cispo.service import memory  # noqa: E402
 from cispo.service.auth import TokenFileError, load_tokens  # noqa: E402
+from cispo.service.metrics import RUN_LABEL_MODES  # noqa: E402
 from cispo.service.tls import TlsConfigError, check_tls_files  # noqa: E402
 from cispo.service.server import (ServerConfig, StartupError, TrainingServer, ensure_port_free,  # noqa: E402
                                   is_loopback)
@@ -183,10 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", defaults.metrics_port, int),
                    help="Prometheus /metrics port, plain HTTP; 0 picks a free one, -1 turns it off "
                         "[CISPO_METRICS_PORT]")
+    g.add_argument("--metrics-run-label", choices=RUN_LABEL_MODES,
+                   default=env("METRICS_RUN_LABEL", defaults.metrics_run_label),
+                   help="the `run` label of per-run series: hash (a keyed hash of the run id: /metrics has no "
+                        "authentication, and a run id names a run), id (the run id, for a private Prometheus), "
+                        "or off (one series for all runs) [CISPO_METRICS_RUN_LABEL]")
     g.add_argument("--http-port", type=int, default=env("HTTP_PORT", defaults.http_port, int),
                    help="the Tinker HTTP API, for the official tinker SDK (TINKER_BASE_URL=http://host:port); same "
                         "runs, TLS and tokens (TINKER_API_KEY=tml-<token>) as gRPC; 0 picks a free one, -1 turns "
                         "it off [CISPO_HTTP_PORT]")
+    g.add_argument("--http-max-connections", type=int,
+                   default=env("HTTP_MAX_CONNECTIONS", defaults.http_max_connections, int),
+                   help="open connections the HTTP port holds at most; one more is answered 503 and closed "
+                        "(lowered to a quarter of the process's descriptor limit) [CISPO_HTTP_MAX_CONNECTIONS]")
+    g.add_argument("--http-header-timeout-seconds", type=float,
+                   default=env("HTTP_HEADER_TIMEOUT_SECONDS", defaults.http_header_timeout_seconds, float),
+                   help="an HTTP request's headers must arrive whole within this, or its connection is closed "
+                        "[CISPO_HTTP_HEADER_TIMEOUT_SECONDS]")
+    g.add_argument("--http-body-timeout-seconds", type=float,
+                   default=env("HTTP_BODY_TIMEOUT_SECONDS", defaults.http_body_timeout_seconds, float),
+                   help="longest wait for more of an HTTP request's body before its connection is closed "
+                        "[CISPO_HTTP_BODY_TIMEOUT_SECONDS]")
+    g.add_argument("--http-seq-gap-seconds", type=float,
+                   default=env("HTTP_SEQ_GAP_SECONDS", defaults.http_seq_gap_seconds, float),
+                   help="how long a Tinker model's requests wait for a missing earlier seq_id (a request lost "
+                        "before it could be read) before going on without it [CISPO_HTTP_SEQ_GAP_SECONDS]")
     g.add_argument("--health-port", type=int, default=env("HEALTH_PORT", defaults.health_port, int),
                    help="extra plaintext port serving only grpc.health.v1, for Kubernetes gRPC probes "
                         "(which cannot speak TLS); 0 picks a free one, -1 turns it off. Health is always "
@@ -244,6 +266,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.gradient_accumulation not in GRADIENT_ACCUMULATION:
         parser.error(f"CISPO_GRADIENT_ACCUMULATION={args.gradient_accumulation!r}: choose from "
                      f"{', '.join(GRADIENT_ACCUMULATION)}")
+    if args.metrics_run_label not in RUN_LABEL_MODES:
+        parser.error(f"CISPO_METRICS_RUN_LABEL={args.metrics_run_label!r}: choose from {', '.join(RUN_LABEL_MODES)}")
+    for name in ("http_max_connections", "http_header_timeout_seconds", "http_body_timeout_seconds",
+                 "http_seq_gap_seconds"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
 
@@ -305,6 +333,10 @@ def server_config(args) -> ServerConfig:
                         max_data_per_request=args.max_data_per_request, drain_seconds=args.drain_seconds, tls_cert_file=args.tls_cert_file,
                         tls_key_file=args.tls_key_file, tls_client_ca_file=args.tls_client_ca_file,
                         auth_tokens_file=args.auth_tokens_file, http_port=args.http_port,
+                        metrics_run_label=args.metrics_run_label, http_max_connections=args.http_max_connections,
+                        http_header_timeout_seconds=args.http_header_timeout_seconds,
+                        http_body_timeout_seconds=args.http_body_timeout_seconds,
+                        http_seq_gap_seconds=args.http_seq_gap_seconds,
                         model_name=args.model_name or (Path(args.model).name if args.model else EMBEDDED_MODEL_NAME))
 
 

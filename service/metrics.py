@@ -4,14 +4,20 @@ Per-token statistics arrive already reduced on the device (BatchStats: counts an
 counts); nothing here loops over tokens. The importance-ratio histogram is exported by a custom
 collector from those bucket counts.
 
-Training telemetry is per run: its series carry `run`, the run's model_id (`default` for the
-default run). A run's series are made when it is created (the default run's at start), so rate()
-sees its first observations, and removed when it is unloaded, so `run` has no more values than
-there are live runs (bounded by --max-runs), the default run's zeros at start aside. The number
-of runs and each run's trainable bytes are read from the runs registry at scrape time.
+Training telemetry is per run: its series carry `run`, a label of the run's model_id chosen by
+`--metrics-run-label` (RunLabels: a keyed hash by default, since /metrics has no authentication;
+the id itself; or one label for all runs). `default` labels the default run. A run's series are
+made when it is created (the default run's at start), so rate() sees its first observations, and
+removed when its last run is unloaded, so `run` has no more values than there are live runs
+(bounded by --max-runs), the default run's zeros at start aside. The number of runs and each
+run's trainable bytes are read from the runs registry at scrape time.
 """
 
+import hashlib
+import hmac
+import os
 import threading
+from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -85,13 +91,36 @@ class RatioHistogramCollector:
                                      labels=["loss_fn", "run"])
 
 
+RUN_LABEL_MODES = ("hash", "id", "off")
+
+
+class RunLabels:
+    """The `run` label of a model_id: `hash` is "r-" and 12 hex digits of an HMAC under a key made
+    at start (stable while the server runs, and no way back to the id, which would let a scraper
+    name the run); `id` is the model_id; `off` is "all" for every run. The default run is
+    `default` in every mode but off."""
+
+    def __init__(self, mode: str = "hash"):
+        if mode not in RUN_LABEL_MODES:
+            raise ValueError(f"run label mode {mode!r}: choose from {', '.join(RUN_LABEL_MODES)}")
+        self.mode = mode
+        self._key = os.urandom(32)
+
+    def __call__(self, run: str) -> str:
+        if self.mode == "off":
+            return "all"
+        if self.mode == "id" or run == DEFAULT_RUN:
+            return run
+        return "r-" + hmac.new(self._key, run.encode(), hashlib.sha256).hexdigest()[:12]
+
+
 class RunsCollector:
     """`cispo_training_runs`, `cispo_training_runs_max`, `cispo_run_trainable_bytes{run}` and
     `cispo_run_state_bytes{run,kind}`, read from the runs registry (worker.runs.TrainingRuns or
     worker.group.GroupRuns) at each scrape."""
 
-    def __init__(self, runs):
-        self.runs = runs
+    def __init__(self, runs, label: RunLabels):
+        self.runs, self.label = runs, label
 
     def describe(self):
         yield from self._families({}, 0)
@@ -106,8 +135,7 @@ class RunsCollector:
                     raise
         yield from self._families(sizes, self.runs.max_runs)
 
-    @staticmethod
-    def _families(sizes: dict, max_runs: int):
+    def _families(self, sizes: dict, max_runs: int):
         yield GaugeMetricFamily("cispo_training_runs", "Live training runs.", value=len(sizes))
         yield GaugeMetricFamily("cispo_training_runs_max", "The most live training runs (--max-runs).", value=max_runs)
         trainable = GaugeMetricFamily("cispo_run_trainable_bytes",
@@ -116,10 +144,13 @@ class RunsCollector:
         by_kind = GaugeMetricFamily("cispo_run_state_bytes",
                                     "Bytes one rank holds of a run's training state (rank 0; sharded: its shards), by "
                                     "kind: parameters, gradients, optimizer.", labels=["run", "kind"])
+        by_label: dict[str, list] = defaultdict(list)
         for run, use in sizes.items():
-            trainable.add_metric([run], use.total)
+            by_label[self.label(run)].append(use)
+        for run, uses in by_label.items():
+            trainable.add_metric([run], sum(use.total for use in uses))
             for kind in ("parameters", "gradients", "optimizer"):
-                by_kind.add_metric([run, kind], getattr(use, kind))
+                by_kind.add_metric([run, kind], sum(getattr(use, kind) for use in uses))
         yield trainable
         yield by_kind
 
@@ -127,8 +158,9 @@ class RunsCollector:
 class ServiceMetrics:
     """Every metric the service exports, registered on `registry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, run_label: str = "hash"):
         self.registry = registry or CollectorRegistry()
+        self.run_label = RunLabels(run_label)
         r = self.registry
         ProcessCollector(registry=r)
         self.tokens = Counter("cispo_tokens", "Active tokens (advantage != 0) by clip outcome.",
@@ -162,7 +194,7 @@ class ServiceMetrics:
                                       "not its operation; retrieve_future includes its long poll).", ["route"],
                                       buckets=LATENCY_BUCKETS, registry=r)
         # Series exist at 0 from the start, so rate() sees even the first observations.
-        self._runs: set[str] = set()  # the runs whose series exist
+        self._runs: dict[str, set[str]] = {}  # label -> the live runs of that label, whose series exist
         self.add_run(DEFAULT_RUN)
         for op in OPS:
             self.request_seconds.labels(op)
@@ -185,25 +217,38 @@ class ServiceMetrics:
 
     def track_runs(self, runs) -> None:
         """The number of live runs and each one's trainable bytes, read from `runs` at scrape time."""
-        self.registry.register(RunsCollector(runs))
+        self.registry.register(RunsCollector(runs, self.run_label))
 
     # -- per-run series: made, observed and removed in the engine's order -------------------------
     # The servicer calls add_run, observe_batch, observe_step and forget_run on the engine thread,
     # right after the operation, so no observation of a run can come after its forget_run.
 
-    def add_run(self, run: str) -> None:
-        """Make run `run`'s series, at 0 (a new run, or one used for the first time)."""
-        for metric, labels in self._run_series(run):
-            metric.labels(*labels)
-        self.ratio.add_run(run)
-        self._runs.add(run)
+    def add_run(self, run: str) -> str:
+        """Make run `run`'s series, at 0 (a new run, or one used for the first time); its label."""
+        label = self.run_label(run)
+        if label not in self._runs:
+            for metric, labels in self._run_series(label):
+                metric.labels(*labels)
+            self.ratio.add_run(label)
+        self._runs.setdefault(label, set()).add(run)
+        return label
 
     def forget_run(self, run: str) -> None:
-        """Remove run `run`'s series (it was unloaded)."""
-        for metric, labels in self._run_series(run):
+        """Remove run `run`'s series (it was unloaded), unless another live run shares its label."""
+        label = self.run_label(run)
+        live = self._runs.get(label, set())
+        live.discard(run)
+        if live:
+            return
+        for metric, labels in self._run_series(label):
             metric.remove(*labels)
-        self.ratio.forget(run)
-        self._runs.discard(run)
+        self.ratio.forget(label)
+        self._runs.pop(label, None)
+
+    def _live_label(self, run: str) -> str:
+        """The label of run `run`, its series made if they are not yet."""
+        label = self.run_label(run)
+        return label if run in self._runs.get(label, ()) else self.add_run(run)
 
     def _run_series(self, run: str):
         """(metric, label values) of each labelled series of run `run`."""
@@ -221,8 +266,7 @@ class ServiceMetrics:
         self.tokens_processed.labels(op).inc(stats.tokens)
         if op != "forward_backward":
             return
-        if run not in self._runs:
-            self.add_run(run)
+        run = self._live_label(run)
         high, low = stats.clipped_high, stats.clipped_low
         self.tokens.labels(loss_fn, "high", run).inc(high)
         self.tokens.labels(loss_fn, "low", run).inc(low)
@@ -242,7 +286,6 @@ class ServiceMetrics:
 
     def observe_step(self, grad_norm: float, run: str) -> None:
         """Record a successful optim_step of run `run`."""
-        if run not in self._runs:
-            self.add_run(run)
+        run = self._live_label(run)
         self.grad_norm.labels(run).set(grad_norm)
         self.optim_steps.labels(run).inc()

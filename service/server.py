@@ -9,6 +9,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import resource
 import socket
 from dataclasses import dataclass
 
@@ -18,8 +19,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from cispo.service.http_guard import ConnectionLimits
 from cispo.service.auth import TokenAuthInterceptor, TokenFileError, load_tokens
-from cispo.service.tls import TlsConfigError, tls_server_credentials
+from cispo.service.tls import TlsConfigError, tls_server_context, tls_server_credentials
 from cispo.service.idempotency import IdempotencyCache
 from cispo.service.interceptor import GrpcMetricsInterceptor
 from cispo.service.metrics import ServiceMetrics
@@ -46,6 +48,9 @@ class ServerConfig:
     """gRPC port; 0 picks a free one."""
     metrics_port: int = 9400
     """Prometheus /metrics port (plain HTTP); 0 picks a free one, -1 disables."""
+    metrics_run_label: str = "hash"
+    """The `run` label of a run's series: hash (of its id, which /metrics, unauthenticated, must
+    not show), id, or off (one series for all runs)."""
     health_port: int = -1
     """A plaintext port serving only grpc.health.v1 (for probes when the gRPC port has TLS);
     0 picks a free one, -1 disables (health is always served on the gRPC port too)."""
@@ -79,6 +84,14 @@ class ServerConfig:
     http_port: int = -1
     """The Tinker HTTP API (service/tinker_http.py; TLS and tokens as the gRPC port's); 0 picks a
     free one, -1 disables."""
+    http_max_connections: int = ConnectionLimits.max_connections
+    """Open HTTP connections at most (lowered to a quarter of the descriptor limit)."""
+    http_header_timeout_seconds: float = ConnectionLimits.header_timeout_seconds
+    """A request's headers must arrive whole within this."""
+    http_body_timeout_seconds: float = ConnectionLimits.body_timeout_seconds
+    """Longest wait for more of a request body."""
+    http_seq_gap_seconds: float = 60.0
+    """How long a Tinker model's requests wait for a missing earlier seq_id before going on."""
 
 
 class TrainingServer:
@@ -88,7 +101,7 @@ class TrainingServer:
         """`runs`: the training runs served (worker.runs.TrainingRuns, or worker.group.GroupRuns)."""
         self.runs = runs
         self.config = config
-        self.metrics = ServiceMetrics(registry)
+        self.metrics = ServiceMetrics(registry, config.metrics_run_label)
         self.metrics.world_size.set(world_size)
         policy, engine_config = runs.policy, runs.config
         if policy.device.type == "cuda":
@@ -164,8 +177,11 @@ class TrainingServer:
         if http_socket is not None:
             from cispo.service.tinker_http import TinkerFront  # the HTTP stack only when asked for
 
-            self._tinker = TinkerFront(self.servicer, auth, self.metrics, self.servicer.limits)
-            await self._tinker.start(http_socket, _http_tls(config))
+            self._tinker = TinkerFront(self.servicer, auth, self.metrics, self.servicer.limits,
+                                       _connection_limits(config), config.http_seq_gap_seconds)
+            await self._tinker.start(http_socket, tls_server_context(config.tls_cert_file, config.tls_key_file,
+                                                                    config.tls_client_ca_file)
+                                          if config.tls_cert_file else None)
             self.http_port = http_socket.getsockname()[1]
             log.info("Tinker HTTP API on %s:%d", config.host, self.http_port)
         self._server = server
@@ -196,7 +212,9 @@ class TrainingServer:
         log.info("draining: no new operations; finishing those accepted")
         await self.set_serving(False)
         self.servicer.draining.set()
-        await self._server.stop(grace=self.config.drain_seconds)
+        deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
+        http_drained = self._tinker.drain(deadline) if self._tinker is not None else asyncio.sleep(0)
+        await asyncio.gather(self._server.stop(grace=self.config.drain_seconds), http_drained)
         await self.pipeline.close()
         if self._tinker is not None:
             await self._tinker.stop()
@@ -276,18 +294,16 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
-def _http_tls(config: ServerConfig):
-    """The HTTP port's TLS context: the gRPC port's certificate (and client CA, for mTLS)."""
-    if not config.tls_cert_file:
-        return None
-    import ssl
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    if config.tls_client_ca_file:
-        context.load_verify_locations(config.tls_client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+def _connection_limits(config: ServerConfig) -> ConnectionLimits:
+    """The HTTP port's limits; connections at most a quarter of the descriptors the process may
+    open, so that the HTTP port alone never takes the gRPC port's descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = config.http_max_connections
+    if soft != resource.RLIM_INFINITY and cap > soft // 4:
+        log.warning("--http-max-connections %d lowered to %d: the process may open %d descriptors", cap, soft // 4,
+                    soft)
+        cap = max(1, soft // 4)
+    return ConnectionLimits(cap, config.http_header_timeout_seconds, config.http_body_timeout_seconds)
 
 
 def _add_port(server: grpc.aio.Server, host: str, port: int, what: str, credentials=None) -> int:

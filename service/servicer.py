@@ -18,7 +18,6 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ from cispo.service.pipeline import Batchable, OperationPipeline
 from cispo.service.versions import CONNECTION, RunVersions, stamped, take_expected
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import EngineInfo, FieldViolation, InvalidInput, LimitExceeded
-from cispo.worker.checkpoint import NAME_PATTERN, state_dir
+from cispo.worker.checkpoint import NAME_PATTERN, name_in, state_dir
 from cispo.worker.runs import DEFAULT_RUN
 
 log = logging.getLogger(__name__)
@@ -193,10 +192,12 @@ class TrainingServicer:
                 return Decoded(op, error=exc)
         return await self._decode(decode)
 
-    async def accept(self, decoded: Decoded, started: float) -> asyncio.Future:
+    async def accept(self, decoded: Decoded, started: float, promised: bool = False) -> asyncio.Future:
         """Queue a prepared operation in its run's order, as gRPC's are (idempotency keys
-        included). The future of its answer: a response message or a google.rpc.Status."""
-        return await self._accept(decoded, started)
+        included). The future of its answer: a response message or a google.rpc.Status.
+        `promised`: its client was already told it is accepted (an HTTP request id), so it is
+        queued even while the server drains."""
+        return await self._accept(decoded, started, promised)
 
     # -- decoding (on the codec threads) ---------------------------------------------------------
 
@@ -408,15 +409,7 @@ class TrainingServicer:
     def _state_name(self, name_or_path: str, field: str) -> str:
         """The state a request names: by name, or by the path SaveState answered, which must lie
         in this server's checkpoint directory."""
-        root = self.runs.config.checkpoint_dir
-        if "/" in name_or_path:
-            path = Path(name_or_path)
-            if path.parent.resolve() != Path(root).resolve():
-                raise InvalidInput([FieldViolation(field, f"{clip(name_or_path, 120)!r} is not a state of this server "
-                                                          f"(its states live in {root})")])
-            name_or_path = path.name
-        state_dir(root, name_or_path)
-        return name_or_path
+        return name_in(self.runs.config.checkpoint_dir, name_or_path, field, "SaveState")
 
     def _creation(self, request: pb.CreateModelRequest, owner: str | None) -> Callable[[], str]:
         """The call that makes the run CreateModel asks for (validated here)."""
@@ -432,7 +425,7 @@ class TrainingServicer:
 
     # -- the two halves of every operation -------------------------------------------------------
 
-    async def _accept(self, decoded: Decoded, started: float) -> asyncio.Future:
+    async def _accept(self, decoded: Decoded, started: float, promised: bool = False) -> asyncio.Future:
         """Queue a decoded operation (or replay it by its idempotency key). Returns the future
         of its answer, a response message or a Status; that future never raises."""
         loop = asyncio.get_running_loop()
@@ -442,7 +435,7 @@ class TrainingServicer:
         try:
             if decoded.error is not None:
                 raise decoded.error
-            if self.draining.is_set():
+            if self.draining.is_set() and not promised:
                 raise Unavailable("server is draining and accepts no new operations")
             prepared = decoded.prepared
             if prepared.idempotency_key:

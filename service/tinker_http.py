@@ -44,16 +44,18 @@ import uvicorn
 import zstandard
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cispo.service import tinker_wire as wire
 from cispo.service.auth import TokenAuthInterceptor, current_identity, set_identity
 from cispo.service.errors import clip, to_status
+from cispo.service.http_guard import ConnectionLimits, RateLimitedFilter, guarded_protocol, quiet_descriptor_exhaustion
+from cispo.service.log_limits import RateLimitedLog
 from cispo.service.servicer import TrainingServicer
 from cispo.v1 import training_pb2 as pb
-from cispo.worker import FieldViolation, InvalidInput
+from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ SEQ_GAP_SECONDS = 300.0
 """How long a request waits for an earlier seq_id of its model before it fails."""
 KEPT_FUTURES = 8192
 """Answered futures remembered for retrieval (the oldest retrieved ones go first)."""
+RETRIEVE_GRACE_SECONDS = 5.0
+"""On a drain, how long answered requests wait for their clients' retrieve_future."""
 PROTOBUF = "application/x-protobuf"
 MODEL_ID = re.compile(r"(session-[0-9a-f]{16}):train:\d+")
 """The model ids create_session and _register make (see TinkerFront._model_named)."""
@@ -71,10 +75,13 @@ KEPT_EPHEMERAL = 4
 its sampling sessions) when a newer one is made, and all of a session's when it finishes."""
 MAX_CHUNK_DATA = 1024
 """Most datums of one forward_backward chunk the SDK sends (Tinker's own default)."""
-HOSTED_ONLY = ("create_custom_loss", "copy_weights", "save_weights_external", "auth/token", "telemetry",
+HOSTED_ONLY = ("create_custom_loss", "copy_weights", "save_weights_external", "auth/token",
                "retrieve_futures", "join_sampling_session", "cancel_future")
 """Routes of Tinker's hosted platform (or of features the SDK uses only when the server's client
 config turns them on, which this one does not)."""
+SUBMITS = ("create_session", "create_model", "forward_backward", "optim_step", "save_weights", "load_weights",
+           "save_weights_for_sampler", "create_sampling_session", "asample")
+"""Routes that start new work: refused (503) while the server drains."""
 
 
 class HttpError(Exception):
@@ -113,6 +120,7 @@ def _status_body(status: status_pb2.Status) -> dict:
 class _Future:
     owner: str | None
     answer: asyncio.Future  # -> Response
+    started: bool = False
     retrieved: bool = False
 
 
@@ -129,6 +137,24 @@ class FutureTable:
         self._futures[request_id] = _Future(current_identity(), answer)
         self._evict()
         return request_id, answer
+
+    def started(self, request_id: str) -> None:
+        self._futures[request_id].started = True
+
+    def unanswered(self) -> int:
+        return sum(not f.answer.done() for f in self._futures.values())
+
+    def unretrieved(self) -> int:
+        return sum(not f.retrieved for f in self._futures.values())
+
+    def abandon(self) -> list[str]:
+        """Answer every request that has not started 410 (the SDK submits it again); their ids."""
+        abandoned = [k for k, f in self._futures.items() if not f.started and not f.answer.done()]
+        for request_id in abandoned:
+            self._futures[request_id].answer.set_result(JSONResponse(
+                {"error": "the server restarted before this request started; it was not applied: submit it again",
+                 "category": "server"}, status_code=410))
+        return abandoned
 
     def _evict(self) -> None:
         if len(self._futures) <= KEPT_FUTURES:  # the common case: nothing to scan
@@ -166,21 +192,31 @@ class SeqOrder:
     """Starts one model's requests in seq_id order, whatever order they arrive in.
 
     A request whose seq_id is already past (a retry, or a second client of the model) starts at
-    once; its idempotency key, not its seq_id, keeps it from applying twice.
+    once; its idempotency key, not its seq_id, keeps it from applying twice. Every refused request
+    gives its turn up; a seq_id that never comes (a body that could not even be read) holds the
+    later ones `gap_seconds` at most, then the order goes on without it.
     """
 
-    def __init__(self, first: int = 1) -> None:
+    def __init__(self, gap_seconds: float, first: int = 1) -> None:
         self.next = first
-        self._waiting: dict[int, list[tuple[Callable[[], Awaitable[None]], Callable[[str], None]]]] = {}
+        self.gap_seconds = gap_seconds
+        self._waiting: dict[int, list[Callable[[], Awaitable[None]]]] = {}
         self._running = False
+        self._gap: tuple[int, asyncio.TimerHandle] | None = None  # (the seq_id awaited, its timer)
+        self._tasks: set[asyncio.Task] = set()
 
-    async def put(self, seq_id: int, start: Callable[[], Awaitable[None]], fail: Callable[[str], None]) -> None:
+    def __len__(self) -> int:
+        """Requests waiting for their turn."""
+        return sum(map(len, self._waiting.values()))
+
+    async def put(self, seq_id: int, start: Callable[[], Awaitable[None]]) -> None:
         if seq_id < self.next:
             await start()
             return
-        self._waiting.setdefault(seq_id, []).append((start, fail))
-        if seq_id > self.next:
-            asyncio.get_running_loop().call_later(SEQ_GAP_SECONDS, self._expire, seq_id)
+        self._waiting.setdefault(seq_id, []).append(start)
+        await self._run()
+
+    async def _run(self) -> None:
         if self._running:
             return
         self._running = True
@@ -188,14 +224,31 @@ class SeqOrder:
             while self.next in self._waiting:
                 starts = self._waiting.pop(self.next)
                 self.next += 1
-                for begin, _ in starts:
+                for begin in starts:
                     await begin()
         finally:
             self._running = False
+            self._watch()
 
-    def _expire(self, seq_id: int) -> None:
-        for _, fail in self._waiting.pop(seq_id, ()):
-            fail(f"seq_id {seq_id} waited {SEQ_GAP_SECONDS:.0f} s for seq_id {self.next}, which never came")
+    def _watch(self) -> None:
+        """While later requests wait for `next`, a timer that skips it after gap_seconds."""
+        if self._gap is not None and (not self._waiting or self._gap[0] != self.next):
+            self._gap[1].cancel()
+            self._gap = None
+        if self._waiting and self._gap is None:
+            timer = asyncio.get_running_loop().call_later(self.gap_seconds, self._skip)
+            self._gap = (self.next, timer)
+
+    def _skip(self) -> None:
+        self._gap = None
+        if self._running or not self._waiting:
+            return
+        log.warning("seq_id %d never came within %.0f s; going on from seq_id %d", self.next, self.gap_seconds,
+                    min(self._waiting))
+        self.next = min(self._waiting)
+        task = asyncio.ensure_future(self._run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 # --- sessions, models, samplers --------------------------------------------------------------------
@@ -207,7 +260,7 @@ class TinkerModel:
     run_id: str
     owner: str | None
     lora_rank: int | None
-    order: SeqOrder = field(default_factory=SeqOrder)
+    order: SeqOrder
     ephemeral: list[str] = field(default_factory=list)  # its ephemeral exports, oldest first
     incarnation: str = ""  # of its run when it was made: every request on the model expects it
 
@@ -249,12 +302,17 @@ def parse_path(path: str, kind: str) -> str:
 class TinkerFront:
     """The HTTP front: a Starlette app on uvicorn, in the server's event loop."""
 
-    def __init__(self, servicer: TrainingServicer, auth: TokenAuthInterceptor | None, metrics, limits: dict[str, int]):
+    def __init__(self, servicer: TrainingServicer, auth: TokenAuthInterceptor | None, metrics, limits: dict[str, int],
+                 connections: ConnectionLimits = ConnectionLimits(), seq_gap_seconds: float = 60.0):
         self.servicer, self.auth, self.metrics, self.limits = servicer, auth, metrics, limits
+        self.connections, self.seq_gap_seconds = connections, seq_gap_seconds
         self.futures = FutureTable()
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, TinkerModel] = {}
         self.samplers: dict[str, Sampler] = {}
+        self.draining = False
+        self._notices = RateLimitedLog(log, period_seconds=10.0, level=logging.WARNING)
+        self._tasks: set[asyncio.Task] = set()
         routes = {
             "client/config": self.client_config, "client/dynamic_config": self.empty, "healthz": self.healthz,
             "create_session": self.create_session, "session_heartbeat": self.heartbeat,
@@ -263,7 +321,7 @@ class TinkerFront:
             "optim_step": self.optim_step, "save_weights": self.save_weights, "load_weights": self.load_weights,
             "save_weights_for_sampler": self.save_weights_for_sampler,
             "create_sampling_session": self.create_sampling_session, "samplers/{sampler_id}": self.get_sampler,
-            "asample": self.asample, "retrieve_future": self.retrieve_future,
+            "asample": self.asample, "retrieve_future": self.retrieve_future, "telemetry": self.telemetry,
             **{name: self.hosted_only for name in HOSTED_ONLY},
         }
         self.app = Starlette(routes=[Route(f"/api/v1/{path}", self._endpoint(path, handler), methods=["GET", "POST"])
@@ -278,15 +336,34 @@ class TinkerFront:
     async def start(self, sock: socket.socket, ssl_context: ssl.SSLContext | None = None) -> None:
         """Serve on the bound, listening `sock` until `stop()`."""
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False,
-                                timeout_keep_alive=75)
+                                timeout_keep_alive=75, http=guarded_protocol(self.connections, self._notices))
         server = uvicorn.Server(config)
         config.load()
         if ssl_context is not None:
             config.ssl = ssl_context
+        logging.getLogger("uvicorn.error").addFilter(RateLimitedFilter(self._notices))
+        quiet_descriptor_exhaustion(asyncio.get_running_loop(), self._notices)
         server.lifespan = config.lifespan_class(config)
         await server.startup(sockets=[sock])
         self._server = server
         self._serving = asyncio.ensure_future(server.main_loop())
+
+    async def drain(self, deadline: float) -> None:
+        """Refuse new submissions (503, Retry-After) and start every request that has a request
+        id, even while the server drains; wait (until the loop time `deadline`) until they are
+        answered, then a little for their clients to retrieve them. Those still waiting for
+        their turn at the deadline are answered 410, which the SDK takes as "submit it again"."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        for model in self.models.values():
+            model.order.gap_seconds = 0.0  # a gap now would outlast the drain
+        while self.futures.unanswered() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in self.futures.abandon():
+            log.warning("draining: request %s had not started; its client is told to submit it again", request_id)
+        retrieval = min(deadline, loop.time() + RETRIEVE_GRACE_SECONDS)
+        while self.futures.unretrieved() and loop.time() < retrieval:
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         if self._server is None:
@@ -302,19 +379,37 @@ class TinkerFront:
             try:
                 if route not in ("healthz", "unknown"):
                     set_identity(self._identify(request))
+                if self.draining and route in SUBMITS:
+                    raise HttpError(503, "the server is draining before a restart and accepts no new requests; "
+                                         "retry after it restarts", headers={"Retry-After": "5"})
                 response = await handler(request)
-            except (HttpError, InvalidInput) as exc:
-                if isinstance(exc, InvalidInput):
-                    body = _status_body(to_status(exc))
-                    exc = HttpError(400, body.pop("error"), **body)
-                response = JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status)
-                if (turn := _turn.get()) is not None:
-                    model, seq_id = turn
-                    await model.order.put(seq_id, _nothing, lambda _: None)
+            except (HttpError, InvalidInput, LimitExceeded) as exc:
+                response = self._error_response(exc)
+                await self._give_up_turn()
+            except Exception as exc:  # noqa: BLE001 - a defect: answered 500, the connection kept
+                self._notices.log(f"500:{route}", "HTTP %s failed: %r", route, exc)
+                response = JSONResponse({"error": f"internal error in {route}: {type(exc).__name__}"},
+                                        status_code=500)
+                await self._give_up_turn()
             self.metrics.http_requests.labels(route, str(response.status_code)).inc()
             self.metrics.http_seconds.labels(route).observe(time.perf_counter() - started)
             return response
         return endpoint
+
+    @classmethod
+    def _error_response(cls, exc: HttpError | InvalidInput | LimitExceeded) -> Response:
+        if not isinstance(exc, HttpError):
+            exc = cls._refused(to_status(exc))
+        headers = exc.extra.pop("headers", None)
+        return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status, headers=headers)
+
+    @staticmethod
+    async def _give_up_turn() -> None:
+        """A refused request's turn in its model's order is passed on at once."""
+        if (turn := _turn.get()) is not None:
+            _turn.set(None)
+            model, seq_id = turn
+            await model.order.put(seq_id, _nothing)
 
     def _identify(self, request: Request) -> str | None:
         """The token identity of the X-API-Key (`tml-<token>`; the SDK insists on the prefix)."""
@@ -330,17 +425,33 @@ class TinkerFront:
         body = await self._body(request)
         try:
             value = json.loads(body or b"{}")
+        except RecursionError:
+            raise HttpError(400, "the body is JSON nested too deeply") from None
         except ValueError as exc:
-            raise HttpError(400, f"the body is not JSON: {exc}") from None
+            raise HttpError(400, f"the body is not JSON: {clip(str(exc), 200)}") from None
         if not isinstance(value, dict):
             raise HttpError(400, "the body must be a JSON object")
         return value
 
     async def _body(self, request: Request) -> bytes:
+        """The body, read under max_message_bytes: a declared Content-Length over it is refused
+        before a byte is read, and a body that grows over it as soon as it does."""
         limit = self.limits["max_message_bytes"]
-        body = await request.body()
-        if len(body) > limit:
-            raise HttpError(413, f"a body of {len(body)} bytes is over max_message_bytes={limit}")
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise HttpError(413 if declared.isdigit() else 400, f"Content-Length {clip(declared, 40)} is not a size "
+                            f"up to max_message_bytes={limit}", headers={"Connection": "close"})
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # the rest is not read: the connection closes after the answer
+                    raise HttpError(413, f"the body is over max_message_bytes={limit}", headers={"Connection": "close"})
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise HttpError(400, "the connection closed before the whole body arrived") from None
+        body = b"".join(chunks)
+        del chunks
         if request.headers.get("content-encoding", "").lower() == "zstd":
             try:
                 with zstandard.ZstdDecompressor().stream_reader(body) as reader:
@@ -368,11 +479,15 @@ class TinkerFront:
         body = _status_body(status)
         return HttpError(_status_http(status), body.pop("error"), **body)
 
+    def _own(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _submit(self, op: str, message, encode: Callable[[Any], Response],
                       order: SeqOrder | None = None, seq_id: int = 0) -> str:
         """Validate now (a refusal is this request's answer); queue in `order` by `seq_id` (or at
-        once). The request id, whose result retrieve_future answers. A refused request still
-        takes its turn, so the model's later requests do not wait for it."""
+        once). The request id, whose result retrieve_future answers: from then on the request is
+        started even if the server begins to drain."""
         decoded = await self.servicer.prepare(op, message)
         if decoded.error is not None:
             raise self._refused(to_status(decoded.error))  # the endpoint gives up its turn
@@ -383,44 +498,45 @@ class TinkerFront:
             if not answer.done():
                 answer.set_result(response)
 
-        def fail(message_text: str, category: str = "server") -> None:
-            settle(JSONResponse({"error": message_text, "category": category}))
-
         async def finish(pending: asyncio.Future) -> None:
             result = await pending
             if isinstance(result, status_pb2.Status):
                 user = result.code in (code_pb2.INVALID_ARGUMENT, code_pb2.FAILED_PRECONDITION, code_pb2.NOT_FOUND,
-                                       code_pb2.RESOURCE_EXHAUSTED, code_pb2.PERMISSION_DENIED)
-                fail(result.message, "user" if user else "server")
+                                       code_pb2.RESOURCE_EXHAUSTED, code_pb2.PERMISSION_DENIED, code_pb2.ABORTED)
+                settle(JSONResponse({"error": result.message, "category": "user" if user else "server"}))
                 return
             try:
                 settle(encode(result))
             except Exception as exc:  # noqa: BLE001 - reported through the future
                 status = to_status(exc)
-                fail(status.message, "user" if status.code == code_pb2.INVALID_ARGUMENT else "server")
+                category = "user" if status.code == code_pb2.INVALID_ARGUMENT else "server"
+                settle(JSONResponse({"error": status.message, "category": category}))
 
         async def start() -> None:
-            pending = await asyncio.create_task(self.servicer.accept(decoded, time.perf_counter()), context=context)
-            asyncio.create_task(finish(pending), context=context)
+            if answer.done():  # abandoned by a drain: never started
+                return
+            self.futures.started(request_id)
+            accepted = asyncio.create_task(self.servicer.accept(decoded, time.perf_counter(), promised=True),
+                                           context=context)
+            self._own(asyncio.create_task(finish(await accepted), context=context))
 
         if order is None:
             await start()
         else:
             _turn.set(None)  # taken
-            asyncio.ensure_future(order.put(seq_id, start, fail))
+            self._own(asyncio.ensure_future(order.put(seq_id, start)))
         return request_id
 
-    async def _submit_to(self, model: TinkerModel, seq_id: int, op: str, build: Callable[[], Any],
+    async def _submit_to(self, model: TinkerModel, seq_id: int, op: str, message,
                          encode: Callable[[Any], Response]) -> Response:
-        """`_submit` of the message `build()` makes, in `model`'s order; the submit's answer."""
-        message = build()
+        """`_submit` of `message` in `model`'s order; the submit's answer."""
         message.expected_version.incarnation = model.incarnation  # see _model_named
         request_id = await self._submit(op, message, encode, model.order, seq_id)
         return JSONResponse({"request_id": request_id, "model_id": model.tinker_id})
 
     def _model(self, body: dict) -> tuple[TinkerModel, int]:
-        """The request's model and seq_id; until the request is queued, a refusal gives up its
-        turn (the endpoint sees to it), so the model's later requests never wait for it."""
+        """The request's model and seq_id, read first: from here until the request is queued, a
+        refusal gives up its turn (the endpoint sees to it), so later requests never wait for it."""
         model = self._model_named(wire.field(body, "model_id", (str,)))
         seq_id = wire.field(body, "seq_id", (int,), required=False, default=0)
         _turn.set((model, seq_id))
@@ -477,6 +593,11 @@ class TinkerFront:
     async def capabilities(self, request: Request) -> Response:
         return JSONResponse({"supported_models": [{"model_name": self.servicer.base_model}]})
 
+    async def telemetry(self, request: Request) -> Response:
+        """The SDK's own telemetry: read (under the body limit) and dropped."""
+        await self._body(request)
+        return Response(status_code=204)
+
     async def hosted_only(self, request: Request) -> Response:
         raise HttpError(400, f"{request.url.path} is not supported by cispo: it serves Tinker's hosted platform "
                              "(see docs/porting-from-tinker.md)")
@@ -504,7 +625,7 @@ class TinkerFront:
     def _register(self, session: Session, model_seq_id: int, run_id: str, lora_rank: int | None,
                   incarnation: str) -> TinkerModel:
         model = TinkerModel(f"{session.session_id}:train:{model_seq_id}", run_id, session.owner, lora_rank,
-                            incarnation=incarnation)
+                            SeqOrder(self.seq_gap_seconds), incarnation=incarnation)
         self.models[model.tinker_id] = model
         session.models.append(model.tinker_id)
         return model
@@ -542,50 +663,56 @@ class TinkerFront:
         })
 
     async def forward_backward(self, request: Request) -> Response:
-        message = wire.forward_backward_request(await self._body(request))
+        """The protobuf body is read and converted on a worker thread, its shapes and sizes
+        checked against the request limits before anything is allocated for it."""
+        message = await asyncio.to_thread(wire.forward_backward_request, await self._body(request))
         model = self._model_named(message.model_id)
         _turn.set((model, message.seq_id))
+        wire.check_limits(message, self.limits)
         key = request.headers.get("x-idempotency-key", "")
-        op = "forward" if message.forward_only else "forward_backward"
-        return await self._submit_to(model, message.seq_id, op,
-                                     lambda: wire.forward_backward_input(message, model.run_id, key),
+        seq_id, op = message.seq_id, "forward" if message.forward_only else "forward_backward"
+        converted = await asyncio.to_thread(wire.forward_backward_input, message, model.run_id, key)
+        del message
+        return await self._submit_to(model, seq_id, op, converted,
                                      lambda out: Response(wire.forward_backward_output(out), media_type=PROTOBUF))
 
     async def optim_step(self, request: Request) -> Response:
         body = await self._json(request)
         model, seq_id = self._model(body)
-        key = request.headers.get("x-idempotency-key", "")
-        return await self._submit_to(model, seq_id, "optim_step", lambda: pb.OptimStepRequest(
-            adam_params=wire.adam_params(body), model_id=model.run_id, idempotency_key=key), lambda out: JSONResponse(
+        message = pb.OptimStepRequest(adam_params=wire.adam_params(body), model_id=model.run_id,
+                                      idempotency_key=request.headers.get("x-idempotency-key", ""))
+        return await self._submit_to(model, seq_id, "optim_step", message, lambda out: JSONResponse(
             {"metrics": {**out.metrics, "step:max": float(out.step)}, "type": "optim_step"}))
 
     async def save_weights(self, request: Request) -> Response:
         body = await self._json(request)
         model, seq_id = self._model(body)
-        key = request.headers.get("x-idempotency-key", "")
-        name = body.get("path")
-        return await self._submit_to(model, seq_id, "save_state", lambda: pb.SaveStateRequest(
-            name=f"{model.run_id}.{wire.field(body, 'path', (str,))}", model_id=model.run_id, idempotency_key=key),
-            lambda out: JSONResponse({"path": f"tinker://{model.run_id}/weights/{name}", "type": "save_weights"}))
+        name = wire.field(body, "path", (str,))
+        message = pb.SaveStateRequest(name=f"{model.run_id}.{name}", model_id=model.run_id,
+                                      idempotency_key=request.headers.get("x-idempotency-key", ""))
+        return await self._submit_to(model, seq_id, "save_state", message, lambda out: JSONResponse(
+            {"path": f"tinker://{model.run_id}/weights/{name}", "type": "save_weights"}))
 
     async def load_weights(self, request: Request) -> Response:
         """Into an existing model ({model_id, seq_id}), or as a new model of a session
         ({session_id, model_seq_id}: create_training_client_from_state)."""
         body = await self._json(request)
-        path = wire.field(body, "path", (str,))
-        name = parse_path(path, "weights")
-        with_optimizer = wire.field(body, "optimizer", (bool,), required=False, default=False)
         key = request.headers.get("x-idempotency-key", "")
         if body.get("model_id") is not None:
-            model, seq_id = self._model(body)
-            message = pb.LoadStateRequest(name=name, with_optimizer=with_optimizer, model_id=model.run_id,
-                                          idempotency_key=key)
-            return await self._submit_to(model, seq_id, "load_state", lambda: message, lambda out: JSONResponse(
+            model, seq_id = self._model(body)  # first: a refusal below gives up its turn
+            path = wire.field(body, "path", (str,))
+            with_optimizer = wire.field(body, "optimizer", (bool,), required=False, default=False)
+            message = pb.LoadStateRequest(name=parse_path(path, "weights"), with_optimizer=with_optimizer,
+                                          model_id=model.run_id, idempotency_key=key)
+            return await self._submit_to(model, seq_id, "load_state", message, lambda out: JSONResponse(
                 {"path": path, "model_id": model.tinker_id, "type": "load_weights"}))
         session = self._session(wire.field(body, "session_id", (str,)))
         model_seq_id = wire.field(body, "model_seq_id", (int,))
+        path = wire.field(body, "path", (str,))
+        with_optimizer = wire.field(body, "optimizer", (bool,), required=False, default=False)
         message = pb.CreateModelRequest(base_model=wire.field(body, "base_model", (str,), required=False, default=""),
-                                        from_state=pb.StateRef(path=name, with_optimizer=with_optimizer),
+                                        from_state=pb.StateRef(path=parse_path(path, "weights"),
+                                                               with_optimizer=with_optimizer),
                                         idempotency_key=key)
 
         def created(response: pb.CreateModelResponse) -> Response:
@@ -618,10 +745,10 @@ class TinkerFront:
             sampler = self._new_sampler(f"{session_id}:sample:{ephemeral}", export, tinker_path)
             model.ephemeral.append(export)
             if len(model.ephemeral) > KEPT_EPHEMERAL:
-                asyncio.ensure_future(self._remove_exports(model, [model.ephemeral.pop(0)]))
+                self._own(asyncio.ensure_future(self._remove_exports(model, [model.ephemeral.pop(0)])))
             return JSONResponse({"sampling_session_id": sampler.sampler_id, "type": "save_weights_for_sampler"})
 
-        return await self._submit_to(model, seq_id, "save_weights_for_sampler", lambda: message, saved)
+        return await self._submit_to(model, seq_id, "save_weights_for_sampler", message, saved)
 
     # -- routes: sampling ---------------------------------------------------------------------------
 

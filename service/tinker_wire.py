@@ -10,10 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 from tinker.proto import tinker_public_pb2 as tpb
 
 from cispo.v1 import training_pb2 as pb
-from cispo.worker import FieldViolation, InvalidInput
+from cispo.service.errors import clip
+from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
 
 # Tinker tensor dtypes -> (cispo dtype, little-endian numpy dtype).
 _DTYPES = {
@@ -30,36 +32,37 @@ def invalid(field: str, description: str) -> InvalidInput:
     return InvalidInput([FieldViolation(field, description)])
 
 
-def _tensor(t: tpb.Tensor, field: str) -> pb.Tensor:
-    """A Tinker Tensor (dense, or sparse CSR with 0 elsewhere) as a 1-D cispo raw tensor."""
+def _tensor(t: tpb.Tensor, field: str, length: int) -> pb.Tensor:
+    """A Tinker Tensor (dense, or sparse CSR with 0 elsewhere) of `length` elements (its datum's
+    token count) as a 1-D cispo raw tensor. The declared shape is checked before anything is
+    allocated, so a sparse tensor never expands past 8 bytes per token of its datum."""
     if t.dtype not in _DTYPES:
         raise invalid(field, f"dtype {tpb.DType.Name(t.dtype) if t.dtype in tpb.DType.values() else t.dtype} "
                              "is not supported (float32, int64, int32)")
     dtype, np_dtype = _DTYPES[t.dtype]
     shape = list(t.shape)
+    if len(shape) > 2 or (len(shape) == 2 and shape[0] != 1):
+        raise invalid(field, f"must be 1-D (or 1 x N), got shape {clip(str(shape), 80)}")
+    if shape and shape[-1] != length:
+        raise invalid(field, f"length {shape[-1]} != model_input length {length}")
     try:
         if t.HasField("sparse_csr"):
-            rows, cols = (1, shape[0]) if len(shape) == 1 else tuple(shape) if len(shape) == 2 else (-1, -1)
-            if rows < 0:
-                raise ValueError(f"a sparse tensor needs a 1-D or 2-D shape, got {shape}")
+            if not shape:
+                raise ValueError("a sparse tensor needs its shape")
             values = np.frombuffer(t.sparse_csr.values, np_dtype)
             crow = np.frombuffer(t.sparse_csr.crow_indices, "<i8")
             col = np.frombuffer(t.sparse_csr.col_indices, "<i8")
-            if len(crow) != rows + 1 or len(col) != len(values) or (len(col) and (col.min() < 0 or col.max() >= cols)) \
-                    or np.any(np.diff(crow) < 0) or crow[0] != 0 or crow[-1] != len(values):
+            if len(crow) != 2 or crow[0] != 0 or crow[1] != len(values) or len(col) != len(values) \
+                    or (len(col) and (col.min() < 0 or col.max() >= length)):
                 raise ValueError("inconsistent CSR indices")
-            dense = np.zeros(rows * cols, np_dtype)
-            row_of = np.repeat(np.arange(rows), np.diff(crow))
-            dense[row_of * cols + col] = values
-            data = dense
+            data = np.zeros(length, np_dtype)
+            data[col] = values
         else:
             data = np.frombuffer(t.dense, np_dtype)
     except ValueError as exc:
         raise invalid(field, f"cannot be read: {exc}") from None
-    if len(shape) > 1 and shape[0] != 1:
-        raise invalid(field, f"must be 1-D, got shape {shape}")
-    if shape and int(np.prod(shape)) != data.size:
-        raise invalid(field, f"shape {shape} does not match {data.size} elements")
+    if data.size != length:
+        raise invalid(field, f"length {data.size} != model_input length {length}")
     return pb.Tensor(dtype=dtype, shape=[data.size], raw_data=data.tobytes())
 
 
@@ -75,6 +78,17 @@ def _tokens(chunks, field: str) -> pb.Tensor:
         parts.append(np.frombuffer(chunk.encoded_text.tokens, "<i4"))
     tokens = np.concatenate(parts) if parts else np.zeros(0, "<i4")
     return pb.Tensor(dtype=pb.DTYPE_INT32, shape=[tokens.size], raw_data=tokens.tobytes())
+
+
+def check_limits(request: tpb.ForwardBackwardRequest, limits: Mapping[str, int]) -> None:
+    """LimitExceeded when the request has more datums or tokens than one request may."""
+    if len(request.data) > limits["max_data_per_request"]:
+        raise LimitExceeded("max_data_per_request", f"{len(request.data)} datums is over max_data_per_request="
+                                                    f"{limits['max_data_per_request']}")
+    tokens = sum(len(chunk.encoded_text.tokens) // 4 for datum in request.data for chunk in datum.model_input)
+    if tokens > limits["max_tokens_per_request"]:
+        raise LimitExceeded("max_tokens_per_request", f"{tokens} tokens is over max_tokens_per_request="
+                                                      f"{limits['max_tokens_per_request']}")
 
 
 def forward_backward_request(body: bytes) -> tpb.ForwardBackwardRequest:
@@ -98,12 +112,15 @@ def forward_backward_input(request: tpb.ForwardBackwardRequest, model_id: str, i
     for i, datum in enumerate(request.data):
         where = f"data[{i}]"
         message = out.data.add()
-        message.model_input.CopyFrom(_tokens(datum.model_input, f"{where}.model_input"))
+        tokens = _tokens(datum.model_input, f"{where}.model_input")
+        message.model_input.CopyFrom(tokens)
         message.loss_fn_inputs.SetInParent()
         for name, tensor in datum.loss_fn_inputs.items():
             if name not in LOSS_INPUTS:
-                raise invalid(f"{where}.loss_fn_inputs.{name}", f"unknown loss input (known: {', '.join(LOSS_INPUTS)})")
-            getattr(message.loss_fn_inputs, name).CopyFrom(_tensor(tensor, f"{where}.loss_fn_inputs.{name}"))
+                raise invalid(f"{where}.loss_fn_inputs.{clip(name, 40)}",
+                              f"unknown loss input (known: {', '.join(LOSS_INPUTS)})")
+            getattr(message.loss_fn_inputs, name).CopyFrom(
+                _tensor(tensor, f"{where}.loss_fn_inputs.{name}", tokens.shape[0]))
     return out
 
 
@@ -137,7 +154,20 @@ def field(body: Mapping[str, Any], name: str, kinds: tuple[type, ...], where: st
         return default
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise invalid(f"{where}{name}", f"must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise invalid(f"{where}{name}", f"{clip(str(value), 40)} is out of range (a 64-bit integer)")
     return value
+
+
+def _assign(message, name: str, value: Any, where: str) -> None:
+    """message.name = value (a float field takes an int as a float); InvalidInput naming the
+    field when the value does not fit it (a rank of 10**30, a seed of 2**64, 10**400)."""
+    try:
+        is_float = message.DESCRIPTOR.fields_by_name[name].cpp_type in (FieldDescriptor.CPPTYPE_FLOAT,
+                                                                       FieldDescriptor.CPPTYPE_DOUBLE)
+        setattr(message, name, float(value) if is_float else value)
+    except (ValueError, TypeError, OverflowError):
+        raise invalid(f"{where}{name}", f"{clip(str(value), 40)} is out of range") from None
 
 
 def adam_params(body: Mapping[str, Any]) -> pb.AdamParams:
@@ -150,7 +180,7 @@ def adam_params(body: Mapping[str, Any]) -> pb.AdamParams:
     for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
         value = field(params, name, (int, float), "adam_params.", required=False)
         if value is not None:
-            setattr(out, name, float(value))
+            _assign(out, name, value, "adam_params.")
     return out
 
 
@@ -159,10 +189,9 @@ def lora_config(body: Mapping[str, Any]) -> pb.LoraConfig:
     if not isinstance(config, Mapping):
         raise invalid("lora_config", "is required: cispo's Tinker front makes LoRA runs")
     out = pb.LoraConfig()
-    if (rank := field(config, "rank", (int,), "lora_config.", required=False)) is not None:
-        out.rank = rank
-    if (seed := field(config, "seed", (int,), "lora_config.", required=False)) is not None:
-        out.seed = seed
+    for name in ("rank", "seed"):
+        if (value := field(config, name, (int,), "lora_config.", required=False)) is not None:
+            _assign(out, name, value, "lora_config.")
     for name in ("train_mlp", "train_attn", "train_unembed"):
         setattr(out, name, field(config, name, (bool,), "lora_config.", required=False, default=True))
     return out
@@ -193,10 +222,7 @@ def sample_request(body: Mapping[str, Any], model_path: str, model_id: str) -> p
                         ("top_k", (int,)), ("top_p", (int, float))):
         value = field(params, name, kinds, "sampling_params.", required=False)
         if value is not None:
-            try:
-                setattr(sp, name, value)
-            except (ValueError, TypeError):
-                raise invalid(f"sampling_params.{name}", f"{value} is out of range") from None
+            _assign(sp, name, value, "sampling_params.")
     stop = params.get("stop")
     for item in [stop] if isinstance(stop, str) else (stop or []):
         if isinstance(item, str):

@@ -43,56 +43,82 @@ def check_tls_files(cert_file, key_file, client_ca_file=None) -> None:
                                  f"({getattr(exc, 'reason', None) or exc})") from None
 
 
-class _CertificateFiles:
-    """The fetcher of `grpc.dynamic_ssl_server_credentials`: gRPC calls it on every new
-    connection; it returns a new configuration only when a file changed (and still checks out),
-    else None to keep the current one."""
+class CertificateFiles:
+    """The TLS files of one port, followed: `changed()` is true once each time they change (and
+    still check out). Each port keeps its own, so each sees every change."""
 
     def __init__(self, cert_file, key_file, client_ca_file=None):
         self.files = tuple(Path(p) for p in (cert_file, key_file, client_ca_file) if p is not None)
         self.cert_file, self.key_file = Path(cert_file), Path(key_file)
         self.client_ca_file = Path(client_ca_file) if client_ca_file is not None else None
         self._lock = threading.Lock()
-        self._stamp = None
+        check_tls_files(self.cert_file, self.key_file, self.client_ca_file)
+        self._stamp = self._stat()
 
     def _stat(self):
         # Secret volumes swap a symlink: stat() follows it, so any rotation changes the stamp.
         return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in (p.stat() for p in self.files))
 
-    def initial(self) -> grpc.ServerCertificateConfiguration:
-        check_tls_files(self.cert_file, self.key_file, self.client_ca_file)
-        with self._lock:
-            self._stamp = self._stat()
-            return self._configuration()
-
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
-            root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None)
-
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+    def changed(self) -> bool:
         try:
             with self._lock:
                 stamp = self._stat()
                 if stamp == self._stamp:
-                    return None
+                    return False
                 check_tls_files(self.cert_file, self.key_file, self.client_ca_file)
-                configuration = self._configuration()
                 self._stamp = stamp
             log.info("TLS certificate files changed; new connections use the new certificate")
-            return configuration
+            return True
         except Exception as exc:  # noqa: BLE001 - a half-written rotation: keep the current certificate
             log.warning("TLS certificate files changed but cannot be used yet (%s); keeping the current ones", exc)
-            return None
+            return False
+
+    def grpc_configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
+            root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            context.load_verify_locations(self.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
-def tls_server_credentials(cert_file, key_file, client_ca_file=None) -> grpc.ServerCredentials:
-    """TLS server credentials that follow changes to the files; with `client_ca_file`, clients
-    must present a certificate signed by it (mTLS). Raises TlsConfigError for unusable files."""
+def _check_pairing(cert_file, key_file) -> None:
     if (cert_file is None) != (key_file is None):
         raise TlsConfigError("--tls-cert-file and --tls-key-file go together")
     if cert_file is None:
         raise TlsConfigError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
-    files = _CertificateFiles(cert_file, key_file, client_ca_file)
-    return grpc.dynamic_ssl_server_credentials(files.initial(), files,
-                                               require_client_authentication=client_ca_file is not None)
+
+
+def tls_server_credentials(cert_file, key_file, client_ca_file=None) -> grpc.ServerCredentials:
+    """TLS server credentials that follow changes to the files; with `client_ca_file`, clients
+    must present a certificate signed by it (mTLS). Raises TlsConfigError for unusable files.
+    gRPC asks on every new connection; the answer is a new configuration only after a change."""
+    _check_pairing(cert_file, key_file)
+    files = CertificateFiles(cert_file, key_file, client_ca_file)
+    return grpc.dynamic_ssl_server_credentials(
+        files.grpc_configuration(), lambda: files.grpc_configuration() if files.changed() else None,
+        require_client_authentication=client_ca_file is not None)
+
+
+def tls_server_context(cert_file, key_file, client_ca_file=None) -> ssl.SSLContext:
+    """The HTTP port's TLS context, following changes to the files as the gRPC port's does:
+    every handshake checks them and, after a change, goes on with a context of the new ones."""
+    _check_pairing(cert_file, key_file)
+    files = CertificateFiles(cert_file, key_file, client_ca_file)
+    listening = files.ssl_context()
+    current = listening
+
+    def follow(connection: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> None:
+        nonlocal current
+        if files.changed():
+            current = files.ssl_context()
+        if current is not listening:
+            connection.context = current
+
+    listening.sni_callback = follow
+    return listening

@@ -654,7 +654,7 @@ def run_variable(prometheus: PrometheusProcess, since: float) -> set[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    with served(tmp_path_factory, "--max-runs", "3") as (server, prometheus):
+    with served(tmp_path_factory, "--max-runs", "3", "--metrics-run-label", "id") as (server, prometheus):
         phases, since = {}, 0.0
         with grpc.insecure_channel(server.address) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)

@@ -6,6 +6,7 @@ unknown and hosted-only routes answer JSON errors; HTTP requests appear in the m
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -241,3 +242,89 @@ def test_ephemeral_exports_are_pruned_and_removed_with_their_session(server):
     assert requests.get(f"{base}/samplers/{samplers[-1]}", headers=alice).status_code == 200
     assert requests.post(f"{base}/sessions/{session}/finish", headers=alice, json={}).status_code == 200
     assert ephemeral_exports() == before
+
+
+def hostile_tensor(rng, n: int) -> "tpb.Tensor":
+    """A loss-input tensor for a datum of n tokens, often lying about its shape or indices."""
+    from tinker.proto import tinker_public_pb2 as tpb
+
+    dtype = int(rng.choice([tpb.DTYPE_FLOAT32, tpb.DTYPE_INT64, tpb.DTYPE_INT32, 7]))
+    shapes = [[n], [1, n], [n + 1], [2**62], [1, 5 * 10**8], [3, n], [], [0], [-1]]
+    shape = shapes[int(rng.integers(0, len(shapes)))]
+    if rng.random() < 0.5:
+        nnz = int(rng.integers(0, 4))
+        cols = rng.integers(-2, max(n, 1) + 2**int(rng.integers(0, 40)), nnz)
+        return tpb.Tensor(dtype=dtype, shape=shape, sparse_csr=tpb.SparseCsr(
+            crow_indices=np.array([[0, nnz], [0, nnz + 1], [1, nnz], [0]][int(rng.integers(0, 4))], "<i8").tobytes(),
+            col_indices=cols.astype("<i8").tobytes(), values=rng.bytes(4 * nnz)))
+    return tpb.Tensor(dtype=dtype, shape=shape, dense=rng.bytes(int(rng.choice([4 * n, 8 * n, 3, 0]))))
+
+
+def test_fuzzed_tensors_bodies_and_keys_never_5xx_and_rss_stays_bounded(server):
+    """forward_backward bodies with hostile tensor shapes, mutated and truncated protobuf, zstd
+    bombs, oversized and deep JSON, wrong types, and requests without or with a wrong key: never
+    a 5xx, and the server's RSS stays within idle + 2 x --max-message-bytes."""
+    import zstandard
+    from tinker.proto import tinker_public_pb2 as tpb
+
+    base = f"http://127.0.0.1:{server.http_port}/api/v1"
+    alice = {"X-API-Key": f"tml-{ALICE}"}
+    limit = 32 << 20
+    session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
+    created = requests.post(f"{base}/create_model", headers=alice, json={
+        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json()
+    model_id = requests.post(f"{base}/retrieve_future", headers=alice, json=created).json()["model_id"]
+    valid = forward_backward_body(model_id, 1, loop_script.batch(3))
+    rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{server.proc.pid}/status").read())[1]) << 10  # noqa: E731
+    idle = rss()
+    rng = np.random.default_rng(1)
+    protobuf = {**alice, "Content-Type": "application/x-protobuf"}
+    codes = []
+    for i in range(400):
+        kind = i % 8
+        headers = dict(protobuf)
+        if kind == 0:  # hostile tensors
+            n = int(rng.integers(1, 6))
+            datum = tpb.Datum(model_input=[tpb.Chunk(encoded_text=tpb.EncodedTextChunk(
+                tokens=rng.integers(0, 100, n).astype("<i4").tobytes()))])
+            for name in rng.choice(["target_tokens", "logprobs", "advantages", "weights", "bogus"], 3):
+                datum.loss_fn_inputs[str(name)].CopyFrom(hostile_tensor(rng, n))
+            body = tpb.ForwardBackwardRequest(model_id=model_id, seq_id=int(rng.integers(-5, 2**31 - 1)), data=[datum],
+                                              loss_fn=str(rng.choice(["cispo", "ppo", "nope"]))).SerializeToString()
+        elif kind == 1:  # mutated
+            body = bytearray(valid)
+            for at in rng.integers(0, len(body), int(rng.integers(1, 8))):
+                body[at] = int(rng.integers(0, 256))
+            body = bytes(body)
+        elif kind == 2:  # truncated
+            body = valid[:int(rng.integers(0, len(valid)))]
+        elif kind == 3:  # a zstd bomb: small on the wire, over the limit inflated
+            body = zstandard.ZstdCompressor().compress(b"\0" * (limit + 1))
+            headers["Content-Encoding"] = "zstd"
+        elif kind == 4:  # deep or wide JSON to JSON routes
+            route = str(rng.choice(["optim_step", "create_model", "asample", "save_weights"]))
+            depth = int(rng.choice([10, 1000, 50_000]))
+            answer = requests.post(f"{base}/{route}", data=b"[" * depth + b"]" * depth, headers=alice)
+            codes.append(answer.status_code)
+            continue
+        elif kind == 5:  # wrong types in every field of a JSON route
+            route = str(rng.choice(["optim_step", "create_model", "load_weights", "save_weights_for_sampler"]))
+            body_json = {"model_id": model_id, "session_id": session, "seq_id": str(i), "model_seq_id": [1],
+                         "adam_params": {"learning_rate": ["1e-3", None, [1], {"a": 1}, 10**400, -0.0][i % 6]},
+                         "lora_config": {"rank": [-1, 0, 2**31, "4", 1.5][i % 5]}, "path": [1, "", None][i % 3]}
+            answer = requests.post(f"{base}/{route}", data=json.dumps(body_json), headers=alice)
+            codes.append(answer.status_code)
+            continue
+        elif kind == 6:  # no key, or a wrong one
+            headers = {} if rng.random() < 0.5 else {"X-API-Key": "tml-not-a-key-of-anyone"}
+            body = valid
+        else:  # oversized, declared or not
+            body = b"\0" * (limit + int(rng.integers(1, 1 << 20)))
+        answer = requests.post(f"{base}/forward_backward", data=body, headers=headers)
+        codes.append(answer.status_code)
+        assert answer.status_code < 500, (kind, answer.text)
+        assert "error" in answer.json() or answer.status_code == 200, (kind, answer.text)
+    assert all(code < 500 for code in codes), codes
+    assert {401, 400, 413} <= set(codes)
+    assert rss() <= idle + 2 * limit, (idle, rss())
+    assert run_sdk(server, "concurrent")["together"]  # still serving
