@@ -409,7 +409,7 @@ class TrainingServicer:
     def _state_name(self, name_or_path: str, field: str) -> str:
         """The state a request names: by name, or by the path SaveState answered, which must lie
         in this server's checkpoint directory."""
-        return name_in(self.runs.config.checkpoint_dir, name_or_path, field, "SaveState")
+        return name_in(self.runs.config.checkpoint_dir, name_or_path, field, "state")
 
     def _creation(self, request: pb.CreateModelRequest, owner: str | None) -> Callable[[], str]:
         """The call that makes the run CreateModel asks for (validated here)."""

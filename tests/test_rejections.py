@@ -1,12 +1,18 @@
-"""Refused requests over a real server: they leave no memory behind (issue 23, item 7), and
-every one reaches the log, as a line or in a count of lines held back (item 13)."""
+"""Refused requests over a real server: they leave no memory behind (issue 23, item 7), every
+one reaches the log, as a line or in a count of lines held back (item 13), and every name or
+path a client gives is checked, NUL and other unprintable characters first, before it reaches
+the file system (item 15): INVALID_ARGUMENT naming the field, nothing written."""
 
 import logging
+import os
 import re
 import time
 
 import grpc
 import pytest
+import requests
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from cispo.service.log_limits import RateLimitedLog
 from cispo.v1 import training_pb2 as pb
@@ -143,3 +149,107 @@ def test_a_held_back_count_is_logged_at_flush(lines):
     assert messages == ["line of a", "line of b", "a: 2 similar lines held back in 3600 s"]
     limited.flush()
     assert len(messages) == 3
+
+
+# --- names and paths ------------------------------------------------------------------------------
+
+BAD_NAMES = ["", ".", "..", "a\x00b", "\x00", "a\nb", "a\x7fb", "a\u2028b", "a/b", "../escape", ".hidden", "x" * 129]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A server with the Tinker HTTP port, its checkpoint and sampler directories."""
+    ckpt = tmp_path_factory.mktemp("names") / "ckpt"
+    server = ServerProcess("--http-port", "0", checkpoint_dir=ckpt)
+    yield server, ckpt, ckpt.parent / "ckpt-sampler"
+    assert server.terminate() == 0
+    assert "Traceback" not in server.log()
+
+
+@pytest.fixture
+def stub(served):
+    with grpc.insecure_channel(served[0].address) as channel:
+        yield training_pb2_grpc.TrainingServiceStub(channel)
+
+
+def refused_field(call, request) -> tuple[str, str]:
+    """(field, description) of the one violation an INVALID_ARGUMENT answer names."""
+    with pytest.raises(grpc.RpcError) as refused:
+        call(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    bad = error_details_pb2.BadRequest()
+    [detail] = rpc_status.from_call(refused.value).details
+    assert detail.Unpack(bad)
+    [violation] = bad.field_violations
+    return violation.field, violation.description
+
+
+def listing(*directories) -> list:
+    return [sorted(os.listdir(d)) if os.path.isdir(d) else None for d in directories]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_are_refused_naming_the_field_and_nothing_is_written(served, stub, name):
+    _, ckpt, sampler = served
+    before = listing(ckpt, sampler)
+    calls = {"SaveState": (stub.SaveState, pb.SaveStateRequest(name=name), "name"),
+             "LoadState": (stub.LoadState, pb.LoadStateRequest(name=name), "name"),
+             "SaveWeightsForSampler": (stub.SaveWeightsForSampler, pb.SaveWeightsForSamplerRequest(name=name), "name"),
+             "CreateModel": (stub.CreateModel, pb.CreateModelRequest(from_state=pb.StateRef(path=name)),
+                             "from_state.path"),
+             "Sample": (stub.Sample, pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2]), model_path=name),
+                        "model_path")}
+    if not name:
+        del calls["Sample"]  # an empty model_path samples the run's current weights
+    for method, (call, request, field) in calls.items():
+        if "/" in name and method in ("LoadState", "CreateModel", "Sample"):
+            field_given, description = refused_field(call, request)  # a path elsewhere
+            assert field_given == field and "of this server (its" in description, (method, description)
+            continue
+        field_given, description = refused_field(call, request)
+        assert field_given == field, (method, field_given)
+        assert "is not a valid state name: it " in description, (method, description)
+    assert listing(ckpt, sampler) == before
+    assert stub.GetInfo(pb.GetInfoRequest()).model_name  # still serving
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x01", "\n", "\x7f", "\x85", "\u2028"])
+def test_paths_with_unprintable_characters_are_refused_before_the_file_system(served, stub, control):
+    """A path in the right directory but with a NUL (which Path.resolve refuses with ValueError:
+    INTERNAL before) or another unprintable character, in every field that takes paths."""
+    _, ckpt, sampler = served
+    state_path, export_path = f"{ckpt}/a{control}b", f"{sampler}/a{control}b"
+    for call, request, field in [
+            (stub.LoadState, pb.LoadStateRequest(name=state_path), "name"),
+            (stub.CreateModel, pb.CreateModelRequest(from_state=pb.StateRef(path=state_path)), "from_state.path"),
+            (stub.Sample, pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2]), model_path=export_path), "model_path"),
+            (stub.LoadState, pb.LoadStateRequest(name=f"{ckpt}{control}/a"), "name")]:
+        field_given, description = refused_field(call, request)
+        assert field_given == field
+        assert f"contains the unprintable character {control!r}" in description
+
+
+def test_a_path_too_long_for_the_file_system_is_refused(stub):
+    field, description = refused_field(stub.LoadState, pb.LoadStateRequest(name="a/" * 5000))
+    assert field == "name" and "is not a state of this server: it is 10000 characters long" in description
+
+
+def test_every_request_of_a_stream_is_checked_too(stub, served):
+    _, ckpt, _ = served
+    requests_ = [pb.StreamRequest(request_id="1", load_state=pb.LoadStateRequest(name=f"{ckpt}/a\x00b")),
+                 pb.StreamRequest(request_id="2", save_state=pb.SaveStateRequest(name="a\x00b"))]
+    answers = list(stub.Stream(iter(requests_)))
+    assert [a.request_id for a in answers] == ["1", "2"]
+    for answer in answers:
+        assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "unprintable character '\\x00'" in answer.error.message
+
+
+def test_the_tinker_http_door_refuses_them_too(served):
+    server, ckpt, _ = served
+    base = f"http://127.0.0.1:{server.http_port}/api/v1"
+    session = requests.post(f"{base}/create_session", json={}).json()["session_id"]
+    answer = requests.post(f"{base}/load_weights", json={"session_id": session, "model_seq_id": 0,
+                                                         "path": f"{ckpt}/a\x00b"})
+    assert answer.status_code == 400, answer.text
+    assert "unprintable character" in answer.json()["error"]

@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -57,6 +58,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 HIDDEN_PATTERN = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{32}")
 MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE = "model.safetensors", "optimizer.safetensors", "manifest.json"
 SHOWN_CHARS = 64
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,63 @@ class LoadedState:
     manifest: dict
 
 
-def state_dir(root: Path, name: str) -> Path:
-    """`root/name`, after checking that `name` is a plain, safe file name."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidInput([FieldViolation(
-            "name", f"{shown(name)} is not a valid state name: use 1-128 letters, digits, '.', '_' or '-', "
-                    "not starting with '.'"
-        )])
-    return root / name
+def state_dir(root: Path, name: str, field: str = "name") -> Path:
+    """`root/name`, after checking that `name` is a plain, safe file name (`check_name`)."""
+    return root / check_name(name, field)
+
+
+def check_name(name: str, field: str = "name") -> str:
+    """`name`, if it is a plain, safe file name: 1-128 letters, digits, '.', '_' or '-', not
+    starting with '.' (so never empty, '.', '..', a path, or with an unprintable character).
+    Otherwise InvalidInput naming `field` and what is wrong. Every name a client gives goes
+    through here before it reaches the file system."""
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
+        return name
+    raise InvalidInput([FieldViolation(field, f"{shown(name)} is not a valid state name: {_name_problem(name)}; use "
+                                              "1-128 letters, digits, '.', '_' or '-', not starting with '.'")])
+
+
+def _name_problem(name: object) -> str:
+    if not isinstance(name, str):
+        return f"a {type(name).__name__}, not a string"
+    if not name:
+        return "it is empty"
+    if len(name) > 128:
+        return f"it is {len(name)} characters long"
+    if (control := _unprintable(name)) is not None:
+        return f"it contains the unprintable character {control!r}"
+    if name in (".", ".."):
+        return "it names a directory itself or its parent"
+    if "/" in name or "\\" in name:
+        return "it is a path, not a name"
+    if name.startswith("."):
+        return "it starts with '.'"
+    return f"it contains {next(c for c in name if not NAME_PATTERN.fullmatch('a' + c))!r}"
+
+
+def name_in(root: Path, name_or_path: str, field: str, what: str) -> str:
+    """The name of the saved directory (a `what`) that a request gives by name, or by its path
+    in `root`, as its save answered. Unprintable characters (NUL, other controls) are refused
+    before any file system call; InvalidInput naming `field` for anything else that names no
+    such directory."""
+    def refuse(problem: str) -> NoReturn:
+        raise InvalidInput([FieldViolation(field, f"{shown(name_or_path)} {problem}")])
+
+    if not isinstance(name_or_path, str) or "/" not in name_or_path:
+        return check_name(name_or_path, field)
+    if len(name_or_path) > MAX_PATH_CHARS:
+        refuse(f"is not a {what} of this server: it is {len(name_or_path)} characters long")
+    if (control := _unprintable(name_or_path)) is not None:
+        refuse(f"contains the unprintable character {control!r}")
+    path = Path(name_or_path)
+    if path.parent.resolve() != root.resolve():
+        refuse(f"is not a {what} of this server (its {what}s are in {root}); give a path its save answered, or a name")
+    return check_name(path.name, field)
+
+
+def _unprintable(text: str) -> str | None:
+    """The first character of `text` that is not printable (NUL, other controls, line separators)."""
+    return None if text.isprintable() else next(c for c in text if not c.isprintable())
 
 
 def save_state(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],

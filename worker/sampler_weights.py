@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from cispo.worker import checkpoint, lora, sharding
-from cispo.worker.errors import FieldViolation, InvalidInput, StateNotFound
+from cispo.worker.errors import StateNotFound
 from cispo.worker.model import PolicyModel, check_supported, load_tokenizer
 
 LAYOUTS = ("full", "lora")
@@ -226,14 +226,7 @@ def snapshot(policy: PolicyModel, config: ExportConfig, name: str) -> SamplerWei
 
 def export_name(config: ExportConfig, model_path: str) -> str:
     """The export a Sample request's `model_path` names: a name, or a path in sampler_dir."""
-    path = Path(model_path)
-    if "/" in model_path and path.parent.resolve() != config.sampler_dir.resolve():
-        raise InvalidInput([FieldViolation("model_path", f"{checkpoint.shown(model_path)} is not in this server's "
-                                                         "sampler directory; give a path SaveWeightsForSampler answered")])
-    if not checkpoint.NAME_PATTERN.fullmatch(path.name):
-        raise InvalidInput([FieldViolation("model_path", f"{checkpoint.shown(model_path)} names no export: use a path "
-                                                         "SaveWeightsForSampler answered, or an export's name")])
-    return path.name
+    return checkpoint.name_in(config.sampler_dir, model_path, "model_path", "sampler export")
 
 
 def load_export(policy: PolicyModel, config: ExportConfig, name: str,
