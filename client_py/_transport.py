@@ -8,8 +8,9 @@ The user's loop only ever waits on `concurrent.futures.Future`s (via `asyncio.wr
 
 Two paths, both over the one channel:
   * `submit`: an operation on the long-lived bidirectional `Stream`. It is given the next
-    request id and queued in call order (call order = server execution order); a reader task
-    resolves the pending futures as answers arrive. If the stream breaks, every pending future
+    request id and queued in call order (call order = server execution order); a writer task
+    writes the queue to the stream and a reader task resolves the pending futures as answers
+    arrive; the transport holds both until they end. If the stream breaks, every pending future
     fails with UnavailableError, and the next submit opens a new stream.
   * `unary`: a blocking unary call. It first waits until every operation submitted earlier
     has been answered, so unary calls also run in call order.
@@ -155,15 +156,22 @@ class _StreamSession:
         self.closing = False  # the client is closing (for the failure message)
         self.idle = asyncio.Event()  # set while nothing is pending
         self.idle.set()
-        self.call = stub.Stream(self._requests(), **call_kwargs)
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+        # Written and read by tasks of our own, not through a request iterator: gRPC's task that
+        # drains an iterator is left waiting on the queue when the call breaks, and collected
+        # with the generator mid-step ("aclose(): asynchronous generator is already running").
+        self.call = stub.Stream(**call_kwargs)
+        loop = asyncio.get_running_loop()
+        self.writer = loop.create_task(self._write())
+        self.reader = loop.create_task(self._read())
 
-    async def _requests(self):
-        while True:
-            request = await self.queue.get()
-            if request is _END_OF_REQUESTS:
-                return
-            yield request
+    async def _write(self) -> None:
+        """Write the queued requests in order until the end-of-requests mark, then half-close."""
+        try:
+            while (request := await self.queue.get()) is not _END_OF_REQUESTS:
+                await self.call.write(request)
+            await self.call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call ended; the reader reports why
 
     def add(self, request: pb.StreamRequest, pending: _Pending) -> None:
         self.pending[request.request_id] = pending
@@ -178,7 +186,7 @@ class _StreamSession:
     async def _read(self) -> None:
         code, details = grpc.StatusCode.UNAVAILABLE, "the server ended the stream"
         try:
-            async for response in self.call:
+            while (response := await self.call.read()) is not grpc.aio.EOF:
                 pending = self.pending.pop(response.request_id, None)
                 if pending is None:
                     logger.warning("answer to unknown request id %r ignored", response.request_id)
@@ -198,6 +206,8 @@ class _StreamSession:
             code, details = grpc.StatusCode.INTERNAL, f"stream reader failed: {exc!r}"
         finally:
             self.broken = True
+            self.call.cancel()  # a no-op unless the reader failed on a live call
+            self.half_close()  # ends the writer
             pending, self.pending = self.pending, {}
             if pending and not self.closing:
                 self.on_broken(list(pending.values()), code, details)
@@ -258,6 +268,7 @@ class Transport:
         self._stub: pb_grpc.TrainingServiceStub | None = None
         self._session: _StreamSession | None = None
         self._held: list[tuple[pb.StreamRequest, _Pending]] | None = None  # submitted while resending
+        self._tasks: set[asyncio.Task] = set()  # every stream's reader and writer, until done
         self._incarnations = _Incarnations()
         _LIVE.add(self)
 
@@ -363,8 +374,7 @@ class Transport:
             session.closing = True
         if self._channel is not None:
             await self._channel.close()
-        if session is not None:
-            await asyncio.gather(session.reader, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # --- stream ---------------------------------------------------------------------------
 
@@ -407,6 +417,9 @@ class Transport:
             except Exception as exc:
                 pending.fail(UnavailableError(f"cannot open a stream to {self.target}: {exc!r}"))
                 return
+            for task in (session.writer, session.reader):
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         self._incarnations.stamp(getattr(request, request.WhichOneof("op")))
         session.add(request, pending)
 
