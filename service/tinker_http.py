@@ -55,7 +55,7 @@ from cispo.service.http_guard import ConnectionLimits, RateLimitedFilter, guarde
 from cispo.service.log_limits import RateLimitedLog
 from cispo.service.servicer import TrainingServicer
 from cispo.v1 import training_pb2 as pb
-from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
+from cispo.worker import FieldViolation, InvalidInput, LimitExceeded, checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -288,15 +288,24 @@ def _owned(table: dict, key: str, what: str):
     return item
 
 
+def run_name(run_id: str, name: str) -> str:
+    """The cispo name of a Tinker checkpoint `name` of run `run_id`: `<run>.<name>`, both parts
+    checked as names (never empty, '.', '..', a path or unprintable), and the whole too (its
+    length); InvalidInput naming `path` otherwise."""
+    checkpoint.check_name(run_id, "path")
+    checkpoint.check_name(name, "path")
+    return checkpoint.check_name(f"{run_id}.{name}", "path")
+
+
 def parse_path(path: str, kind: str) -> str:
     """The cispo name of a checkpoint path: `tinker://<run>/<kind>/<name>` -> `<run>.<name>`;
     anything else (a cispo name or path) is passed on as it is."""
     if not path.startswith("tinker://"):
         return path
     parts = path.removeprefix("tinker://").split("/")
-    if len(parts) != 3 or parts[1] != kind or not parts[0] or not parts[2]:
+    if len(parts) != 3 or parts[1] != kind:
         raise InvalidInput([FieldViolation("path", f"{clip(path, 120)!r} is not a tinker://<run>/{kind}/<name> path")])
-    return f"{parts[0]}.{parts[2]}"
+    return run_name(parts[0], parts[2])
 
 
 class TinkerFront:
@@ -688,7 +697,7 @@ class TinkerFront:
         body = await self._json(request)
         model, seq_id = self._model(body)
         name = wire.field(body, "path", (str,))
-        message = pb.SaveStateRequest(name=f"{model.run_id}.{name}", model_id=model.run_id,
+        message = pb.SaveStateRequest(name=run_name(model.run_id, name), model_id=model.run_id,
                                       idempotency_key=request.headers.get("x-idempotency-key", ""))
         return await self._submit_to(model, seq_id, "save_state", message, lambda out: JSONResponse(
             {"path": f"tinker://{model.run_id}/weights/{name}", "type": "save_weights"}))
@@ -733,8 +742,8 @@ class TinkerFront:
             raise HttpError(400, "give path (a named export) or sampling_session_seq_id (an ephemeral one)")
         if body.get("kind", "snapshot") != "snapshot":
             raise HttpError(400, f"sampling client kind {body.get('kind')!r} is not supported (snapshot only)")
-        name = name or f"ephemeral-{uuid.uuid4().hex[:12]}"
-        export, tinker_path = f"{model.run_id}.{name}", f"tinker://{model.run_id}/sampler_weights/{name}"
+        name = name if name is not None else f"ephemeral-{uuid.uuid4().hex[:12]}"
+        export, tinker_path = run_name(model.run_id, name), f"tinker://{model.run_id}/sampler_weights/{name}"
         message = pb.SaveWeightsForSamplerRequest(name=export, model_id=model.run_id,
                                                   idempotency_key=request.headers.get("x-idempotency-key", ""))
 

@@ -355,3 +355,18 @@ def test_run_label_modes(mode):
     assert f'run="{b}"' in exposed
     metrics.forget_run("run-b")  # off: the default run, still live, shares "all"
     assert (f'run="{b}"' in generate_latest(metrics.registry).decode()) == (mode == "off")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\x00b", "x" * 200])
+@pytest.mark.parametrize("route", ["save_weights", "save_weights_for_sampler"])
+def test_odd_checkpoint_names_are_refused_not_mangled(server, route, name):
+    """Never saved under a mangled name (`run-x.`, `run-x..`): 400 naming `path`, before anything
+    is queued; a tinker:// path with such a name is refused the same way."""
+    base = api(server)
+    model_id = new_model(base)
+    answer = requests.post(f"{base}/{route}", json={"model_id": model_id, "seq_id": 1, "path": name})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["field_violations"][0]["field"] == "path"
+    loaded = requests.post(f"{base}/load_weights", json={"model_id": model_id, "seq_id": 2,
+                                                         "path": f"tinker://run-x/weights/{name}"})
+    assert loaded.status_code == 400 and loaded.json()["field_violations"][0]["field"] == "path"
