@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import socket
 import time
 
@@ -370,3 +371,37 @@ def test_odd_checkpoint_names_are_refused_not_mangled(server, route, name):
     loaded = requests.post(f"{base}/load_weights", json={"model_id": model_id, "seq_id": 2,
                                                          "path": f"tinker://run-x/weights/{name}"})
     assert loaded.status_code == 400 and loaded.json()["field_violations"][0]["field"] == "path"
+
+
+def test_a_low_descriptor_limit_caps_http_and_grpc_keeps_serving(tmp_path):
+    """With 256 descriptors the HTTP port holds at most 64 connections; 300 connections opened at
+    once get 503 or wait, gRPC answers throughout, and the log says so in a few lines."""
+    proc = ServerProcess("--http-port", "0", "--http-header-timeout-seconds", "2", checkpoint_dir=tmp_path / "ckpt",
+                         launcher=["prlimit", "--nofile=256:256", sys.executable])
+    try:
+        assert "--http-max-connections 256 lowered to 64" in proc.log()
+        held, refused = [], 0
+        for _ in range(300):
+            try:
+                sock = socket.create_connection(("127.0.0.1", proc.http_port), timeout=10)
+                sock.sendall(b"GET /api/v1/healthz HTTP/1.1\r\n")
+                held.append(sock)
+            except OSError:
+                refused += 1
+        with grpc.insecure_channel(proc.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        answers = []
+        for sock in held:
+            sock.settimeout(10)
+            try:
+                answers.append(sock.recv(64))
+            except OSError:
+                answers.append(b"")
+            sock.close()
+        assert sum(a.startswith(b"HTTP/1.1 503") for a in answers) >= 300 - 64 - refused
+        assert requests.get(f"{api(proc)}/healthz", timeout=30).status_code == 200
+        log = proc.log()
+        assert "Traceback" not in log and log.count("refused:") <= 5, log[-3000:]
+    finally:
+        assert proc.terminate() == 0, proc.log()[-3000:]
