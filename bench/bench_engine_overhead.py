@@ -17,7 +17,11 @@ import root) that reports:
   (V x D) head gradient), once with `head_chunk_tokens=128`;
 - `accumulating peak`, with `--accumulation`: the same growth over a forward_backward onto an
   accumulated gradient, under `gradient_accumulation` "exact" (the new gradient apart from the
-  old one) and "in-place" (trees that have the option).
+  old one) and "in-place" (trees that have the option);
+- with `--step`, instead of all the above: the time of `Engine.optim_step` (lr 1e-4) after an
+  untimed forward_backward, of `Optimizer.step` alone (the same step without the engine's check
+  of the policy) and of that check alone (`Engine.degenerate`, trees that have it); medians of
+  `--repeats` after 3 warm-up rounds, the three interleaved.
 
 Trees alternate: every round runs each tree once, in a rotating order, and the table gives
 medians over rounds (`--rounds`).
@@ -27,6 +31,7 @@ medians over rounds (`--rounds`).
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -47,7 +52,7 @@ def child(model: str, what: str, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    from cispo.worker import Engine, EngineConfig, Sample, load_policy_model
+    from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model
     tmp = tempfile.mkdtemp()
     if model == "embedded":
         policy = load_policy_model(None)
@@ -78,6 +83,8 @@ def child(model: str, what: str, repeats: int) -> dict:
     if what.startswith("accumulating:"):
         return out | {f"extra_peak_{what}_MiB": extra_peak_mib(engine, batch(2, 512), accumulating=True)}
     tiny = batch(1, 16)
+    if what == "step":
+        return out | step_times(engine, tiny, AdamParams(learning_rate=1e-4), repeats)
 
     def timed(reset: bool) -> float:
         if reset:
@@ -91,6 +98,32 @@ def child(model: str, what: str, repeats: int) -> dict:
             timed(reset)
         out[name] = statistics.median(timed(reset) for _ in range(repeats)) * 1e3
     return out
+
+
+def step_times(engine, tiny, adam, repeats: int) -> dict:
+    """Median ms of optim_step, of Optimizer.step (no check of the policy) and of the check."""
+    import time
+
+    def step(optimizer_only: bool) -> float:
+        engine.forward_backward(tiny, "cispo")
+        started = time.perf_counter()
+        engine.optimizer.step(adam) if optimizer_only else engine.optim_step(adam)
+        return time.perf_counter() - started
+
+    def probe() -> float:
+        started = time.perf_counter()
+        engine.degenerate()
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {"step_ms": [], "step_unchecked_ms": [], "probe_ms": []}
+    for i in range(repeats + 3):  # 3 warm-up rounds
+        rounds = {"step_ms": step(False), "step_unchecked_ms": step(True)}
+        if hasattr(engine, "degenerate"):
+            rounds["probe_ms"] = probe()
+        for key, value in rounds.items():
+            if i >= 3:
+                times[key].append(value)
+    return {key: statistics.median(values) * 1e3 if values else math.nan for key, values in times.items()}
 
 
 def extra_peak_mib(engine, big, accumulating: bool = False) -> float:
@@ -129,6 +162,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--accumulation", action="store_true",
                         help="also the peak of an accumulating call, exact and in-place")
+    parser.add_argument("--step", action="store_true",
+                        help="instead, optim_step with and without the engine's check of the policy, and the check")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,11 +179,11 @@ def main() -> None:
             for label, _ in order:
                 result = {}
                 extra = ("accumulating:exact", "accumulating:in-place") if args.accumulation else ()
-                for what in ("time", "memory", "memory128", *extra):
+                for what in ("step",) if args.step else ("time", "memory", "memory128", *extra):
                     # Memory: every allocation over 64 KiB is mmapped and unmapped when freed, so
                     # RSS follows the live bytes. Times: glibc's default (it reuses memory).
                     env = dict(os.environ, PYTHONPATH=roots[label])
-                    if what != "time":
+                    if what not in ("time", "step"):
                         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
                     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", f"{model}:{what}",
                                            "--repeats", str(args.repeats)], env=env, capture_output=True, text=True,
@@ -159,6 +194,15 @@ def main() -> None:
                 results[(model, label)].append(result)
                 print(f"  round {r} {model} {label}: {results[(model, label)][-1]}", flush=True)
     accumulating = (" | accumulating peak, exact | accumulating peak, in-place", "|---|---") if args.accumulation else ("", "")
+    if args.step:
+        print("\n| model | tree | optim_step | Optimizer.step alone | the check alone |\n|---|---|---|---|---|")
+        for model in args.models:
+            for label, _ in trees:
+                rs = results[(model, label)]
+                print(f"| {model} ({rs[0]['params_M']:.1f}M) | {label} |" + "".join(
+                    f" {statistics.median(r[key] for r in rs):.2f} ms |"
+                    for key in ("step_ms", "step_unchecked_ms", "probe_ms")))
+        return
     print("\n| model | tree | tiny fwd_bwd, no gradient yet | tiny fwd_bwd, accumulating | "
           f"extra peak, fwd_bwd 2 x 512 | same, 128-token head chunks{accumulating[0]} |")
     print(f"|---|---|---|---|---|---{accumulating[1]}|")

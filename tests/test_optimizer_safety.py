@@ -1,12 +1,16 @@
-"""No request can make weights non-finite, and a refused step or batch changes nothing: AdamParams
-checked in float32, a dry run before every step, gradients checked before they are summed."""
+"""No request can make weights non-finite or the policy degenerate, and a refused step or batch
+changes nothing: AdamParams checked in float32, every step tried and undone unless its weights
+are finite and the policy they make is not degenerate, gradients checked before they are summed."""
 
 import math
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from cispo.worker import AdamParams, InvalidInput, Sample, StepRefused
+from cispo.worker import AdamParams, Engine, EngineConfig, InvalidInput, Sample, StepRefused, load_policy_model, lora
+from cispo.worker.sharding import local
 from reference import make_samples
 
 
@@ -134,3 +138,112 @@ def test_loss_inputs_the_loss_does_not_use_are_rejected(engine):
     assert violation.field == "data[0].loss_fn_inputs.weights"
     assert "not used by loss 'cispo'" in violation.description
     assert all(p.grad is None for p in engine.named_params.values())
+
+
+UNIFORM = -math.log(1024)  # the embedded model's logprob of every token under a uniform distribution
+
+
+def uniform(engine) -> bool:
+    """Whether forward gives every token UNIFORM: -log(1024) rounded once to float32, so within
+    half an ulp of [4, 8), 2**-22 (the issue's -6.931472)."""
+    logprobs = torch.cat(engine.forward(make_samples([8, 5], seed=9)).logprobs).double()
+    return bool(((logprobs - UNIFORM).abs() <= 2**-22).all())
+
+
+def test_a_learning_rate_that_collapses_the_policy_is_refused_and_changes_nothing(engine, tmp_path):
+    """Issue 23: lr=1e6 leaves every weight finite (about +-1e6), but the RMS norms' sums of
+    squares overflow to inf and their outputs to 0, so every logit is 0 and every logprob
+    UNIFORM. The step is refused; a smaller one then applies as if the refused one never was."""
+    engine.forward_backward(make_samples([8, 5], seed=0))
+    before = snapshot(engine)
+    with pytest.raises(StepRefused, match=r"would make the policy degenerate \(.*all equal.*learning_rate=1e\+06.*"
+                                          r"gradient is kept: retry with a smaller learning_rate"):
+        engine.optim_step(AdamParams(learning_rate=1e6))
+    assert_same(snapshot(engine), before)
+    assert engine.optim_step(AdamParams(learning_rate=1e-3)).step == 1
+    assert not uniform(engine)
+    fresh = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path / "fresh", micro_batch_tokens=64))
+    fresh.forward_backward(make_samples([8, 5], seed=0))
+    fresh.optim_step(AdamParams(learning_rate=1e-3))
+    assert_same(snapshot(engine), snapshot(fresh))
+
+
+def test_a_lora_step_that_collapses_the_policy_is_refused_and_changes_nothing(tmp_path):
+    policy = load_policy_model()
+    spec = lora.LoraSpec(rank=4, seed=3)
+    lora.add_adapter(policy, "run", spec)
+    engine = Engine(policy, EngineConfig(checkpoint_dir=tmp_path), adapter="run", lora_spec=spec)
+    engine.forward_backward(make_samples([8, 5], seed=0))
+    before = snapshot(engine)
+    with pytest.raises(StepRefused, match="would make the policy degenerate.*learning_rate=1e\\+06"):
+        engine.optim_step(AdamParams(learning_rate=1e6))
+    assert_same(snapshot(engine), before)
+    engine.optim_step(AdamParams(learning_rate=1e-3))
+    assert not uniform(engine)
+
+
+def collapse(engine) -> None:
+    """Weights as a step of lr=1e6 leaves them, applied past the engine's check (as a state
+    saved before it existed would load)."""
+    engine.forward_backward(make_samples([8, 5], seed=0))
+    engine.optimizer.step(AdamParams(learning_rate=1e6))
+    assert uniform(engine)
+
+
+def test_a_step_on_a_policy_degenerate_already_blames_the_weights(engine):
+    collapse(engine)
+    engine.forward_backward(make_samples([6], seed=1))
+    before = snapshot(engine)
+    with pytest.raises(StepRefused, match=r"degenerate already, before this step \(.*all equal.*load an earlier state"):
+        engine.optim_step(AdamParams(learning_rate=1e-3))
+    assert_same(snapshot(engine), before)
+
+
+def test_a_non_finite_gradient_that_the_weights_cause_is_blamed_on_them(engine):
+    with torch.no_grad():  # every logit +-inf: each logprob inf - inf = NaN, whatever the batch
+        engine.policy.model.get_output_embeddings().weight.fill_(3e38)
+    with pytest.raises(InvalidInput, match="not finite in float32 because of the weights, not this batch: the "
+                                           "policy is degenerate .*not finite.*accumulated gradient is unchanged"):
+        engine.forward_backward(make_samples([6], seed=1))
+
+
+def _group_rank(rank: int, port: int, sharding: str, out_dir: str) -> None:
+    """One rank of a 2-rank gloo group: a forward_backward and a step to be refused; writes what
+    it saw.
+    "diverged": rank 1's replica alone is degenerate (its final norm zeroed) and the step (lr=0)
+    leaves it so, so only rank 1 would refuse on its own."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from cispo.worker.group import attach, init_group
+
+    ctx = init_group(torch.device("cpu"))
+    engine = Engine(load_policy_model(shard=sharding == "fsdp"), EngineConfig(checkpoint_dir=out_dir))
+    attach(engine, ctx)
+    if sharding == "diverged" and rank == 1:
+        with torch.no_grad():
+            engine.policy.model.model.norm.weight.zero_()
+    samples = make_samples([8], seed=rank)
+    engine.run_forward_backward(samples, *engine.validate(samples, "cispo", None), micro_batches=1)
+    before = {n: local(p.detach()).clone() for n, p in engine.named_params.items()}
+    try:
+        engine.optim_step(AdamParams(learning_rate=1e6 if sharding != "diverged" else 0.0))
+        refusal = None
+    except StepRefused as exc:
+        refusal = str(exc)
+    unchanged = all(torch.equal(before[n], local(p.detach())) for n, p in engine.named_params.items())
+    torch.save({"refusal": refusal, "unchanged": unchanged, "step": engine.optimizer.step_count},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp", "diverged"])
+def test_every_rank_of_a_group_refuses_together(tmp_path, sharding):
+    from test_data_parallel import free_port
+
+    mp.spawn(_group_rank, args=(free_port(), sharding, str(tmp_path)), nprocs=2)
+    seen = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    expected = "degenerate already" if sharding == "diverged" else "would make the policy degenerate"
+    for rank in seen:
+        assert rank["unchanged"] and rank["step"] == 0
+        assert rank["refusal"] is not None and expected in rank["refusal"], rank["refusal"]

@@ -140,8 +140,10 @@ SHARDED_EXPORT_SAMPLING = ("a sharded group (--sharding fsdp) samples its curren
                            "LoRA adapter, float32; never merged ones); serve other saved sampler weights with an "
                            "external sampler such as vLLM")
 
-NON_FINITE_GRADIENT = ("the loss gradient of this batch, added to the accumulated gradient, is not finite in float32 "
-                       "(advantages or weights too large?)")
+NON_FINITE_GRADIENT = "the loss gradient of this batch, added to the accumulated gradient, is not finite in float32"
+
+# Tokens of the probe `Engine.degenerate` runs: one sequence, its ids spread over the vocabulary.
+PROBE_TOKENS = 16
 
 DISCARDED_GRADIENT = ("the gradient accumulated since the last optim_step was discarded (--gradient-accumulation "
                       "in-place); the weights and optimizer state are unchanged")
@@ -263,6 +265,9 @@ class Engine:
         "in-place": backward adds into the old `.grad`s, so one gradient is alive; a failure or
         a non-finite sum drops the whole accumulated gradient (every `.grad` None), and the
         error says so.
+
+        A non-finite sum is blamed on the weights rather than the batch when the policy is
+        degenerate (`degenerate`, run only then).
         """
         self.activate()
         params = list(self.named_params.values())
@@ -292,7 +297,10 @@ class Engine:
                 p.grad = g
             left = (DISCARDED_GRADIENT if in_place and had_gradient else "the accumulated gradient is unchanged")
             if failure.non_finite:
-                raise InvalidInput([FieldViolation("data", f"{failure}; {left}")])
+                degenerate = self.degenerate()
+                cause = (f"because of the weights, not this batch: the policy is degenerate ({degenerate}); load an "
+                         "earlier state" if degenerate is not None else "(advantages or weights too large?)")
+                raise InvalidInput([FieldViolation("data", f"{failure} {cause}; {left}")])
             raise ComputeFailed(f"forward_backward failed ({failure}); {left}", failure.out_of_memory) from error
         return result
 
@@ -330,16 +338,49 @@ class Engine:
                               padding=True)
         return _PendingResult(order, lengths, logprobs, losses, stats)
 
+    def _trunk(self, input_ids_1T: torch.Tensor, position_ids_1T: torch.Tensor,
+               lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states, head weight) in the dtype the head computes in: the compute dtype
+        (bf16 on GPU); its log-sum-exp and logp are taken in fp32."""
+        with self.policy.autocast():
+            hidden_TD, weight_VD = self.policy.trunk(input_ids_1T, position_ids_1T, lengths)
+        dtype = self.policy.compute_dtype if self.policy.compute_dtype in LOW_PRECISION else hidden_TD.dtype
+        return hidden_TD.to(dtype), weight_VD.to(dtype)
+
+    def degenerate(self) -> str | None:
+        """Why the policy's weights are unusable, or None: its logits on a probe of PROBE_TOKENS
+        tokens are not finite, or are all equal over the vocabulary at some position (a
+        uniform distribution: what weights so large that the activations overflow give, as
+        the RMS norms' sums of squares become inf and their outputs 0). The first position is
+        not judged for equality: it sees only its own token's embedding, which in a sound
+        model may be a row of zeros (a padding token's); every later one mixes in the others.
+        One small forward without gradient. Every rank of a group calls it (sharded, the
+        forward is a collective), and all take the lowest failing rank's reason."""
+        self.activate()
+        device = self.policy.device
+        positions = torch.arange(PROBE_TOKENS, device=device)
+        ids = positions * (self.policy.vocab_size // PROBE_TOKENS)
+        with torch.no_grad():
+            hidden_TD, weight_VD = self._trunk(ids[None], positions[None], [PROBE_TOKENS])
+            logits_TV = hidden_TD @ weight_VD.T
+            flags = torch.stack([~torch.isfinite(logits_TV).all(), (logits_TV.amax(1) == logits_TV.amin(1))[1:].any()])
+        if self.policy.sharded is not None:
+            self.policy.sharded.reshard()
+        non_finite, uniform = flags.tolist()
+        reason = (f"its logits on a probe of {PROBE_TOKENS} tokens are not finite" if non_finite else
+                  f"its logits on a probe of {PROBE_TOKENS} tokens are all equal at some position: a uniform "
+                  "distribution" if uniform else None)
+        if self.process_group is not None:
+            failure = first_failure(None if reason is None else StepRefused(reason), self.process_group)
+            reason = None if failure is None else str(failure)
+        return reason
+
     def _micro_batch(self, mb: MicroBatch, loss: LossFunction, config: Mapping[str, float], backward: bool,
                      padding: bool = False):
         """Trunk, chunked head, loss, and (if `backward`) the gradient: (logp (T,) fp32, the
         loss (a () fp64 tensor), a stats vector), all on the device. A `padding` micro-batch
         contributes a zero gradient, and None for loss and stats."""
-        with self.policy.autocast():
-            hidden_TD, weight_VD = self.policy.trunk(mb.input_ids_1T, mb.position_ids_1T, mb.lengths)
-        # The head in the compute dtype (bf16 on GPU), its log-sum-exp and logp in fp32.
-        dtype = self.policy.compute_dtype if self.policy.compute_dtype in LOW_PRECISION else hidden_TD.dtype
-        hidden_TD, weight_VD = hidden_TD.to(dtype), weight_VD.to(dtype)
+        hidden_TD, weight_VD = self._trunk(mb.input_ids_1T, mb.position_ids_1T, mb.lengths)
         inputs = TokenInputs(mb.logprobs_T, mb.advantages_T, mb.weights_T, mb.sequence_ratio_mask_T)
         chunk = self.config.head_chunk_tokens
         logp_T, loss_sum = None, None
@@ -379,13 +420,14 @@ class Engine:
     def optim_step(self, adam: AdamParams) -> OptimResult:
         """Sum gradients across ranks, clip, AdamW step, zero the gradient.
 
+        A step whose weights would make the policy degenerate (`degenerate`) is refused.
         A refused step (StepRefused) changes no weight or moment. After a cross-rank sum, only
         rank 0 keeps the summed gradient, so the next step's sum counts it once."""
         if self.gradient_reducer is not None:
             self.gradient_reducer()
         self.current_export = None
         try:
-            grad_norm = self.optimizer.step(adam)
+            grad_norm = self.optimizer.step(adam, self.degenerate)
         except StepRefused:
             if self.gradient_reducer is not None and self.rank != 0:
                 self.optimizer.zero_grad()

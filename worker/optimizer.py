@@ -1,15 +1,26 @@
 """AdamW with Tinker's AdamParams, set per step; the pre-clip gradient norm; steps that are
 all or nothing.
 
-A step is checked before it changes anything: every hyper-parameter is finite and in range in
-float32 (`AdamParams`), the accumulated gradient is finite, and a dry run of the update on
-copies (one parameter at a time, through the same `torch.optim.adam.adam` call as the real step,
-so the same arithmetic) shows that no weight or moment would become inf or NaN. Only then does
-the real step run. So no request can make the weights non-finite, and a refused step leaves
-weights, moments, step count and (unless it was not finite) the gradient exactly as they were.
+A step is checked before it is kept: every hyper-parameter is finite and in range in float32
+(`AdamParams`) and the accumulated gradient is finite. The update is then applied to the
+weights in place, one parameter at a time with its Adam moments on copies, after the weights
+were copied (the undo). It is refused, and the copied weights put back, when a weight or moment
+would be inf or NaN, or when the caller's check of the updated weights refuses them (the engine
+probes the policy: `Engine.degenerate`). A kept step then writes moments and step count by the
+same `torch.optim.adam.adam` call on the copy, now scratch: the same arithmetic, so it gives
+the weights already in place. So a refused step leaves weights, moments, step count and
+(unless it was not finite) the gradient exactly as they were.
+
+Why this undo: the check needs every updated weight at once, so something of the weights' size
+must be held; one copy of the weights, plus one parameter's moments at a time, is the least.
+A snapshot of weights and moments, or an update computed into copies and swapped in, would
+hold three. forward_backward's "exact" accumulation already holds a second gradient of this
+size, so with it the step does not raise the run's peak. The Adam arithmetic runs twice (the
+trial, then the moments), as the dry run it replaces did.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -90,11 +101,15 @@ class Optimizer:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.step_count = 0
 
-    def step(self, adam_params: AdamParams) -> float:
+    def step(self, adam_params: AdamParams, check: Callable[[], str | None] | None = None) -> float:
         """Clip (if asked), apply the accumulated gradient, zero it; returns the pre-clip norm.
 
+        `check`, called on every rank with the updated weights in place, says why they are
+        unusable (None: they are fine); a reason refuses the step. Then it is called again on
+        the weights put back: if they were unusable already, the error blames them, not the step.
+
         Raises StepRefused, having changed nothing, when the gradient or the update is not
-        finite; a non-finite gradient is dropped (it could never be applied)."""
+        finite or `check` refuses; a non-finite gradient is dropped (it could never be applied)."""
         names = [n for n, p in self.named_params.items() if p.grad is not None]
         params = [self.named_params[n] for n in names]
         if not params:
@@ -109,11 +124,12 @@ class Optimizer:
         scale = None
         if adam_params.grad_clip_norm > 0:
             scale = (adam_params.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        weights = [local(p.detach()) for p in params]
+        undo = [w.clone() for w in weights]
         ok = torch.ones((), dtype=torch.bool, device=norm.device)
-        for name, p in zip(names, params):  # dry run on copies, one parameter at a time
+        for name, p, weight in zip(names, params, weights):  # the trial: weights in place, moments on copies
             grad = local(p.grad) if scale is None else local(p.grad) * scale.to(p.grad.device)
             trial = {k: local(v).clone() for k, v in self._moments(name, p).items()}
-            weight = local(p.detach()).clone()
             try:
                 self._adam([weight], [grad], [trial], adam_params)
             except RuntimeError:  # e.g. lr / (1 - beta1^t) overflows float32
@@ -123,21 +139,43 @@ class Optimizer:
                 ok &= torch.isfinite(t).all().to(ok.device)
         if self.sharded:  # all or nothing across the group
             ok = all_reduce_sum((~ok).float()) == 0
+        stepped = (f"learning_rate={adam_params.learning_rate:g}, eps={adam_params.eps:g}, "
+                   f"weight_decay={adam_params.weight_decay:g}, gradient norm {float(norm):g}")
         if not bool(ok):
+            self._put_back(weights, undo)
             raise StepRefused(
-                f"this step would make weights or Adam moments non-finite (learning_rate={adam_params.learning_rate:g}, "
-                f"eps={adam_params.eps:g}, weight_decay={adam_params.weight_decay:g}, gradient norm {float(norm):g}); "
-                "nothing changed and the accumulated gradient is kept: retry with smaller values, or with "
-                "grad_clip_norm set")
+                f"this step would make weights or Adam moments non-finite ({stepped}); nothing changed and the "
+                "accumulated gradient is kept: retry with smaller values, or with grad_clip_norm set")
+        try:
+            after = check() if check is not None else None
+        except BaseException:  # e.g. out of memory in the check: put back, as for a refusal
+            self._put_back(weights, undo)
+            raise
+        if after is not None:
+            self._put_back(weights, undo)
+            before = check()
+            if before is not None:
+                raise StepRefused(
+                    f"the policy is degenerate already, before this step ({before}); nothing changed and the "
+                    "accumulated gradient is kept: load an earlier state")
+            raise StepRefused(
+                f"this step would make the policy degenerate ({after}; {stepped}); nothing changed and the "
+                "accumulated gradient is kept: retry with a smaller learning_rate, or with grad_clip_norm set")
         if scale is not None:
             for p in params:
                 local(p.grad).mul_(scale.to(p.grad.device))
-        self._adam([local(p.detach()) for p in params], [local(p.grad) for p in params],
+        self._adam(undo, [local(p.grad) for p in params],  # the moments; `undo` is scratch now
                    [{k: local(v) for k, v in self._moments(n, p, create=True).items()} for n, p in zip(names, params)],
                    adam_params)
         self.zero_grad()
         self.step_count += 1
         return float(norm)
+
+    @staticmethod
+    def _put_back(weights: list[torch.Tensor], undo: list[torch.Tensor]) -> None:
+        """The weights as they were before the trial."""
+        with torch.no_grad():
+            torch._foreach_copy_(weights, undo)
 
     def _moments(self, name: str, p: torch.nn.Parameter, create: bool = False) -> dict[str, torch.Tensor]:
         """The AdamW state of `name` (zeros at step 0; stored only if `create`)."""
