@@ -37,7 +37,7 @@ from cispo.service.pipeline import Batchable, OperationPipeline
 from cispo.service.versions import CONNECTION, RunVersions, stamped, take_expected
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import EngineInfo, FieldViolation, InvalidInput, LimitExceeded
-from cispo.worker.checkpoint import NAME_PATTERN, name_in, state_dir
+from cispo.worker.checkpoint import NAME_PATTERN, STATE_FORMATS, check_home, name_in, state_dir
 from cispo.worker.runs import DEFAULT_RUN
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,13 @@ class TrainingServicer:
         queued even while the server drains."""
         return await self._accept(decoded, started, promised)
 
+    async def check_export(self, path: str) -> None:
+        """Raise the worker's InvalidInput or StateNotFound (as for a missing export) unless the
+        caller's identity may read the saved sampler weights `path` (a name, or a path their save
+        answered); on a codec thread, at once, not in any run's order."""
+        owner = current_identity()
+        await asyncio.get_running_loop().run_in_executor(self._codec, self.runs.check_export, path, owner)
+
     # -- decoding (on the codec threads) ---------------------------------------------------------
 
     async def _decode(self, decode: Callable[[], Decoded]) -> Decoded:
@@ -348,7 +355,7 @@ class TrainingServicer:
             return prepared(save, lambda r: (stamped(pb.SaveStateResponse(name=name, path=str(r[0]), step=r[1].step),
                                                      r[1]), {"name": name, "step": r[1].step}))
         if op == "load_state":
-            name, with_optimizer = self._state_name(request.name, "name"), request.with_optimizer
+            name, with_optimizer = self._state_name(request.name, "name", owner), request.with_optimizer
             return prepared(lambda: on_run(lambda engine: engine.load_state(name, with_optimizer, owner=owner)),
                             lambda r: (stamped(pb.LoadStateResponse(name=name, step=r[0]), r[1]),
                                        {"name": name, "step": r[0]}))
@@ -406,17 +413,21 @@ class TrainingServicer:
             raise InvalidInput([FieldViolation("base_model", f"{clip(base_model, 80)!r} is not the model this server "
                                                              f"serves; give '{self.base_model}' or leave it empty")])
 
-    def _state_name(self, name_or_path: str, field: str) -> str:
+    def _state_name(self, name_or_path: str, field: str, owner: str | None) -> str:
         """The state a request names: by name, or by the path SaveState answered, which must lie
-        in this server's checkpoint directory."""
-        return name_in(self.runs.config.checkpoint_dir, name_or_path, field, "state")
+        in this server's checkpoint directory; a path in another identity's home is answered as
+        a missing state is."""
+        root = self.runs.config.checkpoint_dir
+        name = name_in(root, name_or_path, field, "state")
+        check_home(root, name_or_path, owner, STATE_FORMATS)
+        return name
 
     def _creation(self, request: pb.CreateModelRequest, owner: str | None) -> Callable[[], str]:
         """The call that makes the run CreateModel asks for (validated here)."""
         kind = request.WhichOneof("kind")
         if kind == "from_state":
             ref = request.from_state
-            name = self._state_name(ref.path, "from_state.path")
+            name = self._state_name(ref.path, "from_state.path", owner)
             return lambda: self.runs.create_from_state(owner, name, ref.with_optimizer)
         if kind == "full_fine_tuning":
             return lambda: self.runs.create(owner, None)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cispo.worker import EngineConfig, lora, load_policy_model
-from cispo.worker.errors import LimitExceeded, PermissionDenied, RunConflict, RunNotFound, StateNotFound
+from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, StateNotFound
 from cispo.worker.optimizer import AdamParams
 from cispo.worker.runs import DEFAULT_RUN, TrainingRuns
 from cispo.worker.sampler_weights import ExportConfig
@@ -85,8 +85,8 @@ def test_lora_state_saves_and_creates_a_run_with_or_without_optimizer(runs):
         assert b.lora_spec == SPEC and b.optimizer.step_count == (2 if with_optimizer else 0)
         assert all(torch.equal(p, before[n]) for n, p in b.named_params.items())
         runs.unload(b.adapter, "alice")
-    with pytest.raises(PermissionDenied):
-        runs.create_from_state("bob", "a-state", True)  # another identity's state
+    with pytest.raises(StateNotFound, match="^no saved state named 'a-state'"):
+        runs.create_from_state("bob", "a-state", True)  # another identity's state: as if missing
     assert len(runs) == 1
     runs.unload(a.adapter, "alice")
     full = runs.get("", None)

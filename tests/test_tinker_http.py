@@ -225,7 +225,7 @@ def test_ephemeral_exports_are_pruned_and_removed_with_their_session(server):
         return requests.post(f"{base}/retrieve_future", headers=alice, json={"request_id": future["request_id"]}).json()
 
     def ephemeral_exports():
-        return sorted(p.name for p in server.sampler_dir.iterdir() if ".ephemeral-" in p.name)
+        return sorted(p.name for p in server.sampler_dir.glob("@alice/*") if ".ephemeral-" in p.name)  # alice's names
 
     session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
     model_id = result(requests.post(f"{base}/create_model", headers=alice, json={

@@ -1,37 +1,46 @@
 """Saved training states: weights and optimizer moments in safetensors plus a JSON manifest.
 
-    <checkpoint_dir>/<name>/model.safetensors      parameters by name (fp32)
-    <checkpoint_dir>/<name>/optimizer.safetensors  AdamW moments "<param>/<exp_avg|exp_avg_sq|step>"
-    <checkpoint_dir>/<name>/manifest.json          format, step, model name, parameter count, owner,
-                                                   and a LoRA run's LoRA options ("lora", else null)
+    <home>/<name>/model.safetensors      parameters by name (fp32)
+    <home>/<name>/optimizer.safetensors  AdamW moments "<param>/<exp_avg|exp_avg_sq|step>"
+    <home>/<name>/manifest.json          format, step, model name, parameter count, owner (the
+                                         identity that saved it), and a LoRA run's LoRA options
+
+Names are per identity. `<home>` is the checkpoint directory itself without authentication
+(identity None), else the identity's own directory `<checkpoint_dir>/@<identity>` (`namespace`):
+an identity saves, loads and removes only there, so no identity can take or probe another's
+names. For compatibility an identity also reads a name from the flat layout of earlier versions,
+`<checkpoint_dir>/<name>`, when it has none of its own of that name and the state's manifest
+names it as the owner, or no owner (saved without authentication, readable by anyone then and
+now). Anything else answers exactly as a missing name does.
 
 Crash safety. The server is the only process that uses the directory, and it saves one state at
-a time. A save writes a hidden copy `.tmp-<name>-<32 hex>` and fsyncs both tensor files before it
-writes and fsyncs the manifest, so a copy with a readable manifest is complete. It then swaps the
-copy in:
+a time. A save writes a hidden copy `.tmp-<name>-<32 hex>` in the name's home and fsyncs both
+tensor files before it writes and fsyncs the manifest, so a copy with a readable manifest is
+complete. It then swaps the copy in:
 
     rename <name> -> .old-<name>-<32 hex>      (only when the name exists)
     rename .tmp-<name>-<32 hex> -> <name>
-    fsync the checkpoint directory, remove .old-<name>-<32 hex>
+    fsync the home, remove .old-<name>-<32 hex>
 
 Invariant: at every instant the name is recoverable as the old state or the new one: either
 `<name>` is the old or new state, or it is missing while a complete `.old-` (old) and a complete
 `.tmp-` (new) copy of it exist. A crash therefore leaves at most hidden copies behind; `recover`,
 run at server start before any save, renames a missing name back from its complete new copy
-(else from its old one) and removes every other hidden copy. Until it runs, a missing name is
-simply not found. Hidden names end in "-" and a fixed-length hex uuid, so they parse back to the
-state name without ambiguity, and at most 166 characters they fit any file system's name limit.
+(else from its old one) and removes every other hidden copy, in every home. Until it runs, a
+missing name is simply not found. Hidden names end in "-" and a fixed-length hex uuid, so they
+parse back to the state name without ambiguity, and at most 166 characters they fit any file
+system's name limit.
 
-Trust. Names are plain file names and never reach outside the checkpoint directory. Symbolic
-links in it, as a state or as a file in one, are refused and never followed. A state's manifest
-records the identity that saved it (`owner`, None for anyone); another identity may neither load
-nor replace it. These v1 states are whole (not sharded); sharded groups write v2 states
-(worker.sharded_checkpoint). A group of any size loads either, whatever size saved it.
+Trust. Names are plain file names and never reach outside their home. Symbolic links, as a
+home, a state or a file in one, are refused and never followed. These v1 states are whole (not
+sharded); sharded groups write v2 states (worker.sharded_checkpoint). A group of any size loads
+either, whatever size saved it.
 
 Sampler weights (worker.sampler_weights) are saved directories of the same protocol, with their
 own manifest format, in their own root directory.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -42,19 +51,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import quote
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cispo.worker.errors import FieldViolation, InvalidInput, PermissionDenied, StateNotFound
+from cispo.worker.errors import FieldViolation, InvalidInput, StateNotFound
 
 FORMAT = "cispo.state.v1"
 SHARDED_FORMAT = "cispo.state.v2"  # worker.sharded_checkpoint
 STATE_FORMATS = (FORMAT, SHARDED_FORMAT)
 SAMPLER_FORMAT = "cispo.sampler_weights.v1"  # worker.sampler_weights
 FORMATS = (*STATE_FORMATS, SAMPLER_FORMAT)
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+MAX_NAME_LENGTH = 128
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
+NAMESPACE_PREFIX = "@"  # never the first character of a name
+MAX_NAMESPACE_CHARS = 200  # longer encodings are hashed (file names may have 255 bytes)
 HIDDEN_PATTERN = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{32}")
 MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE = "model.safetensors", "optimizer.safetensors", "manifest.json"
 SHOWN_CHARS = 64
@@ -72,6 +85,35 @@ class LoadedState:
 def state_dir(root: Path, name: str, field: str = "name") -> Path:
     """`root/name`, after checking that `name` is a plain, safe file name (`check_name`)."""
     return root / check_name(name, field)
+
+
+def namespace(identity: str) -> str:
+    """The directory name of `identity`'s home: '@' and the identity percent-encoded (letters,
+    digits and '_.-~' stay as they are), or '@+' and its SHA-256 where that would be long. Two
+    identities never share one, and no name is one (names never start with '@')."""
+    encoded = quote(identity, safe="")
+    if len(encoded) < MAX_NAMESPACE_CHARS:
+        return NAMESPACE_PREFIX + encoded
+    return f"{NAMESPACE_PREFIX}+{hashlib.sha256(identity.encode()).hexdigest()}"
+
+
+def home(root: Path, owner: str | None) -> Path:
+    """Where `owner`'s names live: `root` itself for no identity, else `root/<namespace>`."""
+    return root if owner is None else root / namespace(owner)
+
+
+def _real_home(root: Path, owner: str | None) -> Path:
+    """`home`, checked to be a real directory if it exists (a link is never followed)."""
+    path = home(root, owner)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise StateNotFound(f"the directory of your names cannot be read: {e.strerror}") from e
+    if owner is not None and not stat.S_ISDIR(mode):
+        raise StateNotFound("the directory of your names is not a real directory; refusing to use it")
+    return path
 
 
 def check_name(name: str, field: str = "name") -> str:
@@ -105,9 +147,9 @@ def _name_problem(name: object) -> str:
 
 def name_in(root: Path, name_or_path: str, field: str, what: str) -> str:
     """The name of the saved directory (a `what`) that a request gives by name, or by its path
-    in `root`, as its save answered. Unprintable characters (NUL, other controls) are refused
-    before any file system call; InvalidInput naming `field` for anything else that names no
-    such directory."""
+    as its save answered: in `root` or in a home in it (`check_home` says whose may be read).
+    Unprintable characters (NUL, other controls) are refused before any file system call;
+    InvalidInput naming `field` for anything else that names no such directory."""
     def refuse(problem: str) -> NoReturn:
         raise InvalidInput([FieldViolation(field, f"{shown(name_or_path)} {problem}")])
 
@@ -118,9 +160,18 @@ def name_in(root: Path, name_or_path: str, field: str, what: str) -> str:
     if (control := _unprintable(name_or_path)) is not None:
         refuse(f"contains the unprintable character {control!r}")
     path = Path(name_or_path)
-    if path.parent.resolve() != root.resolve():
+    parent, top = path.parent.resolve(), root.resolve()
+    if parent != top and not (parent.parent == top and parent.name.startswith(NAMESPACE_PREFIX)):
         refuse(f"is not a {what} of this server (its {what}s are in {root}); give a path its save answered, or a name")
     return check_name(path.name, field)
+
+
+def check_home(root: Path, name_or_path: str, owner: str | None, format: str | tuple[str, ...]) -> None:
+    """A name, or a path (checked by `name_in`) in `root` or in `owner`'s home, passes; a path
+    in another identity's home is answered as a missing name is, whether it exists or not."""
+    path = Path(name_or_path)
+    if "/" in name_or_path and path.parent.resolve() not in (root.resolve(), home(root, owner).resolve()):
+        raise _missing(path.name, format)
 
 
 def _unprintable(text: str) -> str | None:
@@ -130,10 +181,8 @@ def _unprintable(text: str) -> str | None:
 
 def save_state(root: Path, name: str, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
                step: int, model_name: str, owner: str | None = None, lora: dict | None = None) -> Path:
-    """Write the state crash-safely (see the module docstring), replacing an existing state of
-    that name unless it belongs to another identity than `owner`, or `owner` cannot tell because
-    its manifest is unreadable (None: no identity, may replace anything). The new state belongs
-    to `owner`."""
+    """Write the state crash-safely as `owner`'s `name` (see the module docstring), replacing
+    the one of that name in its home."""
     def write(tmp: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / MODEL_FILE)
         save_file(optimizer, tmp / OPTIMIZER_FILE)
@@ -144,15 +193,17 @@ def save_state(root: Path, name: str, weights: dict[str, torch.Tensor], optimize
 
 def save_directory(root: Path, name: str, write: Callable[[Path], None], manifest: dict,
                    owner: str | None = None) -> Path:
-    """`write(tmp)` the files of `root/name` into a hidden copy, then fsync them, write the
-    manifest (plus `owner`) last and swap the copy in (see the module docstring). Ownership is
-    checked as for `save_state`. Returns `root/name`."""
-    target = state_dir(root, name)
+    """`write(tmp)` the files of `owner`'s `name` into a hidden copy in its home, then fsync
+    them, write the manifest (plus `owner`) last and swap the copy in (see the module
+    docstring). Returns the directory, `<home>/name`."""
+    directory = _real_home(root, owner)
+    target = directory / check_name(name)
     replacing = _is_state(target, name, replacing=True)
-    if replacing and owner is not None:
-        check_owner(name, _read_manifest(target, name), owner)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
+    if not directory.exists():
+        directory.mkdir()
+        _fsync(root)
+    tmp = directory / f".tmp-{name}-{uuid.uuid4().hex}"
     os.mkdir(tmp)
     try:
         write(tmp)
@@ -167,19 +218,19 @@ def save_directory(root: Path, name: str, write: Callable[[Path], None], manifes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if replacing:
-        old = root / f".old-{name}-{uuid.uuid4().hex}"
+        old = directory / f".old-{name}-{uuid.uuid4().hex}"
         os.rename(target, old)
         os.rename(tmp, target)
-        _fsync(root)
+        _fsync(directory)
         shutil.rmtree(old, ignore_errors=True)  # what remains is removed by `recover`
     else:
         os.rename(tmp, target)
-        _fsync(root)
+        _fsync(directory)
     return target
 
 
 def load_state(root: Path, name: str, with_optimizer: bool, owner: str | None = None) -> LoadedState:
-    """Read a whole v1 state into memory (nothing is applied here), if `owner` may read it."""
+    """Read `owner`'s whole v1 state `name` into memory (nothing is applied here)."""
     path, manifest = open_directory(root, name, FORMAT, owner)
     return read_state(path, manifest, name, with_optimizer)
 
@@ -192,39 +243,80 @@ def read_state(path: Path, manifest: dict, name: str, with_optimizer: bool) -> L
 
 
 def open_directory(root: Path, name: str, format: str | tuple[str, ...], owner: str | None = None) -> tuple[Path, dict]:
-    """(`root/name`, its manifest) of a saved directory of `format` (or one of several) that
-    `owner` may read; StateNotFound or PermissionDenied otherwise."""
-    path = state_dir(root, name)
-    if not _is_state(path, name, replacing=False):
-        state = format != SAMPLER_FORMAT
-        raise StateNotFound(f"no saved {'state' if state else 'weights'} named '{name}' in "
-                            f"the {'checkpoint' if state else 'sampler'} directory")
+    """(the directory, its manifest) of the saved directory `name` of `format` (or one of
+    several) that `owner` reads (see the module docstring); StateNotFound otherwise."""
+    path = _locate(root, check_name(name), format, owner)
+    return path, _opened(path, name, format)
+
+
+def _locate(root: Path, name: str, format: str | tuple[str, ...], owner: str | None) -> Path:
+    """`owner`'s directory `name`, else (an identity) a flat one of earlier versions that it or
+    no one owns; else StateNotFound, as for a name no one has."""
+    own = _real_home(root, owner) / name
+    if _is_state(own, name, replacing=False):
+        return own
+    if owner is not None and _legacy_readable(root / name, name, owner):
+        return root / name
+    raise _missing(name, format)
+
+
+def _legacy_readable(path: Path, name: str, owner: str) -> bool:
+    """Whether the flat directory `path` of earlier versions is there and `owner`'s or no one's.
+    Whose a link, a file or an unreadable manifest is cannot be told: not readable."""
+    try:
+        return _is_state(path, name, replacing=False) and _read_manifest(path, name).get("owner") in (None, owner)
+    except StateNotFound:
+        return False
+
+
+def _missing(name: str, format: str | tuple[str, ...]) -> StateNotFound:
+    """The one answer for a name the caller has no directory of, whoever else may have one."""
+    state = format != SAMPLER_FORMAT
+    return StateNotFound(f"no saved {'state' if state else 'weights'} named '{name}' in "
+                         f"the {'checkpoint' if state else 'sampler'} directory")
+
+
+def _opened(path: Path, name: str, format: str | tuple[str, ...]) -> dict:
+    """The manifest of the saved directory at `path`, of `format`, holding regular files only."""
     manifest = _read_manifest(path, name, format)
-    check_owner(name, manifest, owner)
     for entry in os.listdir(path):
         _regular_file(path, entry, name)  # no links, no subdirectories
-    return path, manifest
+    return manifest
 
 
 def remove_directory(root: Path, name: str, format: str, owner: str | None = None) -> None:
-    """Delete the saved directory `root/name` of `format`, if `owner` may read it (StateNotFound
-    or PermissionDenied otherwise): renamed to a hidden copy first, so a crash leaves a complete
-    copy that `recover` puts back, never half a directory under its name."""
-    path, _ = open_directory(root, name, format, owner)
-    old = root / f".old-{name}-{uuid.uuid4().hex}"
+    """Delete `owner`'s saved directory `name` of `format` from its home (StateNotFound if it has
+    none there; flat ones of earlier versions stay): renamed to a hidden copy first, so a crash
+    leaves a complete copy that `recover` puts back, never half a directory under its name."""
+    directory = _real_home(root, owner)
+    path = directory / check_name(name)
+    if not _is_state(path, name, replacing=False):
+        raise _missing(name, format)
+    _opened(path, name, format)
+    old = directory / f".old-{name}-{uuid.uuid4().hex}"
     os.rename(path, old)
-    _fsync(root)
+    _fsync(directory)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def recover(root: Path) -> list[str]:
-    """Finish what crashed saves left behind (see the module docstring): restore each missing
-    name from its complete new copy, else its old one, then remove every other hidden copy.
-    Run at server start, before any save. Returns one line per action."""
+    """Finish what crashed saves left behind (see the module docstring), in `root` and in every
+    identity's home in it: restore each missing name from its complete new copy, else its old
+    one, then remove every other hidden copy. Run at server start, before any save. Returns one
+    line per action."""
     try:
         entries = sorted(os.listdir(root))
     except FileNotFoundError:
         return []
+    done = _recover_home(root, entries, "")
+    for entry in entries:  # the homes: real directories only, a link is never followed
+        if entry.startswith(NAMESPACE_PREFIX) and stat.S_ISDIR(os.lstat(root / entry).st_mode):
+            done += _recover_home(root / entry, sorted(os.listdir(root / entry)), f"{entry}/")
+    return done
+
+
+def _recover_home(root: Path, entries: list[str], shown_as: str) -> list[str]:
+    """`recover` in one home, whose `entries` are listed; names in the lines start `shown_as`."""
     copies: dict[str, list[str]] = {}
     for entry in entries:
         match = HIDDEN_PATTERN.fullmatch(entry)
@@ -238,13 +330,14 @@ def recover(root: Path) -> list[str]:
             os.rename(root / best, root / name)
             _fsync(root)
             hidden.remove(best)
-            done.append(f"restored state '{name}' from its {'new' if best.startswith('.tmp-') else 'old'} copy")
+            done.append(f"restored state '{shown_as}{name}' from its "
+                        f"{'new' if best.startswith('.tmp-') else 'old'} copy")
         for c in hidden:
             if os.path.islink(root / c) or not os.path.isdir(root / c):
                 os.unlink(root / c)
             else:
                 shutil.rmtree(root / c)
-            done.append(f"removed leftover {c}")
+            done.append(f"removed leftover {shown_as}{c}")
     return done
 
 
@@ -302,12 +395,6 @@ def _read_tensors(path: Path, file: str, name: str) -> dict[str, torch.Tensor]:
         return load_file(_regular_file(path, file, name))
     except (OSError, SafetensorError) as e:
         raise StateNotFound(f"state '{name}' cannot be read: {file}: {reason(e)}") from e
-
-
-def check_owner(name: str, manifest: dict, owner: str | None) -> None:
-    """Refuse an identity other than the state's owner; no identity, or no owner, passes."""
-    if owner is not None and manifest.get("owner") not in (None, owner):
-        raise PermissionDenied(f"state '{name}' belongs to another identity")
 
 
 def _is_complete(path: Path) -> bool:

@@ -24,18 +24,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from cispo.worker.batch import SampleBatch, Samples, plan_micro_batches
-from cispo.worker import lora
+from cispo.worker import checkpoint, lora
 from cispo.worker.engine import SHARDED_EXPORT_SAMPLING, BatchResult, Engine, EngineInfo, OptimResult
 from cispo.worker.errors import ComputeFailed, RankUnavailable, StateNotFound
 from cispo.worker.loss_stats import BatchStats
 from cispo.worker.losses import LossFunction, get_loss_function
 from cispo.worker.optimizer import AdamParams
-from cispo.worker.runs import DEFAULT_RUN, RunInfo, TrainingRuns, _Run, _Runs, new_run_id
+from cispo.worker.runs import RunInfo, TrainingRuns, _Run, _Runs, new_run_id
 from cispo.worker.sampler_weights import export_name
 from cispo.worker.sharding import MemoryUse, is_sharded
 
@@ -244,7 +245,7 @@ class GroupRuns(_Runs):
         self.monitor = RankMonitor(ctx, rank_timeout, self._rank_lost)
         self.on_rank_lost = on_rank_lost
         self._engines: dict[str | None, GroupEngine] = {}
-        self._exported_by: dict[str, str] = {}  # sharded: export name -> the run that wrote it last
+        self._exported_by: dict[Path, str] = {}  # sharded: export directory -> the run that wrote it last
         Heartbeat(ctx).start()
         self.monitor.start()
 
@@ -259,24 +260,23 @@ class GroupRuns(_Runs):
     # -- runs -----------------------------------------------------------------------------------
 
     def get(self, model_id: str, owner: str | None) -> GroupEngine:
-        """The group's engine of run `model_id` ("" = the default run, made everywhere if need be)."""
-        if not model_id:
-            if DEFAULT_RUN not in self.local.engines():
-                self.create(None, None, DEFAULT_RUN)
-            model_id = DEFAULT_RUN
+        """The group's engine of run `model_id` ("" = `owner`'s default run, made everywhere if
+        need be)."""
+        model_id = model_id or self._default_run(owner)
         self.local.get(model_id, owner)  # ownership, last use
         return self._engine(model_id)
 
     def export_sampler(self) -> GroupEngine:
         return self._engine(None)
 
-    def export_engine(self, model_path: str) -> GroupEngine:
+    def export_engine(self, model_path: str, owner: str | None) -> GroupEngine:
         """Replicated, rank 0 samples saved weights alone. Sharded, only those that are a run's
         current weights can be sampled, by that run (every rank computes)."""
         if not self.sharded:
             return self.export_sampler()
         name = export_name(self.config.export, model_path)
-        model_id = self._exported_by.get(name)
+        path = checkpoint.open_directory(self.config.export.sampler_dir, name, checkpoint.SAMPLER_FORMAT, owner)[0]
+        model_id = self._exported_by.get(path)
         engine = self.local.engines().get(model_id)
         if engine is None or engine.current_export != name:
             raise StateNotFound(SHARDED_EXPORT_SAMPLING)
@@ -417,7 +417,7 @@ class GroupEngine:
     def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False):
         saved = self._on_weights("save_weights_for_sampler", name, owner, merged)
         if self.group.sharded:
-            self.group._exported_by[name] = self.model_id
+            self.group._exported_by[saved] = self.model_id
         return saved
 
     def _on_weights(self, op: str, *args):

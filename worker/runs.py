@@ -8,14 +8,17 @@ excludes every other run while it lives (RunConflict):
 - `create(..., lora=None)` makes a full run only when no run is live;
 - `create(..., lora=spec)` makes a LoRA run only when no full run is live;
 - operations that name no run go to the default full run `DEFAULT_RUN`, made on first use
-  (when no LoRA run is live), so clients that know nothing of runs keep working.
+  (when no LoRA run is live), so clients that know nothing of runs keep working. It belongs to
+  the identity whose use made it: each identity has a default run of its own, one at a time
+  (a full fine-tune excludes every other run); while one identity's lives, another's default
+  run is a RunConflict.
 
 When the base was last used the other way (trained in full, or frozen in the compute dtype for
 LoRA), the next run of the other kind starts from a fresh load of the served model, so that no
 run ever sees another's changes. Unloading a run drops it, its gradient and its optimizer state;
 what was not saved is gone. A run belongs to the identity that created it; other identities get
-RunNotFound, as if it did not exist. Not thread-safe, like Engine: the service calls it from its
-engine thread.
+RunNotFound, as if it did not exist; a conflict with another identity's run does not name it.
+Not thread-safe, like Engine: the service calls it from its engine thread.
 
 Every run has a version (RunVersion, reference/run-state.md): an incarnation, an unguessable
 token made with the run (so a run made again under the same id, or after a restart, has a new
@@ -38,7 +41,7 @@ from cispo.worker.batch import Sample
 from cispo.worker.engine import Engine, EngineConfig, validate_forward, validate_sample
 from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, RunRestored, StateNotFound, VersionMismatch
 from cispo.worker.model import PolicyModel
-from cispo.worker.sampler_weights import ExportCache
+from cispo.worker.sampler_weights import ExportCache, export_name
 from cispo.worker.sampling import SampleRequest
 from cispo.worker.sharding import MemoryUse
 
@@ -147,8 +150,22 @@ class _Runs:
         raise NotImplementedError
 
     def _record(self, model_id: str) -> _Run:
-        """The live run `model_id`'s record (its version), with no ownership check."""
+        """The live run `model_id`'s record (its version), with no ownership check; KeyError if
+        there is none."""
         raise NotImplementedError
+
+    def _default_run(self, owner: str | None) -> str:
+        """DEFAULT_RUN, made for `owner` if no default run is live; RunConflict while another
+        identity's is."""
+        try:
+            run = self._record(DEFAULT_RUN)
+        except KeyError:
+            self.create(owner, None, DEFAULT_RUN)
+            return DEFAULT_RUN
+        if run.owner not in (None, owner):
+            raise RunConflict("the default run of another identity fine-tunes the whole base model, which every other "
+                              "run would share; yours can be made once it is unloaded")
+        return DEFAULT_RUN
 
     def apply(self, model_id: str, owner: str | None, expected: ExpectedVersion, op: str,
               fn: Callable[[Any], T]) -> tuple[T, RunVersion]:
@@ -170,10 +187,19 @@ class _Runs:
         """An engine that samples saved sampler weights (it needs no run of its own)."""
         raise NotImplementedError
 
-    def export_engine(self, model_path: str):
-        """The engine that samples the saved sampler weights `model_path` for a request that
-        names no run."""
+    def export_engine(self, model_path: str, owner: str | None):
+        """The engine that samples `owner`'s saved sampler weights `model_path` for a request
+        that names no run."""
         return self.export_sampler()
+
+    def check_export(self, model_path: str, owner: str | None) -> None:
+        """InvalidInput or StateNotFound (as for a missing export) unless `owner` may read the
+        saved sampler weights `model_path` (a name, or a path its save answered); reads their
+        manifest only. Touches no run: safe on any thread."""
+        export = self.config.export
+        name = export_name(export, model_path)
+        checkpoint.check_home(export.sampler_dir, model_path, owner, checkpoint.SAMPLER_FORMAT)
+        checkpoint.open_directory(export.sampler_dir, name, checkpoint.SAMPLER_FORMAT, owner)
 
     def create_from_state(self, owner: str | None, name: str, with_optimizer: bool,
                           model_id: str | None = None) -> str:
@@ -208,15 +234,19 @@ class _Runs:
     def sample(self, items: list[tuple[str, SampleRequest, ExpectedVersion]]) -> list:
         """Sample every (model_id, validated request, expected version), those on one engine in
         one batch; each result with the version of the run whose current weights it sampled
-        (else None). A request whose run its owner cannot see, or that is not the version
-        expected, gets the error in its place."""
+        (else None). A request whose run or saved weights its owner cannot see, or that is not
+        the version expected, gets the error in its place. Each engine samples each identity's
+        requests apart: a name is another export to another identity."""
         results: list = [None] * len(items)
         versions: list[RunVersion | None] = [None] * len(items)
-        by_engine: dict[int, tuple[object, list[int]]] = {}
+        by_engine: dict[tuple[int, str | None], tuple[object, list[int]]] = {}
         for i, (model_id, request, expected) in enumerate(items):
             try:  # saved weights named by path need no run (unless the request names one)
+                if request.model_path:
+                    checkpoint.check_home(self.config.export.sampler_dir, request.model_path, request.owner,
+                                          checkpoint.SAMPLER_FORMAT)
                 if request.model_path and not model_id:
-                    engine = self.export_engine(request.model_path)
+                    engine = self.export_engine(request.model_path, request.owner)
                 else:
                     engine = self.get(model_id, request.owner)
                 if not request.model_path:
@@ -226,7 +256,7 @@ class _Runs:
             except (RunNotFound, RunConflict, StateNotFound, RunRestored, VersionMismatch) as exc:
                 results[i] = exc
                 continue
-            by_engine.setdefault(id(engine), (engine, []))[1].append(i)
+            by_engine.setdefault((id(engine), request.owner), (engine, []))[1].append(i)
         for engine, indices in by_engine.values():
             for i, result in zip(indices, engine.sample([items[i][1] for i in indices])):
                 results[i] = result if isinstance(result, Exception) else (result, versions[i])
@@ -254,12 +284,8 @@ class TrainingRuns(_Runs):
     # -- lookup ---------------------------------------------------------------------------------
 
     def get(self, model_id: str, owner: str | None) -> Engine:
-        """The engine of run `model_id` ("" = the default run, made if need be) for `owner`."""
-        if not model_id:
-            if DEFAULT_RUN not in self._runs:
-                self._create(DEFAULT_RUN, None, None)
-            model_id = DEFAULT_RUN
-        run = self._visible(model_id, owner)
+        """The engine of run `model_id` ("" = `owner`'s default run, made if need be) for `owner`."""
+        run = self._visible(model_id or self._default_run(owner), owner)
         run.last_used = time.time()
         return run.engine
 
@@ -336,6 +362,9 @@ class TrainingRuns(_Runs):
         kind = "full" if spec is None else "lora"
         full = [i for i, r in self._runs.items() if r.engine.adapter is None]
         if full:
+            if self._runs[full[0]].owner not in (None, owner):
+                raise RunConflict("a run of another identity fine-tunes the whole base model, which every other run "
+                                  "would share; another run can be made once it is unloaded")
             raise RunConflict(f"run '{full[0]}' fine-tunes the whole base model, which every other run would share; "
                               f"unload it (UnloadModel) before creating another run")
         if spec is None and self._runs:

@@ -1,23 +1,26 @@
 """Weights for samplers: a directory that transformers and vLLM load as it is, and a bounded cache
 of such directories loaded back for the built-in sampler.
 
-    <sampler_dir>/<name>/config.json             the served model's config, dtype = serving dtype
-    <sampler_dir>/<name>/generation_config.json
-    <sampler_dir>/<name>/tokenizer files         when the served model directory has a tokenizer
-    <sampler_dir>/<name>/model.safetensors       or model-0000i-of-0000n.safetensors + its index
-    <sampler_dir>/<name>/manifest.json           cispo's record (format, layout, step, owner)
+    <home>/<name>/config.json             the served model's config, dtype = serving dtype
+    <home>/<name>/generation_config.json
+    <home>/<name>/tokenizer files         when the served model directory has a tokenizer
+    <home>/<name>/model.safetensors       or model-0000i-of-0000n.safetensors + its index
+    <home>/<name>/manifest.json           cispo's record (format, layout, step, owner)
 
 A LoRA run writes a PEFT adapter directory instead (layout "lora"):
 
-    <sampler_dir>/<name>/adapter_config.json     base_model_name_or_path = the served model
-    <sampler_dir>/<name>/adapter_model.safetensors   in the serving dtype
-    <sampler_dir>/<name>/manifest.json
+    <home>/<name>/adapter_config.json     base_model_name_or_path = the served model
+    <home>/<name>/adapter_model.safetensors   in the serving dtype
+    <home>/<name>/manifest.json
+
+`<home>` is the sampler directory, or with authentication the identity's own directory in it,
+`<sampler_dir>/@<identity>`: names are per identity, as states' are (worker.checkpoint).
 
 or, asked to merge, the "full" layout with the adapter merged into the base weights.
 
 Weights only: no optimizer state. Written by transformers' `save_pretrained` (or PEFT's
 helpers), so tied embeddings are stored once, as transformers expects; saved crash-safely and
-owned like states (`checkpoint.save_directory`).
+found like states (`checkpoint.save_directory`, `checkpoint.open_directory`).
 
 Loaded back for the built-in sampler, a full export is a model of its own; an adapter export is
 one more frozen adapter on the served model's PEFT model, which costs no copy of the base.
@@ -77,7 +80,7 @@ class SamplerWeights:
 def export_full(policy: PolicyModel, config: ExportConfig, name: str, step: int, owner: str | None,
                 merge_adapter: str | None = None) -> Path:
     """Write `policy`'s weights (with adapter `merge_adapter` merged in, if given) as an HF model
-    directory `sampler_dir/name` (see the module docstring); returns it."""
+    directory, `owner`'s `name` (see the module docstring); returns it."""
     dtype = SERVING_DTYPES[config.dtype]
     model = policy.model if merge_adapter is None else policy.peft.get_base_model()
 
@@ -188,7 +191,7 @@ def _write_safetensors_shards(tensors, directory: Path, max_shard_bytes: int) ->
 
 def export_adapter(policy: PolicyModel, config: ExportConfig, adapter: str, name: str, step: int,
                    owner: str | None) -> Path:
-    """Write LoRA adapter `adapter` as a PEFT adapter directory `sampler_dir/name`; returns it."""
+    """Write LoRA adapter `adapter` as a PEFT adapter directory, `owner`'s `name`; returns it."""
     return checkpoint.save_directory(
         config.sampler_dir, name, lambda tmp: lora.export_adapter(policy, adapter, tmp, SERVING_DTYPES[config.dtype]),
         {"format": checkpoint.SAMPLER_FORMAT, "layout": "lora", "step": step, "model_name": policy.name,
@@ -225,19 +228,18 @@ def snapshot(policy: PolicyModel, config: ExportConfig, name: str) -> SamplerWei
 
 
 def export_name(config: ExportConfig, model_path: str) -> str:
-    """The export a Sample request's `model_path` names: a name, or a path in sampler_dir."""
+    """The export a Sample request's `model_path` names: a name, or a path in sampler_dir (or a
+    home in it: `checkpoint.check_home` says whose)."""
     return checkpoint.name_in(config.sampler_dir, model_path, "model_path", "sampler export")
 
 
-def load_export(policy: PolicyModel, config: ExportConfig, name: str,
-                owner: str | None) -> tuple[SamplerWeights, str | None]:
-    """Load `sampler_dir/name` for sampling on `policy`'s device and compute dtype, if `owner`
-    may read it: (the weights, the export's owner)."""
+def load_export(policy: PolicyModel, config: ExportConfig, name: str, owner: str | None) -> SamplerWeights:
+    """Load `owner`'s export `name` for sampling on `policy`'s device and compute dtype."""
     path, manifest = checkpoint.open_directory(config.sampler_dir, name, checkpoint.SAMPLER_FORMAT, owner)
     if manifest.get("layout") not in LAYOUTS:
         raise StateNotFound(f"sampler weights '{name}' cannot be read: unknown layout {manifest.get('layout')!r}")
     if manifest["layout"] == "lora":
-        return _load_adapter_export(policy, path, name), manifest["owner"]
+        return _load_adapter_export(policy, path, name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
                                                      dtype=load_dtype(policy))
@@ -249,7 +251,7 @@ def load_export(policy: PolicyModel, config: ExportConfig, name: str,
                             f"{tuple(model.get_output_embeddings().weight.shape)})")
     model.to(policy.device).eval().requires_grad_(False)
     return SamplerWeights(PolicyModel(name=name, model=model, device=policy.device, compute_dtype=policy.compute_dtype,
-                                      tokenizer=load_tokenizer(path))), manifest["owner"]
+                                      tokenizer=load_tokenizer(path)))
 
 
 def _load_adapter_export(policy: PolicyModel, path: Path, name: str) -> SamplerWeights:
@@ -281,32 +283,34 @@ def _cast_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.T
 
 
 class ExportCache:
-    """The most recently used loaded exports, by name, at most `capacity` of them. An adapter
-    export leaves the served model's PEFT model when it leaves the cache."""
+    """The most recently used loaded exports, at most `capacity` of them, each kept as what its
+    name is to one identity (the one that saved or loaded it). One entry per name: another
+    identity's export of that name replaces it (the loaded adapter's name is made from the
+    export's name alone). An adapter export leaves the served model's PEFT model when it leaves
+    the cache."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._weights: OrderedDict[str, tuple[SamplerWeights, str | None]] = OrderedDict()
+        self._weights: OrderedDict[str, tuple[SamplerWeights, str | None]] = OrderedDict()  # name -> (weights, whose)
 
     def get(self, name: str, owner: str | None, load) -> SamplerWeights:
-        """The export `name` if `owner` may read it, from the cache or else `load()`, which
-        returns (weights, the export's owner) and checks the owner itself."""
-        if name in self._weights:
-            weights, saved_by = self._weights[name]
-            checkpoint.check_owner(name, {"owner": saved_by}, owner)
+        """`owner`'s export `name`, from the cache or else `load()`, which finds it among
+        `owner`'s names (or raises)."""
+        if name in self._weights and self._weights[name][1] == owner:
             self._weights.move_to_end(name)
-            return weights
-        weights, saved_by = load()
-        self.put(name, weights, saved_by)
+            return self._weights[name][0]
+        self.forget(name)
+        weights = load()
+        self.put(name, weights, owner)
         return weights
 
-    def put(self, name: str, weights: SamplerWeights, saved_by: str | None) -> None:
-        """Keep `weights` as the export `name`, owned by `saved_by`; drops the least recent."""
+    def put(self, name: str, weights: SamplerWeights, owner: str | None) -> None:
+        """Keep `weights` as `owner`'s export `name`; drops the least recent."""
         if name in self._weights:
             self._drop(self._weights.pop(name)[0], keep=weights)
         if self.capacity == 0 and weights.adapter is None:
             return
-        self._weights[name] = (weights, saved_by)
+        self._weights[name] = (weights, owner)
         while len(self._weights) > max(self.capacity, 1):  # an adapter in use stays until the next
             self._drop(self._weights.popitem(last=False)[1][0])
 
