@@ -56,6 +56,7 @@ from cispo.service.log_limits import RateLimitedLog
 from cispo.service.servicer import TrainingServicer
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import FieldViolation, InvalidInput, LimitExceeded, checkpoint
+from cispo.worker.errors import StateNotFound
 
 log = logging.getLogger(__name__)
 
@@ -786,8 +787,12 @@ class TinkerFront:
         if model_path is None:
             raise HttpError(400, "sampling the base model alone is not supported by cispo: save weights for a "
                                  "sampler (save_weights_and_get_sampling_client) and sample those")
-        sampler = self._new_sampler(f"{session.session_id}:sample:{seq}", parse_path(model_path, "sampler_weights"),
-                                    model_path)
+        export = parse_path(model_path, "sampler_weights")
+        try:  # at once: another identity's export answers as a missing one does
+            await self.servicer.check_export(export)
+        except StateNotFound as exc:
+            raise HttpError(404, str(exc)) from None
+        sampler = self._new_sampler(f"{session.session_id}:sample:{seq}", export, model_path)
         return JSONResponse({"sampling_session_id": sampler.sampler_id, "type": "create_sampling_session"})
 
     async def get_sampler(self, request: Request) -> Response:

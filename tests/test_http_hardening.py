@@ -242,8 +242,11 @@ def test_numbers_out_of_range_are_400_naming_the_field(server, route, body, fiel
     with requests.Session() as http:
         session = http.post(f"{base}/create_session", json={}).json()["session_id"]
         model_id = new_model(base)
+        export = http.post(f"{base}/save_weights_for_sampler", json={"model_id": model_id, "seq_id": 1,
+                                                                      "path": "numbers"}).json()
         sampler = http.post(f"{base}/create_sampling_session", json={
-            "session_id": session, "sampling_session_seq_id": 0, "model_path": "tinker://a/sampler_weights/b"}).json()
+            "session_id": session, "sampling_session_seq_id": 0, "model_path": result(base, export).json()["path"]}
+        ).json()
         full = {"session_id": session, "model_id": model_id, **body,
                 "sampling_session_id": sampler["sampling_session_id"]}
         answer = http.post(f"{base}/{route}", data=json.dumps(full), headers={"Content-Type": "application/json"})
@@ -405,3 +408,11 @@ def test_a_low_descriptor_limit_caps_http_and_grpc_keeps_serving(tmp_path):
         assert "Traceback" not in log and log.count("refused:") <= 5, log[-3000:]
     finally:
         assert proc.terminate() == 0, proc.log()[-3000:]
+
+
+def test_a_sampling_session_on_a_missing_export_is_refused_at_once(server):
+    base = api(server)
+    session = requests.post(f"{base}/create_session", json={}).json()["session_id"]
+    answer = requests.post(f"{base}/create_sampling_session", json={
+        "session_id": session, "sampling_session_seq_id": 0, "model_path": "tinker://run-x/sampler_weights/none"})
+    assert answer.status_code == 404 and "run-x.none" in answer.json()["error"], answer.text

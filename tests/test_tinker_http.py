@@ -198,8 +198,11 @@ def test_fuzzed_bodies_get_client_errors_and_the_server_keeps_serving(server):
     created = requests.post(f"{base}/create_model", headers=alice, json={
         "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json()
     model_id = requests.post(f"{base}/retrieve_future", headers=alice, json=created).json()["model_id"]
+    export = requests.post(f"{base}/save_weights_for_sampler", headers=alice, json={
+        "model_id": model_id, "seq_id": 1, "path": "fuzzed"}).json()
+    export_path = requests.post(f"{base}/retrieve_future", headers=alice, json=export).json()["path"]
     sampler = requests.post(f"{base}/create_sampling_session", headers=alice, json={
-        "session_id": session, "sampling_session_seq_id": 0, "model_path": "tinker://x/sampler_weights/y"}).json()
+        "session_id": session, "sampling_session_seq_id": 0, "model_path": export_path}).json()
     valid = {"session_id": session, "model_id": model_id, "sampling_session_id": sampler["sampling_session_id"],
              "request_id": created["request_id"]}
     rng = np.random.default_rng(0)
