@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?= $(if $(shell command -v nvidia-smi),,--extra-index-url $(TORCH
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-tools protos manifests bench clean
+.PHONY: install serve test test-tools image protos manifests bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test-tools:
 
 test: install test-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The server image, cispo:<version>-$(IMAGE_VARIANT), with buildah (docs/deploy.md, "Images").
+IMAGE_VARIANT ?= cpu
+image:
+	bash scripts/build-image.sh $(IMAGE_VARIANT)
 
 protos: install
 	$(PY) protos/generate.py

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Tools the test suite drives for real: Prometheus (server + promtool) from Debian and the
-# Node.js gRPC client from npm. Installs only what is missing; idempotent.
+# Tools the test suite drives for real: Prometheus (server + promtool), buildah and debootstrap
+# (the server image) from Debian, and the Node.js gRPC client from npm. Installs only what is
+# missing; idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ apt_install() {
 }
 
 command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
+# tests/test_image.py builds the image with buildah, on a base debootstrap makes from Debian's packages.
+command -v buildah >/dev/null && command -v debootstrap >/dev/null || apt_install buildah debootstrap
 
 if [ -f tests/node/package.json ] && [ ! -d tests/node/node_modules ]; then
     command -v npm >/dev/null || apt_install nodejs npm
