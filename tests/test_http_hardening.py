@@ -36,6 +36,12 @@ def server(tmp_path_factory):
     assert proc.terminate() == 0, proc.log()
 
 
+@pytest.fixture(scope="module")
+def shared_model(server) -> str:
+    """One model for the tests whose requests are all refused (the server allows 16 runs)."""
+    return new_model(api(server))
+
+
 def api(server) -> str:
     return f"http://127.0.0.1:{server.http_port}/api/v1"
 
@@ -237,11 +243,10 @@ def test_a_seq_id_that_never_comes_holds_later_ones_only_for_the_gap(server):
     ("asample", {"num_samples": 1, "prompt": {"chunks": [{"tokens": [1]}]},
                  "sampling_params": {"max_tokens": 2**70}}, "sampling_params.max_tokens"),
 ], ids=["rank", "seed", "learning-rate", "seq-id", "max-tokens"])
-def test_numbers_out_of_range_are_400_naming_the_field(server, route, body, field):
-    base = api(server)
+def test_numbers_out_of_range_are_400_naming_the_field(server, shared_model, route, body, field):
+    base, model_id = api(server), shared_model
     with requests.Session() as http:
         session = http.post(f"{base}/create_session", json={}).json()["session_id"]
-        model_id = new_model(base)
         export = http.post(f"{base}/save_weights_for_sampler", json={"model_id": model_id, "seq_id": 1,
                                                                       "path": "numbers"}).json()
         sampler = http.post(f"{base}/create_sampling_session", json={
@@ -363,11 +368,10 @@ def test_run_label_modes(mode):
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\x00b", "x" * 200])
 @pytest.mark.parametrize("route", ["save_weights", "save_weights_for_sampler"])
-def test_odd_checkpoint_names_are_refused_not_mangled(server, route, name):
+def test_odd_checkpoint_names_are_refused_not_mangled(server, shared_model, route, name):
     """Never saved under a mangled name (`run-x.`, `run-x..`): 400 naming `path`, before anything
     is queued; a tinker:// path with such a name is refused the same way."""
-    base = api(server)
-    model_id = new_model(base)
+    base, model_id = api(server), shared_model
     answer = requests.post(f"{base}/{route}", json={"model_id": model_id, "seq_id": 1, "path": name})
     assert answer.status_code == 400, answer.text
     assert answer.json()["field_violations"][0]["field"] == "path"
