@@ -70,7 +70,8 @@ build_debian_base() {  # $1: the tag to commit it as
 dockerfile_base="$(sed -n 's/^ARG BASE_IMAGE=//p' "$dockerfile")"
 if [ -n "${BASE_IMAGE:-}" ]; then
     base="$BASE_IMAGE"
-elif buildah inspect --type image "$dockerfile_base" >/dev/null 2>&1 || buildah pull --quiet "$dockerfile_base" >/dev/null 2>"$work/pull.log"; then
+elif buildah inspect --type image "$dockerfile_base" >/dev/null 2>&1 \
+        || buildah pull --quiet "$dockerfile_base" >/dev/null 2>"$work/pull.log"; then
     base="$dockerfile_base"
 else
     echo "image: $dockerfile_base cannot be pulled ($(tail -n 1 "$work/pull.log"))"
@@ -131,8 +132,10 @@ done
 [ "${#extra[@]}" -eq 0 ] || echo "extra-index-url = ${extra[*]}" >>"$conf"
 
 torch_index="${TORCH_INDEX_URL:-$(sed -n 's/^ARG TORCH_INDEX_URL=//p' "$dockerfile")}"
-if [ -z "${TORCH_INDEX_URL:-}" ] && ! "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=15)' \
-        "${torch_index%/}/torch/" >/dev/null 2>&1; then
+reachable() {
+    "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=15)' "$1" >/dev/null 2>&1
+}
+if [ -z "${TORCH_INDEX_URL:-}" ] && ! reachable "${torch_index%/}/torch/"; then
     echo "image: $torch_index cannot be reached; torch from $index_url and find-links"
     torch_index="$index_url"
 fi
@@ -144,12 +147,12 @@ previous="$(buildah images --quiet --noheading "$tag" 2>/dev/null || true)"
 echo "image: building $tag from $dockerfile on $base"
 # --layers: a later build reuses the steps whose inputs are unchanged (torch, when only the
 # project's sources changed).
-buildah bud --isolation "$isolation" --layers --quiet -f "$dockerfile" --ignorefile "$dockerfile.dockerignore" \
+id="$(buildah bud --isolation "$isolation" --layers --quiet -f "$dockerfile" --ignorefile "$dockerfile.dockerignore" \
     --build-arg "BASE_IMAGE=$base" --build-arg "TORCH_INDEX_URL=$torch_index" \
     --volume "$pip_dir:/mnt:ro" --build-arg PIP_CONFIG_FILE=/mnt/pip.conf \
-    --tag "$tag" . >/dev/null
+    --tag "$tag" . | tail -n 1)"
 # The image the tag named before, with its layers that nothing else uses.
-if [ -n "$previous" ] && [ "$previous" != "$(buildah images --quiet --noheading "$tag")" ]; then
+if [ -n "$previous" ] && [[ "$id" != "$previous"* ]]; then
     buildah rmi "$previous" >/dev/null 2>&1 || true
 fi
-echo "image: built $tag"
+echo "image: built $tag $id"
