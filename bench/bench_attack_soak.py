@@ -91,7 +91,8 @@ def attacker_model(base: str, key: dict) -> str:
     session = requests.post(f"{base}/create_session", json={}, headers=key).json()["session_id"]
     submitted = requests.post(f"{base}/create_model", headers=key, json={
         "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 1}}).json()
-    while (answer := requests.post(f"{base}/retrieve_future", json=submitted, headers=key).json()).get("type"):
+    while (answer := requests.post(f"{base}/retrieve_future", json=submitted, headers=key).json()).get(
+            "type") == "try_again":
         pass
     return answer["model_id"]
 
