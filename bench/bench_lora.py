@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from cispo.worker import AdamParams, EngineConfig, lora, load_policy_model
+from cispo.worker import AdamParams, EngineConfig, lora
 from cispo.worker.runs import TrainingRuns
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -238,6 +238,8 @@ def test_packed_results_equal_per_datum_results(tmp_path):
     for a, b in zip(rp.logprobs, ra.logprobs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert abs(rp.metrics["loss:sum"] - ra.metrics["loss:sum"]) <= loss_bound(samples, rp.logprobs)
+    for (n, p), q in zip(packed.named_params.items(), alone.named_params.values()):
+        assert_grad_close(p.grad, q.grad, n)
 
 
 def loss_bound(samples, logprobs, rtol=1e-5, atol=1e-5):
@@ -255,8 +257,6 @@ def loss_bound(samples, logprobs, rtol=1e-5, atol=1e-5):
     terms = coef * t * a
     eps = torch.finfo(torch.float32).eps
     return float((a.abs() * coef * (1 + t.abs()) * d).sum() + len(t) * eps * terms.abs().sum())
-    for (n, p), q in zip(packed.named_params.items(), alone.named_params.values()):
-        assert_grad_close(p.grad, q.grad, n)
 
 
 def test_k_calls_then_step_equal_one_call(tmp_path):

@@ -1,7 +1,6 @@
 """LoRA runs through PEFT: gradients against a PEFT reference under the seed's formula, frozen
 base, seeded initialisation, isolation of adapters, and the adapter export."""
 
-import copy
 
 import peft
 import pytest

@@ -19,7 +19,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from cispo.client import AbortedError, AdamParams, Datum, ModelInput, TrainingClient
+from cispo.client import AbortedError, Datum, ModelInput, TrainingClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from server_process import ServerProcess

@@ -247,7 +247,7 @@ def test_ephemeral_exports_are_pruned_and_removed_with_their_session(server):
     assert ephemeral_exports() == before
 
 
-def hostile_tensor(rng, n: int) -> "tpb.Tensor":
+def hostile_tensor(rng, n: int):
     """A loss-input tensor for a datum of n tokens, often lying about its shape or indices."""
     from tinker.proto import tinker_public_pb2 as tpb
 
