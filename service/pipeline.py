@@ -55,6 +55,7 @@ class OperationPipeline:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._changed = asyncio.Condition()
+        self._notifying: set[asyncio.Task] = set()  # owned: the loop holds tasks weakly
         self._loop: asyncio.AbstractEventLoop | None = None  # the submitters', set on first use
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future | None = None
@@ -127,7 +128,7 @@ class OperationPipeline:
         for future in pending:
             if future is not None and not future.done():
                 future.set_exception(exc)
-        asyncio.ensure_future(self._notify())  # wake submitters waiting for room
+        self._wake()  # submitters waiting for room
 
     async def close(self) -> None:
         """Run everything already accepted, then stop the engine thread."""
@@ -205,7 +206,13 @@ class OperationPipeline:
                 raise
 
     def _room_freed(self) -> None:
-        asyncio.ensure_future(self._notify())
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the submitters waiting for room, from a task kept until it is done."""
+        task = asyncio.ensure_future(self._notify())
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
 
     def _finished(self) -> None:
         if not self._stopped.done():

@@ -127,6 +127,7 @@ class TrainingServer:
         self.http_port: int | None = None
         self._tinker = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()  # owned: the loop holds tasks weakly
 
     async def start(self) -> int:
         """Bind every port and serve. Raises StartupError (one line) when it cannot."""
@@ -204,7 +205,9 @@ class TrainingServer:
         def on_loop():
             log.error("worker group broken: %s", error)
             self.pipeline.fail(error)
-            asyncio.ensure_future(self.set_serving(False))
+            task = asyncio.ensure_future(self.set_serving(False))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self._loop.call_soon_threadsafe(on_loop)
 
     async def drain(self) -> None:
