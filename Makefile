@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?= $(if $(shell command -v nvidia-smi),,--extra-index-url $(TORCH
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-tools image protos manifests bench clean
+.PHONY: install serve test test-tools check image protos manifests bench clean
 
 install: $(STAMP)
 
@@ -34,7 +34,13 @@ serve: install
 test-tools:
 	bash scripts/install-test-tools.sh
 
-test: install test-tools
+# Lint, format and types (pyproject.toml's [tool.ruff] and [tool.mypy]); `make test` runs them first.
+check: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install test-tools check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The server image, cispo:<version>-$(IMAGE_VARIANT), with buildah (docs/deploy.md, "Images").

@@ -76,11 +76,17 @@ def grpc_trainer(address: str, stop: threading.Event, stamps: list[float]) -> No
     with cispo.ServiceClient(address, token=TOKEN) as service:
         run = service.create_lora_training_client(rank=4, seed=2)
         while not stop.is_set():
-            data = [cispo.Datum(model_input=cispo.ModelInput.from_ints(rng.integers(0, 1000, 32).tolist()),
-                                loss_fn_inputs={"target_tokens": rng.integers(0, 1000, 32),
-                                                "logprobs": np.full(32, -7.0, np.float32),
-                                                "advantages": rng.normal(size=32).astype(np.float32)})
-                    for _ in range(4)]
+            data = [
+                cispo.Datum(
+                    model_input=cispo.ModelInput.from_ints(rng.integers(0, 1000, 32).tolist()),
+                    loss_fn_inputs={
+                        "target_tokens": rng.integers(0, 1000, 32),
+                        "logprobs": np.full(32, -7.0, np.float32),
+                        "advantages": rng.normal(size=32).astype(np.float32),
+                    },
+                )
+                for _ in range(4)
+            ]
             run.forward_backward(data, "cispo").result()
             run.optim_step(cispo.AdamParams(learning_rate=1e-4)).result()
             stamps.append(time.monotonic())
@@ -89,10 +95,14 @@ def grpc_trainer(address: str, stop: threading.Event, stamps: list[float]) -> No
 def attacker_model(base: str, key: dict) -> str:
     """A model of the attacker's own, so its bombs reach the tensor checks (not a 404)."""
     session = requests.post(f"{base}/create_session", json={}, headers=key).json()["session_id"]
-    submitted = requests.post(f"{base}/create_model", headers=key, json={
-        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 1}}).json()
+    submitted = requests.post(
+        f"{base}/create_model",
+        headers=key,
+        json={"session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 1}},
+    ).json()
     while (answer := requests.post(f"{base}/retrieve_future", json=submitted, headers=key).json()).get(
-            "type") == "try_again":
+        "type"
+    ) == "try_again":
         pass
     return answer["model_id"]
 
@@ -100,17 +110,28 @@ def attacker_model(base: str, key: dict) -> str:
 def sparse_bomb(model_id: str) -> bytes:
     tokens = np.arange(4, dtype="<i4").tobytes()
     datum = tpb.Datum(model_input=[tpb.Chunk(encoded_text=tpb.EncodedTextChunk(tokens=tokens))])
-    datum.loss_fn_inputs["advantages"].CopyFrom(tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=[1, 5 * 10**8], sparse_csr=
-                                                           tpb.SparseCsr(crow_indices=np.array([0, 1], "<i8").tobytes(),
-                                                                         col_indices=np.array([7], "<i8").tobytes(),
-                                                                         values=np.ones(1, "<f4").tobytes())))
+    datum.loss_fn_inputs["advantages"].CopyFrom(
+        tpb.Tensor(
+            dtype=tpb.DTYPE_FLOAT32,
+            shape=[1, 5 * 10**8],
+            sparse_csr=tpb.SparseCsr(
+                crow_indices=np.array([0, 1], "<i8").tobytes(),
+                col_indices=np.array([7], "<i8").tobytes(),
+                values=np.ones(1, "<f4").tobytes(),
+            ),
+        )
+    )
     return tpb.ForwardBackwardRequest(model_id=model_id, seq_id=1, data=[datum]).SerializeToString()
 
 
 def http_attacker(base: str, model_id: str, limit: int, stop: threading.Event, counts: dict) -> None:
     key = {"X-API-Key": f"tml-{TOKEN}"}
-    bodies = [("forward_backward", sparse_bomb(model_id), key), ("forward_backward", b"\0" * (limit + 1), key),
-              ("optim_step", b"[" * 50_000 + b"]" * 50_000, key), ("forward_backward", b"\0" * 100, {})]
+    bodies = [
+        ("forward_backward", sparse_bomb(model_id), key),
+        ("forward_backward", b"\0" * (limit + 1), key),
+        ("optim_step", b"[" * 50_000 + b"]" * 50_000, key),
+        ("forward_backward", b"\0" * 100, {}),
+    ]
     with requests.Session() as http:
         while not stop.is_set():
             for route, body, headers in bodies:
@@ -122,10 +143,16 @@ def http_attacker(base: str, model_id: str, limit: int, stop: threading.Event, c
 
 
 def grpc_attacker(address: str, stop: threading.Event, counts: dict) -> None:
-    bad = pb.ForwardBackwardInput(data=[pb.Datum(
-        model_input=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[1 << 17], raw_data=bytes(8 << 17)),
-        loss_fn_inputs=pb.LossFnInputs(target_tokens=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3],
-                                                               raw_data=bytes(24))))])
+    bad = pb.ForwardBackwardInput(
+        data=[
+            pb.Datum(
+                model_input=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[1 << 17], raw_data=bytes(8 << 17)),
+                loss_fn_inputs=pb.LossFnInputs(
+                    target_tokens=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3], raw_data=bytes(24))
+                ),
+            )
+        ]
+    )
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         while not stop.is_set():
@@ -172,17 +199,32 @@ def main() -> None:
     limit = 32 << 20
     tmp = Path(tempfile.mkdtemp(prefix="attack-soak-"))
     (tmp / "tokens").write_text(f"bench:{TOKEN}\n")
-    server = ServerProcess("--http-port", "0", "--auth-tokens-file", str(tmp / "tokens"),
-                           "--http-max-connections", str(args.max_connections), checkpoint_dir=tmp / "ckpt")
+    server = ServerProcess(
+        "--http-port",
+        "0",
+        "--auth-tokens-file",
+        str(tmp / "tokens"),
+        "--http-max-connections",
+        str(args.max_connections),
+        checkpoint_dir=tmp / "ckpt",
+    )
     base = f"http://127.0.0.1:{server.http_port}/api/v1"
     bomb_model = attacker_model(base, {"X-API-Key": f"tml-{TOKEN}"})
     stop_all, stop_attack = threading.Event(), threading.Event()
     grpc_stamps: list[float] = []
     counts: dict = {"http": {}, "grpc": {}, "slowloris": {}}
     samples: list[tuple[float, int, float, float]] = []  # (time, rss bytes, grpc health s, http health s)
-    sdk = subprocess.Popen([sys.executable, "-c", SDK_LOOP, str(2 * args.seconds)], stdout=subprocess.PIPE, text=True,
-                           env={**os.environ, "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}",
-                                "TINKER_API_KEY": f"tml-{TOKEN}", "TINKER_TELEMETRY": "0"})
+    sdk = subprocess.Popen(
+        [sys.executable, "-c", SDK_LOOP, str(2 * args.seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}",
+            "TINKER_API_KEY": f"tml-{TOKEN}",
+            "TINKER_TELEMETRY": "0",
+        },
+    )
     trainer = threading.Thread(target=grpc_trainer, args=(server.address, stop_all, grpc_stamps), daemon=True)
     trainer.start()
     start = time.monotonic()
@@ -192,12 +234,14 @@ def main() -> None:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < start + 2 * args.seconds:
             if not attackers and time.monotonic() >= attack_at:
-                attackers = [threading.Thread(target=http_attacker, args=(base, bomb_model, limit, stop_attack,
-                                                                          counts["http"])),
-                             threading.Thread(target=grpc_attacker, args=(server.address, stop_attack,
-                                                                          counts["grpc"])),
-                             threading.Thread(target=slowloris, args=(server.http_port, args.max_connections,
-                                                                      stop_attack, counts["slowloris"]))]
+                attackers = [
+                    threading.Thread(target=http_attacker, args=(base, bomb_model, limit, stop_attack, counts["http"])),
+                    threading.Thread(target=grpc_attacker, args=(server.address, stop_attack, counts["grpc"])),
+                    threading.Thread(
+                        target=slowloris,
+                        args=(server.http_port, args.max_connections, stop_attack, counts["slowloris"]),
+                    ),
+                ]
                 for thread in attackers:
                     thread.start()
             t0 = time.perf_counter()
@@ -228,19 +272,25 @@ def main() -> None:
     for name, stamps in (("gRPC client", grpc_stamps), ("Tinker SDK", sdk_stamps)):
         quiet, attacked = rate(stamps, start + 5, attack_at), rate(stamps, attack_at + 5, end)
         print(f"| {name} | {quiet:.2f} | {attacked:.2f} | {attacked / quiet:.2f}x |")
-    print("\n| phase | RSS start MiB | RSS max MiB | RSS end MiB | gRPC health p50/p99 ms | HTTP healthz p50/p99 ms "
-          "(refused) |\n|---|---|---|---|---|---|")
+    print(
+        "\n| phase | RSS start MiB | RSS max MiB | RSS end MiB | gRPC health p50/p99 ms | HTTP healthz p50/p99 ms "
+        "(refused) |\n|---|---|---|---|---|---|"
+    )
     for name, lo, hi in (("quiet", start, attack_at), ("attacked", attack_at, end)):
         phase = [s for s in samples if lo <= s[0] < hi]
         rss = [s[1] / 2**20 for s in phase]
         g = [s[2] * 1e3 for s in phase]
         h = [s[3] * 1e3 for s in phase if s[3] == s[3]]
-        print(f"| {name} | {rss[0]:.0f} | {max(rss):.0f} | {rss[-1]:.0f} | {percentile(g, 50):.1f} / "
-              f"{percentile(g, 99):.1f} | {percentile(h, 50):.1f} / {percentile(h, 99):.1f} "
-              f"({len(phase) - len(h)}) |")
-    print(f"\nattack: HTTP answers {json.dumps(counts['http'])}; gRPC answers {json.dumps(counts['grpc'])}; "
-          f"slow connections {json.dumps(counts['slowloris'])}; RSS median quiet "
-          f"{statistics.median(s[1] for s in samples if s[0] < attack_at) / 2**20:.0f} MiB")
+        print(
+            f"| {name} | {rss[0]:.0f} | {max(rss):.0f} | {rss[-1]:.0f} | {percentile(g, 50):.1f} / "
+            f"{percentile(g, 99):.1f} | {percentile(h, 50):.1f} / {percentile(h, 99):.1f} "
+            f"({len(phase) - len(h)}) |"
+        )
+    print(
+        f"\nattack: HTTP answers {json.dumps(counts['http'])}; gRPC answers {json.dumps(counts['grpc'])}; "
+        f"slow connections {json.dumps(counts['slowloris'])}; RSS median quiet "
+        f"{statistics.median(s[1] for s in samples if s[0] < attack_at) / 2**20:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

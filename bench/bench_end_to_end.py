@@ -85,6 +85,7 @@ class Bench:
 
     def __init__(self, path: str, tmp: str):
         import torch
+
         from cispo.worker import Engine, EngineConfig, load_policy_model
 
         self.torch = torch
@@ -104,11 +105,17 @@ class Bench:
         for n in lengths:
             advantages = torch.randn(n, generator=g)
             advantages[torch.rand(n, generator=g) < 0.25] = 0.0  # prompt tokens
-            out.append(Sample(torch.randint(0, self.vocab, (n,), generator=g), {
-                "target_tokens": torch.randint(0, self.vocab, (n,), generator=g),
-                # around the random model's own logprobs (-ln V), so that some ratios pass 4
-                "logprobs": -math.log(self.vocab) + torch.randn(n, generator=g),
-                "advantages": advantages}))
+            out.append(
+                Sample(
+                    torch.randint(0, self.vocab, (n,), generator=g),
+                    {
+                        "target_tokens": torch.randint(0, self.vocab, (n,), generator=g),
+                        # around the random model's own logprobs (-ln V), so that some ratios pass 4
+                        "logprobs": -math.log(self.vocab) + torch.randn(n, generator=g),
+                        "advantages": advantages,
+                    },
+                )
+            )
         return out
 
     def zero_grad(self):
@@ -127,8 +134,9 @@ class Bench:
             for s in samples:
                 inputs = s.loss_fn_inputs
                 logits = self.model(input_ids=s.model_input[None], use_cache=False).logits
-                total += hf_cispo_loss(logits, inputs["target_tokens"][None], inputs["logprobs"][None],
-                                       inputs["advantages"][None])
+                total += hf_cispo_loss(
+                    logits, inputs["target_tokens"][None], inputs["logprobs"][None], inputs["advantages"][None]
+                )
             return total
         torch = self.torch
         B, L = len(samples), max(s.length for s in samples)
@@ -154,7 +162,8 @@ def hf_cispo_loss(logits, target_tokens, sampling_logprobs, advantages) -> float
     from torch.nn.functional import log_softmax
 
     logp = log_softmax(logits, -1).gather(-1, target_tokens[..., None])[..., 0]
-    ratio = exp(logp - sampling_logprobs); coef = clamp(ratio, 0.0, 4.0).detach()
+    ratio = exp(logp - sampling_logprobs)
+    coef = clamp(ratio, 0.0, 4.0).detach()
     loss = -(coef * logp * advantages).sum()
     loss.backward()
     return float(loss.detach())
@@ -172,8 +181,9 @@ def check(bench: Bench, samples) -> dict:
     out = {}
     for step in ("hf padded", "cispo"):
         loss_rel = abs(losses[step] - losses["hf loop"]) / abs(losses["hf loop"])
-        grad_rel = max(float(torch.linalg.vector_norm(grads[step][n] - g) / torch.linalg.vector_norm(g))
-                       for n, g in ref.items())
+        grad_rel = max(
+            float(torch.linalg.vector_norm(grads[step][n] - g) / torch.linalg.vector_norm(g)) for n, g in ref.items()
+        )
         out[step] = (loss_rel, grad_rel)
         if not (loss_rel <= REL_TOL and grad_rel <= REL_TOL):
             sys.exit(f"{step} differs from hf loop: loss rel {loss_rel:.2e}, worst gradient rel {grad_rel:.2e}")
@@ -192,7 +202,7 @@ def time_child(path: str, names: list[str], repeats: int) -> dict:
         samples = bench.samples(CONFIGS[name][1])
         out[name] = {"check": check(bench, samples), "times": {s: [] for s in STEPS}}
         for r in range(repeats):
-            for step in STEPS[r % 3:] + STEPS[:r % 3]:
+            for step in STEPS[r % 3 :] + STEPS[: r % 3]:
                 started = time.perf_counter()
                 bench.run(step, samples)
                 out[name]["times"][step].append(time.perf_counter() - started)
@@ -230,9 +240,16 @@ def save_model(path: str, vocab: int, layers: int, hidden: int) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                         max_position_embeddings=8192, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
 
 
@@ -241,12 +258,28 @@ def spawn(what: str, path: str, names: list[str], repeats: int, tree: str | None
     if tree:  # import cispo from `tree` (bench_engine_overhead's symlinked import root)
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_engine_overhead import import_root
+
         env["PYTHONPATH"] = import_root(tree)
     if what == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", what, "--path", path,
-                           "--configs", *names, "--repeats", str(repeats)], env=env, stdout=subprocess.PIPE,
-                          text=True, cwd=tempfile.gettempdir())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            what,
+            "--path",
+            path,
+            "--configs",
+            *names,
+            "--repeats",
+            str(repeats),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tempfile.gettempdir(),
+    )
     if proc.returncode:
         sys.exit(f"{what} child failed ({proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -264,15 +297,21 @@ def main() -> None:
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     if args.child:
         result = (time_child if args.child == "time" else memory_child)(
-            args.path, args.configs, *([args.repeats] if args.child == "time" else []))
+            args.path, args.configs, *([args.repeats] if args.child == "time" else [])
+        )
         print(json.dumps(result))
         return
     import torch
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     time_rows, memory_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in sorted({CONFIGS[n][0] for n in args.configs}):
@@ -282,8 +321,11 @@ def main() -> None:
             timing = spawn("time", path, names, args.repeats, args.tree)
             memory = {} if args.no_memory else spawn("memory", path, names, args.repeats, args.tree)
             grad_mib = timing["params"] * 4 / 2**20
-            print(f"V={vocab}: {timing['params'] / 1e6:.1f}M parameters (gradient {grad_mib:.0f} MiB), "
-                  f"{timing['threads']} threads, load average {os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"V={vocab}: {timing['params'] / 1e6:.1f}M parameters (gradient {grad_mib:.0f} MiB), "
+                f"{timing['threads']} threads, load average {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
             for name in names:
                 times = timing[name]["times"]
                 med = {s: statistics.median(v) for s, v in times.items()}
@@ -293,28 +335,38 @@ def main() -> None:
                 loss_rel, grad_rel = timing[name]["check"]["cispo"]
                 lengths = CONFIGS[name][1]
                 head = f"| {vocab // 1000}k | {describe(lengths)} | {sum(lengths)} |"
-                time_rows.append(head + "".join(f" {med[s]:.2f} ({best[s]:.2f}) |" for s in STEPS) +
-                                 f" {hf} | {ratio:.2f}x | {best['cispo'] / best[hf]:.2f}x |"
-                                 f" {loss_rel:.1e} | {grad_rel:.1e} |")
+                time_rows.append(
+                    head
+                    + "".join(f" {med[s]:.2f} ({best[s]:.2f}) |" for s in STEPS)
+                    + f" {hf} | {ratio:.2f}x | {best['cispo'] / best[hf]:.2f}x |"
+                    f" {loss_rel:.1e} | {grad_rel:.1e} |"
+                )
                 print(time_rows[-1], flush=True)
                 mem = memory.get(name)
                 if mem:
-                    memory_rows.append(head + "".join(f" {mem[s]:.0f} |" for s in STEPS) + f" {grad_mib:.0f} |"
-                                       f" {hf} | {mem['cispo'] / mem[hf]:.3f}x |"
-                                       f" {mem['cispo'] / mem['hf loop']:.3f}x | {mem['cispo'] / mem['hf padded']:.3f}x |")
+                    memory_rows.append(
+                        head + "".join(f" {mem[s]:.0f} |" for s in STEPS) + f" {grad_mib:.0f} |"
+                        f" {hf} | {mem['cispo'] / mem[hf]:.3f}x |"
+                        f" {mem['cispo'] / mem['hf loop']:.3f}x | {mem['cispo'] / mem['hf padded']:.3f}x |"
+                    )
                     print(memory_rows[-1], flush=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     print("\nTime (s), median of the rounds (min in brackets):\n")
-    print("| V | datums | tokens | cispo | hf loop | hf padded | hand-written (faster) | cispo / hand-written "
-          "(median of rounds) | cispo / hand-written (mins) | loss rel diff | worst gradient rel diff |")
+    print(
+        "| V | datums | tokens | cispo | hf loop | hf padded | hand-written (faster) | cispo / hand-written "
+        "(median of rounds) | cispo / hand-written (mins) | loss rel diff | worst gradient rel diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(time_rows))
     if memory_rows:
         print("\nExtra peak memory (MiB, above the weights; includes the new gradient):\n")
-        print("| V | datums | tokens | cispo | hf loop | hf padded | of which gradient | hand-written (faster) | "
-              "cispo / hand-written | cispo / hf loop | cispo / hf padded |")
+        print(
+            "| V | datums | tokens | cispo | hf loop | hf padded | of which gradient | hand-written (faster) | "
+            "cispo / hand-written | cispo / hf loop | cispo / hf padded |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(memory_rows))
+
 
 if __name__ == "__main__":
     main()

@@ -53,28 +53,45 @@ def child(model: str, what: str, repeats: int) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model
+
     tmp = tempfile.mkdtemp()
     if model == "embedded":
         policy = load_policy_model(None)
     else:
         from transformers import AutoModelForCausalLM, LlamaConfig
+
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
-                             tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(os.path.join(tmp, "m"))
         policy = load_policy_model(os.path.join(tmp, "m"))
     options = {"gradient_accumulation": what.removeprefix("accumulating:")} if what.startswith("accumulating:") else {}
-    engine = Engine(policy, EngineConfig(checkpoint_dir=tmp, head_chunk_tokens=128 if what == "memory128" else None,
-                                         **options))
+    engine = Engine(
+        policy, EngineConfig(checkpoint_dir=tmp, head_chunk_tokens=128 if what == "memory128" else None, **options)
+    )
     vocab = policy.vocab_size
     g = torch.Generator().manual_seed(0)
 
     def batch(data: int, length: int):
-        return [Sample(torch.randint(0, vocab, (length,), generator=g), {
-            "target_tokens": torch.randint(0, vocab, (length,), generator=g),
-            "logprobs": -torch.rand(length, generator=g) * 5 - 1, "advantages": torch.randn(length, generator=g)})
-            for _ in range(data)]
+        return [
+            Sample(
+                torch.randint(0, vocab, (length,), generator=g),
+                {
+                    "target_tokens": torch.randint(0, vocab, (length,), generator=g),
+                    "logprobs": -torch.rand(length, generator=g) * 5 - 1,
+                    "advantages": torch.randn(length, generator=g),
+                },
+            )
+            for _ in range(data)
+        ]
 
     params = list(engine.named_params.values())
     out = {"params_M": sum(p.numel() for p in params) / 1e6}
@@ -160,22 +177,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--accumulation", action="store_true",
-                        help="also the peak of an accumulating call, exact and in-place")
-    parser.add_argument("--step", action="store_true",
-                        help="instead, optim_step with and without the engine's check of the policy, and the check")
+    parser.add_argument(
+        "--accumulation", action="store_true", help="also the peak of an accumulating call, exact and in-place"
+    )
+    parser.add_argument(
+        "--step",
+        action="store_true",
+        help="instead, optim_step with and without the engine's check of the policy, and the check",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         model, what = args.child.split(":", 1)
         print(json.dumps(child(model, what, args.repeats)))
         return
-    trees = [t.split("=", 1) for t in (args.tree or [f"this={os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}"])]
+    trees = [
+        t.split("=", 1) for t in (args.tree or [f"this={os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}"])
+    ]
     roots = {label: import_root(path) for label, path in trees}
     results = {(m, label): [] for m in args.models for label, _ in trees}
     for r in range(args.rounds):
         for model in args.models:
-            order = trees[r % len(trees):] + trees[:r % len(trees)]
+            order = trees[r % len(trees) :] + trees[: r % len(trees)]
             for label, _ in order:
                 result = {}
                 extra = ("accumulating:exact", "accumulating:in-place") if args.accumulation else ()
@@ -185,36 +208,60 @@ def main() -> None:
                     env = dict(os.environ, PYTHONPATH=roots[label])
                     if what not in ("time", "step"):
                         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-                    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", f"{model}:{what}",
-                                           "--repeats", str(args.repeats)], env=env, capture_output=True, text=True,
-                                          cwd=tempfile.gettempdir())
+                    proc = subprocess.run(
+                        [
+                            sys.executable,
+                            os.path.abspath(__file__),
+                            "--child",
+                            f"{model}:{what}",
+                            "--repeats",
+                            str(args.repeats),
+                        ],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        cwd=tempfile.gettempdir(),
+                    )
                     if proc.returncode:
                         sys.exit(f"{label} {model} failed:\n{proc.stderr[-3000:]}")
                     result |= json.loads(proc.stdout.strip().splitlines()[-1])
                 results[(model, label)].append(result)
                 print(f"  round {r} {model} {label}: {results[(model, label)][-1]}", flush=True)
-    accumulating = (" | accumulating peak, exact | accumulating peak, in-place", "|---|---") if args.accumulation else ("", "")
+    accumulating = (
+        (" | accumulating peak, exact | accumulating peak, in-place", "|---|---") if args.accumulation else ("", "")
+    )
     if args.step:
         print("\n| model | tree | optim_step | Optimizer.step alone | the check alone |\n|---|---|---|---|---|")
         for model in args.models:
             for label, _ in trees:
                 rs = results[(model, label)]
-                print(f"| {model} ({rs[0]['params_M']:.1f}M) | {label} |" + "".join(
-                    f" {statistics.median(r[key] for r in rs):.2f} ms |"
-                    for key in ("step_ms", "step_unchecked_ms", "probe_ms")))
+                print(
+                    f"| {model} ({rs[0]['params_M']:.1f}M) | {label} |"
+                    + "".join(
+                        f" {statistics.median(r[key] for r in rs):.2f} ms |"
+                        for key in ("step_ms", "step_unchecked_ms", "probe_ms")
+                    )
+                )
         return
-    print("\n| model | tree | tiny fwd_bwd, no gradient yet | tiny fwd_bwd, accumulating | "
-          f"extra peak, fwd_bwd 2 x 512 | same, 128-token head chunks{accumulating[0]} |")
+    print(
+        "\n| model | tree | tiny fwd_bwd, no gradient yet | tiny fwd_bwd, accumulating | "
+        f"extra peak, fwd_bwd 2 x 512 | same, 128-token head chunks{accumulating[0]} |"
+    )
     print(f"|---|---|---|---|---|---{accumulating[1]}|")
     for model in args.models:
         for label, _ in trees:
             rs = results[(model, label)]
             med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
-            cells = "".join(f" {med[f'extra_peak_accumulating:{mode}_MiB']:.0f} MiB |" for mode in ("exact", "in-place")
-                            if args.accumulation)
-            print(f"| {model} ({med['params_M']:.1f}M) | {label} | {med['first_ms']:.1f} ms | "
-                  f"{med['accumulating_ms']:.1f} ms | {med['extra_peak_memory_MiB']:.0f} MiB | "
-                  f"{med['extra_peak_memory128_MiB']:.0f} MiB |{cells}")
+            cells = "".join(
+                f" {med[f'extra_peak_accumulating:{mode}_MiB']:.0f} MiB |"
+                for mode in ("exact", "in-place")
+                if args.accumulation
+            )
+            print(
+                f"| {model} ({med['params_M']:.1f}M) | {label} | {med['first_ms']:.1f} ms | "
+                f"{med['accumulating_ms']:.1f} ms | {med['extra_peak_memory_MiB']:.0f} MiB | "
+                f"{med['extra_peak_memory128_MiB']:.0f} MiB |{cells}"
+            )
 
 
 if __name__ == "__main__":

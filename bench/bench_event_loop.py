@@ -51,8 +51,10 @@ def health_poller(address: str, stop, out) -> None:
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                ok = stub.Check(health_pb2.HealthCheckRequest(), timeout=300).status == \
-                    health_pb2.HealthCheckResponse.SERVING
+                ok = (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=300).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )
             except grpc.RpcError:
                 ok = False
             samples.append((t0, time.monotonic() - t0, ok))
@@ -99,12 +101,20 @@ def one_token_datums_raw(n: int, rng) -> bytes:
     parts = []
     tokens = rng.integers(0, 1024, size=(n, 2)).astype("<i8")
     for a, b in tokens:
-        parts.append(pb.ForwardBackwardInput(data=[pb.Datum(
-            model_input=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=a.tobytes()),
-            loss_fn_inputs=pb.LossFnInputs(
-                target_tokens=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=b.tobytes()),
-                logprobs=pb.Tensor(dtype=pb.DTYPE_FLOAT32, raw_data=lp),
-                advantages=pb.Tensor(dtype=pb.DTYPE_FLOAT32, raw_data=adv)))]).SerializeToString())
+        parts.append(
+            pb.ForwardBackwardInput(
+                data=[
+                    pb.Datum(
+                        model_input=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=a.tobytes()),
+                        loss_fn_inputs=pb.LossFnInputs(
+                            target_tokens=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=b.tobytes()),
+                            logprobs=pb.Tensor(dtype=pb.DTYPE_FLOAT32, raw_data=lp),
+                            advantages=pb.Tensor(dtype=pb.DTYPE_FLOAT32, raw_data=adv),
+                        ),
+                    )
+                ]
+            ).SerializeToString()
+        )
     return b"".join(parts)
 
 
@@ -128,19 +138,33 @@ def raw_batch(datums: int, length: int, rng) -> bytes:
 def raw_reject(mib: int) -> bytes:
     from cispo.v1 import training_pb2 as pb
 
-    return pb.ForwardBackwardInput(data=[pb.Datum(
-        model_input=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=bytes(mib << 20)))]).SerializeToString()
+    return pb.ForwardBackwardInput(
+        data=[pb.Datum(model_input=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=bytes(mib << 20)))]
+    ).SerializeToString()
 
 
 def stats(samples, start: float, end: float) -> dict:
     inside = [s for s in samples if start <= s[0] <= end]
     bad = sum(1 for s in inside if not s[2])
     if not inside:
-        return {"n": 0, "p50": float("nan"), "p99": float("nan"), "max": float("nan"), "failed": bad, "at": float("nan")}
+        return {
+            "n": 0,
+            "p50": float("nan"),
+            "p99": float("nan"),
+            "max": float("nan"),
+            "failed": bad,
+            "at": float("nan"),
+        }
     a = np.array([s[1] for s in inside]) * 1000
     worst = inside[int(a.argmax())]
-    return {"n": len(a), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
-            "max": float(a.max()), "failed": bad, "at": worst[0] - start}
+    return {
+        "n": len(a),
+        "p50": float(np.percentile(a, 50)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+        "failed": bad,
+        "at": worst[0] - start,
+    }
 
 
 def main() -> int:
@@ -168,8 +192,11 @@ def main() -> int:
         bodies["raw_batch"] = raw_batch(args.raw_datums, args.raw_len, rng)
     if "raw_reject" in scenarios:
         bodies["raw_reject"] = raw_reject(args.reject_mib)
-    print(f"bodies built in {time.monotonic() - built:.1f} s: "
-          + ", ".join(f"{k} {len(v) / 1e6:.1f} MB" for k, v in bodies.items()), flush=True)
+    print(
+        f"bodies built in {time.monotonic() - built:.1f} s: "
+        + ", ".join(f"{k} {len(v) / 1e6:.1f} MB" for k, v in bodies.items()),
+        flush=True,
+    )
 
     ctx = mp.get_context("spawn")
     results = []
@@ -179,8 +206,10 @@ def main() -> int:
             stop = ctx.Event()
             h_recv, h_send = ctx.Pipe(duplex=False)
             m_recv, m_send = ctx.Pipe(duplex=False)
-            pollers = [ctx.Process(target=health_poller, args=(server.address, stop, h_send)),
-                       ctx.Process(target=metrics_poller, args=(server.metrics_port, stop, m_send))]
+            pollers = [
+                ctx.Process(target=health_poller, args=(server.address, stop, h_send)),
+                ctx.Process(target=metrics_poller, args=(server.metrics_port, stop, m_send)),
+            ]
             for p in pollers:
                 p.start()
             time.sleep(3.0)  # pollers connected and warm
@@ -189,8 +218,11 @@ def main() -> int:
 
             options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
             with grpc.insecure_channel(server.address, options=options) as channel:
-                forward = channel.unary_unary("/cispo.v1.TrainingService/Forward",
-                                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+                forward = channel.unary_unary(
+                    "/cispo.v1.TrainingService/Forward",
+                    request_serializer=lambda b: b,
+                    response_deserializer=lambda b: b,
+                )
                 for name in scenarios:
                     start = time.monotonic()
                     if name == "idle":
@@ -219,8 +251,10 @@ def main() -> int:
 
     cmd = "    .venv/bin/python bench/bench_event_loop.py " + " ".join(sys.argv[1:])
     print("\nCommand:\n\n" + cmd + "\n")
-    print("| scenario | request | request time (s) | answer | health checks n | health p50 (ms) | health p99 (ms) "
-          "| health max (ms) (at +s) | poller's own sleep overshoot max (ms) | /metrics n | /metrics p50 (ms) | /metrics p99 (ms) | /metrics max (ms) |")
+    print(
+        "| scenario | request | request time (s) | answer | health checks n | health p50 (ms) | health p99 (ms) "
+        "| health max (ms) (at +s) | poller's own sleep overshoot max (ms) | /metrics n | /metrics p50 (ms) | /metrics p99 (ms) | /metrics max (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for name, size, seconds, code, answer, start, end in results:
@@ -230,9 +264,11 @@ def main() -> int:
         what = "-" if name == "idle" else f"{size / 1e6:.1f} MB"
         ans = f"{code} ({answer / 1e6:.1f} MB)" if code == "OK" else code
         failed = f" ({h['failed']} failed)" if h["failed"] else ""
-        print(f"| {name} | {what} | {seconds:.2f} | {ans} | {h['n']}{failed} "
-              f"| {h['p50']:.1f} | {h['p99']:.1f} | {h['max']:.1f} (+{h['at']:.1f}) | {j['max']:.1f} | {m['n']} | {m['p50']:.1f} | {m['p99']:.1f} "
-              f"| {m['max']:.1f} |")
+        print(
+            f"| {name} | {what} | {seconds:.2f} | {ans} | {h['n']}{failed} "
+            f"| {h['p50']:.1f} | {h['p99']:.1f} | {h['max']:.1f} (+{h['at']:.1f}) | {j['max']:.1f} | {m['n']} | {m['p50']:.1f} | {m['p99']:.1f} "
+            f"| {m['max']:.1f} |"
+        )
     verdict = "meets" if worst < 100 else "MISSES"
     print(f"\nWorst health-check latency during a request: {worst:.1f} ms: {verdict} the target (max < 100 ms).")
     return 0 if worst < 100 else 1

@@ -35,14 +35,19 @@ def worker(args) -> None:
     """One rank: load, shard (W > 1 and fsdp), two steps; rank 0 prints every rank's figures."""
     import torch.distributed as dist
 
-    from cispo.worker import AdamParams, Engine, EngineConfig, Sample, lora, load_policy_model
+    from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model, lora
     from cispo.worker.group import attach, init_group, shard_by_tokens
     from cispo.worker.sharding import local_bytes, state_bytes
 
     ctx = init_group(torch.device(args.device))  # gloo on the CPU, nccl on CUDA
     device = f"cuda:{ctx.rank}" if args.device == "cuda" else args.device
-    policy = load_policy_model(args.model, device, args.dtype, activation_checkpointing=args.activation_checkpointing,
-                               shard=args.sharding == "fsdp")
+    policy = load_policy_model(
+        args.model,
+        device,
+        args.dtype,
+        activation_checkpointing=args.activation_checkpointing,
+        shard=args.sharding == "fsdp",
+    )
     run = {}
     if args.lora:
         spec = lora.LoraSpec(rank=args.lora_rank)
@@ -53,9 +58,17 @@ def worker(args) -> None:
     base = local_bytes(p for n, p in policy.model.named_parameters() if "lora_" not in n)
     g = torch.Generator().manual_seed(0)
     lengths = [512] * 8
-    samples = [Sample(torch.randint(0, args.vocab, (n,), generator=g), {
-        "target_tokens": torch.randint(0, args.vocab, (n,), generator=g),
-        "logprobs": -torch.rand(n, generator=g) * 5 - 1, "advantages": torch.randn(n, generator=g)}) for n in lengths]
+    samples = [
+        Sample(
+            torch.randint(0, args.vocab, (n,), generator=g),
+            {
+                "target_tokens": torch.randint(0, args.vocab, (n,), generator=g),
+                "logprobs": -torch.rand(n, generator=g) * 5 - 1,
+                "advantages": torch.randn(n, generator=g),
+            },
+        )
+        for n in lengths
+    ]
     mine = [samples[i] for i in shard_by_tokens(lengths, ctx.world_size)[ctx.rank]]
     loss = engine.validate(mine, "cispo", None)
     times, state = [], None
@@ -67,8 +80,14 @@ def worker(args) -> None:
         times.append(time.perf_counter() - started)
     num_parameters = sum(p.numel() for p in engine.named_params.values())
     predicted = state_bytes(num_parameters, ctx.world_size, "replicated" if args.lora else args.sharding)
-    mine = {"rank": ctx.rank, "state": state.total, "predicted": predicted.total, "base": base,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "seconds": times[-1]}
+    mine = {
+        "rank": ctx.rank,
+        "state": state.total,
+        "predicted": predicted.total,
+        "base": base,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds": times[-1],
+    }
     everyone = [None] * ctx.world_size
     dist.all_gather_object(everyone, mine, group=ctx.control)
     if ctx.rank == 0:
@@ -77,13 +96,36 @@ def worker(args) -> None:
 
 
 def run(args, world_size: int, sharding: str, checkpointing: bool = False) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-           __file__, "--worker", "--model", args.model, "--vocab", str(args.vocab), "--sharding", sharding,
-           "--tmp", args.tmp, "--lora-rank", str(args.lora_rank), "--dtype", args.dtype, "--device", args.device] + (["--activation-checkpointing"] if checkpointing else []) \
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={world_size}",
+            __file__,
+            "--worker",
+            "--model",
+            args.model,
+            "--vocab",
+            str(args.vocab),
+            "--sharding",
+            sharding,
+            "--tmp",
+            args.tmp,
+            "--lora-rank",
+            str(args.lora_rank),
+            "--dtype",
+            args.dtype,
+            "--device",
+            args.device,
+        ]
+        + (["--activation-checkpointing"] if checkpointing else [])
         + (["--lora"] if args.lora else [])
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world_size))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
 
 
 def main() -> None:
@@ -106,21 +148,35 @@ def main() -> None:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                             num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                             num_key_value_heads=args.hidden // 64, max_position_embeddings=4096,
-                             tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 11 // 4,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 64,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        )
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         args.model, args.tmp = os.path.join(tmp, "llama"), tmp
         model.save_pretrained(args.model)
         n = sum(t.numel() for t in model.parameters())
-        print(f"model: {n / 1e6:.1f}M parameters ({args.layers} layers, d={args.hidden}, V={args.vocab}); "
-              f"batch 8 x 512 tokens; {'CUDA, nccl' if args.device == 'cuda' else 'CPU, gloo'}; compute dtype {args.dtype}" + (f"; LoRA r={args.lora_rank}" if args.lora else ""))
-        print("| W | sharding | state per rank (MiB) | predicted (MiB) | frozen base per rank (MiB) "
-              "| peak RSS per rank (MiB) | s/step |")
+        print(
+            f"model: {n / 1e6:.1f}M parameters ({args.layers} layers, d={args.hidden}, V={args.vocab}); "
+            f"batch 8 x 512 tokens; {'CUDA, nccl' if args.device == 'cuda' else 'CPU, gloo'}; compute dtype {args.dtype}"
+            + (f"; LoRA r={args.lora_rank}" if args.lora else "")
+        )
+        print(
+            "| W | sharding | state per rank (MiB) | predicted (MiB) | frozen base per rank (MiB) "
+            "| peak RSS per rank (MiB) | s/step |"
+        )
         print("|---|---|---|---|---|---|---|")
-        rows = [(w, "replicated" if w == 1 else mode, False) for w in args.world_sizes
-                for mode in (("replicated",) if w == 1 else ("replicated", "fsdp"))]
+        rows = [
+            (w, "replicated" if w == 1 else mode, False)
+            for w in args.world_sizes
+            for mode in (("replicated",) if w == 1 else ("replicated", "fsdp"))
+        ]
         if args.activation_checkpointing:
             rows.append((max(args.world_sizes), "fsdp", True))
         mib = 1 << 20
@@ -130,11 +186,13 @@ def main() -> None:
 
         for world_size, sharding, checkpointing in rows:
             ranks = run(args, world_size, sharding, checkpointing)
-            print(f"| {world_size} | {sharding}{' + activation checkpointing' if checkpointing else ''} "
-                  f"| {max(r['state'] for r in ranks) / mib:.1f} | {ranks[0]['predicted'] / mib:.1f} "
-                  f"| {base(ranks)} "
-                  f"| {max(r['peak_rss'] for r in ranks) / mib:.0f} | {max(r['seconds'] for r in ranks):.2f} |",
-                  flush=True)
+            print(
+                f"| {world_size} | {sharding}{' + activation checkpointing' if checkpointing else ''} "
+                f"| {max(r['state'] for r in ranks) / mib:.1f} | {ranks[0]['predicted'] / mib:.1f} "
+                f"| {base(ranks)} "
+                f"| {max(r['peak_rss'] for r in ranks) / mib:.0f} | {max(r['seconds'] for r in ranks):.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,12 @@ from pathlib import Path
 
 import torch
 
-from cispo.worker.logprob_head import (HAS_LINEAR_CROSS_ENTROPY, default_chunk_tokens, fused_head_gradients,
-                                      target_logprobs)
+from cispo.worker.logprob_head import (
+    HAS_LINEAR_CROSS_ENTROPY,
+    default_chunk_tokens,
+    fused_head_gradients,
+    target_logprobs,
+)
 
 SIZES = {
     "cpu": {"tokens": 8192, "hidden": 512, "vocab": 32000, "dtype": "float32"},
@@ -125,10 +129,12 @@ def naive_target_logprobs(hidden_TD, weight_VD, targets_T):
 def _variant_fn(variant, chunk_tokens):
     """A function (h, w, t, g) -> logp that runs forward and the backward of sum(g * logp)."""
     if variant == "fused":
+
         def fused(h, w, t, g):
             surrogate, logp_T = fused_head_gradients(h, w, t, lambda logp_C, sl: g[sl], chunk_tokens)
             surrogate.backward()
             return logp_T
+
         return fused
     if variant == "naive":
         forward = naive_target_logprobs
@@ -140,6 +146,7 @@ def _variant_fn(variant, chunk_tokens):
         logp_T = forward(h, w, t)
         logp_T.backward(g)
         return logp_T.detach()
+
     return step
 
 

@@ -27,7 +27,7 @@ from cispo.worker import AdamParams, EngineConfig, lora
 from cispo.worker.runs import TrainingRuns
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_sampling import load_model, machine  # noqa: E402  the same two models
+from bench_sampling import load_model, machine
 
 MODELS = ("embedded", "llama20m")
 
@@ -36,10 +36,17 @@ def batch(vocab: int, seed: int = 0, data: int = 4, length: int = 256):
     from cispo.worker import Sample
 
     g = torch.Generator().manual_seed(seed)
-    return [Sample(torch.randint(0, vocab, (length,), generator=g), {
-        "target_tokens": torch.randint(0, vocab, (length,), generator=g),
-        "logprobs": -torch.rand(length, generator=g) * 5 - 1, "advantages": torch.randn(length, generator=g)})
-        for _ in range(data)]
+    return [
+        Sample(
+            torch.randint(0, vocab, (length,), generator=g),
+            {
+                "target_tokens": torch.randint(0, vocab, (length,), generator=g),
+                "logprobs": -torch.rand(length, generator=g) * 5 - 1,
+                "advantages": torch.randn(length, generator=g),
+            },
+        )
+        for _ in range(data)
+    ]
 
 
 def step(engine, samples) -> float:
@@ -72,14 +79,22 @@ def bench_model(name: str, tmp: str, repeats: int) -> list[str]:
         step(runs.get(model_id, None), samples)
     a, b = runs.get(ids[32], None), runs.get(ids[8], None)
     lora_times = [step(a, samples) for _ in range(repeats)]
-    rows.append(f"| {name} | full fine-tune | {mib(full_bytes)} | 1.00x | {statistics.median(full_times) * 1e3:.0f} ms | 1.00x |")
+    rows.append(
+        f"| {name} | full fine-tune | {mib(full_bytes)} | 1.00x | {statistics.median(full_times) * 1e3:.0f} ms | 1.00x |"
+    )
     for rank, model_id in ids.items():
         info = runs.info(model_id, None)
         times = lora_times if rank == 32 else None
-        rows.append(f"| {name} | LoRA rank {rank} | {mib(info.trainable_bytes)} | "
-                    f"{info.trainable_bytes / full_bytes:.3f}x | "
-                    + (f"{statistics.median(times) * 1e3:.0f} ms | "
-                       f"{statistics.median(times) / statistics.median(full_times):.2f}x |" if times else "- | - |"))
+        rows.append(
+            f"| {name} | LoRA rank {rank} | {mib(info.trainable_bytes)} | "
+            f"{info.trainable_bytes / full_bytes:.3f}x | "
+            + (
+                f"{statistics.median(times) * 1e3:.0f} ms | "
+                f"{statistics.median(times) / statistics.median(full_times):.2f}x |"
+                if times
+                else "- | - |"
+            )
+        )
     rows.append(f"| {name} | shared base (held once) | {mib(base_bytes)} | | | |")
 
     one = samples[:1]
@@ -97,8 +112,10 @@ def bench_model(name: str, tmp: str, repeats: int) -> list[str]:
     for i in range(200):
         lora.activate(runs.policy, ids[8] if i % 2 else ids[32])
     activate = (time.perf_counter() - started) / 200
-    rows.append(f"| {name} | forward of 256 tokens: one run {statistics.median(alone) * 1e3:.1f} ms, alternating two "
-                f"runs {statistics.median(switching) * 1e3:.1f} ms; `activate` alone {activate * 1e6:.0f} us | | | | |")
+    rows.append(
+        f"| {name} | forward of 256 tokens: one run {statistics.median(alone) * 1e3:.1f} ms, alternating two "
+        f"runs {statistics.median(switching) * 1e3:.1f} ms; `activate` alone {activate * 1e6:.0f} us | | | | |"
+    )
     return rows
 
 
@@ -110,8 +127,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {machine(args.threads)}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    rows = ["| model | run | bytes of its own (MiB) | vs full | step (4 x 256 tokens) | vs full |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| model | run | bytes of its own (MiB) | vs full | step (4 x 256 tokens) | vs full |",
+        "|---|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             rows += bench_model(name, tmp, args.repeats)

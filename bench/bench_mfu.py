@@ -29,9 +29,17 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model
 
-QWEN_05B = dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, vocab_size=151936,
-                num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                max_position_embeddings=32768, rope_theta=1e6)
+QWEN_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    intermediate_size=4864,
+    vocab_size=151936,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+)
 DENSE_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
 
@@ -50,8 +58,9 @@ def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for card, peak in sorted(DENSE_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0]))
-                 if card in name), None)
+    return next(
+        (peak for card, peak in sorted(DENSE_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if card in name), None
+    )
 
 
 def main() -> None:
@@ -72,9 +81,17 @@ def main() -> None:
     engine = Engine(policy, EngineConfig(gradient_accumulation="in-place"))
     g = torch.Generator().manual_seed(0)
     lengths = [args.datum_tokens] * (args.tokens // args.datum_tokens)
-    samples = [Sample(torch.randint(0, config.vocab_size, (n,), generator=g), {
-        "target_tokens": torch.randint(0, config.vocab_size, (n,), generator=g),
-        "logprobs": -torch.rand(n, generator=g) * 5 - 8, "advantages": torch.randn(n, generator=g)}) for n in lengths]
+    samples = [
+        Sample(
+            torch.randint(0, config.vocab_size, (n,), generator=g),
+            {
+                "target_tokens": torch.randint(0, config.vocab_size, (n,), generator=g),
+                "logprobs": -torch.rand(n, generator=g) * 5 - 8,
+                "advantages": torch.randn(n, generator=g),
+            },
+        )
+        for n in lengths
+    ]
     times = []
     for step in range(args.steps + 1):
         started = time.perf_counter()
@@ -86,11 +103,15 @@ def main() -> None:
     flops = step_flops(config, lengths)
     peak = args.peak_tflops or peak_tflops(policy.device)
     device = torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else "CPU"
-    print(f"{device}; Qwen2.5-0.5B shape, {args.layers} layers; {policy.compute_dtype}; {len(lengths)} x "
-          f"{args.datum_tokens} tokens; median of {args.steps} steps")
-    print(f"step {seconds * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), {sum(lengths) / seconds:,.0f} tokens/s, "
-          f"{flops / 1e12:.2f} TFLOP per step, {flops / seconds / 1e12:.1f} TFLOP/s"
-          + (f", MFU {flops / seconds / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else ""))
+    print(
+        f"{device}; Qwen2.5-0.5B shape, {args.layers} layers; {policy.compute_dtype}; {len(lengths)} x "
+        f"{args.datum_tokens} tokens; median of {args.steps} steps"
+    )
+    print(
+        f"step {seconds * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), {sum(lengths) / seconds:,.0f} tokens/s, "
+        f"{flops / 1e12:.2f} TFLOP per step, {flops / seconds / 1e12:.1f} TFLOP/s"
+        + (f", MFU {flops / seconds / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else "")
+    )
 
 
 if __name__ == "__main__":

@@ -43,17 +43,31 @@ WAYS = ("packed", "unpacked", "dense mask")
 
 
 def llama_config(layers: int, hidden: int, vocab: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                       max_position_embeddings=TOKENS, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=TOKENS,
+        tie_word_embeddings=False,
+    )
 
 
 def batch(vocab: int, data: int, length: int, seed: int = 0) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
-    return [Sample(torch.randint(0, vocab, (length,), generator=g), {
-        "target_tokens": torch.randint(0, vocab, (length,), generator=g),
-        "logprobs": -torch.rand(length, generator=g) * 5 - 1, "advantages": torch.randn(length, generator=g)})
-        for _ in range(data)]
+    return [
+        Sample(
+            torch.randint(0, vocab, (length,), generator=g),
+            {
+                "target_tokens": torch.randint(0, vocab, (length,), generator=g),
+                "logprobs": -torch.rand(length, generator=g) * 5 - 1,
+                "advantages": torch.randn(length, generator=g),
+            },
+        )
+        for _ in range(data)
+    ]
 
 
 def timed(fn) -> float:
@@ -68,8 +82,10 @@ def bench_engine(args, tmp: str) -> list[str]:
     path = os.path.join(tmp, "llama")
     model.save_pretrained(path)
     policy = load_policy_model(path)
-    print(f"model: {sum(p.numel() for p in policy.model.parameters()) / 1e6:.1f}M parameters, "
-          f"{args.layers} layers, d={args.hidden}, V={args.vocab}, attention {policy.model.config._attn_implementation}")
+    print(
+        f"model: {sum(p.numel() for p in policy.model.parameters()) / 1e6:.1f}M parameters, "
+        f"{args.layers} layers, d={args.hidden}, V={args.vocab}, attention {policy.model.config._attn_implementation}"
+    )
     packed = Engine(policy, EngineConfig(checkpoint_dir=tmp, micro_batch_tokens=TOKENS))
     unpacked = Engine(policy, EngineConfig(checkpoint_dir=tmp, micro_batch_tokens=1))
     packed_attention = policy.model.config._attn_implementation
@@ -82,21 +98,26 @@ def bench_engine(args, tmp: str) -> list[str]:
         engine = unpacked if way == "unpacked" else packed
         return timed(lambda: engine.forward_backward(samples, "cispo"))
 
-    rows = ["| batch | packed | unpacked | dense mask (old) | packed / unpacked | dense / packed |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| batch | packed | unpacked | dense mask (old) | packed / unpacked | dense / packed |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in args.batches:
         data, length = BATCHES[name]
         samples = batch(args.vocab, data, length)
         run("packed", samples)  # warm-up (allocator, first-call work), untimed
         times = {way: [] for way in WAYS}
         for r in range(args.repeats):
-            for way in WAYS[r % 3:] + WAYS[:r % 3]:
+            for way in WAYS[r % 3 :] + WAYS[: r % 3]:
                 times[way].append(run(way, samples))
                 print(f"  {name} {way}: {times[way][-1]:.2f} s", flush=True)
         med = {way: statistics.median(t) for way, t in times.items()}
         pu = statistics.median(p / u for p, u in zip(times["packed"], times["unpacked"]))
         dp = statistics.median(d / p for d, p in zip(times["dense mask"], times["packed"]))
-        rows.append(f"| {name} | {med['packed']:.2f} s | {med['unpacked']:.2f} s | {med['dense mask']:.2f} s | "
-                    f"{pu:.2f}x | {dp:.2f}x |")
+        rows.append(
+            f"| {name} | {med['packed']:.2f} s | {med['unpacked']:.2f} s | {med['dense mask']:.2f} s | "
+            f"{pu:.2f}x | {dp:.2f}x |"
+        )
     return rows
 
 
@@ -104,8 +125,11 @@ def bench_layer(args) -> list[str]:
     """One attention layer at T=8192, datums of 2048 and 256 tokens."""
     H, Dh = 8, 64
     module = torch.nn.Module()
-    rows = ["| datums | dense block mask, fwd+bwd | per-datum SDPA, fwd+bwd | dense / per-datum | "
-            "per-datum SDPA, fwd | flex (compiled), fwd |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| datums | dense block mask, fwd+bwd | per-datum SDPA, fwd+bwd | dense / per-datum | "
+        "per-datum SDPA, fwd | flex (compiled), fwd |",
+        "|---|---|---|---|---|---|",
+    ]
     for length in (2048, 256):
         lengths = [length] * (TOKENS // length)
         g = torch.Generator().manual_seed(0)
@@ -134,15 +158,20 @@ def bench_layer(args) -> list[str]:
         if args.flex:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-            block_mask = create_block_mask(lambda b, h, qi, ki: (datum_T[qi] == datum_T[ki]) & (qi >= ki),
-                                           None, None, TOKENS, TOKENS, device="cpu")
+            block_mask = create_block_mask(
+                lambda b, h, qi, ki: (datum_T[qi] == datum_T[ki]) & (qi >= ki), None, None, TOKENS, TOKENS, device="cpu"
+            )
             compiled = torch.compile(flex_attention)
             qd, kd, vd = q.detach(), k.detach(), v.detach()  # torch refuses inputs that need a gradient
             compiled(qd, kd, vd, block_mask=block_mask)  # compiles
-            flex = f"{min(timed(lambda: compiled(qd, kd, vd, block_mask=block_mask)) for _ in range(args.repeats)):.3f} s"
+            flex = (
+                f"{min(timed(lambda: compiled(qd, kd, vd, block_mask=block_mask)) for _ in range(args.repeats)):.3f} s"
+            )
         best = {name: min(t) for name, t in times.items()}
-        rows.append(f"| {len(lengths)} x {length} | {best['dense']:.3f} s | {best['per-datum']:.3f} s | "
-                    f"{best['dense'] / best['per-datum']:.1f}x | {best['per-datum fwd']:.3f} s | {flex} |")
+        rows.append(
+            f"| {len(lengths)} x {length} | {best['dense']:.3f} s | {best['per-datum']:.3f} s | "
+            f"{best['dense'] / best['per-datum']:.1f}x | {best['per-datum fwd']:.3f} s | {flex} |"
+        )
     return rows
 
 

@@ -10,7 +10,7 @@ Two workloads, each reported in microseconds per operation:
               numpy work on each request before submitting the next (decoding and validating it,
               as the service does). "direct" is both run one after the other; a pipeline that
               hands off without cost overlaps them.
-`--compare-with` runs another version of service/pipeline.py (e.g. `git show REV:service/pipeline.py
+`--compare-with` runs another version of service/cispo/service/pipeline.py (e.g. `git show REV:service/cispo/service/pipeline.py
 > /tmp/old.py`) side by side in the same run.
 """
 
@@ -93,8 +93,11 @@ def main() -> None:
             plain.append(direct(args.ops, work) + (direct(args.ops, decode) if decoding else 0.0))
             for v, module in versions.items():
                 runs[v].append(asyncio.run(through(module, args.ops, work, decoding)))
-        print(f"| {name} | {statistics.median(plain):.1f} | "
-              + " | ".join(f"{statistics.median(r):.1f}" for r in runs.values()) + " |")
+        print(
+            f"| {name} | {statistics.median(plain):.1f} | "
+            + " | ".join(f"{statistics.median(r):.1f}" for r in runs.values())
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def grpc_sender(server: ServerProcess, data: int, tokens: int, limit: int):
                 raise
         else:
             raise AssertionError("the request was accepted")
+
     return send, len(body)
 
 
@@ -62,10 +63,13 @@ def http_sender(server: ServerProcess, data: int, tokens: int):
     """The same over the Tinker HTTP port, to a LoRA model created for it."""
     base = f"http://127.0.0.1:{server.http_port}/api/v1"
     session = requests.post(f"{base}/create_session", json={}).json()["session_id"]
-    created = requests.post(f"{base}/create_model", json={"session_id": session, "model_seq_id": 0, "base_model": "",
-                                                          "lora_config": {"rank": 2}}).json()
-    while (answer := requests.post(f"{base}/retrieve_future", json={"request_id": created["request_id"]}).json()
-           ).get("type") == "try_again":
+    created = requests.post(
+        f"{base}/create_model",
+        json={"session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 2}},
+    ).json()
+    while (answer := requests.post(f"{base}/retrieve_future", json={"request_id": created["request_id"]}).json()).get(
+        "type"
+    ) == "try_again":
         pass
     body = mismatched_tinker_forward_backward(answer["model_id"], data, tokens)
     http = requests.Session()
@@ -74,6 +78,7 @@ def http_sender(server: ServerProcess, data: int, tokens: int):
         refused = http.post(f"{base}/forward_backward", data=body, headers={"Content-Type": "application/x-protobuf"})
         if refused.status_code != 400:
             raise AssertionError(f"HTTP {refused.status_code}: {refused.text[:200]}")
+
     return send, len(body)
 
 
@@ -91,8 +96,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(*flags, checkpoint_dir=Path(tmp) / "ckpt")
         try:
-            send, size = (grpc_sender(server, args.data, args.tokens, limit) if args.door == "grpc"
-                          else http_sender(server, args.data, args.tokens))
+            send, size = (
+                grpc_sender(server, args.data, args.tokens, limit)
+                if args.door == "grpc"
+                else http_sender(server, args.data, args.tokens)
+            )
             pid = server.proc.pid
             idle = rss_bytes(pid)
             after = []
@@ -108,8 +116,10 @@ def main() -> int:
             server.kill()
     bound = idle + 2 * limit
     row = lambda name, value: print(f"| {name} | {value / MIB:.0f} | {(value - idle) / MIB:+.0f} |")  # noqa: E731
-    print(f"\n{args.requests} refused requests of {size / MIB:.1f} MiB over {args.door}, "
-          f"--max-message-bytes {limit / MIB:.0f} MiB\n")
+    print(
+        f"\n{args.requests} refused requests of {size / MIB:.1f} MiB over {args.door}, "
+        f"--max-message-bytes {limit / MIB:.0f} MiB\n"
+    )
     print("| server RSS | MiB | over idle |")
     print("|---|---|---|")
     row("idle", idle)

@@ -44,9 +44,16 @@ MODELS = ("embedded", "llama20m")
 
 def llama20m_config() -> LlamaConfig:
     """About 19.5M parameters, half of them the untied 32000-token embedding and head."""
-    return LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
 
 
 def load_model(name: str, tmp: str):
@@ -75,17 +82,25 @@ def generate_run(model, prompts_BP: torch.Tensor, max_tokens: int, eos: list[int
     """(seconds, generated tokens) of one model.generate call on the batch `prompts_BP`."""
     torch.manual_seed(seed)
     start = time.perf_counter()
-    out = model.generate(prompts_BP, attention_mask=torch.ones_like(prompts_BP), do_sample=True, temperature=1.0,
-                         top_k=0, top_p=1.0, max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=eos[0])
+    out = model.generate(
+        prompts_BP,
+        attention_mask=torch.ones_like(prompts_BP),
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_tokens,
+        eos_token_id=eos,
+        pad_token_id=eos[0],
+    )
     seconds = time.perf_counter() - start
-    new_BL = out[:, prompts_BP.shape[1]:]
+    new_BL = out[:, prompts_BP.shape[1] :]
     hit_BL = torch.isin(new_BL, torch.tensor(eos))
     lengths_B = torch.where(hit_BL.any(1), hit_BL.int().argmax(1) + 1, new_BL.shape[1])
     return seconds, int(lengths_B.sum())
 
 
-def variants(engine: Engine, prompts_NP: torch.Tensor, batches: list[int], max_tokens: int, sequences: int,
-             seed: int):
+def variants(engine: Engine, prompts_NP: torch.Tensor, batches: list[int], max_tokens: int, sequences: int, seed: int):
     """[(side, batch label, run function)]: cispo and generate for every batch, then cispo 1x64."""
     eos = list(engine.policy.eos_token_ids)
     model = engine.policy.model
@@ -99,8 +114,15 @@ def variants(engine: Engine, prompts_NP: torch.Tensor, batches: list[int], max_t
         if b == 1:  # one sequence per call, `sequences` calls in a row
             singles = [[request(i)] for i in range(sequences)]
             out.append(("cispo", "1", lambda: one_by_one(cispo_run(engine, r) for r in singles)))
-            out.append(("generate", "1", lambda: one_by_one(
-                generate_run(model, prompts_NP[i:i + 1], max_tokens, eos, seed + i) for i in range(sequences))))
+            out.append(
+                (
+                    "generate",
+                    "1",
+                    lambda: one_by_one(
+                        generate_run(model, prompts_NP[i : i + 1], max_tokens, eos, seed + i) for i in range(sequences)
+                    ),
+                )
+            )
             continue
         requests = [request(i) for i in range(b)]
         out.append(("cispo", str(b), lambda r=requests: cispo_run(engine, r)))
@@ -166,43 +188,66 @@ def main() -> None:
     if set(models) - set(MODELS):
         raise SystemExit(f"--models: unknown {sorted(set(models) - set(MODELS))}")
     batches = [int(b) for b in args.batches.split(",")]
-    if min(batches) < 1 or args.repeats < 1 or args.warmup < 0 or args.max_tokens < 1 or args.prompt_tokens < 1 \
-            or args.sequences < 1:
-        raise SystemExit("--batches, --repeats, --max-tokens, --prompt-tokens and --sequences must be >= 1, "
-                         "--warmup >= 0")
+    if (
+        min(batches) < 1
+        or args.repeats < 1
+        or args.warmup < 0
+        or args.max_tokens < 1
+        or args.prompt_tokens < 1
+        or args.sequences < 1
+    ):
+        raise SystemExit(
+            "--batches, --repeats, --max-tokens, --prompt-tokens and --sequences must be >= 1, --warmup >= 0"
+        )
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     print(f"machine: {machine(args.threads)}; load average %.2f %.2f %.2f" % os.getloadavg())
-    print(f"prompt {args.prompt_tokens} tokens, max_tokens {args.max_tokens}, temperature 1, no top-k/top-p; "
-          f"{args.warmup} warm-up + {args.repeats} timed rounds", flush=True)
+    print(
+        f"prompt {args.prompt_tokens} tokens, max_tokens {args.max_tokens}, temperature 1, no top-k/top-p; "
+        f"{args.warmup} warm-up + {args.repeats} timed rounds",
+        flush=True,
+    )
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sampling_") as tmp:
         for name in models:
             policy = load_model(name, tmp)
             params = sum(p.numel() for p in policy.model.parameters())
-            print(f"{name}: {params / 1e6:.2f}M parameters, vocab {policy.vocab_size}, "
-                  f"eos {policy.eos_token_ids}", flush=True)
+            print(
+                f"{name}: {params / 1e6:.2f}M parameters, vocab {policy.vocab_size}, eos {policy.eos_token_ids}",
+                flush=True,
+            )
             engine = Engine(policy)
             gen = torch.Generator().manual_seed(args.seed)
             # Ids from 3 up: no BOS/EOS/pad in the prompts.
-            prompts_NP = torch.randint(3, policy.vocab_size, (max(batches + [args.sequences]), args.prompt_tokens),
-                                       generator=gen)
+            prompts_NP = torch.randint(
+                3, policy.vocab_size, (max(batches + [args.sequences]), args.prompt_tokens), generator=gen
+            )
             runs = variants(engine, prompts_NP, batches, args.max_tokens, args.sequences, args.seed)
             for (side, label), samples in measure(runs, args.warmup, args.repeats).items():
-                rows.append(dict(model=name, side=side, batch=label,
-                                 seconds=statistics.median(s for s, _ in samples),
-                                 tokens=statistics.median(t for _, t in samples),
-                                 rate=statistics.median(t / s for s, t in samples)))
-                print(f"{name} {side:8s} batch {label:4s}: " + ", ".join(f"{t} tok / {s:.3f} s" for s, t in samples),
-                      flush=True)
+                rows.append(
+                    dict(
+                        model=name,
+                        side=side,
+                        batch=label,
+                        seconds=statistics.median(s for s, _ in samples),
+                        tokens=statistics.median(t for _, t in samples),
+                        rate=statistics.median(t / s for s, t in samples),
+                    )
+                )
+                print(
+                    f"{name} {side:8s} batch {label:4s}: " + ", ".join(f"{t} tok / {s:.3f} s" for s, t in samples),
+                    flush=True,
+                )
             if args.profile:
                 profile(runs, 15)
     print("load average %.2f %.2f %.2f" % os.getloadavg())
 
     print()
-    print("| model | batch | cispo tokens | cispo s | cispo tok/s | generate tokens | generate s | generate tok/s | "
-          "cispo / generate |")
+    print(
+        "| model | batch | cispo tokens | cispo s | cispo tok/s | generate tokens | generate s | generate tok/s | "
+        "cispo / generate |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     by_key = {(r["model"], r["side"], r["batch"]): r for r in rows}
     missed = []
@@ -212,13 +257,17 @@ def main() -> None:
         batch = r["batch"]
         ref = by_key[r["model"], "generate", "64" if batch == "1x64" else batch]
         ratio = r["rate"] / ref["rate"]
-        print(f"| {r['model']} | {batch} | {r['tokens']:.0f} | {r['seconds']:.3f} | {r['rate']:.0f} | "
-              f"{ref['tokens']:.0f} | {ref['seconds']:.3f} | {ref['rate']:.0f} | {ratio:.2f}x |")
+        print(
+            f"| {r['model']} | {batch} | {r['tokens']:.0f} | {r['seconds']:.3f} | {r['rate']:.0f} | "
+            f"{ref['tokens']:.0f} | {ref['seconds']:.3f} | {ref['rate']:.0f} | {ratio:.2f}x |"
+        )
         if (ratio < 1.0) if batch == "1" else (ratio <= 1.0):
             missed.append(f"{r['model']} batch {batch}: {ratio:.2f}x")
     print()
-    print("target: cispo/generate >= 1.0x at batch 1, > 1.0x batched; ratios of medians of tokens/s "
-          "(1x64 against generate's batch 64)")
+    print(
+        "target: cispo/generate >= 1.0x at batch 1, > 1.0x batched; ratios of medians of tokens/s "
+        "(1x64 against generate's batch 64)"
+    )
     print("all targets met" if not missed else "missed: " + "; ".join(missed))
 
 

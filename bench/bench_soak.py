@@ -118,8 +118,9 @@ async def run_stream(k: int, stub, deadline: float, window: int, seed: int, stat
                 stats.latencies[op].append(time.monotonic() - t0)
                 result = answer.WhichOneof("result")
                 if result == "error":
-                    stats.errors[grpc.StatusCode(next(c.value for c in grpc.StatusCode
-                                                      if c.value[0] == answer.error.code)).name] += 1
+                    stats.errors[
+                        grpc.StatusCode(next(c.value for c in grpc.StatusCode if c.value[0] == answer.error.code)).name
+                    ] += 1
                 elif result != op and op != "?":
                     stats.wrong_kind += 1
                 if rid in kept:
@@ -259,12 +260,17 @@ def main() -> int:
 
     cmd = "    .venv/bin/python bench/bench_soak.py " + " ".join(sys.argv[1:])
     print("Command:\n\n" + cmd + "\n")
-    print(f"Server: {info.model_name}, device {info.device}, idempotency keys remembered "
-          f"{info.limits.idempotency_keys_remembered}; {args.streams} streams x {args.window} in flight, "
-          f"{elapsed:.0f} s\n")
+    print(
+        f"Server: {info.model_name}, device {info.device}, idempotency keys remembered "
+        f"{info.limits.idempotency_keys_remembered}; {args.streams} streams x {args.window} in flight, "
+        f"{elapsed:.0f} s\n"
+    )
     rows = [
-        ("requests sent", f"{total_sent} (forward_backward {sent['forward_backward']}, forward {sent['forward']}, "
-                          f"optim_step {sent['optim_step']}, same-key retries {retries})"),
+        (
+            "requests sent",
+            f"{total_sent} (forward_backward {sent['forward_backward']}, forward {sent['forward']}, "
+            f"optim_step {sent['optim_step']}, same-key retries {retries})",
+        ),
         ("answers received", str(total_answers)),
         ("throughput", f"{total_answers / elapsed:.1f} answers/s"),
         ("lost answers", str(lost)),
@@ -274,13 +280,21 @@ def main() -> int:
         ("retries answered with the original answer", f"{retries - len(mismatches)} / {retries}"),
         ("streams ended", str(dict(final_codes))),
         ("answers per stream min / max", f"{min(per_stream)} / {max(per_stream)}"),
-        ("latency p50 / p99 / max (all ops)", f"{1000 * pct(all_latencies, .5):.0f} / "
-                                              f"{1000 * pct(all_latencies, .99):.0f} / {1000 * max(all_latencies):.0f} ms"),
+        (
+            "latency p50 / p99 / max (all ops)",
+            f"{1000 * pct(all_latencies, 0.5):.0f} / "
+            f"{1000 * pct(all_latencies, 0.99):.0f} / {1000 * max(all_latencies):.0f} ms",
+        ),
         ("longest pauses with no answer on any stream", ", ".join(f"{g:.1f} s at +{at:.0f} s" for g, at in gaps[:3])),
-        ("latency p50 / p99 (forward_backward)", f"{1000 * pct(latencies['forward_backward'], .5):.0f} / "
-                                                 f"{1000 * pct(latencies['forward_backward'], .99):.0f} ms"),
-        ("latency p50 / p99 (optim_step)", f"{1000 * pct(latencies['optim_step'], .5):.0f} / "
-                                           f"{1000 * pct(latencies['optim_step'], .99):.0f} ms"),
+        (
+            "latency p50 / p99 (forward_backward)",
+            f"{1000 * pct(latencies['forward_backward'], 0.5):.0f} / "
+            f"{1000 * pct(latencies['forward_backward'], 0.99):.0f} ms",
+        ),
+        (
+            "latency p50 / p99 (optim_step)",
+            f"{1000 * pct(latencies['optim_step'], 0.5):.0f} / {1000 * pct(latencies['optim_step'], 0.99):.0f} ms",
+        ),
         ("server RSS start / end / max", f"{rss[0]:.1f} / {rss[-1]:.1f} / {max(rss):.1f} MiB"),
         (f"RSS slope after {args.warmup_seconds:.0f} s warm-up", f"{slope:+.2f} MiB/min ({len(after)} samples)"),
         ("cispo_inflight_requests after the load", f"{inflight:g}" if isinstance(inflight, float) else str(inflight)),

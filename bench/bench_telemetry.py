@@ -16,7 +16,7 @@ import torch
 from prometheus_client import CollectorRegistry, Histogram
 
 from cispo.service.metrics import ServiceMetrics
-from cispo.worker import Engine, EngineConfig, RATIO_BUCKET_EDGES, Sample, load_policy_model
+from cispo.worker import RATIO_BUCKET_EDGES, Engine, EngineConfig, Sample, load_policy_model
 from cispo.worker.loss_stats import stats_from_vector, token_stats
 
 
@@ -35,9 +35,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--datum-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--micro-batch-tokens", type=int, default=2048,
-                        help="one datum per micro-batch by default: packing with a dense block mask "
-                             "costs quadratic attention on CPU")
+    parser.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=2048,
+        help="one datum per micro-batch by default: packing with a dense block mask costs quadratic attention on CPU",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     n_datums = args.tokens // args.datum_tokens
@@ -46,8 +49,12 @@ def main() -> None:
         n = args.datum_tokens
         adv = torch.randn(n)
         adv[: n // 4] = 0
-        samples.append(Sample(torch.randint(0, 1024, (n,)), {
-            "target_tokens": torch.randint(0, 1024, (n,)), "logprobs": -torch.rand(n) * 4 - 5, "advantages": adv}))
+        samples.append(
+            Sample(
+                torch.randint(0, 1024, (n,)),
+                {"target_tokens": torch.randint(0, 1024, (n,)), "logprobs": -torch.rand(n) * 4 - 5, "advantages": adv},
+            )
+        )
     engine = Engine(load_policy_model(), EngineConfig(micro_batch_tokens=args.micro_batch_tokens))
 
     step = median_seconds(lambda: engine.forward_backward(samples), args.repeats)

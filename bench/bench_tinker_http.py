@@ -28,14 +28,21 @@ from server_process import ServerProcess  # noqa: E402
 
 SHAPES = ((1, 16), (8, 256))
 
+
 def datums(types, n: int, length: int) -> list:
     """n datums of `length` tokens, built with `types` (cispo.client's or the tinker SDK's)."""
     rng = np.random.default_rng(0)
-    return [types.Datum(model_input=types.ModelInput.from_ints(rng.integers(0, 1024, length).tolist()),
-                        loss_fn_inputs={"target_tokens": rng.integers(0, 1024, length),
-                                        "logprobs": np.full(length, -7.0, np.float32),
-                                        "advantages": rng.normal(size=length).astype(np.float32)})
-            for _ in range(n)]
+    return [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(rng.integers(0, 1024, length).tolist()),
+            loss_fn_inputs={
+                "target_tokens": rng.integers(0, 1024, length),
+                "logprobs": np.full(length, -7.0, np.float32),
+                "advantages": rng.normal(size=length).astype(np.float32),
+            },
+        )
+        for _ in range(n)
+    ]
 
 
 def time_steps(create, types, steps: int) -> dict:
@@ -60,8 +67,13 @@ def sdk_side(steps: int) -> None:
     from tinker import types
 
     with tinker.ServiceClient() as service:
-        print(json.dumps(time_steps(lambda: service.create_lora_training_client(base_model="", rank=8, seed=0)
-                                    .result(), types, steps)))
+        print(
+            json.dumps(
+                time_steps(
+                    lambda: service.create_lora_training_client(base_model="", rank=8, seed=0).result(), types, steps
+                )
+            )
+        )
 
 
 def grpc_side(address: str, steps: int) -> dict:
@@ -83,10 +95,19 @@ def main() -> None:
         server = ServerProcess("--http-port", "0", checkpoint_dir=Path(tmp) / "ckpt")
         try:
             grpc = grpc_side(server.address, args.steps)
-            env = {**os.environ, "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}",
-                   "TINKER_API_KEY": "tml-bench", "TINKER_TELEMETRY": "0"}
-            done = subprocess.run([sys.executable, __file__, "--sdk-side", "--steps", str(args.steps)], env=env,
-                                  capture_output=True, text=True, check=True)
+            env = {
+                **os.environ,
+                "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}",
+                "TINKER_API_KEY": "tml-bench",
+                "TINKER_TELEMETRY": "0",
+            }
+            done = subprocess.run(
+                [sys.executable, __file__, "--sdk-side", "--steps", str(args.steps)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             sdk = json.loads(done.stdout.strip().splitlines()[-1])
         finally:
             server.terminate()

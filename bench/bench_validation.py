@@ -51,11 +51,19 @@ def request_body(shape: str, vocab_size: int, typed: bool = False, seed: int = 0
     low, high = (int(x) for x in length.split("-")) if "-" in length else (int(length), int(length))
     data = []
     for n in rng.integers(low, high + 1, int(count)):
-        data.append(Datum(model_input=ModelInput.from_ints(rng.integers(0, vocab_size, n)), loss_fn_inputs={
-            "target_tokens": rng.integers(0, vocab_size, n), "logprobs": -rng.random(n, dtype=np.float32) * 5,
-            "advantages": rng.standard_normal(n, dtype=np.float32)}))
-    request = forward_backward_input_to_pb(data, "cispo", {"clip_high_threshold": 4.0},
-                                           out=pb.ForwardBackwardInput(idempotency_key="k"))
+        data.append(
+            Datum(
+                model_input=ModelInput.from_ints(rng.integers(0, vocab_size, n)),
+                loss_fn_inputs={
+                    "target_tokens": rng.integers(0, vocab_size, n),
+                    "logprobs": -rng.random(n, dtype=np.float32) * 5,
+                    "advantages": rng.standard_normal(n, dtype=np.float32),
+                },
+            )
+        )
+    request = forward_backward_input_to_pb(
+        data, "cispo", {"clip_high_threshold": 4.0}, out=pb.ForwardBackwardInput(idempotency_key="k")
+    )
     for datum in request.data if typed else ():
         for tensor in (datum.model_input, *(value for _, value in datum.loss_fn_inputs.ListFields())):
             array = np.frombuffer(tensor.raw_data, RAW_DTYPES[tensor.dtype])
@@ -91,8 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     policy = load_policy_model()
     config = EngineConfig(max_tokens_per_request=MAX_TOKENS)
-    print(f"{'shape':>14} {'MB':>6} {'parse':>7} {'decode':>8} {'validate':>9} {'key':>6} {'total':>8} {'ms/MB':>7}"
-          f" {'ms/MB w/o key':>14}")
+    print(
+        f"{'shape':>14} {'MB':>6} {'parse':>7} {'decode':>8} {'validate':>9} {'key':>6} {'total':>8} {'ms/MB':>7}"
+        f" {'ms/MB w/o key':>14}"
+    )
     for shape in args.shapes:
         body = request_body(shape, policy.vocab_size, args.typed)
         stages(body, policy, config)  # warm-up
@@ -100,8 +110,10 @@ def main() -> None:
         ms = {k: 1e3 * statistics.median(r[k] for r in rounds) for k in rounds[0]}
         total = 1e3 * statistics.median(sum(r.values()) for r in rounds)
         mb = len(body) / 1e6
-        print(f"{shape:>14} {mb:6.2f} {ms['parse']:7.1f} {ms['decode']:8.1f} {ms['validate']:9.1f} {ms['key']:6.1f}"
-              f" {total:8.1f} {total / mb:7.1f} {(total - ms['key']) / mb:14.1f}")
+        print(
+            f"{shape:>14} {mb:6.2f} {ms['parse']:7.1f} {ms['decode']:8.1f} {ms['validate']:9.1f} {ms['key']:6.1f}"
+            f" {total:8.1f} {total / mb:7.1f} {(total - ms['key']) / mb:14.1f}"
+        )
     if args.profile:
         body = request_body(args.profile, policy.vocab_size, args.typed)
         profile = cProfile.Profile()

@@ -8,17 +8,12 @@
 #   bash bench/gpu_checks.sh [OUTDIR]
 #
 # Needs a python3 (PYTHON=...) with CUDA torch, transformers, peft, safetensors and pytest;
-# cispo is imported from this tree as pyproject's package-dir maps it, nothing installed.
+# cispo is imported from this tree by its file paths (worker/cispo/worker, ...), nothing installed.
 set -u
 out=${1:-${OUT:-gpu-checks}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-site=$(mktemp -d)
-mkdir -p "$site/cispo"
-for pair in worker:worker service:service client:client_py v1:protos/cispo/v1; do
-    ln -s "$PWD/${pair#*:}" "$site/cispo/${pair%%:*}"
-done
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/worker:$PWD/service:$PWD/client_py:$PWD/protos${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 check() {  # name, seconds, command...
     local name=$1 seconds=$2

@@ -41,14 +41,42 @@ GIB = 1 << 30
 OVERHEAD = 3 * GIB
 LORA_RANK = 32
 MODELS = {  # public config shapes
-    "Qwen2.5-1.5B": Qwen2Config(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, vocab_size=151936,
-                                num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "Llama-3.1-8B": LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=128256,
-                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-    "Qwen2.5-32B": Qwen2Config(hidden_size=5120, num_hidden_layers=64, intermediate_size=27648, vocab_size=152064,
-                               num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
-    "Llama-3.1-70B": LlamaConfig(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, vocab_size=128256,
-                                 num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+    "Qwen2.5-1.5B": Qwen2Config(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        intermediate_size=8960,
+        vocab_size=151936,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "Llama-3.1-8B": LlamaConfig(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        vocab_size=128256,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+    "Qwen2.5-32B": Qwen2Config(
+        hidden_size=5120,
+        num_hidden_layers=64,
+        intermediate_size=27648,
+        vocab_size=152064,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+    "Llama-3.1-70B": LlamaConfig(
+        hidden_size=8192,
+        num_hidden_layers=80,
+        intermediate_size=28672,
+        vocab_size=128256,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -56,13 +84,22 @@ def shape(config) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layer = model.get_decoder().layers[0]
-    lora = sum(LORA_RANK * (m.in_features + m.out_features) for m in layer.modules()
-               if isinstance(m, torch.nn.Linear)) * config.num_hidden_layers
+    lora = (
+        sum(LORA_RANK * (m.in_features + m.out_features) for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        * config.num_hidden_layers
+    )
     root = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)
-    return {"n": sum(p.numel() for p in model.parameters()), "layer": sum(p.numel() for p in layer.parameters()),
-            "root": root, "lora": lora, "D": config.hidden_size, "L": config.num_hidden_layers,
-            "I": config.intermediate_size, "V": config.vocab_size,
-            "D_kv": config.hidden_size // config.num_attention_heads * config.num_key_value_heads}
+    return {
+        "n": sum(p.numel() for p in model.parameters()),
+        "layer": sum(p.numel() for p in layer.parameters()),
+        "root": root,
+        "lora": lora,
+        "D": config.hidden_size,
+        "L": config.num_hidden_layers,
+        "I": config.intermediate_size,
+        "V": config.vocab_size,
+        "D_kv": config.hidden_size // config.num_attention_heads * config.num_key_value_heads,
+    }
 
 
 def activation_bytes(s: dict, tokens: int, checkpointing: bool) -> int:
@@ -104,22 +141,31 @@ def main() -> None:
     def cell(size: int) -> str:
         return f"{size / GIB:.0f} {'fits' if size <= limit else 'no'}"
 
-    print(f"GiB per rank on {args.gpu_gib:g} GiB GPUs, {tokens}-token micro-batches, bf16 compute, "
-          f"--gradient-accumulation {mode}; "
-          "'fits' when it is at most the GPU's memory. Each cell: without / with --activation-checkpointing.\n")
+    print(
+        f"GiB per rank on {args.gpu_gib:g} GiB GPUs, {tokens}-token micro-batches, bf16 compute, "
+        f"--gradient-accumulation {mode}; "
+        "'fits' when it is at most the GPU's memory. Each cell: without / with --activation-checkpointing.\n"
+    )
+
     def table(kind: str, size) -> None:
-        print(f"| model | parameters | {kind}, replicated (any W) | "
-              + " | ".join(f"{kind}, fsdp W={w}" for w in args.world_sizes) + " |")
+        print(
+            f"| model | parameters | {kind}, replicated (any W) | "
+            + " | ".join(f"{kind}, fsdp W={w}" for w in args.world_sizes)
+            + " |"
+        )
         print("|---|---|---|" + "---|" * len(args.world_sizes))
         for name, config in MODELS.items():
             s = shape(config)
-            cells = [" / ".join(cell(size(s, w, sharding, tokens, c, mode)) for c in (False, True))
-                     for w, sharding in [(1, "replicated")] + [(w, "fsdp") for w in args.world_sizes]]
+            cells = [
+                " / ".join(cell(size(s, w, sharding, tokens, c, mode)) for c in (False, True))
+                for w, sharding in [(1, "replicated")] + [(w, "fsdp") for w in args.world_sizes]
+            ]
             print(f"| {name} | {s['n'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
 
     table("full", full_bytes)
     print()
     table(f"LoRA r={LORA_RANK}", lora_bytes)
+
 
 if __name__ == "__main__":
     main()

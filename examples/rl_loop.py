@@ -33,20 +33,30 @@ def to_datum(prompt: list[int], tokens: list[int], logprobs: list[float], advant
     """One sampled completion as training data: position i predicts token i + 1; prompt
     positions get advantage 0 (no gradient)."""
     P, L = len(prompt), len(tokens)
-    return Datum(model_input=ModelInput.from_ints(prompt + tokens[:-1]), loss_fn_inputs={
-        "target_tokens": prompt[1:] + tokens,
-        "logprobs": np.array([0.0] * (P - 1) + logprobs, dtype=np.float32),
-        "advantages": np.array([0.0] * (P - 1) + [advantage] * L, dtype=np.float32),
-    })
+    return Datum(
+        model_input=ModelInput.from_ints(prompt + tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": prompt[1:] + tokens,
+            "logprobs": np.array([0.0] * (P - 1) + logprobs, dtype=np.float32),
+            "advantages": np.array([0.0] * (P - 1) + [advantage] * L, dtype=np.float32),
+        },
+    )
 
 
-def sample_groups(sampling_client, prompts_P: list[list[int]], group_size: int, max_tokens: int,
-                  rng: np.random.Generator, reward_fn) -> tuple[list[Datum], list[float]]:
+def sample_groups(
+    sampling_client, prompts_P: list[list[int]], group_size: int, max_tokens: int, rng: np.random.Generator, reward_fn
+) -> tuple[list[Datum], list[float]]:
     """Sample a group per prompt (all requests in flight at once), reward each completion and
     centre the rewards within its group: (the training data, every completion's reward).
     Completions whose advantage is 0 carry no gradient and are left out."""
-    futures_P = [sampling_client.sample(ModelInput.from_ints(p), group_size, SamplingParams(
-        max_tokens=max_tokens, temperature=1.0, seed=int(rng.integers(2**31)))) for p in prompts_P]
+    futures_P = [
+        sampling_client.sample(
+            ModelInput.from_ints(p),
+            group_size,
+            SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=int(rng.integers(2**31))),
+        )
+        for p in prompts_P
+    ]
     data, rewards = [], []
     for prompt, future in zip(prompts_P, futures_P):
         sequences_G = future.result().sequences
@@ -91,13 +101,21 @@ def main() -> None:
         # 4. The new weights, for the next step's samples.
         sampling_client = training_client.save_weights_and_get_sampling_client("rl-loop")
         active = max(metrics.get("active_tokens:sum", 0), 1)
-        row = {"step": step, "reward": float(np.mean(rewards)), "trained_sequences": len(data),
-               "clip_rate": (metrics.get("clipped_high:sum", 0) + metrics.get("clipped_low:sum", 0)) / active,
-               "kl_k3": metrics.get("kl_k3:mean", 0.0), "ratio_max": metrics.get("ratio:max", 1.0),
-               "seconds": time.perf_counter() - started}
+        row = {
+            "step": step,
+            "reward": float(np.mean(rewards)),
+            "trained_sequences": len(data),
+            "clip_rate": (metrics.get("clipped_high:sum", 0) + metrics.get("clipped_low:sum", 0)) / active,
+            "kl_k3": metrics.get("kl_k3:mean", 0.0),
+            "ratio_max": metrics.get("ratio:max", 1.0),
+            "seconds": time.perf_counter() - started,
+        }
         rows.append(row)
-        print(f"step {step:3d}  reward {row['reward']:.3f}  clip_rate {row['clip_rate']:.4f}  "
-              f"kl {row['kl_k3']:.2e}  {row['seconds']:.2f}s", flush=True)
+        print(
+            f"step {step:3d}  reward {row['reward']:.3f}  clip_rate {row['clip_rate']:.4f}  "
+            f"kl {row['kl_k3']:.2e}  {row['seconds']:.2f}s",
+            flush=True,
+        )
     training_client.close()
 
     with open(args.out_dir / "rewards.csv", "w", newline="") as f:

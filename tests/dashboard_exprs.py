@@ -57,9 +57,7 @@ def dashboard_panels(dashboard: dict) -> Iterator[dict]:
         yield from panel.get("panels", [])
 
 
-def all_expressions(
-    repo_root: str | Path, variables: dict[str, str] | None = None
-) -> list[tuple[str, str]]:
+def all_expressions(repo_root: str | Path, variables: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(where, promql) for each dashboard target and each rule, variables substituted.
 
     `where` is `dashboard panel '<title>' target <refId>`, `rules.yaml record <name>` or
@@ -74,7 +72,6 @@ def all_expressions(
             expressions.append((where, substitute(target["expr"], variables)))
     for group in load_rules(repo_root)["groups"]:
         for rule in group["rules"]:
-            where = f"rules.yaml record {rule['record']}" if "record" in rule else (
-                f"rules.yaml alert {rule['alert']}")
+            where = f"rules.yaml record {rule['record']}" if "record" in rule else (f"rules.yaml alert {rule['alert']}")
             expressions.append((where, rule["expr"].strip()))
     return expressions

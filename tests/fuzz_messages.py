@@ -57,20 +57,36 @@ RESPONSE_TYPES = {
 }
 UNARY = tuple(m for m in REQUEST_TYPES if m != "Stream")
 # Stream op field <-> unary method.
-OP_METHOD = {"forward": "Forward", "forward_backward": "ForwardBackward", "optim_step": "OptimStep",
-             "save_state": "SaveState", "load_state": "LoadState", "get_info": "GetInfo"}
+OP_METHOD = {
+    "forward": "Forward",
+    "forward_backward": "ForwardBackward",
+    "optim_step": "OptimStep",
+    "save_state": "SaveState",
+    "load_state": "LoadState",
+    "get_info": "GetInfo",
+}
 METHOD_OP = {m: op for op, m in OP_METHOD.items()}
 
 OK, IA, RE, FP, NF = "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND"
 NEVER = ("UNKNOWN", "INTERNAL")
 
 LOSSES = ("cispo", "ppo", "importance_sampling", "cross_entropy", "dro", "gspo")
-REQUIRED = {"cispo": ("logprobs", "advantages"), "ppo": ("logprobs", "advantages"),
-            "importance_sampling": ("logprobs", "advantages"), "cross_entropy": ("weights",),
-            "dro": ("logprobs", "advantages"), "gspo": ("logprobs", "advantages")}
-UNUSED = {"cispo": ("weights", "sequence_ratio_mask"), "ppo": ("weights", "sequence_ratio_mask"),
-          "importance_sampling": ("weights", "sequence_ratio_mask"), "dro": ("weights", "sequence_ratio_mask"),
-          "gspo": ("weights",), "cross_entropy": ("logprobs", "advantages", "sequence_ratio_mask")}
+REQUIRED = {
+    "cispo": ("logprobs", "advantages"),
+    "ppo": ("logprobs", "advantages"),
+    "importance_sampling": ("logprobs", "advantages"),
+    "cross_entropy": ("weights",),
+    "dro": ("logprobs", "advantages"),
+    "gspo": ("logprobs", "advantages"),
+}
+UNUSED = {
+    "cispo": ("weights", "sequence_ratio_mask"),
+    "ppo": ("weights", "sequence_ratio_mask"),
+    "importance_sampling": ("weights", "sequence_ratio_mask"),
+    "dro": ("weights", "sequence_ratio_mask"),
+    "gspo": ("weights",),
+    "cross_entropy": ("logprobs", "advantages", "sequence_ratio_mask"),
+}
 RATIO_BOUNDED = ("cispo", "ppo", "gspo")  # losses with clip thresholds
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 LONG = 5000  # characters of the "huge" names
@@ -126,15 +142,19 @@ class BatchSpec:
     config: dict[str, float] = field(default_factory=dict)
 
 
-def good_spec(rng: random.Random, loss_fn: str | None = None, max_datums: int = 4, max_len: int = 40,
-              min_len: int = 1) -> BatchSpec:
-    loss_fn = loss_fn or rng.choice(("cispo", "cispo", "cispo", "ppo", "importance_sampling", "cross_entropy", "dro",
-                                     "gspo"))
+def good_spec(
+    rng: random.Random, loss_fn: str | None = None, max_datums: int = 4, max_len: int = 40, min_len: int = 1
+) -> BatchSpec:
+    loss_fn = loss_fn or rng.choice(
+        ("cispo", "cispo", "cispo", "ppo", "importance_sampling", "cross_entropy", "dro", "gspo")
+    )
     datums = []
     for _ in range(rng.randint(1, max_datums)):
         n = rng.randint(min_len, max_len)
-        d = {"model_input": [rng.randrange(VOCAB) for _ in range(n)],
-             "target_tokens": [rng.randrange(VOCAB) for _ in range(n)]}
+        d = {
+            "model_input": [rng.randrange(VOCAB) for _ in range(n)],
+            "target_tokens": [rng.randrange(VOCAB) for _ in range(n)],
+        }
         if "logprobs" in REQUIRED[loss_fn]:
             # The embedded model's logprobs are about -log(1024) = -6.9: ratios stay moderate.
             d["logprobs"] = [float(np.float32(-rng.uniform(6.0, 8.0))) for _ in range(n)]
@@ -156,8 +176,10 @@ def good_spec(rng: random.Random, loss_fn: str | None = None, max_datums: int = 
 
 def build(rng: random.Random, spec: BatchSpec, idempotency_key: str = "") -> pb.ForwardBackwardInput:
     """The wire form of `spec`, each tensor in a randomly chosen (valid) form."""
-    msg = pb.ForwardBackwardInput(loss_fn=rng.choice((spec.loss_fn, spec.loss_fn, "")) if spec.loss_fn == "cispo"
-                                  else spec.loss_fn, idempotency_key=idempotency_key)
+    msg = pb.ForwardBackwardInput(
+        loss_fn=rng.choice((spec.loss_fn, spec.loss_fn, "")) if spec.loss_fn == "cispo" else spec.loss_fn,
+        idempotency_key=idempotency_key,
+    )
     msg.loss_fn_config.update(spec.config)
     for d in spec.datums:
         datum = msg.data.add()
@@ -168,7 +190,9 @@ def build(rng: random.Random, spec: BatchSpec, idempotency_key: str = "") -> pb.
     return msg
 
 
-def good_batch(rng: random.Random, loss_fn: str | None = None, idempotency_key: str = "", **kw) -> pb.ForwardBackwardInput:
+def good_batch(
+    rng: random.Random, loss_fn: str | None = None, idempotency_key: str = "", **kw
+) -> pb.ForwardBackwardInput:
     return build(rng, good_spec(rng, loss_fn, **kw), idempotency_key)
 
 
@@ -184,6 +208,7 @@ def good_adam(rng: random.Random) -> pb.AdamParams:
 
 
 # --- bad messages -------------------------------------------------------------------------------
+
 
 @dataclass
 class BadMessage:
@@ -259,8 +284,11 @@ def _fb_mutations():
         # finite as float64, not representable in float32
         i, name, t = pick(rng, msg, float_names(spec))
         values = list(spec.datums[i][name])
-        big = rng.choice((1e300, -1e300, 1e39, -1e39, 3.5e38, -3.5e38)) if name != "logprobs" else \
-            rng.choice((-1e300, -1e39, -3.5e38))
+        big = (
+            rng.choice((1e300, -1e300, 1e39, -1e39, 3.5e38, -3.5e38))
+            if name != "logprobs"
+            else rng.choice((-1e300, -1e39, -3.5e38))
+        )
         values[rng.randrange(len(values))] = big
         write_tensor(t, rng.choice(("double_data", "raw_f64")), values)
         return {IA}, {}
@@ -391,8 +419,19 @@ def _fb_mutations():
         if spec.loss_fn not in RATIO_BOUNDED:
             msg.loss_fn_config["clip_high_threshold"] = 2.0  # no such key for this loss
             return {IA}, {}
-        lo, hi = rng.choice(((3.0, 2.0), (0.0, 0.5), (-1.0, 4.0), (math.nan, 4.0), (0.0, math.inf),
-                             (0.0, math.nan), (-math.inf, 4.0), (2.0, 1.5), (0.0, -4.0)))
+        lo, hi = rng.choice(
+            (
+                (3.0, 2.0),
+                (0.0, 0.5),
+                (-1.0, 4.0),
+                (math.nan, 4.0),
+                (0.0, math.inf),
+                (0.0, math.nan),
+                (-math.inf, 4.0),
+                (2.0, 1.5),
+                (0.0, -4.0),
+            )
+        )
         msg.loss_fn_config["clip_low_threshold"] = lo
         msg.loss_fn_config["clip_high_threshold"] = hi
         return {IA}, {}
@@ -432,26 +471,63 @@ def _fb_mutations():
         msg.idempotency_key = rng.choice(("k" * 129, "k" * LONG))
         return {IA}, {"no_echo": msg.idempotency_key} if len(msg.idempotency_key) == LONG else {}
 
-    return {f.__name__: f for f in (
-        length_mismatch, token_out_of_vocab, negative_token, nonfinite_float, huge_double, positive_logprob,
-        dtype_99, dtype_disagrees, wrong_kind, several_forms, odd_raw_length, raw_without_dtype, shape_mismatch,
-        empty_data, empty_model_input, missing_model_input, missing_input, unused_input, unknown_loss,
-        huge_loss_name, unknown_config_key, huge_config_key, config_value, config_beyond_float32, too_many_tokens,
-        long_key)}
+    return {
+        f.__name__: f
+        for f in (
+            length_mismatch,
+            token_out_of_vocab,
+            negative_token,
+            nonfinite_float,
+            huge_double,
+            positive_logprob,
+            dtype_99,
+            dtype_disagrees,
+            wrong_kind,
+            several_forms,
+            odd_raw_length,
+            raw_without_dtype,
+            shape_mismatch,
+            empty_data,
+            empty_model_input,
+            missing_model_input,
+            missing_input,
+            unused_input,
+            unknown_loss,
+            huge_loss_name,
+            unknown_config_key,
+            huge_config_key,
+            config_value,
+            config_beyond_float32,
+            too_many_tokens,
+            long_key,
+        )
+    }
 
 
 FB_MUTATIONS = _fb_mutations()
 
 # AdamParams that are always INVALID_ARGUMENT: out of range, not finite, or not representable in float32.
 ADAM_INVALID = (
-    ("eps_1e-50", dict(eps=1e-50)), ("eps_0", dict(eps=0.0)), ("eps_negative", dict(eps=-1e-8)),
-    ("eps_nan", dict(eps=math.nan)), ("lr_1e39", dict(learning_rate=1e39)), ("lr_negative", dict(learning_rate=-1e-4)),
-    ("lr_nan", dict(learning_rate=math.nan)), ("lr_inf", dict(learning_rate=math.inf)),
-    ("beta1_1", dict(beta1=1.0)), ("beta1_negative", dict(beta1=-0.1)), ("beta1_nan", dict(beta1=math.nan)),
-    ("beta2_1", dict(beta2=1.0)), ("beta2_1.5", dict(beta2=1.5)), ("wd_negative", dict(weight_decay=-0.01)),
-    ("wd_1e39", dict(weight_decay=1e39)), ("wd_inf", dict(weight_decay=math.inf)),
-    ("clip_negative", dict(grad_clip_norm=-1.0)), ("clip_nan", dict(grad_clip_norm=math.nan)),
-    ("clip_1e300", dict(grad_clip_norm=1e300)), ("lr_-inf", dict(learning_rate=-math.inf)),
+    ("eps_1e-50", dict(eps=1e-50)),
+    ("eps_0", dict(eps=0.0)),
+    ("eps_negative", dict(eps=-1e-8)),
+    ("eps_nan", dict(eps=math.nan)),
+    ("lr_1e39", dict(learning_rate=1e39)),
+    ("lr_negative", dict(learning_rate=-1e-4)),
+    ("lr_nan", dict(learning_rate=math.nan)),
+    ("lr_inf", dict(learning_rate=math.inf)),
+    ("beta1_1", dict(beta1=1.0)),
+    ("beta1_negative", dict(beta1=-0.1)),
+    ("beta1_nan", dict(beta1=math.nan)),
+    ("beta2_1", dict(beta2=1.0)),
+    ("beta2_1.5", dict(beta2=1.5)),
+    ("wd_negative", dict(weight_decay=-0.01)),
+    ("wd_1e39", dict(weight_decay=1e39)),
+    ("wd_inf", dict(weight_decay=math.inf)),
+    ("clip_negative", dict(grad_clip_norm=-1.0)),
+    ("clip_nan", dict(grad_clip_norm=math.nan)),
+    ("clip_1e300", dict(grad_clip_norm=1e300)),
+    ("lr_-inf", dict(learning_rate=-math.inf)),
 )
 # Valid-looking AdamParams whose update is not finite when a gradient is accumulated:
 # FAILED_PRECONDITION (the step is refused); INVALID_ARGUMENT is accepted too (lr*wd > float32).
@@ -461,10 +537,20 @@ ADAM_NONFINITE_UPDATE = (
 )
 
 BAD_NAMES = (
-    ("name_5000", "n" * LONG), ("name_dotdot", "../outside"), ("name_dotdot_deep", "../../etc/passwd"),
-    ("name_hidden", ".hidden"), ("name_slash", "a/b"), ("name_empty", ""), ("name_nul", "a\x00b"),
-    ("name_space", "a b"), ("name_129", "a" * 129), ("name_unicode", "\u00e9t\u00e9"), ("name_dot", "."),
-    ("name_dotdot_only", ".."), ("name_absolute", "/tmp/x"), ("name_backslash", "..\\x"),
+    ("name_5000", "n" * LONG),
+    ("name_dotdot", "../outside"),
+    ("name_dotdot_deep", "../../etc/passwd"),
+    ("name_hidden", ".hidden"),
+    ("name_slash", "a/b"),
+    ("name_empty", ""),
+    ("name_nul", "a\x00b"),
+    ("name_space", "a b"),
+    ("name_129", "a" * 129),
+    ("name_unicode", "\u00e9t\u00e9"),
+    ("name_dot", "."),
+    ("name_dotdot_only", ".."),
+    ("name_absolute", "/tmp/x"),
+    ("name_backslash", "..\\x"),
     ("name_newline", "a\nb"),
 )
 
@@ -562,8 +648,9 @@ def good_body(rng: random.Random, method: str, ctx: Context) -> bytes:
     if method == "SaveState":
         return pb.SaveStateRequest(name=f"fz-{rng.randrange(10**6)}", idempotency_key=key(rng)).SerializeToString()
     if method == "LoadState":
-        return pb.LoadStateRequest(name=f"fz-{rng.randrange(10**6)}", with_optimizer=rng.random() < 0.5,
-                                   idempotency_key=key(rng)).SerializeToString()
+        return pb.LoadStateRequest(
+            name=f"fz-{rng.randrange(10**6)}", with_optimizer=rng.random() < 0.5, idempotency_key=key(rng)
+        ).SerializeToString()
     if method == "GetInfo":
         return b""
     op = rng.choice(("forward", "forward_backward", "optim_step", "save_state", "load_state", "get_info"))
@@ -640,9 +727,21 @@ BYTE_CLASSES = ("random_bytes", "truncated", "bitflip", "wrong_wire_type")
 
 def bad_unary(rng: random.Random, ctx: Context):
     """One bad unary message, or None when the routing skipped it (then `skipped` tells the class)."""
-    cls = rng.choices(("random_bytes", "truncated", "bitflip", "wrong_wire_type", "mutated_fields",
-                       "adam_extremes", "bad_names", "load_missing", "wrong_message", "oversize"),
-                      weights=(18, 13, 18, 8, 30, 7, 5, 1, 4, 1))[0]
+    cls = rng.choices(
+        (
+            "random_bytes",
+            "truncated",
+            "bitflip",
+            "wrong_wire_type",
+            "mutated_fields",
+            "adam_extremes",
+            "bad_names",
+            "load_missing",
+            "wrong_message",
+            "oversize",
+        ),
+        weights=(18, 13, 18, 8, 30, 7, 5, 1, 4, 1),
+    )[0]
     if cls in BYTE_CLASSES:
         method = rng.choice(UNARY)
         body = corrupt(rng, cls, method, ctx)
@@ -662,8 +761,9 @@ def bad_unary(rng: random.Random, ctx: Context):
     if cls == "oversize":
         method = rng.choice(UNARY)
         body = bytes([0x7A]) + _varint(ctx.max_message_bytes + 1) + bytes(ctx.max_message_bytes + 1)  # field 15
-        return cls, BadMessage(cls, method, method, body, frozenset({RE}),
-                               {"limit_any": ("max_message_bytes", str(ctx.max_message_bytes))})
+        return cls, BadMessage(
+            cls, method, method, body, frozenset({RE}), {"limit_any": ("max_message_bytes", str(ctx.max_message_bytes))}
+        )
     if cls == "mutated_fields":
         kind, spec, msg, expected, checks = mutated_batch(rng)
         method = "Forward" if checks.get("read_only") else rng.choice(("ForwardBackward", "ForwardBackward", "Forward"))
@@ -671,15 +771,19 @@ def bad_unary(rng: random.Random, ctx: Context):
     if cls == "adam_extremes":
         table = ADAM_INVALID + (ADAM_NONFINITE_UPDATE if ctx.has_grad else ())
         kind, fields = rng.choice(table)
-        req = pb.OptimStepRequest(adam_params=pb.AdamParams(**fields),
-                                  idempotency_key=key(rng) if rng.random() < 0.5 else "")
+        req = pb.OptimStepRequest(
+            adam_params=pb.AdamParams(**fields), idempotency_key=key(rng) if rng.random() < 0.5 else ""
+        )
         expected = {IA} if (kind, fields) in ADAM_INVALID else {FP, IA}
         return cls, BadMessage(cls, kind, "OptimStep", req.SerializeToString(), frozenset(expected))
     if cls == "bad_names":
         kind, name = rng.choice(BAD_NAMES)
         method = rng.choice(("SaveState", "LoadState"))
-        req = (pb.SaveStateRequest(name=name) if method == "SaveState"
-               else pb.LoadStateRequest(name=name, with_optimizer=rng.random() < 0.5))
+        req = (
+            pb.SaveStateRequest(name=name)
+            if method == "SaveState"
+            else pb.LoadStateRequest(name=name, with_optimizer=rng.random() < 0.5)
+        )
         checks = {"no_echo": name} if len(name) == LONG else {}
         return cls, BadMessage(cls, kind, method, req.SerializeToString(), frozenset({IA}), checks)
     if cls == "load_missing":

@@ -32,18 +32,33 @@ class PrometheusProcess:
     targets: host:port of the /metrics endpoints, all in one job named `job`.
     """
 
-    def __init__(self, targets: list[str], workdir: Path, rule_files: list[Path] = (), job: str = "cispo",
-                 interval: str = "1s", start_timeout: float = 60):
+    def __init__(
+        self,
+        targets: list[str],
+        workdir: Path,
+        rule_files: list[Path] = (),
+        job: str = "cispo",
+        interval: str = "1s",
+        start_timeout: float = 60,
+    ):
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus not found: `make test-tools` installs it (Debian package prometheus)")
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_file = workdir / "prometheus.yml"
-        self.config_file.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
-            "rule_files": [str(Path(f).resolve()) for f in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
-        }))
+        self.config_file.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {
+                        "scrape_interval": interval,
+                        "scrape_timeout": interval,
+                        "evaluation_interval": interval,
+                    },
+                    "rule_files": [str(Path(f).resolve()) for f in rule_files],
+                    "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
+                }
+            )
+        )
         self.log_file = workdir / "prometheus.log"
         self.proc: subprocess.Popen | None = None
         for _ in range(3):  # the free port can be taken between choosing it and binding it
@@ -51,9 +66,18 @@ class PrometheusProcess:
             self.url = f"http://127.0.0.1:{self.port}"
             with self.log_file.open("w") as log:
                 self.proc = subprocess.Popen(
-                    [binary, f"--config.file={self.config_file}", f"--storage.tsdb.path={workdir / 'data'}",
-                     f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                    [
+                        binary,
+                        f"--config.file={self.config_file}",
+                        f"--storage.tsdb.path={workdir / 'data'}",
+                        f"--web.listen-address=127.0.0.1:{self.port}",
+                        "--log.level=warn",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             if self._wait_ready(start_timeout):
                 return
             if "address already in use" not in self.log():
@@ -122,9 +146,11 @@ class PrometheusProcess:
 
     def wait_for_rule_evaluation(self, after: float, timeout: float = 30) -> None:
         """Poll until every rule group has been evaluated since the Unix time `after`."""
+
         def evaluated():
             groups = self.api("rules")["groups"]
             return bool(groups) and all(_unix_time(g["lastEvaluation"]) > after for g in groups)
+
         self.wait_until(evaluated, f"every rule group evaluated after {after}", timeout)
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ def rss_bytes(pid: int) -> int:
 def _columns(tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(model_input, target_tokens, logprobs, advantages) of a datum, advantages one too short."""
     rng = np.random.default_rng(0)
-    return (rng.integers(0, 1000, tokens), rng.integers(0, 1000, tokens), -rng.random(tokens),
-            rng.random(tokens - 1))
+    return (rng.integers(0, 1000, tokens), rng.integers(0, 1000, tokens), -rng.random(tokens), rng.random(tokens - 1))
 
 
 def mismatched_forward_backward(data: int, tokens: int) -> bytes:
@@ -29,11 +28,18 @@ def mismatched_forward_backward(data: int, tokens: int) -> bytes:
     model_input, target, logprobs, advantages = _columns(tokens)
 
     def raw(values: np.ndarray, dtype: str) -> pb.Tensor:
-        return pb.Tensor(raw_data=values.astype(dtype).tobytes(), shape=[len(values)],
-                         dtype=pb.DTYPE_INT64 if dtype == "<i8" else pb.DTYPE_FLOAT32)
+        return pb.Tensor(
+            raw_data=values.astype(dtype).tobytes(),
+            shape=[len(values)],
+            dtype=pb.DTYPE_INT64 if dtype == "<i8" else pb.DTYPE_FLOAT32,
+        )
 
-    datum = pb.Datum(model_input=raw(model_input, "<i8"), loss_fn_inputs=pb.LossFnInputs(
-        target_tokens=raw(target, "<i8"), logprobs=raw(logprobs, "<f4"), advantages=raw(advantages, "<f4")))
+    datum = pb.Datum(
+        model_input=raw(model_input, "<i8"),
+        loss_fn_inputs=pb.LossFnInputs(
+            target_tokens=raw(target, "<i8"), logprobs=raw(logprobs, "<f4"), advantages=raw(advantages, "<f4")
+        ),
+    )
     return pb.ForwardBackwardInput(data=[datum] * data).SerializeToString()
 
 
@@ -44,12 +50,19 @@ def mismatched_tinker_forward_backward(model_id: str, data: int, tokens: int) ->
     model_input, target, logprobs, advantages = _columns(tokens)
 
     def dense(values: np.ndarray, dtype: str) -> tpb.Tensor:
-        return tpb.Tensor(dense=values.astype(dtype).tobytes(), shape=[len(values)],
-                          dtype=tpb.DTYPE_INT64 if dtype == "<i8" else tpb.DTYPE_FLOAT32)
+        return tpb.Tensor(
+            dense=values.astype(dtype).tobytes(),
+            shape=[len(values)],
+            dtype=tpb.DTYPE_INT64 if dtype == "<i8" else tpb.DTYPE_FLOAT32,
+        )
 
-    datum = tpb.Datum(model_input=[tpb.Chunk(encoded_text=tpb.EncodedTextChunk(
-        tokens=model_input.astype("<i4").tobytes()))])
-    for name, tensor in {"target_tokens": dense(target, "<i8"), "logprobs": dense(logprobs, "<f4"),
-                         "advantages": dense(advantages, "<f4")}.items():
+    datum = tpb.Datum(
+        model_input=[tpb.Chunk(encoded_text=tpb.EncodedTextChunk(tokens=model_input.astype("<i4").tobytes()))]
+    )
+    for name, tensor in {
+        "target_tokens": dense(target, "<i8"),
+        "logprobs": dense(logprobs, "<f4"),
+        "advantages": dense(advantages, "<f4"),
+    }.items():
         datum.loss_fn_inputs[name].CopyFrom(tensor)
     return tpb.ForwardBackwardRequest(model_id=model_id, data=[datum] * data, loss_fn="cispo").SerializeToString()

@@ -17,12 +17,30 @@ class ServerProcess:
 
     def __init__(self, *args: str, checkpoint_dir: Path, env: dict | None = None, launcher: list[str] | None = None):
         # Sampler weights go beside the checkpoints unless `args` say otherwise (the last flag wins).
-        cmd = [*(launcher or [sys.executable]), "-m", "cispo.service", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", "--checkpoint-dir", str(checkpoint_dir),
-               "--sampler-dir", f"{checkpoint_dir}-sampler", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                     start_new_session=True)
+        cmd = [
+            *(launcher or [sys.executable]),
+            "-m",
+            "cispo.service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--checkpoint-dir",
+            str(checkpoint_dir),
+            "--sampler-dir",
+            f"{checkpoint_dir}-sampler",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self._ready = threading.Event()
         self.port = self.metrics_port = self.http_port = None
@@ -84,8 +102,11 @@ def run_cli_in_process(*argv: str, env: dict | None = None) -> tuple[int, str]:
     handlers, level = root.handlers[:], root.level
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CISPO_")}
     try:
-        with mock.patch.dict(os.environ, {**clean, **(env or {})}, clear=True), \
-                contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+        with (
+            mock.patch.dict(os.environ, {**clean, **(env or {})}, clear=True),
+            contextlib.redirect_stderr(out),
+            contextlib.redirect_stdout(out),
+        ):
             try:
                 cli.main(["--port", "0", "--metrics-port", "0", *argv])
             except SystemExit as exc:

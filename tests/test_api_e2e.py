@@ -13,23 +13,35 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from server_process import ServerProcess
 
-from cispo.client import (AdamParams, Datum, FailedPreconditionError, InvalidArgumentError, ModelInput,
-                          ResourceExhaustedError, TrainingClient)
-from cispo.client import wire
+from cispo.client import (
+    AdamParams,
+    Datum,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ModelInput,
+    ResourceExhaustedError,
+    TrainingClient,
+    wire,
+)
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from cispo.worker import AdamParams as EngineAdamParams
 from cispo.worker import Engine, EngineConfig, Sample, load_policy_model
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess("--max-tokens-per-request", "5000", "--max-message-bytes", str(4 << 20),
-                         checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    proc = ServerProcess(
+        "--max-tokens-per-request",
+        "5000",
+        "--max-message-bytes",
+        str(4 << 20),
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
+    )
     yield proc
     assert proc.terminate() == 0
 
@@ -52,11 +64,16 @@ def make_data(seed=0, lengths=(7, 12, 3)) -> list[Datum]:
     for n in lengths:
         adv = rng.normal(size=n).astype(np.float32)
         adv[: n // 3] = 0.0  # prompt tokens
-        data.append(Datum(model_input=ModelInput.from_ints(rng.integers(0, 1024, n).tolist()), loss_fn_inputs={
-            "target_tokens": rng.integers(0, 1024, n),
-            "logprobs": (-rng.random(n) * 12).astype(np.float32),
-            "advantages": adv,
-        }))
+        data.append(
+            Datum(
+                model_input=ModelInput.from_ints(rng.integers(0, 1024, n).tolist()),
+                loss_fn_inputs={
+                    "target_tokens": rng.integers(0, 1024, n),
+                    "logprobs": (-rng.random(n) * 12).astype(np.float32),
+                    "advantages": adv,
+                },
+            )
+        )
     return data
 
 
@@ -65,8 +82,9 @@ def test_readme_snippet_runs_verbatim(client):
     training_client = client
 
     async def main():
-        fwd_bwd_future = await training_client.forward_backward_async(data=data, loss_fn="cispo",
-            loss_fn_config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0})
+        fwd_bwd_future = await training_client.forward_backward_async(
+            data=data, loss_fn="cispo", loss_fn_config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
+        )
         fwd_bwd_result = await fwd_bwd_future.result_async()
         return fwd_bwd_result
 
@@ -109,8 +127,13 @@ def server_checkpoint_dir(server) -> Path:
 
 def to_samples(data: list[Datum]) -> list[Sample]:
     """The client's datums as the engine's samples."""
-    return [Sample(torch.tensor(d.model_input.to_ints()),
-                   {k: torch.from_numpy(np.array(v.to_numpy())) for k, v in d.loss_fn_inputs.items()}) for d in data]
+    return [
+        Sample(
+            torch.tensor(d.model_input.to_ints()),
+            {k: torch.from_numpy(np.array(v.to_numpy())) for k, v in d.loss_fn_inputs.items()},
+        )
+        for d in data
+    ]
 
 
 def test_hundred_pipelined_requests_come_back_in_order(client):
@@ -133,9 +156,14 @@ def test_hundred_pipelined_requests_come_back_in_order(client):
 
 
 def test_stream_errors_come_back_per_item_and_the_stream_survives(stub):
-    good = pb.Datum(model_input=pb.Tensor(int64_data=[1, 2, 3]), loss_fn_inputs=pb.LossFnInputs(
-        target_tokens=pb.Tensor(int64_data=[2, 3, 4]), logprobs=pb.Tensor(float_data=[-1, -2, -3]),
-        advantages=pb.Tensor(float_data=[1, 0, -1])))
+    good = pb.Datum(
+        model_input=pb.Tensor(int64_data=[1, 2, 3]),
+        loss_fn_inputs=pb.LossFnInputs(
+            target_tokens=pb.Tensor(int64_data=[2, 3, 4]),
+            logprobs=pb.Tensor(float_data=[-1, -2, -3]),
+            advantages=pb.Tensor(float_data=[1, 0, -1]),
+        ),
+    )
     bad = pb.Datum()
     bad.CopyFrom(good)
     bad.loss_fn_inputs.logprobs.float_data.append(-1.0)
@@ -157,7 +185,8 @@ def test_stream_errors_come_back_per_item_and_the_stream_survives(stub):
     br = error_details_pb2.BadRequest()
     answers[1].error.details[0].Unpack(br)
     assert [(v.field, v.description) for v in br.field_violations] == [
-        ("data[1].loss_fn_inputs.logprobs", "length 4 != model_input length 3")]
+        ("data[1].loss_fn_inputs.logprobs", "length 4 != model_input length 3")
+    ]
     assert answers[0].forward == answers[5].forward
 
 
@@ -165,48 +194,118 @@ def test_health_and_reflection_answer(server):
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", "cispo.v1.TrainingService"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=name)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in answer.list_services_response.service}
         assert {"cispo.v1.TrainingService", "grpc.health.v1.Health"} <= names
-        answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="cispo.v1.TrainingService")])))
+        answer = next(
+            reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="cispo.v1.TrainingService")])
+            )
+        )
         assert answer.file_descriptor_response.file_descriptor_proto
 
 
 def raw_datum(**overrides) -> pb.Datum:
-    fields = dict(model_input=pb.Tensor(int64_data=[1, 2, 3]), target_tokens=pb.Tensor(int64_data=[2, 3, 4]),
-                  logprobs=pb.Tensor(float_data=[-1, -2, -3]), advantages=pb.Tensor(float_data=[1, 0, -1]))
+    fields = dict(
+        model_input=pb.Tensor(int64_data=[1, 2, 3]),
+        target_tokens=pb.Tensor(int64_data=[2, 3, 4]),
+        logprobs=pb.Tensor(float_data=[-1, -2, -3]),
+        advantages=pb.Tensor(float_data=[1, 0, -1]),
+    )
     fields.update(overrides)
     model_input = fields.pop("model_input")
     return pb.Datum(model_input=model_input, loss_fn_inputs=pb.LossFnInputs(**fields))
 
 
 ERROR_CASES = {
-    "token outside vocab": (dict(model_input=pb.Tensor(int64_data=[1, 2, 5000])), {}, "INVALID_ARGUMENT",
-                            "data[1].model_input", "outside the vocabulary"),
-    "nan advantage": (dict(advantages=pb.Tensor(float_data=[1, float("nan"), 0])), {}, "INVALID_ARGUMENT",
-                      "data[1].loss_fn_inputs.advantages", "not finite"),
-    "inf logprob": (dict(logprobs=pb.Tensor(double_data=[-1, float("-inf"), -1])), {}, "INVALID_ARGUMENT",
-                    "data[1].loss_fn_inputs.logprobs", "not finite"),
-    "logprob > 0": (dict(logprobs=pb.Tensor(float_data=[-1, 0.25, -1])), {}, "INVALID_ARGUMENT",
-                    "data[1].loss_fn_inputs.logprobs", "must be <= 0"),
-    "ragged raw bytes": (dict(logprobs=pb.Tensor(dtype=pb.DTYPE_FLOAT32, raw_data=b"\x00" * 11)), {}, "INVALID_ARGUMENT",
-                         "data[1].loss_fn_inputs.logprobs.raw_data", "not a multiple of the DTYPE_FLOAT32 size 4"),
-    "raw without dtype": (dict(target_tokens=pb.Tensor(raw_data=b"\x00" * 24)), {}, "INVALID_ARGUMENT",
-                          "data[1].loss_fn_inputs.target_tokens.dtype", "raw_data needs dtype"),
-    "two payloads": (dict(advantages=pb.Tensor(float_data=[1, 0, 0], double_data=[1, 0, 0])), {}, "INVALID_ARGUMENT",
-                     "data[1].loss_fn_inputs.advantages", "exactly one"),
-    "length mismatch": (dict(logprobs=pb.Tensor(float_data=[-1, -2])), {}, "INVALID_ARGUMENT",
-                        "data[1].loss_fn_inputs.logprobs", "length 2 != model_input length 3"),
-    "cap below 1": ({}, {"clip_high_threshold": 0.2}, "INVALID_ARGUMENT",
-                    "loss_fn_config.clip_high_threshold", "not offsets from 1"),
-    "negative floor": ({}, {"clip_low_threshold": -1.0}, "INVALID_ARGUMENT", "loss_fn_config.clip_low_threshold", ">= 0"),
+    "token outside vocab": (
+        dict(model_input=pb.Tensor(int64_data=[1, 2, 5000])),
+        {},
+        "INVALID_ARGUMENT",
+        "data[1].model_input",
+        "outside the vocabulary",
+    ),
+    "nan advantage": (
+        dict(advantages=pb.Tensor(float_data=[1, float("nan"), 0])),
+        {},
+        "INVALID_ARGUMENT",
+        "data[1].loss_fn_inputs.advantages",
+        "not finite",
+    ),
+    "inf logprob": (
+        dict(logprobs=pb.Tensor(double_data=[-1, float("-inf"), -1])),
+        {},
+        "INVALID_ARGUMENT",
+        "data[1].loss_fn_inputs.logprobs",
+        "not finite",
+    ),
+    "logprob > 0": (
+        dict(logprobs=pb.Tensor(float_data=[-1, 0.25, -1])),
+        {},
+        "INVALID_ARGUMENT",
+        "data[1].loss_fn_inputs.logprobs",
+        "must be <= 0",
+    ),
+    "ragged raw bytes": (
+        dict(logprobs=pb.Tensor(dtype=pb.DTYPE_FLOAT32, raw_data=b"\x00" * 11)),
+        {},
+        "INVALID_ARGUMENT",
+        "data[1].loss_fn_inputs.logprobs.raw_data",
+        "not a multiple of the DTYPE_FLOAT32 size 4",
+    ),
+    "raw without dtype": (
+        dict(target_tokens=pb.Tensor(raw_data=b"\x00" * 24)),
+        {},
+        "INVALID_ARGUMENT",
+        "data[1].loss_fn_inputs.target_tokens.dtype",
+        "raw_data needs dtype",
+    ),
+    "two payloads": (
+        dict(advantages=pb.Tensor(float_data=[1, 0, 0], double_data=[1, 0, 0])),
+        {},
+        "INVALID_ARGUMENT",
+        "data[1].loss_fn_inputs.advantages",
+        "exactly one",
+    ),
+    "length mismatch": (
+        dict(logprobs=pb.Tensor(float_data=[-1, -2])),
+        {},
+        "INVALID_ARGUMENT",
+        "data[1].loss_fn_inputs.logprobs",
+        "length 2 != model_input length 3",
+    ),
+    "cap below 1": (
+        {},
+        {"clip_high_threshold": 0.2},
+        "INVALID_ARGUMENT",
+        "loss_fn_config.clip_high_threshold",
+        "not offsets from 1",
+    ),
+    "negative floor": (
+        {},
+        {"clip_low_threshold": -1.0},
+        "INVALID_ARGUMENT",
+        "loss_fn_config.clip_low_threshold",
+        ">= 0",
+    ),
     "unknown key": ({}, {"epsilon": 0.2}, "INVALID_ARGUMENT", "loss_fn_config.epsilon", "unknown key"),
-    "too many tokens": (dict(model_input=pb.Tensor(int64_data=[1] * 5000), target_tokens=pb.Tensor(int64_data=[1] * 5000),
-                             logprobs=pb.Tensor(float_data=[-1] * 5000), advantages=pb.Tensor(float_data=[1] * 5000)),
-                        {}, "RESOURCE_EXHAUSTED", None, "max_tokens_per_request=5000"),
+    "too many tokens": (
+        dict(
+            model_input=pb.Tensor(int64_data=[1] * 5000),
+            target_tokens=pb.Tensor(int64_data=[1] * 5000),
+            logprobs=pb.Tensor(float_data=[-1] * 5000),
+            advantages=pb.Tensor(float_data=[1] * 5000),
+        ),
+        {},
+        "RESOURCE_EXHAUSTED",
+        None,
+        "max_tokens_per_request=5000",
+    ),
 }
 
 
@@ -270,18 +369,28 @@ def test_message_over_the_size_limit_is_resource_exhausted(stub):
 
 
 def test_client_refuses_oversized_requests_before_sending(server):
-    with TrainingClient(server.address, max_message_bytes=1000) as small:
-        with pytest.raises(ResourceExhaustedError):
-            small.forward(make_data(5, lengths=(400,)))
+    with TrainingClient(server.address, max_message_bytes=1000) as small, pytest.raises(ResourceExhaustedError):
+        small.forward(make_data(5, lengths=(400,)))
 
 
 def test_sigterm_during_a_stream_loses_no_accepted_operation(tmp_path):
     proc = ServerProcess("--drain-seconds", "60", checkpoint_dir=tmp_path)
-    requests = [pb.StreamRequest(request_id=str(i), forward_backward=pb.ForwardBackwardInput(
-        data=[raw_datum(model_input=pb.Tensor(int64_data=list(range(1, 600))),
+    requests = [
+        pb.StreamRequest(
+            request_id=str(i),
+            forward_backward=pb.ForwardBackwardInput(
+                data=[
+                    raw_datum(
+                        model_input=pb.Tensor(int64_data=list(range(1, 600))),
                         target_tokens=pb.Tensor(int64_data=list(range(2, 601))),
-                        logprobs=pb.Tensor(float_data=[-1.0] * 599), advantages=pb.Tensor(float_data=[1.0] * 599))]))
-        for i in range(200)]
+                        logprobs=pb.Tensor(float_data=[-1.0] * 599),
+                        advantages=pb.Tensor(float_data=[1.0] * 599),
+                    )
+                ]
+            ),
+        )
+        for i in range(200)
+    ]
     answered, final = [], None
     with grpc.insecure_channel(proc.address) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)

@@ -29,7 +29,7 @@ def state_tensors(step):
 # Runs in a child Python: imports the engine once, then forks one save per line it reads. A
 # forked save wraps the filesystem calls a save makes and blocks before the k-th of them, so the
 # test can kill it there with SIGKILL.
-ZYGOTE = r'''
+ZYGOTE = r"""
 import os, shutil, sys, time, traceback
 from pathlib import Path
 from cispo.worker import checkpoint
@@ -69,14 +69,15 @@ for line in sys.stdin:
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     print(f"reaped {status}", flush=True)
-'''
+"""
 
 
 class Zygote:
     def __init__(self):
         script = "import torch\n" + inspect.getsource(state_tensors) + ZYGOTE
-        self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -186,17 +187,17 @@ def test_recover_restores_missing_names_and_removes_every_other_leftover(tmp_pat
     root, outside = tmp_path / "ckpt", tmp_path / "outside"
     save(root, "kept", 1)
     save(outside, "linked", 1)
-    shutil.copytree(root / "kept", hidden_copy(root, "old", "kept"))        # stale: "kept" exists
-    incomplete = hidden_copy(root, "tmp", "kept")                           # killed mid-write
+    shutil.copytree(root / "kept", hidden_copy(root, "old", "kept"))  # stale: "kept" exists
+    incomplete = hidden_copy(root, "tmp", "kept")  # killed mid-write
     incomplete.mkdir()
     (incomplete / "model.safetensors").write_bytes((root / "kept" / "model.safetensors").read_bytes()[:20])
-    save(root, "swapped", 1)                                                # killed between renames
+    save(root, "swapped", 1)  # killed between renames
     os.rename(root / "swapped", hidden_copy(root, "old", "swapped"))
     save(root, "new", 2)
     os.rename(root / "new", hidden_copy(root, "tmp", "swapped"))
-    save(root, "restorable", 1)                                             # only an old copy left
+    save(root, "restorable", 1)  # only an old copy left
     os.rename(root / "restorable", hidden_copy(root, "old", "restorable"))
-    hidden_copy(root, "tmp", "linked").symlink_to(outside / "linked")       # planted link
+    hidden_copy(root, "tmp", "linked").symlink_to(outside / "linked")  # planted link
     (root / ".keep").write_text("not ours")
 
     lines = recover(root)
@@ -262,22 +263,34 @@ def write_json(path, value):
 
 
 CORRUPTIONS = {
-    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-9]),
-                          "model.safetensors: Error while deserializing header"),
+    "truncated weights": (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-9]),
+        "model.safetensors: Error while deserializing header",
+    ),
     "empty optimizer": (lambda d: (d / "optimizer.safetensors").write_bytes(b""), "optimizer.safetensors: "),
-    "invalid JSON manifest": (lambda d: (d / "manifest.json").write_text('{"format": "cispo.st'),
-                              "manifest.json: Unterminated string"),
+    "invalid JSON manifest": (
+        lambda d: (d / "manifest.json").write_text('{"format": "cispo.st'),
+        "manifest.json: Unterminated string",
+    ),
     "manifest not an object": (lambda d: write_json(d / "manifest.json", [1, 2]), "manifest.json is not a JSON object"),
-    "wrong format": (lambda d: write_json(d / "manifest.json", {"format": "other" * 50, "step": 1}),
-                     "manifest.json has format 'otherother"),
-    "missing step": (lambda d: write_json(d / "manifest.json", {"format": "cispo.state.v1"}),
-                     "manifest.json has no valid step"),
-    "bad owner": (lambda d: write_json(d / "manifest.json", {"format": "cispo.state.v1", "step": 1, "owner": 7}),
-                  "manifest.json has an invalid owner"),
+    "wrong format": (
+        lambda d: write_json(d / "manifest.json", {"format": "other" * 50, "step": 1}),
+        "manifest.json has format 'otherother",
+    ),
+    "missing step": (
+        lambda d: write_json(d / "manifest.json", {"format": "cispo.state.v1"}),
+        "manifest.json has no valid step",
+    ),
+    "bad owner": (
+        lambda d: write_json(d / "manifest.json", {"format": "cispo.state.v1", "step": 1, "owner": 7}),
+        "manifest.json has an invalid owner",
+    ),
     "missing manifest": (lambda d: (d / "manifest.json").unlink(), "manifest.json: No such file or directory"),
     "missing weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: No such file or directory"),
-    "directory for a file": (lambda d: ((d / "optimizer.safetensors").unlink(), (d / "optimizer.safetensors").mkdir()),
-                             "optimizer.safetensors is not a regular file"),
+    "directory for a file": (
+        lambda d: ((d / "optimizer.safetensors").unlink(), (d / "optimizer.safetensors").mkdir()),
+        "optimizer.safetensors is not a regular file",
+    ),
 }
 
 
@@ -303,8 +316,11 @@ def test_a_state_that_is_a_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", ["x" * 5000, "é" * 3000, b"x" * 5000, None, ".hidden", "a/b", "x" * 129])
 def test_bad_names_get_a_short_invalid_input(tmp_path, name):
-    for call in (lambda: state_dir(tmp_path, name), lambda: load_state(tmp_path, name, False),
-                 lambda: save(tmp_path, name, 1)):
+    for call in (
+        lambda: state_dir(tmp_path, name),
+        lambda: load_state(tmp_path, name, False),
+        lambda: save(tmp_path, name, 1),
+    ):
         with pytest.raises(InvalidInput) as err:
             call()
         assert [v.field for v in err.value.violations] == ["name"]

@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from server_process import ServerProcess, run_cli_in_process
 
 from cispo.service import cli
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
-from server_process import ServerProcess, run_cli_in_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,8 +60,16 @@ def test_help_describes_every_flag_and_its_default():
         assert f"[CISPO_{action.dest.upper()}" in description, flag
         after = "".join(flat.split()).split(squeezed, 1)[1]
         assert after.startswith("(default:"), f"{flag}: no default shown"
-    for default in ("(default: 127.0.0.1)", "(default: 50051)", "(default: 9400)", "(default: -1)",
-                    "(default: auto)", "(default: INFO)", "(default: text)", "(default: off)"):
+    for default in (
+        "(default: 127.0.0.1)",
+        "(default: 50051)",
+        "(default: 9400)",
+        "(default: -1)",
+        "(default: auto)",
+        "(default: INFO)",
+        "(default: text)",
+        "(default: off)",
+    ):
         assert default in flat, default
 
 
@@ -82,31 +90,39 @@ def test_version():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_no_cuda():
-    assert_one_line_error(*run_cli_in_process("--port", "0", "--device", "cuda"), "--device cuda",
-                          "no CUDA device is available")
+    assert_one_line_error(
+        *run_cli_in_process("--port", "0", "--device", "cuda"), "--device cuda", "no CUDA device is available"
+    )
     assert_one_line_error(*run_cli_in_process("--port", "0", "--device", "cuda:1"), "no CUDA")
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["--dtype", "int8"], ["unknown dtype 'int8'"]),
-    (["--dtype", "bfloat17"], ["unknown dtype"]),
-    (["--device", "gpu"], ["--device 'gpu' is not a device"]),
-    (["--model", "/no/such/checkpoint"], ["/no/such/checkpoint", "not a Hugging Face checkpoint directory"]),
-    (["--port", "fifty"], ["--port", "invalid int value"]),
-    (["--log-level", "LOUD"], ["--log-level", "invalid choice"]),
-    (["--log-format", "xml"], ["--log-format", "invalid choice"]),
-    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
-], ids=["dtype", "dtype-typo", "device", "model", "port", "log-level", "log-format", "unknown-flag"])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["--dtype", "int8"], ["unknown dtype 'int8'"]),
+        (["--dtype", "bfloat17"], ["unknown dtype"]),
+        (["--device", "gpu"], ["--device 'gpu' is not a device"]),
+        (["--model", "/no/such/checkpoint"], ["/no/such/checkpoint", "not a Hugging Face checkpoint directory"]),
+        (["--port", "fifty"], ["--port", "invalid int value"]),
+        (["--log-level", "LOUD"], ["--log-level", "invalid choice"]),
+        (["--log-format", "xml"], ["--log-format", "invalid choice"]),
+        (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    ],
+    ids=["dtype", "dtype-typo", "device", "model", "port", "log-level", "log-format", "unknown-flag"],
+)
 def test_startup_errors_are_one_line(argv, fragments):
     assert_one_line_error(*run_cli_in_process("--port", "0", "--metrics-port", "0", *argv), *fragments)
 
 
-@pytest.mark.parametrize("env, fragments", [
-    ({"CISPO_PORT": "fifty"}, ["CISPO_PORT='fifty' is not a valid int"]),
-    ({"CISPO_DRAIN_SECONDS": "soon"}, ["CISPO_DRAIN_SECONDS"]),
-    ({"CISPO_LOG_LEVEL": "loud"}, ["CISPO_LOG_LEVEL='LOUD'"]),
-    ({"CISPO_INSECURE": "perhaps"}, ["CISPO_INSECURE"]),
-])
+@pytest.mark.parametrize(
+    "env, fragments",
+    [
+        ({"CISPO_PORT": "fifty"}, ["CISPO_PORT='fifty' is not a valid int"]),
+        ({"CISPO_DRAIN_SECONDS": "soon"}, ["CISPO_DRAIN_SECONDS"]),
+        ({"CISPO_LOG_LEVEL": "loud"}, ["CISPO_LOG_LEVEL='LOUD'"]),
+        ({"CISPO_INSECURE": "perhaps"}, ["CISPO_INSECURE"]),
+    ],
+)
 def test_bad_environment_values_are_one_line(env, fragments):
     assert_one_line_error(*run_cli_in_process(env=env), *fragments)
 
@@ -114,8 +130,22 @@ def test_bad_environment_values_are_one_line(env, fragments):
 def test_a_bad_model_directory_in_a_real_process(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"')  # truncated JSON
-    proc = subprocess.run([sys.executable, "-m", "cispo.service", "--port", "0", "--metrics-port", "0",
-                           "--model", str(tmp_path / "model")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cispo.service",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--model",
+            str(tmp_path / "model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout == ""
     line = assert_one_line_error(proc.returncode, proc.stderr, "cannot load the model", str(tmp_path / "model"))
     assert len(line) < 400
@@ -146,12 +176,22 @@ def stream_requests(n: int, stop: threading.Event):
     rng = np.random.default_rng(0)
     for i in range(n):
         tokens = rng.integers(0, 1024, 64).astype("<i8").tobytes()
-        yield pb.StreamRequest(request_id=str(i), forward_backward=pb.ForwardBackwardInput(
-            loss_fn="cispo", data=[pb.Datum(
-                model_input=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[64], raw_data=tokens),
-                loss_fn_inputs=pb.LossFnInputs(
-                    target_tokens=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[64], raw_data=tokens),
-                    logprobs=pb.Tensor(float_data=[-7.0] * 64), advantages=pb.Tensor(float_data=[1.0] * 64)))]))
+        yield pb.StreamRequest(
+            request_id=str(i),
+            forward_backward=pb.ForwardBackwardInput(
+                loss_fn="cispo",
+                data=[
+                    pb.Datum(
+                        model_input=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[64], raw_data=tokens),
+                        loss_fn_inputs=pb.LossFnInputs(
+                            target_tokens=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[64], raw_data=tokens),
+                            logprobs=pb.Tensor(float_data=[-7.0] * 64),
+                            advantages=pb.Tensor(float_data=[1.0] * 64),
+                        ),
+                    )
+                ],
+            ),
+        )
     stop.wait(30)  # keep the stream open until the test cancels it
 
 

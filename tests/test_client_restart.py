@@ -9,12 +9,17 @@ import sys
 import textwrap
 
 import pytest
-
 from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
-NOISE = ("aclose(): asynchronous generator is already running", "Task was destroyed but it is pending",
-         "Task exception was never retrieved", "Exception ignored", "ResourceWarning", "Traceback")
+NOISE = (
+    "aclose(): asynchronous generator is already running",
+    "Task was destroyed but it is pending",
+    "Task exception was never retrieved",
+    "Exception ignored",
+    "ResourceWarning",
+    "Traceback",
+)
 CLIENT = textwrap.dedent("""
     import gc, sys
     import numpy as np
@@ -56,8 +61,13 @@ def test_a_restart_with_operations_in_flight_leaves_no_noise_in_the_client(tmp_p
     port = str(free_port())
     a = ServerProcess("--port", port, checkpoint_dir=tmp_path)
     b = None
-    client = subprocess.Popen([sys.executable, "-W", "always::ResourceWarning", "-c", CLIENT, a.address],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [sys.executable, "-W", "always::ResourceWarning", "-c", CLIENT, a.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert client.stdout.readline() == "ready\n"
         os.kill(a.proc.pid, signal.SIGSTOP)  # the eight are sent and never answered

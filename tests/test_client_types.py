@@ -270,9 +270,7 @@ def test_response_decoding():
     output = wire.forward_backward_output_from_pb(
         pb.ForwardBackwardOutput(
             loss_fn_outputs=[
-                pb.LossFnOutput(
-                    logprobs=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], raw_data=logprobs.tobytes())
-                ),
+                pb.LossFnOutput(logprobs=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], raw_data=logprobs.tobytes())),
                 pb.LossFnOutput(logprobs=pb.Tensor(float_data=[-1.0])),
             ],
             metrics={"loss:sum": 1.5, "tokens:sum": 3.0},
@@ -283,9 +281,7 @@ def test_response_decoding():
     assert output.loss_fn_outputs[1]["logprobs"].tolist() == [-1.0]
     assert output.metrics["loss:sum"] == 1.5
 
-    step = wire.optim_step_response_from_pb(
-        pb.OptimStepResponse(grad_norm=2.5, step=3, metrics={"grad_norm:max": 2.5})
-    )
+    step = wire.optim_step_response_from_pb(pb.OptimStepResponse(grad_norm=2.5, step=3, metrics={"grad_norm:max": 2.5}))
     assert (step.grad_norm, step.step, step.metrics) == (2.5, 3, {"grad_norm:max": 2.5})
     saved = wire.save_state_response_from_pb(pb.SaveStateResponse(name="a", path="/ckpt/a", step=3))
     assert (saved.name, saved.path, saved.step) == ("a", "/ckpt/a", 3)
@@ -300,8 +296,13 @@ def test_response_decoding():
                     required_inputs=["logprobs", "advantages"],
                 )
             ],
-            limits=pb.Limits(max_message_bytes=10, max_tokens_per_request=20, max_sequence_length=30,
-                             idempotency_keys_remembered=40, max_data_per_request=50),
+            limits=pb.Limits(
+                max_message_bytes=10,
+                max_tokens_per_request=20,
+                max_sequence_length=30,
+                idempotency_keys_remembered=40,
+                max_data_per_request=50,
+            ),
         )
     )
     assert info.loss_functions[0].default_config == {"clip_high_threshold": 4.0}
@@ -457,9 +458,7 @@ def test_client_is_lazy_and_checks_sizes():
     with pytest.raises(ResourceExhaustedError):
         asyncio.run(client.forward_backward_async([big]))
     with pytest.raises(ValueError, match="1-D"):
-        asyncio.run(
-            client.forward_async([Datum(model_input=[1], loss_fn_inputs={"weights": np.ones((1, 1))})])
-        )
+        asyncio.run(client.forward_async([Datum(model_input=[1], loss_fn_inputs={"weights": np.ones((1, 1))})]))
     assert client._transport._thread is None
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -473,9 +472,7 @@ def test_unreachable_server_fails_with_unavailable():
             client.get_info()
 
         async def pipelined():
-            futures = [
-                await client.forward_backward_async([make_datum(CONVERTERS["list"])]) for _ in range(3)
-            ]
+            futures = [await client.forward_backward_async([make_datum(CONVERTERS["list"])]) for _ in range(3)]
             futures.append(await client.optim_step_async())
             for future in futures:
                 with pytest.raises(UnavailableError):

@@ -4,11 +4,11 @@ datums one by one and against the dense block mask, and the bf16 head against fp
 
 import pytest
 import torch
+from reference import make_samples
+from test_packed_attention import LENGTHS, dense_reference
 
 from cispo.worker import Engine, EngineConfig, attention, load_policy_model
 from cispo.worker.logprob_head import target_logprobs
-from reference import make_samples
-from test_packed_attention import LENGTHS, dense_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,8 +25,9 @@ def test_varlen_attention_equals_the_dense_mask(sliding_window):
     T, H, Hkv, Dh = sum(LENGTHS), 4, 2, 64
     q, k, v = (torch.randn(1, h, T, Dh, generator=g, device="cuda", dtype=torch.bfloat16) for h in (H, Hkv, Hkv))
     kwargs = attention.packed_attention_kwargs(LENGTHS, torch.device("cuda"))
-    out, _ = attention.packed_attention_forward(torch.nn.Module(), q, k, v, None, scaling=Dh ** -0.5,
-                                                sliding_window=sliding_window, **kwargs)
+    out, _ = attention.packed_attention_forward(
+        torch.nn.Module(), q, k, v, None, scaling=Dh**-0.5, sliding_window=sliding_window, **kwargs
+    )
     expected = dense_reference(q.double(), k.double(), v.double(), LENGTHS, sliding_window)
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 
@@ -45,7 +46,7 @@ def test_packed_bf16_results_equal_per_datum_results(tmp_path):
 def test_bf16_head_against_fp64():
     g = torch.Generator(device="cuda").manual_seed(0)
     N, D, V = 4096, 1024, 32768
-    hidden = torch.randn(N, D, generator=g, device="cuda") / D ** 0.5
+    hidden = torch.randn(N, D, generator=g, device="cuda") / D**0.5
     weight = torch.randn(V, D, generator=g, device="cuda")
     targets = torch.randint(0, V, (N,), generator=g, device="cuda")
     exact = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(-1, targets[:, None])[:, 0]

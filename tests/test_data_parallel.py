@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
-
-from cispo.client import (AdamParams, Datum, FailedPreconditionError, InvalidArgumentError, ModelInput,
-                          SamplingParams, TrainingClient, UnavailableError)
-from cispo.worker.group import shard_by_tokens
 from server_process import ServerProcess
+
+from cispo.client import (
+    AdamParams,
+    Datum,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ModelInput,
+    SamplingParams,
+    TrainingClient,
+    UnavailableError,
+)
+from cispo.worker.group import shard_by_tokens
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,9 +40,16 @@ def batch(seed: int, lengths=(5, 40, 7, 19, 3, 11, 26)) -> list[Datum]:
     for n in lengths:
         adv = rng.normal(size=n).astype(np.float32)
         adv[rng.random(n) < 0.3] = 0
-        out.append(Datum(model_input=ModelInput.from_ints(rng.integers(0, 1024, n).tolist()), loss_fn_inputs={
-            "target_tokens": rng.integers(0, 1024, n), "logprobs": -rng.random(n).astype(np.float32) * 12,
-            "advantages": adv}))
+        out.append(
+            Datum(
+                model_input=ModelInput.from_ints(rng.integers(0, 1024, n).tolist()),
+                loss_fn_inputs={
+                    "target_tokens": rng.integers(0, 1024, n),
+                    "logprobs": -rng.random(n).astype(np.float32) * 12,
+                    "advantages": adv,
+                },
+            )
+        )
     return out
 
 
@@ -46,7 +61,9 @@ def train(address: str, checkpoint_dir) -> dict:
     with TrainingClient(address, wait_for_ready=True) as client:
         out = {"world_size": client.get_info().world_size, "results": [], "grad_norms": []}
         for seed in (1, 2):
-            r = client.forward_backward(batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result()
+            r = client.forward_backward(
+                batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
+            ).result()
             out["results"].append(r)
             if seed == 1:
                 huge = batch(4, lengths=(30, 2))
@@ -55,7 +72,9 @@ def train(address: str, checkpoint_dir) -> dict:
                     client.forward_backward(huge, "cispo").result()
             with pytest.raises(FailedPreconditionError, match="non-finite"):
                 client.optim_step(AdamParams(learning_rate=3e38)).result()
-            out["grad_norms"].append(client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).result().grad_norm)
+            out["grad_norms"].append(
+                client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).result().grad_norm
+            )
         out["final"] = client.forward(batch(3)).result()
         client.save_state("final").result()
         # Rank 0 samples and exports alone, on the weights every rank holds.
@@ -107,13 +126,24 @@ def test_two_ranks_under_torchrun_equal_one_rank(tmp_path):
 
 def start_cluster_ranks(tmp_path, world_size: int, **env):
     """Ranks started with torchrun's env vars directly, as a cluster would; rank 0 serves."""
-    base = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-            "CISPO_RANK_TIMEOUT_SECONDS": "3", **env}
+    base = {
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "CISPO_RANK_TIMEOUT_SECONDS": "3",
+        **env,
+    }
     import subprocess
-    workers = [subprocess.Popen([sys.executable, "-m", "cispo.service", "--checkpoint-dir", str(tmp_path)],
-                                env={**os.environ, **base, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for r in range(1, world_size)]
+
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cispo.service", "--checkpoint-dir", str(tmp_path)],
+            env={**os.environ, **base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for r in range(1, world_size)
+    ]
     leader = ServerProcess(checkpoint_dir=tmp_path, env={**base, "RANK": "0", "LOCAL_RANK": "0"})
     return leader, workers
 
@@ -164,7 +194,7 @@ def test_killing_a_rank_mid_stream_gives_unavailable_naming_it(tmp_path, shardin
                     try:
                         await f.result_async(timeout=60)
                         outcomes.append("ok")
-                    except Exception as exc:  # noqa: BLE001 - asserted below
+                    except Exception as exc:
                         outcomes.append(exc)
                 return outcomes
 
@@ -179,9 +209,8 @@ def test_killing_a_rank_mid_stream_gives_unavailable_naming_it(tmp_path, shardin
         assert elapsed < 60
         status = health.Check(health_pb2.HealthCheckRequest(service="cispo.v1.TrainingService")).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-        with TrainingClient(leader.address) as client:
-            with pytest.raises(UnavailableError, match="rank 1"):
-                client.forward(batch(7)).result()
+        with TrainingClient(leader.address) as client, pytest.raises(UnavailableError, match="rank 1"):
+            client.forward(batch(7)).result()
     finally:
         assert leader.terminate(timeout=60) == 3
         for w in workers:

@@ -22,11 +22,11 @@ import kubernetes_validate.utils
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_process import ServerProcess
+from tls_certs import make_pki
 
 from cispo.service.server import HEALTH_SERVICE_NAMES, ServerConfig, is_loopback
 from cispo.service.servicer import SERVICE_NAME
-from server_process import ServerProcess
-from tls_certs import make_pki
 
 try:
     import tomllib
@@ -225,10 +225,14 @@ def test_builtin_kinds_pass_strict_schema_validation(name):
 
 def test_names_follow_a_prefix(tmp_path):
     """References kustomize must rewrite (ConfigMaps, serviceName, the KEDA target) follow a rename."""
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": [os.path.relpath(K8S / "overlays" / "cpu", tmp_path)],
-        "namePrefix": "team-a-",
-    }))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(K8S / "overlays" / "cpu", tmp_path)],
+                "namePrefix": "team-a-",
+            }
+        )
+    )
     docs = _build(tmp_path)
     statefulset = one(docs, "StatefulSet", "team-a-cispo")
     assert statefulset["spec"]["serviceName"] == "team-a-cispo-headless"
@@ -286,12 +290,23 @@ def test_the_server_answers_the_probes_health_checks(tmp_path):
     pki = make_pki(tmp_path / "tls")
     tokens = tmp_path / "tokens"
     tokens.write_text("trainer:0123456789abcdef0123\n")
-    server = ServerProcess("--device", "cpu", "--health-port", "0", "--tls-cert-file", str(pki.server_cert),
-                           "--tls-key-file", str(pki.server_key), "--auth-tokens-file", str(tokens),
-                           checkpoint_dir=tmp_path / "ckpt")
+    server = ServerProcess(
+        "--device",
+        "cpu",
+        "--health-port",
+        "0",
+        "--tls-cert-file",
+        str(pki.server_cert),
+        "--tls-key-file",
+        str(pki.server_key),
+        "--auth-tokens-file",
+        str(tokens),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
     try:
-        health_port = int(re.search(r"grpc\.health\.v1 \(plaintext, health only\) on [^:]+:(\d+)",
-                                    server.log()).group(1))
+        health_port = int(
+            re.search(r"grpc\.health\.v1 \(plaintext, health only\) on [^:]+:(\d+)", server.log()).group(1)
+        )
         with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in sorted(services):
@@ -534,7 +549,8 @@ def test_checked_in_prometheusrule_is_generated_from_rules_yaml():
     checked_in = (K8S / "monitoring" / "prometheusrule.yaml").read_text()
     assert checked_in == generator.prometheus_rule(source), (
         "deploy/k8s/monitoring/prometheusrule.yaml is stale: run "
-        "`python deploy/k8s/monitoring/generate_prometheusrule.py`")
+        "`python deploy/k8s/monitoring/generate_prometheusrule.py`"
+    )
 
 
 def test_rendered_prometheusrule_carries_the_rule_groups():
@@ -707,10 +723,14 @@ def mounted_secret_file(workload: dict, path: str) -> tuple[str, str]:
 
 
 def render_with_components(tmp_path: Path, overlay: str, *components: str) -> list[dict]:
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],
-        "components": [os.path.relpath(K8S / "components" / c, tmp_path) for c in components],
-    }))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],
+                "components": [os.path.relpath(K8S / "components" / c, tmp_path) for c in components],
+            }
+        )
+    )
     return _build(tmp_path)
 
 
@@ -763,8 +783,11 @@ def admitted(docs: list[dict], workload: dict, port: str | int, source: dict, na
     `namespace` reach `workload`'s pods on `port` (a container port name or number)."""
     named = {p["name"]: p["containerPort"] for p in the_container(workload).get("ports", [])}
     number = named.get(port, port)
-    policies = [p for p in of_kind(docs, "NetworkPolicy")
-                if "Ingress" in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], pod_labels(workload))]
+    policies = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if "Ingress" in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], pod_labels(workload))
+    ]
     if not policies:
         return True  # not isolated
     for policy in policies:

@@ -5,12 +5,21 @@ import pickle
 
 import pytest
 import torch
-
-from cispo.worker import (AdamParams, ComputeFailed, Engine, EngineConfig, InvalidInput, LimitExceeded, Sample,
-                          StateNotFound, load_policy_model)
-from cispo.worker import errors
-from cispo.worker.errors import FieldViolation
 from reference import make_samples
+
+from cispo.worker import (
+    AdamParams,
+    ComputeFailed,
+    Engine,
+    EngineConfig,
+    InvalidInput,
+    LimitExceeded,
+    Sample,
+    StateNotFound,
+    errors,
+    load_policy_model,
+)
+from cispo.worker.errors import FieldViolation
 
 
 def grads_of(engine):
@@ -46,7 +55,11 @@ CONFIG_CASES = [
     ({"clip_high_threshold": math.nan}, "loss_fn_config.clip_high_threshold", "finite"),
     ({"clip_high_threshold": math.inf}, "loss_fn_config.clip_high_threshold", "finite"),
     ({"clip_high_threshold": 1e39}, "loss_fn_config.clip_high_threshold", "finite in float32"),
-    ({"clip_high_threshold": 0.2}, "loss_fn_config.clip_high_threshold", "not offsets from 1: for an epsilon of 0.2, pass 1.2"),
+    (
+        {"clip_high_threshold": 0.2},
+        "loss_fn_config.clip_high_threshold",
+        "not offsets from 1: for an epsilon of 0.2, pass 1.2",
+    ),
 ]
 
 
@@ -76,18 +89,58 @@ def bad_batches():
     good = make_samples([6], seed=2)[0]
     t = good.loss_fn_inputs
     return {
-        "length mismatch": (with_input(good, logprobs=t["logprobs"][:5]), "data[1].loss_fn_inputs.logprobs", "length 5 != model_input length 6"),
-        "token outside vocab": (Sample(torch.tensor([1, 2, 3, 4, 5, 1024]), t), "data[1].model_input", "outside the vocabulary"),
-        "negative target": (with_input(good, target_tokens=torch.tensor([1, 2, -1, 4, 5, 6])), "data[1].loss_fn_inputs.target_tokens", "outside the vocabulary"),
-        "nan advantage": (with_input(good, advantages=torch.tensor([0.0, 1, math.nan, 0, 0, 0])), "data[1].loss_fn_inputs.advantages", "not finite"),
-        "inf logprob": (with_input(good, logprobs=torch.tensor([-1.0, -math.inf, -1, -1, -1, -1])), "data[1].loss_fn_inputs.logprobs", "not finite"),
-        "positive logprob": (with_input(good, logprobs=torch.tensor([-1.0, -1, 0.5, -1, -1, -1])), "data[1].loss_fn_inputs.logprobs", "must be <= 0; position 2"),
-        "missing advantages": (with_input(good, advantages=None), "data[1].loss_fn_inputs.advantages", "required by loss 'cispo'"),
+        "length mismatch": (
+            with_input(good, logprobs=t["logprobs"][:5]),
+            "data[1].loss_fn_inputs.logprobs",
+            "length 5 != model_input length 6",
+        ),
+        "token outside vocab": (
+            Sample(torch.tensor([1, 2, 3, 4, 5, 1024]), t),
+            "data[1].model_input",
+            "outside the vocabulary",
+        ),
+        "negative target": (
+            with_input(good, target_tokens=torch.tensor([1, 2, -1, 4, 5, 6])),
+            "data[1].loss_fn_inputs.target_tokens",
+            "outside the vocabulary",
+        ),
+        "nan advantage": (
+            with_input(good, advantages=torch.tensor([0.0, 1, math.nan, 0, 0, 0])),
+            "data[1].loss_fn_inputs.advantages",
+            "not finite",
+        ),
+        "inf logprob": (
+            with_input(good, logprobs=torch.tensor([-1.0, -math.inf, -1, -1, -1, -1])),
+            "data[1].loss_fn_inputs.logprobs",
+            "not finite",
+        ),
+        "positive logprob": (
+            with_input(good, logprobs=torch.tensor([-1.0, -1, 0.5, -1, -1, -1])),
+            "data[1].loss_fn_inputs.logprobs",
+            "must be <= 0; position 2",
+        ),
+        "missing advantages": (
+            with_input(good, advantages=None),
+            "data[1].loss_fn_inputs.advantages",
+            "required by loss 'cispo'",
+        ),
         "float tokens": (Sample(good.model_input.float(), t), "data[1].model_input", "integer token ids"),
-        "int logprobs": (with_input(good, logprobs=torch.zeros(6, dtype=torch.int64)), "data[1].loss_fn_inputs.logprobs", "must hold floats"),
+        "int logprobs": (
+            with_input(good, logprobs=torch.zeros(6, dtype=torch.int64)),
+            "data[1].loss_fn_inputs.logprobs",
+            "must hold floats",
+        ),
         "2-D input": (Sample(good.model_input[None], t), "data[1].model_input", "must be 1-D"),
-        "empty datum": (Sample(torch.zeros(0, dtype=torch.int64), {k: v[:0] for k, v in t.items()}), "data[1].model_input", "at least one token"),
-        "unknown input": (with_input(good, rewards=torch.zeros(6)), "data[1].loss_fn_inputs.rewards", "unknown loss input"),
+        "empty datum": (
+            Sample(torch.zeros(0, dtype=torch.int64), {k: v[:0] for k, v in t.items()}),
+            "data[1].model_input",
+            "at least one token",
+        ),
+        "unknown input": (
+            with_input(good, rewards=torch.zeros(6)),
+            "data[1].loss_fn_inputs.rewards",
+            "unknown loss input",
+        ),
     }
 
 
@@ -105,11 +158,17 @@ def test_bad_datum_is_rejected_with_its_field_and_changes_nothing(primed, case):
 
 def test_all_violations_are_reported_at_once(primed):
     good = make_samples([6], seed=4)[0]
-    bad = [with_input(good, logprobs=good.loss_fn_inputs["logprobs"][:2]), good,
-           with_input(good, advantages=torch.full((6,), math.nan))]
+    bad = [
+        with_input(good, logprobs=good.loss_fn_inputs["logprobs"][:2]),
+        good,
+        with_input(good, advantages=torch.full((6,), math.nan)),
+    ]
     with pytest.raises(InvalidInput) as err:
         primed.forward_backward(bad)
-    assert [v.field for v in err.value.violations] == ["data[0].loss_fn_inputs.logprobs", "data[2].loss_fn_inputs.advantages"]
+    assert [v.field for v in err.value.violations] == [
+        "data[0].loss_fn_inputs.logprobs",
+        "data[2].loss_fn_inputs.advantages",
+    ]
 
 
 def test_empty_batch_and_limits(primed):
@@ -133,10 +192,12 @@ def test_token_limit_per_request(tmp_path):
 
 def fail_on_second_call(calls):
     """A forward pre-hook that raises a simulated out-of-memory error on its second call."""
+
     def hook(module, args):
         calls.append(1)
         if len(calls) == 2:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
     return hook
 
 
@@ -157,15 +218,26 @@ def test_failure_mid_way_leaves_gradient_exactly_as_it_was(primed):
     primed.forward_backward(make_samples([4], seed=6))  # still works afterwards
 
 
-@pytest.mark.parametrize("field,value", [("learning_rate", -1.0), ("beta1", 1.0), ("beta2", math.nan),
-                                         ("eps", 0.0), ("weight_decay", -0.1), ("grad_clip_norm", math.inf)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("learning_rate", -1.0),
+        ("beta1", 1.0),
+        ("beta2", math.nan),
+        ("eps", 0.0),
+        ("weight_decay", -0.1),
+        ("grad_clip_norm", math.inf),
+    ],
+)
 def test_bad_adam_params(field, value):
     with pytest.raises(InvalidInput) as err:
         AdamParams(**{field: value})
     assert err.value.violations[0].field == f"adam_params.{field}"
 
 
-@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "a/b", "..", ".", ".hidden", "", "x" * 129, "a\x00b", "naïve"])
+@pytest.mark.parametrize(
+    "name", ["../escape", "/etc/passwd", "a/b", "..", ".", ".hidden", "", "x" * 129, "a\x00b", "naïve"]
+)
 def test_state_names_never_escape_the_checkpoint_dir(primed, name):
     before = grads_of(primed)
     with pytest.raises(InvalidInput, match="not a valid state name"):
@@ -182,6 +254,7 @@ def test_missing_and_mismatched_states(primed, tmp_path):
     primed.save_state("ok")
     weights_before = [p.detach().clone() for p in primed.named_params.values()]
     from safetensors.torch import load_file, save_file
+
     path = primed.config.checkpoint_dir / "ok" / "model.safetensors"
     tensors = load_file(path)
     tensors["lm_head.weight"] = tensors["lm_head.weight"][:10]
@@ -197,7 +270,11 @@ def test_saving_replaces_atomically_and_leaves_no_temporaries(primed):
     primed.save_state("s")
     root = primed.config.checkpoint_dir
     assert sorted(p.name for p in root.iterdir()) == ["s"]
-    assert sorted(p.name for p in (root / "s").iterdir()) == ["manifest.json", "model.safetensors", "optimizer.safetensors"]
+    assert sorted(p.name for p in (root / "s").iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+    ]
     assert primed.load_state("s", with_optimizer=True) == 1
 
 
@@ -247,8 +324,10 @@ def test_accumulated_gradient_is_the_sum_of_the_calls(engine):
 @pytest.fixture
 def in_place(tmp_path) -> Engine:
     """An engine with --gradient-accumulation in-place and small micro-batches."""
-    return Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path / "ckpt", micro_batch_tokens=64,
-                                                    gradient_accumulation="in-place"))
+    return Engine(
+        load_policy_model(),
+        EngineConfig(checkpoint_dir=tmp_path / "ckpt", micro_batch_tokens=64, gradient_accumulation="in-place"),
+    )
 
 
 def test_in_place_accumulation_adds_into_the_same_tensors(in_place, engine):
@@ -271,8 +350,11 @@ def test_in_place_failure_discards_the_accumulated_gradient_and_says_so(in_place
     calls = []
     handle = in_place.policy.model.model.layers[1].register_forward_pre_hook(fail_on_second_call(calls))
     try:
-        with pytest.raises(ComputeFailed, match="out of memory.*accumulated since the last optim_step was "
-                                                "discarded.*weights and optimizer state are unchanged"):
+        with pytest.raises(
+            ComputeFailed,
+            match="out of memory.*accumulated since the last optim_step was "
+            "discarded.*weights and optimizer state are unchanged",
+        ):
             in_place.forward_backward(make_samples([60, 60, 60], seed=5))
     finally:
         handle.remove()
@@ -280,7 +362,9 @@ def test_in_place_failure_discards_the_accumulated_gradient_and_says_so(in_place
     in_place.forward_backward(make_samples([6], seed=2))
     [sample] = make_samples([6], seed=2)
     huge = Sample(sample.model_input, {**sample.loss_fn_inputs, "advantages": torch.full((6,), 3e38)})
-    with pytest.raises(InvalidInput, match="not finite in float32.*accumulated since the last optim_step was discarded"):
+    with pytest.raises(
+        InvalidInput, match="not finite in float32.*accumulated since the last optim_step was discarded"
+    ):
         in_place.forward_backward([huge])
     assert all(p.grad is None for p in in_place.named_params.values())
     assert all(torch.equal(p, w) for p, w in zip(in_place.named_params.values(), weights))
@@ -295,11 +379,18 @@ def test_gradient_accumulation_mode_is_checked():
 
 def test_every_engine_error_pickles_whole():
     """A group's ranks send their errors to rank 0 pickled: type, message and fields survive."""
-    raised = [InvalidInput([FieldViolation("data[0].model_input", "required"), FieldViolation("loss_fn", "unknown")]),
-              LimitExceeded("max_runs", "at most 1 run"), ComputeFailed("out of memory: x", out_of_memory=True),
-              ComputeFailed("not finite", non_finite=True), errors.RankUnavailable(1, "rank 1 is gone"),
-              errors.StateNotFound("no state 'x'"), errors.StepRefused("refused"), errors.RunNotFound("no run"),
-              errors.RunConflict("a full run"), errors.PermissionDenied("not yours")]
+    raised = [
+        InvalidInput([FieldViolation("data[0].model_input", "required"), FieldViolation("loss_fn", "unknown")]),
+        LimitExceeded("max_runs", "at most 1 run"),
+        ComputeFailed("out of memory: x", out_of_memory=True),
+        ComputeFailed("not finite", non_finite=True),
+        errors.RankUnavailable(1, "rank 1 is gone"),
+        errors.StateNotFound("no state 'x'"),
+        errors.StepRefused("refused"),
+        errors.RunNotFound("no run"),
+        errors.RunConflict("a full run"),
+        errors.PermissionDenied("not yours"),
+    ]
     for error in raised:
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error) and vars(copy) == vars(error), error

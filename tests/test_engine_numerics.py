@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from reference import assert_grad_close, make_samples, naive_target_logprobs, seed_cispo_loss
 
 from cispo.worker import LOSS_FUNCTIONS, AdamParams, Engine, EngineConfig, Sample, load_policy_model
 from cispo.worker.loss_stats import RATIO_BUCKET_EDGES
 from cispo.worker.model import PolicyModel
-from reference import assert_grad_close, make_samples, naive_target_logprobs, seed_cispo_loss
 
 LENGTHS = [37, 5, 64, 12, 90, 1, 23]
 
@@ -102,7 +102,8 @@ def test_other_losses_match_their_formulas(engine, loss_fn):
     model.zero_grad(set_to_none=True)
     used = ("target_tokens", *LOSS_FUNCTIONS[loss_fn].required_inputs)  # other inputs are rejected
     result = engine.forward_backward(
-        [Sample(x.model_input, {k: v for k, v in x.loss_fn_inputs.items() if k in used}) for x in samples], loss_fn)
+        [Sample(x.model_input, {k: v for k, v in x.loss_fn_inputs.items() if k in used}) for x in samples], loss_fn
+    )
     assert result.metrics["loss:sum"] == pytest.approx(ref, rel=1e-5)
     for name, p in engine.named_params.items():
         assert_grad_close(p.grad, ref_grads[name], name)
@@ -143,9 +144,16 @@ def test_dro_and_gspo_match_their_formulas(engine, case):
     samples = near_policy_samples(model, LENGTHS, seed=11, noise=0.4)
     g = torch.Generator().manual_seed(12)
     if case == "gspo_mask":  # an explicit mask, one datum with none of its tokens in it
-        samples = [Sample(x.model_input, {**x.loss_fn_inputs, "sequence_ratio_mask":
-                                          (torch.rand(x.length, generator=g) < (0.5 if i else 0.0)).float()})
-                   for i, x in enumerate(samples)]
+        samples = [
+            Sample(
+                x.model_input,
+                {
+                    **x.loss_fn_inputs,
+                    "sequence_ratio_mask": (torch.rand(x.length, generator=g) < (0.5 if i else 0.0)).float(),
+                },
+            )
+            for i, x in enumerate(samples)
+        ]
     cfg = {"dro_beta": {"beta": 0.7}, "gspo_band": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.05}}.get(case)
     resolved = LOSS_FUNCTIONS[loss_fn].resolve_config(cfg)
     model.zero_grad(set_to_none=True)
@@ -393,15 +401,15 @@ def test_fused_head_writes_a_leaf_weight_gradient_straight_into_grad():
     ref_grads = torch.autograd.grad(-(ref_logp * a).sum(), [h, w])
     old = torch.randn(2000, 48)
     w.grad = old.clone()
-    surrogate, logp = fused_head_gradients(h, w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37,
-                                           weight_grad_into=w)
+    surrogate, logp = fused_head_gradients(h, w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37, weight_grad_into=w)
     assert_grad_close(w.grad, old + ref_grads[1], "weight (before backward)", rel=1e-5)
     surrogate.backward()
     assert_grad_close(w.grad, old + ref_grads[1], "weight", rel=1e-5)
     assert_grad_close(h.grad, ref_grads[0], "hidden", rel=1e-5)
     w.grad = None
-    fused_head_gradients(h.detach(), w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37,
-                         weight_grad_into=w)[0].backward()
+    fused_head_gradients(h.detach(), w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37, weight_grad_into=w)[
+        0
+    ].backward()
     assert_grad_close(w.grad, ref_grads[1], "weight (fresh)", rel=1e-5)
 
 
@@ -423,8 +431,9 @@ def test_bf16_head_runs_in_the_compute_dtype_with_fp32_log_sum_exp():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and V in tensors[-1].shape or \
-                    func.overloadpacket in LOG_SUM_EXP_OPS and tensors and tensors[0].shape[-1:] == (V,):
+            if (func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and V in tensors[-1].shape) or (
+                func.overloadpacket in LOG_SUM_EXP_OPS and tensors and tensors[0].shape[-1:] == (V,)
+            ):
                 seen.append((func.overloadpacket.__name__, tuple(t.dtype for t in tensors[-2:])))
             return out
 
@@ -443,8 +452,10 @@ def test_bf16_head_runs_in_the_compute_dtype_with_fp32_log_sum_exp():
     try:
         with torch.no_grad():
             ref = [naive_target_logprobs(model64, s) for s in samples]
-        ref_loss = sum(float(seed_cispo_loss(t, s.loss_fn_inputs["logprobs"].double(),
-                                             s.loss_fn_inputs["advantages"].double())) for t, s in zip(ref, samples))
+        ref_loss = sum(
+            float(seed_cispo_loss(t, s.loss_fn_inputs["logprobs"].double(), s.loss_fn_inputs["advantages"].double()))
+            for t, s in zip(ref, samples)
+        )
     finally:
         policy.model.to(torch.float32)
     error = max(float((lp.double() - t).abs().max()) for lp, t in zip(result.logprobs, ref))

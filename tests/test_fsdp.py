@@ -6,20 +6,25 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from server_process import ServerProcess
+from test_data_parallel import batch, free_port, start_cluster_ranks
 from transformers import AutoModelForCausalLM
 
 from cispo.client import AdamParams, FailedPreconditionError, ModelInput, SamplingParams, TrainingClient
 from cispo.worker import sharded_checkpoint
 from cispo.worker.sharding import state_bytes
-from server_process import ServerProcess
-from test_data_parallel import batch, free_port, start_cluster_ranks
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def torchrun(world_size: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
-            f"--master-port={free_port()}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={world_size}",
+        f"--master-port={free_port()}",
+    ]
 
 
 def read_state(path) -> dict[str, torch.Tensor]:
@@ -27,8 +32,11 @@ def read_state(path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").exists():
         return load_file(path / "model.safetensors")
     shapes = sharded_checkpoint.saved_tensors(path, path.name)
-    targets = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()
-               if k.startswith(sharded_checkpoint.WEIGHTS)}
+    targets = {
+        k: torch.empty(shape, dtype=dtype)
+        for k, (shape, dtype) in shapes.items()
+        if k.startswith(sharded_checkpoint.WEIGHTS)
+    }
     sharded_checkpoint.load(path, path.name, targets, None)
     return {k.removeprefix(sharded_checkpoint.WEIGHTS): v for k, v in targets.items()}
 
@@ -41,11 +49,16 @@ def train(address: str, checkpoint_dir) -> dict:
         out = {"info": [info], "results": [], "grad_norms": []}
         for seeds in ((1, 4), (2,)):  # the first step's gradient accumulates over two calls
             for seed in seeds:
-                out["results"].append(client.forward_backward(
-                    batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result())
+                out["results"].append(
+                    client.forward_backward(
+                        batch(seed), "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
+                    ).result()
+                )
             with pytest.raises(FailedPreconditionError, match="non-finite"):
                 client.optim_step(AdamParams(learning_rate=3e38)).result()
-            out["grad_norms"].append(client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).result().grad_norm)
+            out["grad_norms"].append(
+                client.optim_step(AdamParams(learning_rate=1e-3, grad_clip_norm=50.0)).result().grad_norm
+            )
             out["info"].append(client.get_info())
         out["final"] = client.forward(batch(3)).result()
         client.save_state("final").result()
@@ -68,10 +81,19 @@ def test_fsdp_two_ranks_equal_one_rank(tmp_path):
         one = train(single.address, tmp_path / "w1")
     finally:
         single.terminate()
-    group = ServerProcess("--sampler-dtype", "float32", "--sharding", "fsdp", "--activation-checkpointing",
-                          "--gradient-accumulation", "in-place", "--sampler-max-shard-bytes", "300000",
-                          checkpoint_dir=tmp_path / "w2",
-                          launcher=torchrun(2))
+    group = ServerProcess(
+        "--sampler-dtype",
+        "float32",
+        "--sharding",
+        "fsdp",
+        "--activation-checkpointing",
+        "--gradient-accumulation",
+        "in-place",
+        "--sampler-max-shard-bytes",
+        "300000",
+        checkpoint_dir=tmp_path / "w2",
+        launcher=torchrun(2),
+    )
     try:
         two = train(group.address, tmp_path / "w2")
     finally:
@@ -175,8 +197,9 @@ def test_fsdp_reads_a_checkpoint_into_shards(tmp_path, arch):
     data = batch(8)
     results = []
     for launcher, flags in ((None, ()), (torchrun(2), ("--sharding", "fsdp"))):
-        server = ServerProcess("--model", str(tmp_path / arch), *flags, checkpoint_dir=tmp_path / f"c{len(results)}",
-                               launcher=launcher)
+        server = ServerProcess(
+            "--model", str(tmp_path / arch), *flags, checkpoint_dir=tmp_path / f"c{len(results)}", launcher=launcher
+        )
         try:
             with TrainingClient(server.address, wait_for_ready=True) as client:
                 results.append(client.forward(data).result())

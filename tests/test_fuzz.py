@@ -33,17 +33,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+import fuzz_messages as fm
 import grpc
 import numpy as np
 import pytest
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.numpy import load_file
+from server_process import ServerProcess
 
-import fuzz_messages as fm
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
-from server_process import ServerProcess
 
 SEED = int(os.environ.get("CISPO_FUZZ_SEED", "20251125"))
 ROUNDS = int(os.environ.get("CISPO_FUZZ_ROUNDS", "60"))
@@ -77,15 +77,24 @@ class Side:
 
     def __init__(self, name: str, proc: ServerProcess, checkpoint_dir: Path):
         self.name, self.proc, self.dir = name, proc, checkpoint_dir
-        self.channel = grpc.insecure_channel(proc.address, options=[
-            ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-            ("grpc.max_metadata_size", 1 << 20)])
+        self.channel = grpc.insecure_channel(
+            proc.address,
+            options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_metadata_size", 1 << 20),
+            ],
+        )
         self.stub = training_pb2_grpc.TrainingServiceStub(self.channel)
-        self.raw = {m: self.channel.unary_unary(fm.SERVICE + m, request_serializer=_identity,
-                                                response_deserializer=fm.RESPONSE_TYPES[m].FromString)
-                    for m in fm.UNARY}
-        self.raw_stream = self.channel.stream_stream(fm.SERVICE + "Stream", request_serializer=_identity,
-                                                     response_deserializer=pb.StreamResponse.FromString)
+        self.raw = {
+            m: self.channel.unary_unary(
+                fm.SERVICE + m, request_serializer=_identity, response_deserializer=fm.RESPONSE_TYPES[m].FromString
+            )
+            for m in fm.UNARY
+        }
+        self.raw_stream = self.channel.stream_stream(
+            fm.SERVICE + "Stream", request_serializer=_identity, response_deserializer=pb.StreamResponse.FromString
+        )
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def call(self, method: str, msg, timeout: float = CALL_TIMEOUT):
@@ -128,9 +137,12 @@ class Side:
             time.sleep(0.02)
 
     def serving(self) -> list[str]:
-        return [health_pb2.HealthCheckResponse.ServingStatus.Name(
-            self.health.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status)
-            for s in ("", "cispo.v1.TrainingService")]
+        return [
+            health_pb2.HealthCheckResponse.ServingStatus.Name(
+                self.health.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status
+            )
+            for s in ("", "cispo.v1.TrainingService")
+        ]
 
 
 class Pair:
@@ -173,11 +185,12 @@ def pair(tmp_path_factory):
         if side.proc.proc.poll() is None:
             try:
                 side.proc.terminate(30)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 side.proc.kill()
 
 
 # --- the differential fuzz --------------------------------------------------------------------------
+
 
 class Fuzzer:
     def __init__(self, pair: Pair, seed: int):
@@ -196,8 +209,9 @@ class Fuzzer:
     # -- bookkeeping --
 
     def count(self, cls: str, kind: str, code: str | None) -> None:
-        entry = self.tally.setdefault(cls, {"tried": 0, "skipped_parsed": 0, "codes": collections.Counter(),
-                                            "kinds": collections.Counter()})
+        entry = self.tally.setdefault(
+            cls, {"tried": 0, "skipped_parsed": 0, "codes": collections.Counter(), "kinds": collections.Counter()}
+        )
         if code is None:
             entry["skipped_parsed"] += 1
             return
@@ -206,8 +220,17 @@ class Fuzzer:
         entry["kinds"][kind] += 1
 
     def violation(self, cls: str, kind: str, where: str, problem: str, details: str = "", body: bytes = b"") -> None:
-        self.violations.append(dict(cls=cls, kind=kind, where=where, problem=problem, details=details[:300],
-                                    body_hex=body[:96].hex(), body_len=len(body)))
+        self.violations.append(
+            dict(
+                cls=cls,
+                kind=kind,
+                where=where,
+                problem=problem,
+                details=details[:300],
+                body_hex=body[:96].hex(),
+                body_len=len(body),
+            )
+        )
 
     def judge(self, bad: fm.BadMessage, code: str, details: str, where: str) -> None:
         """Check one bad message's answer against the spec."""
@@ -258,8 +281,9 @@ class Fuzzer:
     def check_alive(self) -> None:
         rc = self.f.proc.proc.poll()
         if rc is not None:
-            self.violation("server", "crash", "process", f"the fuzzed server exited with {rc}",
-                           self.f.proc.log()[-2000:])
+            self.violation(
+                "server", "crash", "process", f"the fuzzed server exited with {rc}", self.f.proc.log()[-2000:]
+            )
             raise _Crashed()
 
     def chaos_stream(self, good: tuple[str, object] | None = None, oversize: bool = False):
@@ -278,14 +302,34 @@ class Fuzzer:
         for _ in range(rng.randint(1, 3)):  # good forwards (the twin answers them below, in stream order)
             msg = fm.good_batch(rng)
             r = rid()
-            items.append((fm.stream_item("forward", r, msg).SerializeToString(),
-                          dict(want="result", op="forward", twin=("Forward", msg), rid=r, cls="stream_chaos",
-                               kind="good_forward")))
+            items.append(
+                (
+                    fm.stream_item("forward", r, msg).SerializeToString(),
+                    dict(
+                        want="result",
+                        op="forward",
+                        twin=("Forward", msg),
+                        rid=r,
+                        cls="stream_chaos",
+                        kind="good_forward",
+                    ),
+                )
+            )
         for _ in range(rng.randint(0, 2)):  # get_info
             r = rid()
-            items.append((fm.stream_item("get_info", r, pb.GetInfoRequest()).SerializeToString(),
-                          dict(want="result", op="get_info", twin=("GetInfo", pb.GetInfoRequest()), rid=r,
-                               cls="stream_chaos", kind="good_get_info")))
+            items.append(
+                (
+                    fm.stream_item("get_info", r, pb.GetInfoRequest()).SerializeToString(),
+                    dict(
+                        want="result",
+                        op="get_info",
+                        twin=("GetInfo", pb.GetInfoRequest()),
+                        rid=r,
+                        cls="stream_chaos",
+                        kind="good_get_info",
+                    ),
+                )
+            )
         for _ in range(rng.randint(2, 6)):  # corrupt items
             cls = rng.choice(fm.BYTE_CLASSES)
             body = fm.corrupt(rng, cls, "Stream", self.ctx)
@@ -294,12 +338,27 @@ class Fuzzer:
                 self.count(f"stream_{cls}", "", None)
                 continue
             _, expected, checks, body = routed
-            items.append((body, dict(want="error" if expected == {fm.IA} else "any", codes=expected, checks=checks,
-                                     rid=None, cls=f"stream_{cls}", kind="item")))
+            items.append(
+                (
+                    body,
+                    dict(
+                        want="error" if expected == {fm.IA} else "any",
+                        codes=expected,
+                        checks=checks,
+                        rid=None,
+                        cls=f"stream_{cls}",
+                        kind="item",
+                    ),
+                )
+            )
         for _ in range(rng.randint(0, 2)):  # no op
             r = rid()
-            items.append((pb.StreamRequest(request_id=r).SerializeToString(),
-                          dict(want="error", codes={fm.IA}, checks={}, rid=r, cls="stream_chaos", kind="no_op")))
+            items.append(
+                (
+                    pb.StreamRequest(request_id=r).SerializeToString(),
+                    dict(want="error", codes={fm.IA}, checks={}, rid=r, cls="stream_chaos", kind="no_op"),
+                )
+            )
         for _ in range(rng.randint(1, 4)):  # bad operations
             r = rid()
             choice = rng.random()
@@ -317,26 +376,68 @@ class Fuzzer:
                 inner = pb.SaveStateRequest(name=name) if op == "save_state" else pb.LoadStateRequest(name=name)
                 item = fm.stream_item(op, r, inner)
                 expected, checks = {fm.IA}, ({"no_echo": name} if len(name) == fm.LONG else {})
-            items.append((item.SerializeToString(), dict(want="error" if fm.OK not in expected else "any",
-                                                         codes=set(expected), checks=checks, rid=r,
-                                                         cls="stream_chaos", kind=f"bad:{kind}")))
+            items.append(
+                (
+                    item.SerializeToString(),
+                    dict(
+                        want="error" if fm.OK not in expected else "any",
+                        codes=set(expected),
+                        checks=checks,
+                        rid=r,
+                        cls="stream_chaos",
+                        kind=f"bad:{kind}",
+                    ),
+                )
+            )
         rng.shuffle(items)
         good_index = None
         if good is not None:
             op, msg = good
             good_index = rng.randrange(len(items) + 1)
-            items.insert(good_index, (fm.stream_item(op, "the-good-one", msg).SerializeToString(),
-                                      dict(want="result", op=op, twin=(fm.OP_METHOD[op], msg), rid="the-good-one",
-                                           cls="stream_chaos", kind=f"good_{op}", the_good_one=True)))
+            items.insert(
+                good_index,
+                (
+                    fm.stream_item(op, "the-good-one", msg).SerializeToString(),
+                    dict(
+                        want="result",
+                        op=op,
+                        twin=(fm.OP_METHOD[op], msg),
+                        rid="the-good-one",
+                        cls="stream_chaos",
+                        kind=f"good_{op}",
+                        the_good_one=True,
+                    ),
+                ),
+            )
         oversize_index = None
         if oversize:
             oversize_index = (good_index if good_index is not None else -1) + 1
-            big = pb.StreamRequest(request_id="oversize", forward=pb.ForwardBackwardInput(data=[pb.Datum(
-                model_input=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=bytes(MAX_MESSAGE_BYTES + 8 * rng.randrange(1, 50000)))
-            )]))
-            items.insert(oversize_index, (big.SerializeToString(), dict(
-                want="error", codes={fm.RE}, checks={"limit_any": LIMIT_NAMES}, rid="oversize", cls="stream_oversize",
-                kind="oversize_item")))
+            big = pb.StreamRequest(
+                request_id="oversize",
+                forward=pb.ForwardBackwardInput(
+                    data=[
+                        pb.Datum(
+                            model_input=pb.Tensor(
+                                dtype=pb.DTYPE_INT64, raw_data=bytes(MAX_MESSAGE_BYTES + 8 * rng.randrange(1, 50000))
+                            )
+                        )
+                    ]
+                ),
+            )
+            items.insert(
+                oversize_index,
+                (
+                    big.SerializeToString(),
+                    dict(
+                        want="error",
+                        codes={fm.RE},
+                        checks={"limit_any": LIMIT_NAMES},
+                        rid="oversize",
+                        cls="stream_oversize",
+                        kind="oversize_item",
+                    ),
+                ),
+            )
         # The twin runs the good items in stream order (so a good optim_step inside the stream is
         # seen by the forwards after it); bad items go to the fuzzed server only.
         twin_good = None
@@ -355,13 +456,24 @@ class Fuzzer:
                     continue
                 self.count(exp["cls"], exp["kind"], "NO_ANSWER")
                 if oversize and i < oversize_index:
-                    self.violation("stream_oversize", exp["kind"], where,
-                                   f"an item sent before the oversize item got no answer: the stream ended with "
-                                   f"{code} after {len(answers)} answers (oversize item at {oversize_index})", details, body)
+                    self.violation(
+                        "stream_oversize",
+                        exp["kind"],
+                        where,
+                        f"an item sent before the oversize item got no answer: the stream ended with "
+                        f"{code} after {len(answers)} answers (oversize item at {oversize_index})",
+                        details,
+                        body,
+                    )
                 else:
-                    self.violation(exp["cls"], exp["kind"], where,
-                                   f"no answer: the stream ended with {code} after {len(answers)} of {len(items)} answers",
-                                   details, body)
+                    self.violation(
+                        exp["cls"],
+                        exp["kind"],
+                        where,
+                        f"no answer: the stream ended with {code} after {len(answers)} of {len(items)} answers",
+                        details,
+                        body,
+                    )
                 continue
             a = answers[i]
             result = a.WhichOneof("result")
@@ -370,19 +482,29 @@ class Fuzzer:
             if exp["want"] == "result":
                 self.count(exp["cls"], exp["kind"], got)
                 if result != exp["op"] or a.request_id != exp["rid"]:
-                    self.violation(exp["cls"], exp["kind"], where,
-                                   f"expected a {exp['op']} answer to {exp['rid']!r}, got {result} to {a.request_id!r}"
-                                   + (f" ({got})" if result == "error" else ""), msgtext, body)
-                elif not exp.get("the_good_one") and not self.diverged \
-                        and det(getattr(a, result)) != det(exp["response"]):
+                    self.violation(
+                        exp["cls"],
+                        exp["kind"],
+                        where,
+                        f"expected a {exp['op']} answer to {exp['rid']!r}, got {result} to {a.request_id!r}"
+                        + (f" ({got})" if result == "error" else ""),
+                        msgtext,
+                        body,
+                    )
+                elif (
+                    not exp.get("the_good_one")
+                    and not self.diverged
+                    and det(getattr(a, result)) != det(exp["response"])
+                ):
                     self.violation("differential", exp["kind"], where, "answer differs from the twin's", "", body)
                 if exp.get("the_good_one"):
                     good_answer = a
                 continue
             bad = fm.BadMessage(exp["cls"], exp["kind"], "Stream", body, frozenset(exp["codes"]), exp["checks"])
             if exp["rid"] is not None and a.request_id != exp["rid"]:
-                self.violation(exp["cls"], exp["kind"], where, f"answer tagged {a.request_id!r}, expected {exp['rid']!r}",
-                               "", body)
+                self.violation(
+                    exp["cls"], exp["kind"], where, f"answer tagged {a.request_id!r}, expected {exp['rid']!r}", "", body
+                )
             if exp["want"] == "error" and result != "error":
                 self.count(exp["cls"], exp["kind"], "OK")
                 self.violation(exp["cls"], exp["kind"], where, f"expected an error answer, got {result}", "", body)
@@ -413,8 +535,9 @@ class Fuzzer:
             if first.WhichOneof("result") != "forward":
                 self.violation("cancel", "stream", "Stream", f"first answer is {first.WhichOneof('result')}")
         except grpc.RpcError as exc:
-            self.violation("cancel", "stream", "Stream", f"stream failed before the cancel: {exc.code().name}",
-                           exc.details() or "")
+            self.violation(
+                "cancel", "stream", "Stream", f"stream failed before the cancel: {exc.code().name}", exc.details() or ""
+            )
         call.cancel()
         self.count("cancel", "stream_mid_way", "CANCELLED_BY_CLIENT")
         self.check_alive()
@@ -445,7 +568,9 @@ class Fuzzer:
             fdet = "" if a is None else a.error.message
         self.count("good", f"{op}:{via}", fcode)
         if fcode != "OK":
-            self.violation("good", f"{op}:{via}", method, f"a good {op} failed with {fcode}", fdet, msg.SerializeToString())
+            self.violation(
+                "good", f"{op}:{via}", method, f"a good {op} failed with {fcode}", fdet, msg.SerializeToString()
+            )
             self.diverged = True
             return tres
         if getattr(msg, "idempotency_key", "") and self.rng.random() < 0.35:
@@ -454,14 +579,27 @@ class Fuzzer:
             rcode, rres, rdet = self.f.call(method, msg)
             self.count("retry_same_key", op, rcode)
             if rcode != "OK" or det(rres) != det(fres):
-                self.violation("retry_same_key", op, method, f"a retry with the same key got {rcode} "
-                               f"{_short(rres)}, the original {_short(fres)}", rdet, msg.SerializeToString())
-        same = (det(fres) == det(tres)) if op != "save_state" else (
-            (fres.name, fres.step, Path(fres.path).name) == (tres.name, tres.step, Path(tres.path).name))
+                self.violation(
+                    "retry_same_key",
+                    op,
+                    method,
+                    f"a retry with the same key got {rcode} {_short(rres)}, the original {_short(fres)}",
+                    rdet,
+                    msg.SerializeToString(),
+                )
+        same = (
+            (det(fres) == det(tres))
+            if op != "save_state"
+            else ((fres.name, fres.step, Path(fres.path).name) == (tres.name, tres.step, Path(tres.path).name))
+        )
         if not same:
-            self.violation("differential", f"{op}:{via}", method,
-                           f"answers differ: fuzzed {_short(fres)} vs twin {_short(tres)}; "
-                           f"suspects since the last sync: {self.suspects[-8:] or 'none'}")
+            self.violation(
+                "differential",
+                f"{op}:{via}",
+                method,
+                f"answers differ: fuzzed {_short(fres)} vs twin {_short(tres)}; "
+                f"suspects since the last sync: {self.suspects[-8:] or 'none'}",
+            )
             self.diverged = True
         return tres
 
@@ -480,7 +618,9 @@ class Fuzzer:
         rng = self.rng
         for r in range(rounds):
             via = rng.choice(("unary", "unary", "stream", "chaos", "chaos", "oversize") if r % 4 else ("oversize",))
-            self.good("forward_backward", fm.good_batch(rng, idempotency_key=fm.key(rng) if rng.random() < 0.5 else ""), via)
+            self.good(
+                "forward_backward", fm.good_batch(rng, idempotency_key=fm.key(rng) if rng.random() < 0.5 else ""), via
+            )
             self.ctx.has_grad = True
             self.burst(rng.randint(20, 30))
             self.good("forward", fm.good_batch(rng), rng.choice(("unary", "stream", "chaos")))
@@ -490,9 +630,13 @@ class Fuzzer:
             if r % 3 == 1:
                 self.cancels()
             self.chaos_stream()
-            self.good("optim_step", pb.OptimStepRequest(adam_params=fm.good_adam(rng),
-                                                        idempotency_key=fm.key(rng) if rng.random() < 0.5 else ""),
-                      rng.choice(("unary", "unary", "stream", "chaos")))
+            self.good(
+                "optim_step",
+                pb.OptimStepRequest(
+                    adam_params=fm.good_adam(rng), idempotency_key=fm.key(rng) if rng.random() < 0.5 else ""
+                ),
+                rng.choice(("unary", "unary", "stream", "chaos")),
+            )
             self.ctx.has_grad = False
             self.resync()
             self.burst(rng.randint(20, 30))
@@ -508,8 +652,12 @@ class Fuzzer:
     def report(self) -> dict:
         classes = {}
         for cls, e in sorted(self.tally.items()):
-            classes[cls] = {"tried": e["tried"], "skipped_parsed": e["skipped_parsed"], "codes": dict(e["codes"]),
-                            "kinds": dict(e["kinds"])}
+            classes[cls] = {
+                "tried": e["tried"],
+                "skipped_parsed": e["skipped_parsed"],
+                "codes": dict(e["codes"]),
+                "kinds": dict(e["kinds"]),
+            }
         return classes
 
 
@@ -527,12 +675,16 @@ def _short(msg) -> str:
 def _grouped(violations: list[dict]) -> str:
     groups: dict = collections.OrderedDict()
     for v in violations:
-        groups.setdefault((v["cls"], v["kind"], v["problem"] if len(v["problem"]) < 120 else v["problem"][:120]), []).append(v)
+        groups.setdefault(
+            (v["cls"], v["kind"], v["problem"] if len(v["problem"]) < 120 else v["problem"][:120]), []
+        ).append(v)
     lines = []
     for (cls, kind, problem), vs in groups.items():
         v = vs[0]
-        lines.append(f"- [{cls}/{kind}] x{len(vs)} at {v['where']}: {problem}\n"
-                     f"    e.g. details={v['details'][:200]!r} body({v['body_len']} B)={v['body_hex'][:96]}")
+        lines.append(
+            f"- [{cls}/{kind}] x{len(vs)} at {v['where']}: {problem}\n"
+            f"    e.g. details={v['details'][:200]!r} body({v['body_len']} B)={v['body_hex'][:96]}"
+        )
     return "\n".join(lines)
 
 
@@ -573,8 +725,9 @@ def test_fuzz_differential(pair):
             ft, tt = _state_tensors(f.dir / "final"), _state_tensors(t.dir / "final")
             if ft.keys() != tt.keys():
                 problems.append(f"saved tensors differ in names: {sorted(set(ft) ^ set(tt))[:5]}")
-            differing = [k for k in ft.keys() & tt.keys()
-                         if ft[k].dtype != tt[k].dtype or ft[k].tobytes() != tt[k].tobytes()]
+            differing = [
+                k for k in ft.keys() & tt.keys() if ft[k].dtype != tt[k].dtype or ft[k].tobytes() != tt[k].tobytes()
+            ]
             if differing:
                 problems.append(f"{len(differing)} saved tensors are not bit-identical, e.g. {sorted(differing)[:4]}")
             nonfinite = [k for k, v in ft.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
@@ -583,16 +736,20 @@ def test_fuzz_differential(pair):
         # No file was created by a bad request (listings, hidden temporaries included, agree).
         fl, tl = sorted(os.listdir(f.dir)), sorted(os.listdir(t.dir))
         if fl != tl:
-            problems.append(f"checkpoint directories differ: only fuzzed {sorted(set(fl) - set(tl))[:6]}, "
-                            f"only twin {sorted(set(tl) - set(fl))[:6]}")
+            problems.append(
+                f"checkpoint directories differ: only fuzzed {sorted(set(fl) - set(tl))[:6]}, "
+                f"only twin {sorted(set(tl) - set(fl))[:6]}"
+            )
         inflight = f.wait_inflight(zero=True)
         if inflight != 0:
             problems.append(f"cispo_inflight_requests is {inflight} on the idle fuzzed server")
     log = "".join(f.proc.lines[log_lines_before:])
     log_lines = log.splitlines()
     if "Traceback" in log:
-        problems.append(f"the fuzzed server logged {log.count('Traceback')} tracebacks, e.g.:\n"
-                        + log[log.index("Traceback") - 300: log.index("Traceback") + 600])
+        problems.append(
+            f"the fuzzed server logged {log.count('Traceback')} tracebacks, e.g.:\n"
+            + log[log.index("Traceback") - 300 : log.index("Traceback") + 600]
+        )
     # "At most one short line per error, rate-limited": the error lines (level WARNING or above, or
     # an access-log line with a code other than OK) are at most 500 characters and, over thousands
     # of bad messages, at most one per ten of them.
@@ -601,16 +758,29 @@ def test_fuzz_differential(pair):
     if long_lines:
         problems.append(f"{len(long_lines)} error log lines over 500 characters, e.g. {long_lines[0][:500]!r}")
     if len(error_lines) > max(20, fuzzer.bad_sent // 10):
-        problems.append(f"{len(error_lines)} error lines in the server log for {fuzzer.bad_sent} bad messages "
-                        f"({fuzzer.undecodable} undecodable): not rate-limited, e.g. {error_lines[-1][:300]!r}")
-    report = {"seed": SEED, "rounds": ROUNDS, "duration_s": round(duration, 1), "good_ops": fuzzer.good_ops,
-              "bad_messages": fuzzer.bad_sent, "undecodable": fuzzer.undecodable, "resyncs": fuzzer.resyncs,
-              "server_log_lines": len(log_lines), "server_error_log_lines": len(error_lines), "violations": len(fuzzer.violations),
-              "end_problems": problems, "classes": fuzzer.report()}
+        problems.append(
+            f"{len(error_lines)} error lines in the server log for {fuzzer.bad_sent} bad messages "
+            f"({fuzzer.undecodable} undecodable): not rate-limited, e.g. {error_lines[-1][:300]!r}"
+        )
+    report = {
+        "seed": SEED,
+        "rounds": ROUNDS,
+        "duration_s": round(duration, 1),
+        "good_ops": fuzzer.good_ops,
+        "bad_messages": fuzzer.bad_sent,
+        "undecodable": fuzzer.undecodable,
+        "resyncs": fuzzer.resyncs,
+        "server_log_lines": len(log_lines),
+        "server_error_log_lines": len(error_lines),
+        "violations": len(fuzzer.violations),
+        "end_problems": problems,
+        "classes": fuzzer.report(),
+    }
     print("\nfuzz tally:", json.dumps(report, indent=1))
     if os.environ.get("CISPO_FUZZ_REPORT"):
-        Path(os.environ["CISPO_FUZZ_REPORT"]).write_text(json.dumps(
-            {**report, "violation_list": fuzzer.violations[:400]}, indent=1))
+        Path(os.environ["CISPO_FUZZ_REPORT"]).write_text(
+            json.dumps({**report, "violation_list": fuzzer.violations[:400]}, indent=1)
+        )
         Path(os.environ["CISPO_FUZZ_REPORT"] + ".server.log").write_text(f.proc.log())
     failures = []
     if fuzzer.violations:
@@ -620,6 +790,7 @@ def test_fuzz_differential(pair):
 
 
 # --- exactly once ------------------------------------------------------------------------------------
+
 
 def _optim_both(pair, lr: float = 1e-3):
     req = pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=lr))
@@ -644,11 +815,15 @@ def test_idempotent_retry_is_answered_with_the_original_and_applied_once(pair):
     fo, to = f.ok("OptimStep", step), t.ok("OptimStep", step)
     assert fo.grad_norm == to.grad_norm, (
         f"grad_norm {fo.grad_norm} vs twin {to.grad_norm}: the forward_backward was applied "
-        f"{fo.grad_norm / to.grad_norm:.3g}x" if to.grad_norm else "")
+        f"{fo.grad_norm / to.grad_norm:.3g}x"
+        if to.grad_norm
+        else ""
+    )
     fo2 = f.ok("OptimStep", step)
     assert det(fo2) == det(fo), f"optim_step retry: {_short(fo2)} vs original {_short(fo)}"
-    assert f.ok("GetInfo", pb.GetInfoRequest()).step == t.ok("GetInfo", pb.GetInfoRequest()).step, \
+    assert f.ok("GetInfo", pb.GetInfoRequest()).step == t.ok("GetInfo", pb.GetInfoRequest()).step, (
         "an optim_step retried with its key stepped twice"
+    )
     save = pb.SaveStateRequest(name="idem-save", idempotency_key=fm.key(rng))
     s1, s2 = f.ok("SaveState", save), f.ok("SaveState", save)
     assert det(s1) == det(s2)
@@ -677,8 +852,10 @@ def test_reusing_a_key_for_a_different_request_is_invalid_argument(pair):
     }
     answers, code, _ = f.stream([fm.stream_item("forward_backward", "s", b)])
     outcomes["Stream forward_backward, other batch"] = (
-        _code_name(answers[0].error.code) if answers and answers[0].HasField("error") else
-        ("OK" if answers else code), None, answers[0].error.message if answers else "")
+        _code_name(answers[0].error.code) if answers and answers[0].HasField("error") else ("OK" if answers else code),
+        None,
+        answers[0].error.message if answers else "",
+    )
     wrong = {what: (c, d[:200]) for what, (c, _, d) in outcomes.items() if c != fm.IA}
     assert not wrong, f"a reused key must be INVALID_ARGUMENT: {wrong}"
     assert not (f.dir / "reuse-x").exists()
@@ -687,7 +864,9 @@ def test_reusing_a_key_for_a_different_request_is_invalid_argument(pair):
     k2 = fm.key(rng)
     f.ok("OptimStep", pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-3), idempotency_key=k2))
     t.ok("OptimStep", pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-3), idempotency_key=k2))
-    c, _, d = f.call("OptimStep", pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-4), idempotency_key=k2))
+    c, _, d = f.call(
+        "OptimStep", pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-4), idempotency_key=k2)
+    )
     assert c == fm.IA, (c, d)
     assert f.ok("GetInfo", pb.GetInfoRequest()).step == t.ok("GetInfo", pb.GetInfoRequest()).step
 
@@ -707,8 +886,10 @@ def test_a_failed_operation_does_not_claim_its_key(pair):
     assert first[0] == "OK", f"after a failed request with the same key: {first[0]} {first[2][:200]}"
     assert det(first[1]) == det(t.ok("ForwardBackward", good))
     k2 = fm.key(rng)
-    refused = f.call("OptimStep", pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e38, weight_decay=1e38),
-                                                       idempotency_key=k2))
+    refused = f.call(
+        "OptimStep",
+        pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e38, weight_decay=1e38), idempotency_key=k2),
+    )
     assert refused[0] in (fm.FP, fm.IA), refused
     step = pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-3), idempotency_key=k2)
     fo = f.call("OptimStep", step)
@@ -740,7 +921,8 @@ def test_cancelled_forward_backward_retried_with_its_key_applies_once(pair, wher
     fo, to = _optim_both(pair)
     assert fo.grad_norm == to.grad_norm, (
         f"grad_norm {fo.grad_norm} vs twin {to.grad_norm} (ratio {fo.grad_norm / to.grad_norm:.3g}): "
-        "the cancelled forward_backward and its retry were not applied exactly once")
+        "the cancelled forward_backward and its retry were not applied exactly once"
+    )
     assert f.wait_inflight(zero=True) == 0
 
 
@@ -751,15 +933,20 @@ def test_oversize_item_after_a_forward_backward_in_one_stream(pair):
     f, t = pair.fuzzed, pair.twin
     for attempt in range(3):
         fb = fm.good_batch(rng, "cispo", idempotency_key=fm.key(rng))
-        big = pb.ForwardBackwardInput(data=[pb.Datum(model_input=pb.Tensor(
-            dtype=pb.DTYPE_INT64, raw_data=bytes(MAX_MESSAGE_BYTES + 4096)))])
-        items = [fm.stream_item("forward_backward", "fb", fb), fm.stream_item("forward", "big", big),
-                 fm.stream_item("get_info", "after", pb.GetInfoRequest())]
+        big = pb.ForwardBackwardInput(
+            data=[pb.Datum(model_input=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=bytes(MAX_MESSAGE_BYTES + 4096)))]
+        )
+        items = [
+            fm.stream_item("forward_backward", "fb", fb),
+            fm.stream_item("forward", "big", big),
+            fm.stream_item("get_info", "after", pb.GetInfoRequest()),
+        ]
         answers, code, details = f.stream(items)
         reference = t.ok("ForwardBackward", fb)
-        assert answers and answers[0].request_id == "fb" and answers[0].WhichOneof("result") == "forward_backward", \
-            f"attempt {attempt}: the forward_backward accepted before the oversize item got no answer " \
+        assert answers and answers[0].request_id == "fb" and answers[0].WhichOneof("result") == "forward_backward", (
+            f"attempt {attempt}: the forward_backward accepted before the oversize item got no answer "
             f"(answers {[a.request_id for a in answers]}, stream ended {code}: {details[:200]})"
+        )
         assert det(answers[0].forward_backward) == det(reference)
         if code == "OK":
             assert len(answers) == 3 and answers[1].request_id == "big" and answers[1].HasField("error")
@@ -787,8 +974,10 @@ def test_symlinks_planted_in_the_checkpoint_dir_are_failed_precondition(pair, tm
     (files / "model.safetensors").symlink_to("/etc/hostname")
     (files / "optimizer.safetensors").symlink_to(outside / "state" / "optimizer.safetensors")
     try:
-        outcomes = {f"LoadState {name}": f.call("LoadState", pb.LoadStateRequest(name=name, with_optimizer=True))
-                    for name in ("link-to-outside", "dangling", "linked-files")}
+        outcomes = {
+            f"LoadState {name}": f.call("LoadState", pb.LoadStateRequest(name=name, with_optimizer=True))
+            for name in ("link-to-outside", "dangling", "linked-files")
+        }
         for name in ("link-to-outside", "dangling"):
             outcomes[f"SaveState {name}"] = f.call("SaveState", pb.SaveStateRequest(name=name))
         wrong = {what: (c, d[:200]) for what, (c, _, d) in outcomes.items() if c != fm.FP}
@@ -819,15 +1008,23 @@ def test_inflight_gauge_returns_to_zero_after_cancelled_calls(pair):
         time.sleep(0.01 * i)
         fut.cancel()
     for _ in range(3):
-        call = f.raw_stream(iter([fm.stream_item("forward", str(i), pb.ForwardBackwardInput.FromString(big))
-                                  .SerializeToString() for i in range(5)]), timeout=30)
+        call = f.raw_stream(
+            iter(
+                [
+                    fm.stream_item("forward", str(i), pb.ForwardBackwardInput.FromString(big)).SerializeToString()
+                    for i in range(5)
+                ]
+            ),
+            timeout=30,
+        )
         next(call)
         call.cancel()
     # A stream that writes 100 requests and never reads its answers (the server's window and
     # queue fill up: back-pressure), then is cancelled.
     small = fm.good_batch(rng, "cispo", max_datums=2, max_len=64)
-    call = f.raw_stream(iter([fm.stream_item("forward", str(i), small).SerializeToString() for i in range(100)]),
-                        timeout=30)
+    call = f.raw_stream(
+        iter([fm.stream_item("forward", str(i), small).SerializeToString() for i in range(100)]), timeout=30
+    )
     time.sleep(1.0)
     call.cancel()
     value = f.wait_inflight(zero=True, timeout=30)
@@ -842,14 +1039,17 @@ def test_sigterm_drains_a_stream_of_forward_backwards(pair, tmp_path):
     rng = random.Random(SEED + 8)
     t = pair.twin
     t.ok("LoadState", pb.LoadStateRequest(name="init"))  # the fresh weights and optimizer
-    batches = [fm.good_batch(rng, "cispo", idempotency_key=fm.key(rng), max_datums=2, min_len=250, max_len=300)
-               for _ in range(50)]
+    batches = [
+        fm.good_batch(rng, "cispo", idempotency_key=fm.key(rng), max_datums=2, min_len=250, max_len=300)
+        for _ in range(50)
+    ]
     proc = ServerProcess(*FLAGS, "--drain-seconds", "60", checkpoint_dir=tmp_path)
     answered, final = [], None
     try:
         with grpc.insecure_channel(proc.address) as channel:
-            stream = channel.stream_stream(fm.SERVICE + "Stream", request_serializer=_identity,
-                                           response_deserializer=pb.StreamResponse.FromString)
+            stream = channel.stream_stream(
+                fm.SERVICE + "Stream", request_serializer=_identity, response_deserializer=pb.StreamResponse.FromString
+            )
             items = [fm.stream_item("forward_backward", str(i), b).SerializeToString() for i, b in enumerate(batches)]
             try:
                 for answer in stream(iter(items), timeout=120):
@@ -864,7 +1064,7 @@ def test_sigterm_drains_a_stream_of_forward_backwards(pair, tmp_path):
     assert rc == 0, f"exit code {rc}:\n{proc.log()[-2000:]}"
     assert final is None or final.code() == grpc.StatusCode.UNAVAILABLE, (final.code(), final.details())
     assert [a.request_id for a in answered] == [str(i) for i in range(len(answered))]
-    expected = [t.ok("ForwardBackward", b) for b in batches[:len(answered)]]
+    expected = [t.ok("ForwardBackward", b) for b in batches[: len(answered)]]
     for i, (a, e) in enumerate(zip(answered, expected)):
         assert a.WhichOneof("result") == "forward_backward", (i, a.error)
         assert det(a.forward_backward) == det(e), f"answer {i} differs from the twin's"

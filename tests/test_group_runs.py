@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from cispo.client import (AdamParams, FailedPreconditionError, ModelInput, NotFoundError, ResourceExhaustedError,
-                          SamplingParams, ServiceClient)
 from server_process import ServerProcess
 from test_data_parallel import batch
 from test_fsdp import read_state, torchrun
+
+from cispo.client import (
+    AdamParams,
+    FailedPreconditionError,
+    ModelInput,
+    NotFoundError,
+    ResourceExhaustedError,
+    SamplingParams,
+    ServiceClient,
+)
 
 pytestmark = pytest.mark.timeout(600)
 ADAM = AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
@@ -44,8 +51,9 @@ def train_runs(address: str, checkpoint_dir, sampler_dir) -> dict:
         a.save_weights_for_sampler("shared").result()
         path = b.save_weights_for_sampler("shared").result().path  # b wrote the files last
         for sampler in (service.create_sampling_client(model_path=path), b.create_sampling_client()):
-            out["samples"].append(sampler.sample(ModelInput.from_ints([7, 8, 9]), 1, greedy,
-                                                 include_prompt_logprobs=True).result())
+            out["samples"].append(
+                sampler.sample(ModelInput.from_ints([7, 8, 9]), 1, greedy, include_prompt_logprobs=True).result()
+            )
         a.save_weights_for_sampler("a-merged", merged=True).result()
         resumed = service.create_training_client_from_state_with_optimizer("a-state")
         out["resumed_step"] = resumed.get_info().step
@@ -67,8 +75,11 @@ def train_runs(address: str, checkpoint_dir, sampler_dir) -> dict:
 
 
 def assert_same(expected: dict, got: dict) -> None:
-    for a, b in zip(expected["results"] + expected["resumed"] + [expected["full"]],
-                    got["results"] + got["resumed"] + [got["full"]], strict=True):
+    for a, b in zip(
+        expected["results"] + expected["resumed"] + [expected["full"]],
+        got["results"] + got["resumed"] + [got["full"]],
+        strict=True,
+    ):
         assert a["metrics"].keys() == b["metrics"].keys()
         for key in a["metrics"]:
             assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-5, abs=1e-6), key
@@ -106,11 +117,12 @@ def expected(tmp_path_factory):
         single.terminate()
 
 
-@pytest.mark.parametrize("sharding, flags", [("replicated", ("--gradient-accumulation", "in-place")),
-                                            ("fsdp", ("--activation-checkpointing",))])
+@pytest.mark.parametrize(
+    "sharding, flags",
+    [("replicated", ("--gradient-accumulation", "in-place")), ("fsdp", ("--activation-checkpointing",))],
+)
 def test_lora_runs_in_a_group_equal_a_single_process(tmp_path, expected, sharding, flags):
-    group = ServerProcess(*FLAGS, "--sharding", sharding, *flags, checkpoint_dir=tmp_path / "w2",
-                          launcher=torchrun(2))
+    group = ServerProcess(*FLAGS, "--sharding", sharding, *flags, checkpoint_dir=tmp_path / "w2", launcher=torchrun(2))
     try:
         got = train_runs(group.address, tmp_path / "w2", tmp_path / "w2-sampler")
     finally:
@@ -124,8 +136,13 @@ def test_a_run_made_on_only_some_ranks_is_dropped_everywhere(tmp_path):
     second LoRA run is made on rank 0 and refused on rank 1: the group drops it on rank 0 too,
     answers RESOURCE_EXHAUSTED, and goes on serving the first; once that is unloaded a new one
     is made everywhere."""
-    rank_1_limited = ["--no-python", "sh", "-c", 'if [ "$RANK" = 1 ]; then export CISPO_MAX_RUNS=1; fi; exec "$0" "$@"',
-                      sys.executable]
+    rank_1_limited = [
+        "--no-python",
+        "sh",
+        "-c",
+        'if [ "$RANK" = 1 ]; then export CISPO_MAX_RUNS=1; fi; exec "$0" "$@"',
+        sys.executable,
+    ]
     group = ServerProcess(*FLAGS, checkpoint_dir=tmp_path / "states", launcher=torchrun(2) + rank_1_limited)
     try:
         with ServiceClient(group.address, wait_for_ready=True) as service:
@@ -162,8 +179,15 @@ def test_lora_over_bf16_shards_equals_a_replicated_bf16_base(tmp_path):
     replicated group, whose whole base is bf16."""
     got = {}
     for sharding in ("replicated", "fsdp"):
-        server = ServerProcess(*FLAGS, "--dtype", "bfloat16", "--sharding", sharding,
-                               checkpoint_dir=tmp_path / sharding, launcher=torchrun(2))
+        server = ServerProcess(
+            *FLAGS,
+            "--dtype",
+            "bfloat16",
+            "--sharding",
+            sharding,
+            checkpoint_dir=tmp_path / sharding,
+            launcher=torchrun(2),
+        )
         try:
             got[sharding] = bf16_lora_steps(server.address)
         finally:

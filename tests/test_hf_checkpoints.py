@@ -2,17 +2,31 @@
 
 import pytest
 import torch
+from reference import make_samples, naive_target_logprobs
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
 from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model
-from reference import make_samples, naive_target_logprobs
 
 SHAPES = {
-    "llama": LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-    "qwen2": Qwen2Config(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True),
+    "llama": LlamaConfig(
+        vocab_size=512,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
+    "qwen2": Qwen2Config(
+        vocab_size=512,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -39,8 +53,10 @@ def test_checkpoint_loads_exactly_and_trains(tmp_path, arch):
         torch.testing.assert_close(lp, naive_target_logprobs(original, s).detach(), rtol=1e-5, atol=1e-5)
 
     # Cross-entropy on fixed sequences: a few steps must raise their likelihood.
-    sft = [Sample(s.model_input, {"target_tokens": s.loss_fn_inputs["target_tokens"], "weights": torch.ones(s.length)})
-           for s in samples]
+    sft = [
+        Sample(s.model_input, {"target_tokens": s.loss_fn_inputs["target_tokens"], "weights": torch.ones(s.length)})
+        for s in samples
+    ]
     engine.optim_step(AdamParams())
     losses = []
     for _ in range(5):
@@ -59,8 +75,16 @@ def test_bf16_checkpoint_is_held_in_fp32(tmp_path):
 def test_not_a_checkpoint_and_unsupported_models(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_policy_model(str(tmp_path))
-    gemma = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+    gemma = Gemma2Config(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=30.0,
+    )
     save_checkpoint(gemma, tmp_path / "gemma2")
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         load_policy_model(str(tmp_path / "gemma2"))

@@ -7,8 +7,8 @@ import json
 import os
 import re
 import shutil
-import sys
 import socket
+import sys
 import time
 
 import grpc
@@ -17,16 +17,28 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
+from server_process import ServerProcess
 from tinker.proto import tinker_public_pb2 as tpb
+from tls_certs import make_pki
 
 from cispo.service.metrics import RUN_LABEL_MODES, ServiceMetrics
-from server_process import ServerProcess
-from tls_certs import make_pki
 
 pytestmark = pytest.mark.timeout(300)
 LIMIT = 4 << 20  # --max-message-bytes of these servers
-FLAGS = ("--http-port", "0", "--max-message-bytes", str(LIMIT), "--http-max-connections", "8",
-         "--http-header-timeout-seconds", "2", "--http-body-timeout-seconds", "2", "--http-seq-gap-seconds", "2")
+FLAGS = (
+    "--http-port",
+    "0",
+    "--max-message-bytes",
+    str(LIMIT),
+    "--http-max-connections",
+    "8",
+    "--http-header-timeout-seconds",
+    "2",
+    "--http-body-timeout-seconds",
+    "2",
+    "--http-seq-gap-seconds",
+    "2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +69,13 @@ def result(base: str, submitted: dict, timeout: float = 120) -> requests.Respons
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # Connection: close, or the kept answers would hold their connections (these servers allow few).
-        answer = requests.post(f"{base}/retrieve_future", json={"request_id": submitted["request_id"]},
-                               headers={"Connection": "close"})
-        if answer.headers.get("content-type", "").startswith("application/json") and \
-                answer.json().get("type") == "try_again":
+        answer = requests.post(
+            f"{base}/retrieve_future", json={"request_id": submitted["request_id"]}, headers={"Connection": "close"}
+        )
+        if (
+            answer.headers.get("content-type", "").startswith("application/json")
+            and answer.json().get("type") == "try_again"
+        ):
             continue
         return answer
     raise TimeoutError(f"{submitted} not answered in {timeout} s")
@@ -68,27 +83,34 @@ def result(base: str, submitted: dict, timeout: float = 120) -> requests.Respons
 
 def new_model(base: str) -> str:
     session = requests.post(f"{base}/create_session", json={}).json()["session_id"]
-    created = requests.post(f"{base}/create_model", json={"session_id": session, "model_seq_id": 0,
-                                                          "base_model": "", "lora_config": {"rank": 2}}).json()
+    created = requests.post(
+        f"{base}/create_model",
+        json={"session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 2}},
+    ).json()
     return result(base, created).json()["model_id"]
 
 
 def fwd_bwd_body(model_id: str, seq_id: int, tokens=(1, 2, 3, 4), **inputs: tpb.Tensor) -> bytes:
     n = len(tokens)
-    datum = tpb.Datum(model_input=[tpb.Chunk(encoded_text=tpb.EncodedTextChunk(
-        tokens=np.asarray(tokens, "<i4").tobytes()))])
-    dense = {"target_tokens": tpb.Tensor(dtype=tpb.DTYPE_INT64, shape=[n], dense=np.arange(n, dtype="<i8").tobytes()),
-             "logprobs": tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=[n], dense=np.full(n, -1, "<f4").tobytes()),
-             "advantages": tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=[n], dense=np.ones(n, "<f4").tobytes())}
+    datum = tpb.Datum(
+        model_input=[tpb.Chunk(encoded_text=tpb.EncodedTextChunk(tokens=np.asarray(tokens, "<i4").tobytes()))]
+    )
+    dense = {
+        "target_tokens": tpb.Tensor(dtype=tpb.DTYPE_INT64, shape=[n], dense=np.arange(n, dtype="<i8").tobytes()),
+        "logprobs": tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=[n], dense=np.full(n, -1, "<f4").tobytes()),
+        "advantages": tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=[n], dense=np.ones(n, "<f4").tobytes()),
+    }
     for name, tensor in {**dense, **inputs}.items():
         datum.loss_fn_inputs[name].CopyFrom(tensor)
-    return tpb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, data=[datum], loss_fn="cispo"
-                                      ).SerializeToString()
+    return tpb.ForwardBackwardRequest(
+        model_id=model_id, seq_id=seq_id, data=[datum], loss_fn="cispo"
+    ).SerializeToString()
 
 
 def post_fwd_bwd(base: str, body: bytes, session: requests.Session | None = None) -> requests.Response:
-    return (session or requests).post(f"{base}/forward_backward", data=body,
-                                      headers={"Content-Type": "application/x-protobuf"})
+    return (session or requests).post(
+        f"{base}/forward_backward", data=body, headers={"Content-Type": "application/x-protobuf"}
+    )
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -101,9 +123,15 @@ def test_a_sparse_tensor_declaring_a_huge_shape_costs_no_memory(server):
     model_id = new_model(base)
     before = memory_kib(server.proc.pid)
     for cols in (100_000_000, 2_000_000_000, 2**62):
-        sparse = tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=[1, cols], sparse_csr=tpb.SparseCsr(
-            crow_indices=np.array([0, 1], "<i8").tobytes(), col_indices=np.array([cols - 1], "<i8").tobytes(),
-            values=np.ones(1, "<f4").tobytes()))
+        sparse = tpb.Tensor(
+            dtype=tpb.DTYPE_FLOAT32,
+            shape=[1, cols],
+            sparse_csr=tpb.SparseCsr(
+                crow_indices=np.array([0, 1], "<i8").tobytes(),
+                col_indices=np.array([cols - 1], "<i8").tobytes(),
+                values=np.ones(1, "<f4").tobytes(),
+            ),
+        )
         body = fwd_bwd_body(model_id, 0, advantages=sparse)
         assert len(body) < 300
         for _ in range(10):
@@ -120,9 +148,15 @@ def test_a_sparse_tensor_declaring_a_huge_shape_costs_no_memory(server):
 def test_a_sparse_tensor_of_the_datums_length_is_read(server):
     base = api(server)
     model_id = new_model(base)
-    sparse = tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=[4], sparse_csr=tpb.SparseCsr(
-        crow_indices=np.array([0, 2], "<i8").tobytes(), col_indices=np.array([1, 3], "<i8").tobytes(),
-        values=np.array([1.0, -0.5], "<f4").tobytes()))
+    sparse = tpb.Tensor(
+        dtype=tpb.DTYPE_FLOAT32,
+        shape=[4],
+        sparse_csr=tpb.SparseCsr(
+            crow_indices=np.array([0, 2], "<i8").tobytes(),
+            col_indices=np.array([1, 3], "<i8").tobytes(),
+            values=np.array([1.0, -0.5], "<f4").tobytes(),
+        ),
+    )
     submitted = post_fwd_bwd(base, fwd_bwd_body(model_id, 1, advantages=sparse))
     assert submitted.status_code == 200, submitted.text
     output = tpb.ForwardBackwardOutput.FromString(result(base, submitted.json()).content)
@@ -132,8 +166,10 @@ def test_a_sparse_tensor_of_the_datums_length_is_read(server):
 def test_a_declared_content_length_over_the_limit_is_refused_before_the_body(server):
     """The answer comes while the client has sent only its headers."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
-        sock.sendall(b"POST /api/v1/optim_step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 2147483648\r\n\r\n")
+        sock.sendall(
+            b"POST /api/v1/optim_step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2147483648\r\n\r\n"
+        )
         answer = b""
         while chunk := sock.recv(4096):  # the server closes the connection after its answer
             answer += chunk
@@ -190,7 +226,7 @@ def test_slow_connections_are_cut_and_capped_while_grpc_serves(server):
             try:
                 if sock.recv(1) == b"":
                     break
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break
@@ -224,8 +260,9 @@ def test_a_seq_id_that_never_comes_holds_later_ones_only_for_the_gap(server):
     model_id = new_model(base)
     assert post_fwd_bwd(base, b"\xff" * 9).status_code == 400
     second = post_fwd_bwd(base, fwd_bwd_body(model_id, 2)).json()
-    third = requests.post(f"{base}/optim_step", json={"model_id": model_id, "seq_id": 3,
-                                                      "adam_params": {"learning_rate": 1e-3}}).json()
+    third = requests.post(
+        f"{base}/optim_step", json={"model_id": model_id, "seq_id": 3, "adam_params": {"learning_rate": 1e-3}}
+    ).json()
     assert result(base, second, timeout=60).status_code == 200
     step = result(base, third, timeout=60).json()
     assert step["metrics"]["step:max"] == 1.0
@@ -235,25 +272,42 @@ def test_a_seq_id_that_never_comes_holds_later_ones_only_for_the_gap(server):
 # --- client mistakes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route, body, field", [
-    ("create_model", {"model_seq_id": 0, "lora_config": {"rank": 10**30}}, "lora_config.rank"),
-    ("create_model", {"model_seq_id": 0, "lora_config": {"rank": 4, "seed": 2**64}}, "lora_config.seed"),
-    ("optim_step", {"seq_id": 1, "adam_params": {"learning_rate": 10**400}}, "adam_params.learning_rate"),
-    ("optim_step", {"seq_id": 10**30, "adam_params": {"learning_rate": 1e-3}}, "seq_id"),
-    ("asample", {"num_samples": 1, "prompt": {"chunks": [{"tokens": [1]}]},
-                 "sampling_params": {"max_tokens": 2**70}}, "sampling_params.max_tokens"),
-], ids=["rank", "seed", "learning-rate", "seq-id", "max-tokens"])
+@pytest.mark.parametrize(
+    "route, body, field",
+    [
+        ("create_model", {"model_seq_id": 0, "lora_config": {"rank": 10**30}}, "lora_config.rank"),
+        ("create_model", {"model_seq_id": 0, "lora_config": {"rank": 4, "seed": 2**64}}, "lora_config.seed"),
+        ("optim_step", {"seq_id": 1, "adam_params": {"learning_rate": 10**400}}, "adam_params.learning_rate"),
+        ("optim_step", {"seq_id": 10**30, "adam_params": {"learning_rate": 1e-3}}, "seq_id"),
+        (
+            "asample",
+            {"num_samples": 1, "prompt": {"chunks": [{"tokens": [1]}]}, "sampling_params": {"max_tokens": 2**70}},
+            "sampling_params.max_tokens",
+        ),
+    ],
+    ids=["rank", "seed", "learning-rate", "seq-id", "max-tokens"],
+)
 def test_numbers_out_of_range_are_400_naming_the_field(server, shared_model, route, body, field):
     base, model_id = api(server), shared_model
     with requests.Session() as http:
         session = http.post(f"{base}/create_session", json={}).json()["session_id"]
-        export = http.post(f"{base}/save_weights_for_sampler", json={"model_id": model_id, "seq_id": 1,
-                                                                      "path": "numbers"}).json()
-        sampler = http.post(f"{base}/create_sampling_session", json={
-            "session_id": session, "sampling_session_seq_id": 0, "model_path": result(base, export).json()["path"]}
+        export = http.post(
+            f"{base}/save_weights_for_sampler", json={"model_id": model_id, "seq_id": 1, "path": "numbers"}
         ).json()
-        full = {"session_id": session, "model_id": model_id, **body,
-                "sampling_session_id": sampler["sampling_session_id"]}
+        sampler = http.post(
+            f"{base}/create_sampling_session",
+            json={
+                "session_id": session,
+                "sampling_session_seq_id": 0,
+                "model_path": result(base, export).json()["path"],
+            },
+        ).json()
+        full = {
+            "session_id": session,
+            "model_id": model_id,
+            **body,
+            "sampling_session_id": sampler["sampling_session_id"],
+        }
         answer = http.post(f"{base}/{route}", data=json.dumps(full), headers={"Content-Type": "application/json"})
         assert answer.status_code == 400, answer.text
         assert field in answer.text
@@ -290,14 +344,17 @@ def test_a_drain_answers_every_request_that_got_an_id(tmp_path):
                 if seq % 4:
                     answer = post_fwd_bwd(base, fwd_bwd_body(model_id, seq, tokens=range(1, 65)), http)
                 else:
-                    answer = http.post(f"{base}/optim_step", json={"model_id": model_id, "seq_id": seq,
-                                                                   "adam_params": {"learning_rate": 1e-4}})
+                    answer = http.post(
+                        f"{base}/optim_step",
+                        json={"model_id": model_id, "seq_id": seq, "adam_params": {"learning_rate": 1e-4}},
+                    )
                 assert answer.status_code == 200, answer.text
                 submitted.append(answer.json())
             proc.proc.send_signal(15)
             proc.wait_for_log("draining")
-            late = http.post(f"{base}/optim_step", json={"model_id": model_id, "seq_id": 41,
-                                                         "adam_params": {"learning_rate": 1e-4}})
+            late = http.post(
+                f"{base}/optim_step", json={"model_id": model_id, "seq_id": 41, "adam_params": {"learning_rate": 1e-4}}
+            )
             assert late.status_code == 503 and late.headers["Retry-After"], late.text
             answers = [result(base, s) for s in submitted]
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
@@ -317,8 +374,15 @@ def test_the_http_port_follows_certificate_rotation(tmp_path):
     served.mkdir()
     for name, source in (("tls.crt", pki.server_cert), ("tls.key", pki.server_key)):
         shutil.copy(source, served / name)
-    proc = ServerProcess("--http-port", "0", "--tls-cert-file", str(served / "tls.crt"),
-                         "--tls-key-file", str(served / "tls.key"), checkpoint_dir=tmp_path / "ckpt")
+    proc = ServerProcess(
+        "--http-port",
+        "0",
+        "--tls-cert-file",
+        str(served / "tls.crt"),
+        "--tls-key-file",
+        str(served / "tls.key"),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
     url = f"https://127.0.0.1:{proc.http_port}/api/v1/healthz"
     try:
         assert requests.get(url, verify=str(pki.ca_cert)).status_code == 200
@@ -375,16 +439,23 @@ def test_odd_checkpoint_names_are_refused_not_mangled(server, shared_model, rout
     answer = requests.post(f"{base}/{route}", json={"model_id": model_id, "seq_id": 1, "path": name})
     assert answer.status_code == 400, answer.text
     assert answer.json()["field_violations"][0]["field"] == "path"
-    loaded = requests.post(f"{base}/load_weights", json={"model_id": model_id, "seq_id": 2,
-                                                         "path": f"tinker://run-x/weights/{name}"})
+    loaded = requests.post(
+        f"{base}/load_weights", json={"model_id": model_id, "seq_id": 2, "path": f"tinker://run-x/weights/{name}"}
+    )
     assert loaded.status_code == 400 and loaded.json()["field_violations"][0]["field"] == "path"
 
 
 def test_a_low_descriptor_limit_caps_http_and_grpc_keeps_serving(tmp_path):
     """With 256 descriptors the HTTP port holds at most 64 connections; 300 connections opened at
     once get 503 or wait, gRPC answers throughout, and the log says so in a few lines."""
-    proc = ServerProcess("--http-port", "0", "--http-header-timeout-seconds", "2", checkpoint_dir=tmp_path / "ckpt",
-                         launcher=["prlimit", "--nofile=256:256", sys.executable])
+    proc = ServerProcess(
+        "--http-port",
+        "0",
+        "--http-header-timeout-seconds",
+        "2",
+        checkpoint_dir=tmp_path / "ckpt",
+        launcher=["prlimit", "--nofile=256:256", sys.executable],
+    )
     try:
         assert "--http-max-connections 256 lowered to 64" in proc.log()
         held, refused = [], 0
@@ -417,6 +488,8 @@ def test_a_low_descriptor_limit_caps_http_and_grpc_keeps_serving(tmp_path):
 def test_a_sampling_session_on_a_missing_export_is_refused_at_once(server):
     base = api(server)
     session = requests.post(f"{base}/create_session", json={}).json()["session_id"]
-    answer = requests.post(f"{base}/create_sampling_session", json={
-        "session_id": session, "sampling_session_seq_id": 0, "model_path": "tinker://run-x/sampler_weights/none"})
+    answer = requests.post(
+        f"{base}/create_sampling_session",
+        json={"session_id": session, "sampling_session_seq_id": 0, "model_path": "tinker://run-x/sampler_weights/none"},
+    )
     assert answer.status_code == 404 and "run-x.none" in answer.json()["error"], answer.text

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-
 from server_process import READY
 from test_deploy import DOCKERFILES, OVERLAYS, dockerfile, env_of, render, the_container, workloads
 
@@ -66,8 +65,13 @@ def image() -> str:
     if probe.returncode != 0:
         cannot_run(f"buildah cannot make a container here: {probe.stderr.strip()}")
     buildah("rm", probe.stdout.strip())
-    done = subprocess.run(["bash", str(BUILD), "cpu"], env={**os.environ, "PYTHON": sys.executable},
-                          capture_output=True, text=True, timeout=1100)
+    done = subprocess.run(
+        ["bash", str(BUILD), "cpu"],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=1100,
+    )
     assert done.returncode == 0, f"the image build failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
     built, tag, image_id = done.stdout.strip().splitlines()[-1].rsplit(" ", 2)
     assert built == "image: built" and tag == tag_of("cpu")
@@ -105,8 +109,12 @@ class Served:
 
     def __init__(self, container: str, entrypoint: list[str]):
         flags = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"]
-        self.proc = subprocess.Popen(["buildah", "run", "--isolation", "chroot", container, "--", *entrypoint, *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            ["buildah", "run", "--isolation", "chroot", container, "--", *entrypoint, *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         self.ready = threading.Event()
         self.ports: tuple[int, int, int] | None = None
@@ -129,8 +137,9 @@ class Served:
     def server_pid(self) -> int:
         """The server itself: `buildah run` answers a signal by killing its command, whereas a
         container runtime sends it to the entrypoint, so signals go to this process."""
-        (pid,) = [p for p in descendants(self.proc.pid)
-                  if Path(f"/proc/{p}/comm").read_text().strip() == "cispo-server"]
+        (pid,) = [
+            p for p in descendants(self.proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "cispo-server"
+        ]
         return pid
 
     def kill(self) -> None:
@@ -160,18 +169,27 @@ def test_image_serves_grpc_and_the_tinker_sdk_and_drains(image, container):
         # The SDK's whole loop: LoRA training, save_state (the non-root user writes the image's
         # checkpoint directory), sampling, an export and a refused datum. Its runs end with its
         # session, so the README client's full-model run may follow.
-        env = {**os.environ, "TINKER_BASE_URL": f"http://127.0.0.1:{http_port}", "TINKER_API_KEY": "tml-image-test",
-               "TINKER_TELEMETRY": "0"}
-        run = subprocess.run([sys.executable, str(SDK_LOOP), "loop", ""], env=env, capture_output=True, text=True,
-                             timeout=300)
+        env = {
+            **os.environ,
+            "TINKER_BASE_URL": f"http://127.0.0.1:{http_port}",
+            "TINKER_API_KEY": "tml-image-test",
+            "TINKER_TELEMETRY": "0",
+        }
+        run = subprocess.run(
+            [sys.executable, str(SDK_LOOP), "loop", ""], env=env, capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:] + served.log()
         sdk = json.loads(run.stdout.strip().splitlines()[-1])
         assert len(sdk["loss"]) == len(sdk["grad_norm"]) == 2 and sdk["error"]["type"] == "BadRequestError"
         assert len(sdk["samples"]) == 2 and sdk["state_path"].startswith("tinker://")
 
         readme_client = re.search(r"```python\n(.*?)```", README, re.S).group(1)
-        run = subprocess.run([sys.executable, "-c", readme_client.replace("localhost:50051", f"127.0.0.1:{grpc_port}")],
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-c", readme_client.replace("localhost:50051", f"127.0.0.1:{grpc_port}")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 0, run.stderr + served.log()
         loss, *_, grad_norm = run.stdout.split()
         float(loss), float(grad_norm)
@@ -179,6 +197,7 @@ def test_image_serves_grpc_and_the_tinker_sdk_and_drains(image, container):
         metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
         assert metrics.status_code == 200
         samples = [s for family in text_string_to_metric_families(metrics.text) for s in family.samples]
+
         def total(name: str, **labels: str) -> float:
             return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
 
@@ -221,8 +240,10 @@ def test_image_is_lean_and_unprivileged(image, container):
         buildah("umount", container)
 
     # torch's CPU build: no CUDA runtime wheels beside it.
-    probe = ("import importlib.metadata as m, torch; "
-             "print(torch.version.cuda, sorted(d.name for d in m.distributions() if d.name.startswith('nvidia')))")
+    probe = (
+        "import importlib.metadata as m, torch; "
+        "print(torch.version.cuda, sorted(d.name for d in m.distributions() if d.name.startswith('nvidia')))"
+    )
     out = buildah("run", "--isolation", "chroot", container, "--", "python", "-c", probe, timeout=120)
     assert out == "None []", out
 
@@ -239,6 +260,7 @@ def test_manifests_reference_the_built_tags():
 
 def test_cuda_dockerfile_takes_the_cpu_steps():
     """The two differ only in torch's index, the device and the NVIDIA runtime's variables."""
+
     def steps(variant: str) -> list[tuple[str, str]]:
         out = []
         for instruction, rest in dockerfile(DOCKERFILES[variant]):

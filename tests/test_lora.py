@@ -1,14 +1,13 @@
 """LoRA runs through PEFT: gradients against a PEFT reference under the seed's formula, frozen
 base, seeded initialisation, isolation of adapters, and the adapter export."""
 
-
 import peft
 import pytest
 import torch
-
-from cispo.worker import Engine, EngineConfig, lora, load_policy_model
-from cispo.worker.optimizer import AdamParams
 from reference import assert_grad_close, make_samples, naive_target_logprobs, seed_cispo_loss
+
+from cispo.worker import Engine, EngineConfig, load_policy_model, lora
+from cispo.worker.optimizer import AdamParams
 
 SPEC = lora.LoraSpec(rank=4, seed=3)
 
@@ -32,8 +31,9 @@ def test_lora_gradient_equals_autograd_on_a_peft_reference(tmp_path, train_unemb
     out = engine.forward_backward(samples, "cispo")
 
     base = load_policy_model().model
-    config = peft.LoraConfig(r=spec.rank, lora_alpha=lora.LORA_ALPHA, lora_dropout=0.0,
-                             target_modules=lora.target_modules(policy, spec))
+    config = peft.LoraConfig(
+        r=spec.rank, lora_alpha=lora.LORA_ALPHA, lora_dropout=0.0, target_modules=lora.target_modules(policy, spec)
+    )
     reference = peft.get_peft_model(base, config)
     ref_params = {n.replace(".default.", "."): p for n, p in base.named_parameters() if "lora_" in n}
     assert ref_params.keys() == engine.named_params.keys()
@@ -65,8 +65,9 @@ def test_base_is_frozen_and_bit_unchanged_by_lora_steps(tmp_path):
     for name, p in after.items():
         assert not p.requires_grad and p.grad is None, name
         assert torch.equal(p, before[name]), name
-    assert set(engine.optimizer.state_tensors()) <= {f"{n}/{k}" for n in engine.named_params for k in
-                                                     ("exp_avg", "exp_avg_sq", "step")}
+    assert set(engine.optimizer.state_tensors()) <= {
+        f"{n}/{k}" for n in engine.named_params for k in ("exp_avg", "exp_avg_sq", "step")
+    }
 
 
 def test_same_seed_gives_the_same_adapter_bit_for_bit():
@@ -104,7 +105,9 @@ def test_two_runs_interleaved_equal_each_alone(tmp_path):
     for i in range(3):
         for name, engine, seed in (("a", a, 1), ("b", b, 2)):
             out = engine.forward_backward(make_samples([10, 14], seed=seed * 10 + i), "cispo")
-            interleaved[name].append((torch.cat(out.logprobs), engine.optim_step(AdamParams(learning_rate=1e-2)).grad_norm))
+            interleaved[name].append(
+                (torch.cat(out.logprobs), engine.optim_step(AdamParams(learning_rate=1e-2)).grad_norm)
+            )
     for name, seed in (("a", 1), ("b", 2)):
         for (lp, norm), (lp_alone, norm_alone) in zip(interleaved[name], alone(name, seed)):
             assert torch.equal(lp, lp_alone) and norm == norm_alone

@@ -13,6 +13,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from reference import make_samples
+from server_process import ServerProcess
 
 from cispo.service.auth import set_identity
 from cispo.service.metrics import ServiceMetrics
@@ -25,8 +27,6 @@ from cispo.worker.checkpoint import load_state, namespace, recover, save_state
 from cispo.worker.runs import ExpectedVersion, TrainingRuns
 from cispo.worker.sampler_weights import ExportConfig
 from cispo.worker.sampling import SampleRequest, SamplingParams
-from reference import make_samples
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 ALICE, BOB = "alice-namespaces-0123456789", "bob-namespaces-9876543210ab"
@@ -55,18 +55,22 @@ class Caller:
 
     def step(self, model_id: str, seed: int) -> None:
         rng = np.random.default_rng(seed)
-        datum = pb.Datum(model_input=pb.Tensor(int64_data=rng.integers(0, 1024, 12).tolist()),
-                         loss_fn_inputs=pb.LossFnInputs(
-                             target_tokens=pb.Tensor(int64_data=rng.integers(0, 1024, 12).tolist()),
-                             logprobs=pb.Tensor(float_data=np.full(12, -7.0).tolist()),
-                             advantages=pb.Tensor(float_data=rng.normal(size=12).tolist())))
+        datum = pb.Datum(
+            model_input=pb.Tensor(int64_data=rng.integers(0, 1024, 12).tolist()),
+            loss_fn_inputs=pb.LossFnInputs(
+                target_tokens=pb.Tensor(int64_data=rng.integers(0, 1024, 12).tolist()),
+                logprobs=pb.Tensor(float_data=np.full(12, -7.0).tolist()),
+                advantages=pb.Tensor(float_data=rng.normal(size=12).tolist()),
+            ),
+        )
         self("ForwardBackward", pb.ForwardBackwardInput(data=[datum], model_id=model_id))
         self("OptimStep", pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-2), model_id=model_id))
 
     def weights(self, **where) -> np.ndarray:
         """The prompt's logprobs on the weights a Sample names (`model_id` or `model_path`)."""
-        return np.array(self("Sample", sample(include_prompt_logprobs=True, typed_outputs=True,
-                                              **where)).prompt_logprobs.float_data)
+        return np.array(
+            self("Sample", sample(include_prompt_logprobs=True, typed_outputs=True, **where)).prompt_logprobs.float_data
+        )
 
     def unload_all(self) -> None:
         for model in self("ListModels", pb.ListModelsRequest()).models:
@@ -81,8 +85,9 @@ def sample(**fields) -> pb.SampleRequest:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("namespaces")
     (root / "tokens").write_text(f"alice:{ALICE}\nbob:{BOB}\n")
-    proc = ServerProcess("--auth-tokens-file", str(root / "tokens"), "--sampler-dtype", "float32",
-                         checkpoint_dir=root / "ckpt")
+    proc = ServerProcess(
+        "--auth-tokens-file", str(root / "tokens"), "--sampler-dtype", "float32", checkpoint_dir=root / "ckpt"
+    )
     yield proc
     assert proc.terminate() == 0, proc.log()
 
@@ -103,8 +108,10 @@ def test_no_identity_can_squat_another_identitys_state_or_export_name(callers):
     at_save, bobs = alice.weights(model_id=a), bob.weights(model_id=b)
     assert not np.allclose(at_save, bobs, atol=1e-4)
     paths = {}
-    for method, request in (("SaveState", pb.SaveStateRequest), ("SaveWeightsForSampler",
-                                                                 pb.SaveWeightsForSamplerRequest)):
+    for method, request in (
+        ("SaveState", pb.SaveStateRequest),
+        ("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest),
+    ):
         bob(method, request(name="taken", model_id=b))  # the squatter first
         paths[method] = Path(alice(method, request(name="taken", model_id=a)).path)
         assert paths[method].parent.name == "@alice" and paths[method].is_dir()
@@ -126,9 +133,12 @@ def test_samples_of_two_identities_on_the_same_name_each_get_their_own_weights(c
     for caller, run in runs.items():
         caller("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest(name="same", model_id=run))
     for _ in range(2):  # together, so that they may share a batch
-        futures = {caller: caller.stub.Sample.future(sample(model_path="same", include_prompt_logprobs=True,
-                                                            typed_outputs=True), metadata=caller.metadata)
-                   for caller in (alice, bob)}
+        futures = {
+            caller: caller.stub.Sample.future(
+                sample(model_path="same", include_prompt_logprobs=True, typed_outputs=True), metadata=caller.metadata
+            )
+            for caller in (alice, bob)
+        }
         for caller, future in futures.items():
             np.testing.assert_allclose(future.result().prompt_logprobs.float_data, expected[caller], atol=1e-5)
 
@@ -140,12 +150,19 @@ def test_another_identitys_names_answer_exactly_as_missing_ones(callers):
     export = Path(alice("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest(name="private", model_id=a)).path)
     b = bob.trained_run(2)
     missing_state, missing_export = (path.parent.with_name("@bob") / "absent" for path in (state, export))
-    requests = {"LoadState": lambda name: pb.LoadStateRequest(name=name, model_id=b),
-                "CreateModel": lambda name: pb.CreateModelRequest(from_state=pb.StateRef(path=name)),
-                "Sample": lambda name: sample(model_path=name)}
-    for method, theirs, missing in (("LoadState", "private", "absent"), ("LoadState", state, missing_state),
-                                    ("CreateModel", "private", "absent"), ("CreateModel", state, missing_state),
-                                    ("Sample", "private", "absent"), ("Sample", export, missing_export)):
+    requests = {
+        "LoadState": lambda name: pb.LoadStateRequest(name=name, model_id=b),
+        "CreateModel": lambda name: pb.CreateModelRequest(from_state=pb.StateRef(path=name)),
+        "Sample": lambda name: sample(model_path=name),
+    }
+    for method, theirs, missing in (
+        ("LoadState", "private", "absent"),
+        ("LoadState", state, missing_state),
+        ("CreateModel", "private", "absent"),
+        ("CreateModel", state, missing_state),
+        ("Sample", "private", "absent"),
+        ("Sample", export, missing_export),
+    ):
         code, details = bob.refusal(method, requests[method](str(theirs)))
         missing_code, missing_details = bob.refusal(method, requests[method](str(missing)))
         assert code == missing_code == grpc.StatusCode.FAILED_PRECONDITION, (method, theirs, details)
@@ -159,8 +176,9 @@ def test_flat_states_and_exports_of_earlier_versions_still_load(callers):
     a = alice.trained_run(1)
     at_save = alice.weights(model_id=a)
     state = Path(alice("SaveState", pb.SaveStateRequest(name="earlier", model_id=a)).path)
-    export = Path(alice("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest(
-        name="earlier", model_id=a, merged=True)).path)  # a merged export is loaded from its files
+    export = Path(
+        alice("SaveWeightsForSampler", pb.SaveWeightsForSamplerRequest(name="earlier", model_id=a, merged=True)).path
+    )  # a merged export is loaded from its files
     assert state.parent.name == export.parent.name == "@alice"
     flat_state, flat_export = state.parent.parent / "earlier", export.parent.parent / "earlier"
     os.rename(state, flat_state)  # as earlier versions laid them out: flat, the manifest naming the owner
@@ -176,8 +194,10 @@ def test_flat_states_and_exports_of_earlier_versions_still_load(callers):
         np.testing.assert_allclose(alice.weights(model_id=c), at_save, atol=1e-5)
     for model_path in ("earlier", str(flat_export)):
         np.testing.assert_allclose(alice.weights(model_path=model_path), at_save, atol=1e-4)
-    for method, request in (("CreateModel", lambda name: pb.CreateModelRequest(from_state=pb.StateRef(path=name))),
-                            ("Sample", lambda name: sample(model_path=name))):
+    for method, request in (
+        ("CreateModel", lambda name: pb.CreateModelRequest(from_state=pb.StateRef(path=name))),
+        ("Sample", lambda name: sample(model_path=name)),
+    ):
         missing_code, missing = bob.refusal(method, request("absent"))
         assert bob.refusal(method, request("earlier")) == (missing_code, missing.replace("absent", "earlier"))
     d = bob("CreateModel", pb.CreateModelRequest(from_state=pb.StateRef(path="earlier-unowned"))).model_id
@@ -205,6 +225,7 @@ def test_each_identity_has_a_default_run_of_its_own(callers):
 
 # -- on disk ---------------------------------------------------------------------------------------
 
+
 def save(root: Path, name: str, step: int, owner: str | None) -> Path:
     return save_state(root, name, {"w": torch.full((2,), float(step))}, {}, step, "tiny", owner=owner)
 
@@ -227,8 +248,10 @@ def test_recovery_covers_every_identitys_directory_and_follows_no_link(tmp_path)
     save(outside, "u", 1, None)
     os.rename(outside / "u", outside / f".tmp-u-{'2' * 32}")
     (root / "@mallory").symlink_to(outside)
-    assert sorted(recover(root)) == [f"removed leftover @alice/.tmp-t-{'1' * 32}",
-                                     "restored state '@alice/s' from its old copy"]
+    assert sorted(recover(root)) == [
+        f"removed leftover @alice/.tmp-t-{'1' * 32}",
+        "restored state '@alice/s' from its old copy",
+    ]
     assert load_state(root, "s", True, owner="alice").step == 1
     assert os.listdir(outside) == [f".tmp-u-{'2' * 32}"]
     with pytest.raises(StateNotFound, match="not a real directory"):
@@ -238,13 +261,16 @@ def test_recovery_covers_every_identitys_directory_and_follows_no_link(tmp_path)
 
 # -- in one process: the engine thread's registry, and the servicer's call for the HTTP door ---------
 
+
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     """Runs in this process, alice's and bob's, each with an export "same" of its own weights (and
     alice's also as "alice-only"); (runs, {identity: (export path, those weights' prompt logprobs)})."""
     root = tmp_path_factory.mktemp("local")
-    runs = TrainingRuns(load_policy_model(), EngineConfig(checkpoint_dir=root / "ckpt", export=ExportConfig(
-        sampler_dir=root / "sampler", dtype="float32")))
+    runs = TrainingRuns(
+        load_policy_model(),
+        EngineConfig(checkpoint_dir=root / "ckpt", export=ExportConfig(sampler_dir=root / "sampler", dtype="float32")),
+    )
     exports = {}
     for seed, identity in enumerate(("alice", "bob")):
         engine = runs.get(runs.create(identity, lora.LoraSpec(rank=4, seed=seed)), identity)
@@ -257,15 +283,21 @@ def local(tmp_path_factory):
 
 
 def local_sample(identity: str, model_path: str = "") -> SampleRequest:
-    return SampleRequest(torch.tensor(PROMPT.int64_data), params=SamplingParams(max_tokens=1, seed=1),
-                         include_prompt_logprobs=True, model_path=model_path, owner=identity)
+    return SampleRequest(
+        torch.tensor(PROMPT.int64_data),
+        params=SamplingParams(max_tokens=1, seed=1),
+        include_prompt_logprobs=True,
+        model_path=model_path,
+        owner=identity,
+    )
 
 
 def test_one_batch_of_samples_gives_each_identity_its_own_export_of_a_name(local):
     runs, exports = local
     for order in (("alice", "bob"), ("bob", "alice", "alice", "bob")):
-        results = runs.sample([("", runs.validate_sample(local_sample(identity, "same")), ExpectedVersion())
-                               for identity in order])
+        results = runs.sample(
+            [("", runs.validate_sample(local_sample(identity, "same")), ExpectedVersion()) for identity in order]
+        )
         for identity, (result, _) in zip(order, results):
             torch.testing.assert_close(result.prompt_logprobs, exports[identity][1], atol=1e-5, rtol=0)
 

@@ -19,12 +19,12 @@ import google.rpc
 import grpc
 import numpy as np
 import pytest
+from server_process import ServerProcess
+from tls_certs import make_pki
 
 from cispo.client import AdamParams, Datum, ModelInput, SampleResponse, SamplingParams, ServiceClient, TrainingClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
-from server_process import ServerProcess
-from tls_certs import make_pki
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,13 +39,20 @@ INCLUDE_DIRS = (REPO / "protos", Path(next(iter(google.rpc.__path__))).parent.pa
 LOSS_FN_CONFIG = {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
 
 
-
 def to_datums(batch: dict) -> list[Datum]:
     """The JSON batch the Node client reads, as the Python client's Datums."""
-    return [Datum(model_input=ModelInput.from_ints(d["model_input"]), loss_fn_inputs={
-        "target_tokens": np.asarray(d["target_tokens"], np.int64),
-        "logprobs": np.asarray(d["logprobs"], np.float32),
-        "advantages": np.asarray(d["advantages"], np.float32)}) for d in batch["data"]]
+    return [
+        Datum(
+            model_input=ModelInput.from_ints(d["model_input"]),
+            loss_fn_inputs={
+                "target_tokens": np.asarray(d["target_tokens"], np.int64),
+                "logprobs": np.asarray(d["logprobs"], np.float32),
+                "advantages": np.asarray(d["advantages"], np.float32),
+            },
+        )
+        for d in batch["data"]
+    ]
+
 
 def make_batch(seed=0, lengths=(5, 9, 4)) -> dict:
     """Token ids and float32-exact floats, so JSON, float_data and raw bytes all carry the same values."""
@@ -56,9 +63,14 @@ def make_batch(seed=0, lengths=(5, 9, 4)) -> dict:
         advantages[: n // 3] = 0.0  # prompt tokens
         # Near the embedded model's own logprobs (about -ln(vocab)), spread so some ratios clip.
         logprobs = np.minimum(-7.0 + 1.5 * rng.normal(size=n), -1e-3).astype(np.float32)
-        data.append({"model_input": rng.integers(0, 1024, n).tolist(),
-                     "target_tokens": rng.integers(0, 1024, n).tolist(),
-                     "logprobs": logprobs.tolist(), "advantages": advantages.tolist()})
+        data.append(
+            {
+                "model_input": rng.integers(0, 1024, n).tolist(),
+                "target_tokens": rng.integers(0, 1024, n).tolist(),
+                "logprobs": logprobs.tolist(),
+                "advantages": advantages.tolist(),
+            }
+        )
     return {"data": data, "loss_fn": "cispo", "loss_fn_config": LOSS_FN_CONFIG}
 
 
@@ -67,9 +79,11 @@ def node():
     node_bin = shutil.which("node")
     missing = [p for p in NODE_PACKAGES if not (NODE_DIR / "node_modules" / p / "package.json").is_file()]
     if node_bin is None or missing:
-        pytest.fail(f"the Node.js client needs node and the npm packages in {NODE_DIR.relative_to(REPO)} "
-                    f"(missing: {'node' if node_bin is None else ', '.join(missing)}); run `make test-tools`",
-                    pytrace=False)
+        pytest.fail(
+            f"the Node.js client needs node and the npm packages in {NODE_DIR.relative_to(REPO)} "
+            f"(missing: {'node' if node_bin is None else ', '.join(missing)}); run `make test-tools`",
+            pytrace=False,
+        )
     return node_bin
 
 
@@ -80,12 +94,20 @@ def server(tmp_path_factory):
     assert proc.terminate() == 0
 
 
-def node_client_process(node: str, script: Path, address: str, request: dict,
-                        env: dict | None = None) -> subprocess.CompletedProcess:
+def node_client_process(
+    node: str, script: Path, address: str, request: dict, env: dict | None = None
+) -> subprocess.CompletedProcess:
     cmd = [node, str(script), address, *(arg for d in INCLUDE_DIRS for arg in ("-I", str(d)))]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CISPO_")}
-    return subprocess.run(cmd, input=json.dumps(request), capture_output=True, text=True, timeout=120, cwd=NODE_DIR,
-                          env={**clean, **(env or {})})
+    return subprocess.run(
+        cmd,
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=NODE_DIR,
+        env={**clean, **(env or {})},
+    )
 
 
 def run_node_client(node: str, script: Path, address: str, request: dict, env: dict | None = None) -> dict:
@@ -95,12 +117,21 @@ def run_node_client(node: str, script: Path, address: str, request: dict, env: d
 
 
 def typed_request(batch: dict) -> pb.ForwardBackwardInput:
-    return pb.ForwardBackwardInput(loss_fn=batch["loss_fn"], loss_fn_config=batch["loss_fn_config"], data=[
-        pb.Datum(model_input=pb.Tensor(int64_data=d["model_input"]), loss_fn_inputs=pb.LossFnInputs(
-            target_tokens=pb.Tensor(int64_data=d["target_tokens"]),
-            logprobs=pb.Tensor(float_data=d["logprobs"]),
-            advantages=pb.Tensor(float_data=d["advantages"])))
-        for d in batch["data"]])
+    return pb.ForwardBackwardInput(
+        loss_fn=batch["loss_fn"],
+        loss_fn_config=batch["loss_fn_config"],
+        data=[
+            pb.Datum(
+                model_input=pb.Tensor(int64_data=d["model_input"]),
+                loss_fn_inputs=pb.LossFnInputs(
+                    target_tokens=pb.Tensor(int64_data=d["target_tokens"]),
+                    logprobs=pb.Tensor(float_data=d["logprobs"]),
+                    advantages=pb.Tensor(float_data=d["advantages"]),
+                ),
+            )
+            for d in batch["data"]
+        ],
+    )
 
 
 def test_node_client_matches_python(node, server):
@@ -138,12 +169,18 @@ def test_node_client_matches_python(node, server):
     assert invalid["code_name"] == "INVALID_ARGUMENT"
     assert invalid["status"]["code"] == 3
     n = len(batch["data"][1]["model_input"])
-    assert {"field": "data[1].loss_fn_inputs.logprobs",
-            "description": f"length {n - 1} != model_input length {n}"} in invalid["field_violations"]
+    assert {
+        "field": "data[1].loss_fn_inputs.logprobs",
+        "description": f"length {n - 1} != model_input length {n}",
+    } in invalid["field_violations"]
 
 
-SAMPLE_REQUEST = {"prompt": [1, 5, 9, 2], "num_samples": 3, "include_prompt_logprobs": True,
-                  "sampling_params": {"max_tokens": 8, "temperature": 1.0, "seed": 7}}
+SAMPLE_REQUEST = {
+    "prompt": [1, 5, 9, 2],
+    "num_samples": 3,
+    "include_prompt_logprobs": True,
+    "sampling_params": {"max_tokens": 8, "temperature": 1.0, "seed": 7},
+}
 # StopReason as Node sees it (enum names), as the Python client gives it.
 STOP_REASONS = {"STOP_REASON_LENGTH": "length", "STOP_REASON_STOP": "stop"}
 
@@ -152,11 +189,21 @@ def python_sample(address: str, request: dict) -> SampleResponse:
     """The Python client's answer to the JSON request the Node client reads."""
     params = request["sampling_params"]
     with TrainingClient(address) as client:
-        return client.create_sampling_client().sample(
-            ModelInput.from_ints(request["prompt"]), request["num_samples"],
-            SamplingParams(max_tokens=params["max_tokens"], temperature=params["temperature"], seed=params["seed"],
-                           stop=params.get("stop_tokens")),
-            include_prompt_logprobs=request["include_prompt_logprobs"]).result()
+        return (
+            client.create_sampling_client()
+            .sample(
+                ModelInput.from_ints(request["prompt"]),
+                request["num_samples"],
+                SamplingParams(
+                    max_tokens=params["max_tokens"],
+                    temperature=params["temperature"],
+                    seed=params["seed"],
+                    stop=params.get("stop_tokens"),
+                ),
+                include_prompt_logprobs=request["include_prompt_logprobs"],
+            )
+            .result()
+        )
 
 
 def assert_same_samples(from_node: dict, expected: SampleResponse) -> None:
@@ -184,13 +231,18 @@ def test_node_sample_matches_python(node, server):
     invalid = from_node["invalid"]
     assert invalid["code"] == invalid["status"]["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert invalid["code_name"] == "INVALID_ARGUMENT"
-    assert {"field": "sampling_params.top_p", "description": "must be in (0, 1], got 2.0"} in invalid["field_violations"]
+    assert {"field": "sampling_params.top_p", "description": "must be in (0, 1], got 2.0"} in invalid[
+        "field_violations"
+    ]
 
 
 def test_node_sample_stop_reasons(node, server):
     """A stop token that sequence 0 draws third ends it there ("stop"); the others run on ("length")."""
     unstopped = python_sample(server.address, SAMPLE_REQUEST).sequences[0].tokens
-    request = {**SAMPLE_REQUEST, "sampling_params": {**SAMPLE_REQUEST["sampling_params"], "stop_tokens": [unstopped[2]]}}
+    request = {
+        **SAMPLE_REQUEST,
+        "sampling_params": {**SAMPLE_REQUEST["sampling_params"], "stop_tokens": [unstopped[2]]},
+    }
     from_node = run_node_client(node, SAMPLE, server.address, request)
     expected = python_sample(server.address, request)
     assert_same_samples(from_node, expected)
@@ -219,13 +271,15 @@ def test_node_client_training_runs(node, server):
         if "default" in {m.model_id for m in stub.ListModels(pb.ListModelsRequest(), timeout=60).models}:
             stub.UnloadModel(pb.UnloadModelRequest(model_id="default"), timeout=60)
         try:
-            from_node = run_node_client(node, RUNS, server.address,
-                                        {**batch, "lora_config": LORA, "adam_params": dataclasses.asdict(ADAM)})
+            from_node = run_node_client(
+                node, RUNS, server.address, {**batch, "lora_config": LORA, "adam_params": dataclasses.asdict(ADAM)}
+            )
             # A fresh run of the same LoRA options and seed, from the Python client.
             twin = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(**LORA)), timeout=60).model_id
             forward_backward, optim_step, forward = asyncio.run(python_lora_steps(service, twin, batch))
-            other = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(**{**LORA, "seed": 8})),
-                                     timeout=60).model_id
+            other = stub.CreateModel(
+                pb.CreateModelRequest(lora_config=pb.LoraConfig(**{**LORA, "seed": 8})), timeout=60
+            ).model_id
             other_forward = asyncio.run(python_lora_steps(service, other, batch))[2]
         finally:  # leave no LoRA run behind for the default run of the other tests
             for model in stub.ListModels(pb.ListModelsRequest(), timeout=60).models:
@@ -233,8 +287,11 @@ def test_node_client_training_runs(node, server):
 
     model_id = from_node["created"]["model_id"]
     assert model_id.startswith("run-") and model_id != twin
-    lora = {k: (int(v) if k in ("rank", "seed") else v) for k, v in from_node["info"]["lora_config"].items()
-            if not k.startswith("_")}  # proto-loader's oneof markers of the optional fields
+    lora = {
+        k: (int(v) if k in ("rank", "seed") else v)
+        for k, v in from_node["info"]["lora_config"].items()
+        if not k.startswith("_")
+    }  # proto-loader's oneof markers of the optional fields
     assert lora == LORA
     for info, step in ((from_node["created"]["info"], "0"), (from_node["info"], "1")):
         assert (info["model_id"], info["step"], info["lora_config"]["rank"]) == (model_id, step, "4")
@@ -276,8 +333,15 @@ def secure_server(tmp_path_factory):
     pki = make_pki(tmp_path_factory.mktemp("pki"))
     tokens = tmp_path_factory.mktemp("tokens") / "tokens"
     tokens.write_text(f"node:{NODE_TOKEN}\n")
-    proc = ServerProcess("--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
-                         "--auth-tokens-file", str(tokens), checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    proc = ServerProcess(
+        "--tls-cert-file",
+        str(pki.server_cert),
+        "--tls-key-file",
+        str(pki.server_key),
+        "--auth-tokens-file",
+        str(tokens),
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
+    )
     yield proc, pki
     assert proc.terminate() == 0
 
@@ -293,10 +357,16 @@ def test_node_client_with_tls_and_a_token(node, secure_server):
     with TrainingClient(server.address, token=NODE_TOKEN, root_certificates=pki.ca_cert) as client:
         result = client.forward(data=to_datums(batch), loss_fn="cispo", loss_fn_config=LOSS_FN_CONFIG).result()
     for i in range(len(batch["data"])):
-        np.testing.assert_allclose(np.asarray(from_node["logprobs"][i], np.float32),
-                                   result.loss_fn_outputs[i]["logprobs"].to_numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(from_node["logprobs"][i], np.float32),
+            result.loss_fn_outputs[i]["logprobs"].to_numpy(),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
-    no_token = node_client_process(node, FORWARD_BACKWARD, server.address, batch, {"CISPO_TLS_CA_FILE": str(pki.ca_cert)})
+    no_token = node_client_process(
+        node, FORWARD_BACKWARD, server.address, batch, {"CISPO_TLS_CA_FILE": str(pki.ca_cert)}
+    )
     assert no_token.returncode != 0 and "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
     plaintext = node_client_process(node, FORWARD_BACKWARD, server.address, batch, {"CISPO_TOKEN": NODE_TOKEN})
     assert plaintext.returncode != 0 and "UNAVAILABLE" in plaintext.stderr, plaintext.stderr

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from server_process import ServerProcess
 
 from cispo.client import TrainingClient
-from server_process import ServerProcess
 
 STUDY = Path(__file__).resolve().parent.parent / "examples" / "offpolicy"
 sys.path.insert(0, str(STUDY))
@@ -22,8 +22,10 @@ import study  # noqa: E402
 
 def kl_series(metrics_port: int) -> tuple[float, float]:
     text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-    values = [float(re.search(rf'^cispo_sampler_trainer_kl_{part}{{[^}}]*loss_fn="cispo"[^}}]*}} (\S+)$', text, re.M)[1])
-              for part in ("sum", "count")]
+    values = [
+        float(re.search(rf'^cispo_sampler_trainer_kl_{part}{{[^}}]*loss_fn="cispo"[^}}]*}} (\S+)$', text, re.M)[1])
+        for part in ("sum", "count")
+    ]
     return values[0], values[1]
 
 

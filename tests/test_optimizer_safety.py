@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from reference import make_samples
 
 from cispo.worker import AdamParams, Engine, EngineConfig, InvalidInput, Sample, StepRefused, load_policy_model, lora
 from cispo.worker.sharding import local
-from reference import make_samples
 
 
 def snapshot(engine):
@@ -45,18 +45,21 @@ def stepped(engine):
     return engine
 
 
-@pytest.mark.parametrize("field,value,text", [
-    ("eps", 1e-50, "rounds to 0"),
-    ("eps", 0.0, "> 0"),
-    ("learning_rate", 1e39, "finite in float32"),
-    ("learning_rate", -1e-4, ">= 0"),
-    ("learning_rate", math.nan, "finite"),
-    ("beta1", 1.0, "[0, 1)"),
-    ("beta2", 1 - 1e-12, "rounds to 1.0"),
-    ("beta2", -0.1, "[0, 1)"),
-    ("weight_decay", math.inf, "finite"),
-    ("grad_clip_norm", -1.0, ">= 0"),
-])
+@pytest.mark.parametrize(
+    "field,value,text",
+    [
+        ("eps", 1e-50, "rounds to 0"),
+        ("eps", 0.0, "> 0"),
+        ("learning_rate", 1e39, "finite in float32"),
+        ("learning_rate", -1e-4, ">= 0"),
+        ("learning_rate", math.nan, "finite"),
+        ("beta1", 1.0, "[0, 1)"),
+        ("beta2", 1 - 1e-12, "rounds to 1.0"),
+        ("beta2", -0.1, "[0, 1)"),
+        ("weight_decay", math.inf, "finite"),
+        ("grad_clip_norm", -1.0, ">= 0"),
+    ],
+)
 def test_adam_params_are_checked_in_float32(field, value, text):
     with pytest.raises(InvalidInput) as err:
         AdamParams(**{field: value})
@@ -156,8 +159,11 @@ def test_a_learning_rate_that_collapses_the_policy_is_refused_and_changes_nothin
     UNIFORM. The step is refused; a smaller one then applies as if the refused one never was."""
     engine.forward_backward(make_samples([8, 5], seed=0))
     before = snapshot(engine)
-    with pytest.raises(StepRefused, match=r"would make the policy degenerate \(.*all equal.*learning_rate=1e\+06.*"
-                                          r"gradient is kept: retry with a smaller learning_rate"):
+    with pytest.raises(
+        StepRefused,
+        match=r"would make the policy degenerate \(.*all equal.*learning_rate=1e\+06.*"
+        r"gradient is kept: retry with a smaller learning_rate",
+    ):
         engine.optim_step(AdamParams(learning_rate=1e6))
     assert_same(snapshot(engine), before)
     assert engine.optim_step(AdamParams(learning_rate=1e-3)).step == 1
@@ -202,8 +208,11 @@ def test_a_step_on_a_policy_degenerate_already_blames_the_weights(engine):
 def test_a_non_finite_gradient_that_the_weights_cause_is_blamed_on_them(engine):
     with torch.no_grad():  # every logit +-inf: each logprob inf - inf = NaN, whatever the batch
         engine.policy.model.get_output_embeddings().weight.fill_(3e38)
-    with pytest.raises(InvalidInput, match="not finite in float32 because of the weights, not this batch: the "
-                                           "policy is degenerate .*not finite.*accumulated gradient is unchanged"):
+    with pytest.raises(
+        InvalidInput,
+        match="not finite in float32 because of the weights, not this batch: the "
+        "policy is degenerate .*not finite.*accumulated gradient is unchanged",
+    ):
         engine.forward_backward(make_samples([6], seed=1))
 
 
@@ -231,8 +240,10 @@ def _group_rank(rank: int, port: int, sharding: str, out_dir: str) -> None:
     except StepRefused as exc:
         refusal = str(exc)
     unchanged = all(torch.equal(before[n], local(p.detach())) for n, p in engine.named_params.items())
-    torch.save({"refusal": refusal, "unchanged": unchanged, "step": engine.optimizer.step_count},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"refusal": refusal, "unchanged": unchanged, "step": engine.optimizer.step_count},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     torch.distributed.destroy_process_group()
 
 

@@ -3,22 +3,30 @@ no (T x T) tensor anywhere in the forward or the backward."""
 
 import pytest
 import torch
+from reference import assert_grad_close, make_samples, naive_target_logprobs
+from tiny_models import ARCHS
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
 from cispo.worker import Engine, EngineConfig, load_policy_model
 from cispo.worker.attention import PACKED_ATTENTION, packed_attention_forward, packed_attention_kwargs
-from reference import assert_grad_close, make_samples, naive_target_logprobs
-from tiny_models import ARCHS
 
 LENGTHS = [37, 5, 64, 12, 90, 1, 23, 12, 1]  # repeated lengths, apart: batched SDPA calls
 VOCAB = 512
 SHAPES = {
     "llama": ARCHS["llama"](VOCAB),  # GQA
     "qwen2": ARCHS["qwen2"](VOCAB),
-    "qwen2-sliding": Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, use_sliding_window=True,
-                                 sliding_window=16, max_window_layers=1),  # layer 1 slides
+    "qwen2-sliding": Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=1,
+    ),  # layer 1 slides
     "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256),
 }
 
@@ -75,7 +83,7 @@ def test_attention_function_equals_the_dense_mask(boundaries, sliding_window):
         kwargs = packed_attention_kwargs(LENGTHS, torch.device("cpu"))
     else:
         kwargs = {"position_ids": torch.cat([torch.arange(n) for n in LENGTHS])[None]}
-    out, _ = packed_attention_forward(module, q, k, v, None, scaling=Dh ** -0.5, sliding_window=sliding_window, **kwargs)
+    out, _ = packed_attention_forward(module, q, k, v, None, scaling=Dh**-0.5, sliding_window=sliding_window, **kwargs)
     expected = dense_reference(q, k, v, LENGTHS, sliding_window)
     torch.testing.assert_close(out, expected)
     cotangent = torch.randn(out.shape, generator=g, dtype=torch.float64)

@@ -21,6 +21,7 @@ def test_runs_in_submission_order_one_at_a_time():
                 seen.append(i)
                 active.pop()
                 return i * i
+
             return run
 
         futures = [await pipeline.submit(op(i)) for i in range(20)]

@@ -32,15 +32,15 @@ import grpc
 import numpy as np
 import pytest
 import requests
+from dashboard_exprs import all_expressions, load_dashboard, substitute
+from prometheus_process import PrometheusProcess
+from server_process import ServerProcess
 
 from cispo.service.metrics import CLIP_FRACTION_BUCKETS, CLIPS, RATIO_LOSSES
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from cispo.worker import LOSS_FUNCTIONS, RATIO_BUCKET_EDGES
 from cispo.worker.runs import DEFAULT_RUN
-from dashboard_exprs import all_expressions, load_dashboard, substitute
-from prometheus_process import PrometheusProcess
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -54,14 +54,46 @@ INF = math.inf
 
 # One ratio inside each bucket of cispo_importance_ratio (edges RATIO_BUCKET_EDGES, then +Inf),
 # far from the edges compared with the float32 rounding of t - s.
-BUCKET_RATIOS = (0.007, 0.03, 0.07, 0.15, 0.3, 0.65, 0.85, 0.93, 0.97, 0.985, 0.995, 1.005, 1.015, 1.03,
-                 1.07, 1.15, 1.3, 1.7, 2.5, 3.5, 4.5, 6.0, 9.0, 20.0, 150.0)
+BUCKET_RATIOS = (
+    0.007,
+    0.03,
+    0.07,
+    0.15,
+    0.3,
+    0.65,
+    0.85,
+    0.93,
+    0.97,
+    0.985,
+    0.995,
+    1.005,
+    1.015,
+    1.03,
+    1.07,
+    1.15,
+    1.3,
+    1.7,
+    2.5,
+    3.5,
+    4.5,
+    6.0,
+    9.0,
+    20.0,
+    150.0,
+)
 LENGTHS = (24, 20, 16)  # the data: three sequences, 60 tokens
 N_TOKENS = sum(LENGTHS)
 WORKLOAD_LOSSES = ("cispo", "ppo")  # the losses the workloads train with; the others see no token
 # Series with a `run` label (the per-run telemetry), and the dashboard's selector of them.
-PER_RUN = ("cispo_tokens_total", "cispo_importance_ratio_count", "cispo_batch_clip_fraction_count",
-           "cispo_sampler_trainer_kl_count", "cispo_loss_sum", "cispo_grad_norm", "cispo_optim_steps_total")
+PER_RUN = (
+    "cispo_tokens_total",
+    "cispo_importance_ratio_count",
+    "cispo_batch_clip_fraction_count",
+    "cispo_sampler_trainer_kl_count",
+    "cispo_loss_sum",
+    "cispo_grad_norm",
+    "cispo_optim_steps_total",
+)
 
 
 def bucket_index(values, edges) -> np.ndarray:
@@ -74,8 +106,9 @@ class Expected:
     """What the server's metrics must say, as the test computes it from what it sent."""
 
     tokens: Counter = field(default_factory=Counter)  # (loss_fn, clip) -> active tokens
-    ratio_buckets: dict = field(default_factory=lambda: {f: np.zeros(len(RATIO_BUCKET_EDGES) + 1, np.int64)
-                                                         for f in RATIO_LOSSES})
+    ratio_buckets: dict = field(
+        default_factory=lambda: {f: np.zeros(len(RATIO_BUCKET_EDGES) + 1, np.int64) for f in RATIO_LOSSES}
+    )
     ratio_sum: Counter = field(default_factory=Counter)  # loss_fn -> sum of active ratios
     clip_fractions: dict = field(default_factory=lambda: {f: [] for f in RATIO_LOSSES})
     kl_means: dict = field(default_factory=lambda: {f: [] for f in RATIO_LOSSES})
@@ -134,18 +167,23 @@ class Workload:
         out, start = [], 0
         for n in lengths:
             window = slice(start, start + n)
-            out.append(pb.Datum(
-                model_input=pb.Tensor(int64_data=tokens[window].tolist()),
-                loss_fn_inputs=pb.LossFnInputs(
-                    target_tokens=pb.Tensor(int64_data=targets[window].tolist()),
-                    logprobs=pb.Tensor(float_data=np.asarray(logprobs[window], np.float32).tolist()),
-                    advantages=pb.Tensor(float_data=np.asarray(advantages[window], np.float32).tolist()))))
+            out.append(
+                pb.Datum(
+                    model_input=pb.Tensor(int64_data=tokens[window].tolist()),
+                    loss_fn_inputs=pb.LossFnInputs(
+                        target_tokens=pb.Tensor(int64_data=targets[window].tolist()),
+                        logprobs=pb.Tensor(float_data=np.asarray(logprobs[window], np.float32).tolist()),
+                        advantages=pb.Tensor(float_data=np.asarray(advantages[window], np.float32).tolist()),
+                    ),
+                )
+            )
             start += n
         return out
 
     def plain_input(self, loss_fn: str = "") -> pb.ForwardBackwardInput:
-        return pb.ForwardBackwardInput(data=self.data(np.full(N_TOKENS, -1.0), np.zeros(N_TOKENS)), loss_fn=loss_fn,
-                                       model_id=self.model_id)
+        return pb.ForwardBackwardInput(
+            data=self.data(np.full(N_TOKENS, -1.0), np.zeros(N_TOKENS)), loss_fn=loss_fn, model_id=self.model_id
+        )
 
     def batch(self, seed: int, loss_fn: str, config: dict[str, float] | None = None) -> Batch:
         """A valid batch whose ratios the test chose (and so knows)."""
@@ -165,10 +203,17 @@ class Workload:
         ra, lra = r[active], log_ratio[active]
         buckets = np.bincount(bucket_index(ra, RATIO_BUCKET_EDGES), minlength=len(RATIO_BUCKET_EDGES) + 1)
         return Batch(
-            request=pb.ForwardBackwardInput(data=self.data(s, advantages), loss_fn=loss_fn, loss_fn_config=config or {},
-                                            model_id=self.model_id),
-            loss_fn=loss_fn, high=int((ra > hi).sum()), low=int((ra < lo).sum()), active=int(active.sum()),
-            ratio_bucket_counts=buckets, ratio_sum=float(ra.sum()), kl_k3_mean=float((ra - 1 - lra).sum() / ra.size))
+            request=pb.ForwardBackwardInput(
+                data=self.data(s, advantages), loss_fn=loss_fn, loss_fn_config=config or {}, model_id=self.model_id
+            ),
+            loss_fn=loss_fn,
+            high=int((ra > hi).sum()),
+            low=int((ra < lo).sum()),
+            active=int(active.sum()),
+            ratio_bucket_counts=buckets,
+            ratio_sum=float(ra.sum()),
+            kl_k3_mean=float((ra - 1 - lra).sum() / ra.size),
+        )
 
     def invalid_length(self) -> pb.ForwardBackwardInput:
         """INVALID_ARGUMENT: one datum's logprobs is a token short."""
@@ -205,8 +250,9 @@ class Workload:
         self._ok("forward_backward", "ForwardBackward")
 
     def optim_step(self) -> None:
-        out = self.stub.OptimStep(pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-3),
-                                                      model_id=self.model_id))
+        out = self.stub.OptimStep(
+            pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-3), model_id=self.model_id)
+        )
         assert out.grad_norm > 0
         self.expected.optim_steps += 1
         self.expected.grad_norm = out.grad_norm
@@ -214,13 +260,19 @@ class Workload:
 
     def sample(self, max_tokens: int, stop_tokens: list[int] = ()) -> None:
         """Sample from the current weights; count what came back as the sampler metrics must."""
-        out = self.stub.Sample(pb.SampleRequest(
-            prompt=pb.Tensor(int64_data=self.tokens[:5].tolist()), num_samples=3,
-            sampling_params=pb.SamplingParams(max_tokens=max_tokens, seed=7, stop_tokens=stop_tokens)))
+        out = self.stub.Sample(
+            pb.SampleRequest(
+                prompt=pb.Tensor(int64_data=self.tokens[:5].tolist()),
+                num_samples=3,
+                sampling_params=pb.SamplingParams(max_tokens=max_tokens, seed=7, stop_tokens=stop_tokens),
+            )
+        )
         assert len(out.sequences) == 3
         for sequence in out.sequences:
             self.expected.sampled_tokens += len(sequence.tokens.raw_data) // 8
-            self.expected.sampled_sequences[pb.StopReason.Name(sequence.stop_reason).removeprefix("STOP_REASON_").lower()] += 1
+            self.expected.sampled_sequences[
+                pb.StopReason.Name(sequence.stop_reason).removeprefix("STOP_REASON_").lower()
+            ] += 1
         self._ok("sample", "Sample")
 
     def trainable_bytes(self) -> dict[str, int]:
@@ -289,9 +341,10 @@ class Run:
 
 def wait_for_scrape(prometheus: PrometheusProcess, after: float) -> None:
     """Poll until Prometheus holds a scrape of the server that started after Unix time `after`."""
-    prometheus.wait_until(lambda: any(float(s["value"][1]) > after
-                                      for s in prometheus.query(f"timestamp(up{{{JOB}}})")),
-                          f"a scrape of the server after {after}")
+    prometheus.wait_until(
+        lambda: any(float(s["value"][1]) > after for s in prometheus.query(f"timestamp(up{{{JOB}}})")),
+        f"a scrape of the server after {after}",
+    )
 
 
 def nonzero(values: dict) -> dict:
@@ -303,8 +356,11 @@ def scraped_counts(prometheus: PrometheusProcess) -> dict:
     return {
         "tokens": prometheus.values(f"cispo_tokens_total{{{JOB}}}", "loss_fn", "clip"),
         "errors": nonzero(prometheus.values(f"cispo_operation_errors_total{{{JOB}}}", "op", "code")),
-        "handled": nonzero(prometheus.values(f'grpc_server_handled_total{{{JOB}, grpc_service="{SERVICE}"}}',
-                                             "grpc_method", "grpc_code")),
+        "handled": nonzero(
+            prometheus.values(
+                f'grpc_server_handled_total{{{JOB}, grpc_service="{SERVICE}"}}', "grpc_method", "grpc_code"
+            )
+        ),
     }
 
 
@@ -315,8 +371,11 @@ def served(tmp_path_factory, *args: str):
     server = ServerProcess(*args, checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
     prometheus = None
     try:
-        prometheus = PrometheusProcess([f"127.0.0.1:{server.metrics_port}"], tmp_path_factory.mktemp("prometheus"),
-                                       rule_files=[REPO / "deploy/prometheus/rules.yaml"])
+        prometheus = PrometheusProcess(
+            [f"127.0.0.1:{server.metrics_port}"],
+            tmp_path_factory.mktemp("prometheus"),
+            rule_files=[REPO / "deploy/prometheus/rules.yaml"],
+        )
         yield server, prometheus
     except BaseException:
         print("server log:\n" + server.log())
@@ -342,21 +401,32 @@ def run(tmp_path_factory):
             w.forward_backward(w.batch(3, "ppo"))
             w.fail("ForwardBackward", "forward_backward", w.invalid_length(), grpc.StatusCode.INVALID_ARGUMENT)
             w.fail("Forward", "forward", w.plain_input("no_such_loss"), grpc.StatusCode.INVALID_ARGUMENT)
-            w.fail("LoadState", "load_state", pb.LoadStateRequest(name="never-saved"),
-                   grpc.StatusCode.FAILED_PRECONDITION)
-            w.fail("Sample", "sample", pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2]),
-                                                        sampling_params=pb.SamplingParams(temperature=-1.0)),
-                   grpc.StatusCode.INVALID_ARGUMENT)
+            w.fail(
+                "LoadState", "load_state", pb.LoadStateRequest(name="never-saved"), grpc.StatusCode.FAILED_PRECONDITION
+            )
+            w.fail(
+                "Sample",
+                "sample",
+                pb.SampleRequest(
+                    prompt=pb.Tensor(int64_data=[1, 2]), sampling_params=pb.SamplingParams(temperature=-1.0)
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
             good_cispo, good_ppo = w.batch(4, "cispo"), w.batch(6, "ppo")
-            w.stream([
-                ("forward_backward", good_cispo.request, good_cispo),
-                ("forward_backward", w.invalid_length(), grpc.StatusCode.INVALID_ARGUMENT),
-                ("forward", w.plain_input(), None),
-                ("forward_backward", w.batch(5, "ppo", {"clip_high_threshold": 0.5}).request,
-                 grpc.StatusCode.INVALID_ARGUMENT),
-                ("forward_backward", w.too_long(), grpc.StatusCode.RESOURCE_EXHAUSTED),
-                ("forward_backward", good_ppo.request, good_ppo),
-            ])
+            w.stream(
+                [
+                    ("forward_backward", good_cispo.request, good_cispo),
+                    ("forward_backward", w.invalid_length(), grpc.StatusCode.INVALID_ARGUMENT),
+                    ("forward", w.plain_input(), None),
+                    (
+                        "forward_backward",
+                        w.batch(5, "ppo", {"clip_high_threshold": 0.5}).request,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                    ),
+                    ("forward_backward", w.too_long(), grpc.StatusCode.RESOURCE_EXHAUSTED),
+                    ("forward_backward", good_ppo.request, good_ppo),
+                ]
+            )
             after_errors = copy.deepcopy(w.expected)
             wait_for_scrape(prometheus, time.time())
             scraped_after_errors = scraped_counts(prometheus)
@@ -375,6 +445,7 @@ def run(tmp_path_factory):
 
 
 # -- every expression ------------------------------------------------------------------------------
+
 
 def test_every_dashboard_and_rule_expression_returns_data(run):
     """Each expression succeeds; all but the alert conditions return at least one finite value."""
@@ -399,6 +470,7 @@ def test_every_dashboard_and_rule_expression_returns_data(run):
 
 # -- clipping ------------------------------------------------------------------------------------
 
+
 def test_clip_counts_equal_the_workloads(run):
     e = run.expected
     assert e.tokens["cispo", "high"] > 0 and e.tokens["cispo", "low"] > 0 and e.tokens["ppo", "low"] > 0
@@ -409,11 +481,14 @@ def test_clip_counts_equal_the_workloads(run):
     assert by_clip == {c: float(e.tokens["cispo", c]) for c in CLIPS}
 
 
-@pytest.mark.parametrize("record, clips", [
-    ("cispo:clip_rate_high:rate5m", ("high",)),
-    ("cispo:clip_rate_low:rate5m", ("low",)),
-    ("cispo:clip_rate:rate5m", ("high", "low")),
-])
+@pytest.mark.parametrize(
+    "record, clips",
+    [
+        ("cispo:clip_rate_high:rate5m", ("high",)),
+        ("cispo:clip_rate_low:rate5m", ("low",)),
+        ("cispo:clip_rate:rate5m", ("high", "low")),
+    ],
+)
 def test_recorded_clip_rates_equal_the_workloads(run, record, clips):
     recorded = run.prometheus.values(f"{record}{{{JOB}}}", "run", "loss_fn")
     assert {r for r, _ in recorded} == {DEFAULT_RUN}
@@ -434,7 +509,9 @@ def test_dashboard_clip_rates_equal_the_workloads(run):
         seen.add(clip)
         shown = run.prometheus.values(promql, "run", "loss_fn")
         for loss_fn in WORKLOAD_LOSSES:
-            assert shown[DEFAULT_RUN, loss_fn] == pytest.approx(run.expected.clip_rate(loss_fn, (clip,)), rel=1e-9), where
+            assert shown[DEFAULT_RUN, loss_fn] == pytest.approx(run.expected.clip_rate(loss_fn, (clip,)), rel=1e-9), (
+                where
+            )
     assert seen == {"high", "low"}
 
 
@@ -443,17 +520,21 @@ def test_batch_clip_fraction_and_kl_count_every_batch(run):
     for loss_fn in WORKLOAD_LOSSES:
         fractions = e.clip_fractions[loss_fn]
         counts = p.values(f'cispo_batch_clip_fraction_bucket{{{JOB}, loss_fn="{loss_fn}"}}', "le")
-        expected = np.cumsum(np.bincount(bucket_index(fractions, CLIP_FRACTION_BUCKETS),
-                                         minlength=len(CLIP_FRACTION_BUCKETS) + 1))
+        expected = np.cumsum(
+            np.bincount(bucket_index(fractions, CLIP_FRACTION_BUCKETS), minlength=len(CLIP_FRACTION_BUCKETS) + 1)
+        )
         assert {float(le): v for le, v in counts.items()} == dict(zip([*CLIP_FRACTION_BUCKETS, INF], expected))
         assert p.scalar(f'cispo_batch_clip_fraction_sum{{{JOB}, loss_fn="{loss_fn}"}}') == pytest.approx(
-            sum(fractions), rel=1e-12)
+            sum(fractions), rel=1e-12
+        )
         assert p.scalar(f'cispo_sampler_trainer_kl_count{{{JOB}, loss_fn="{loss_fn}"}}') == len(e.kl_means[loss_fn])
         assert p.scalar(f'cispo_sampler_trainer_kl_sum{{{JOB}, loss_fn="{loss_fn}"}}') == pytest.approx(
-            sum(e.kl_means[loss_fn]), rel=1e-4)
+            sum(e.kl_means[loss_fn]), rel=1e-4
+        )
 
 
 # -- ratio distribution ------------------------------------------------------------------------------
+
 
 def test_ratio_histogram_equals_the_workloads(run):
     e, p = run.expected, run.prometheus
@@ -463,7 +544,8 @@ def test_ratio_histogram_equals_the_workloads(run):
         total = sum(e.ratio_buckets[loss_fn])
         assert p.scalar(f'cispo_importance_ratio_count{{{JOB}, loss_fn="{loss_fn}"}}') == total
         assert p.scalar(f'cispo_importance_ratio_sum{{{JOB}, loss_fn="{loss_fn}"}}') == pytest.approx(
-            e.ratio_sum[loss_fn], rel=1e-5)
+            e.ratio_sum[loss_fn], rel=1e-5
+        )
     # Every bucket got some tokens, and the clip thresholds are edges of the buckets.
     assert (e.ratio_buckets["cispo"] + e.ratio_buckets["ppo"] > 0).all()
     assert {0.8, 1.2, 4.0} <= set(RATIO_BUCKET_EDGES)
@@ -488,39 +570,51 @@ def test_ratio_quantiles_and_distribution_over_the_rate_window(run, q):
     rates = f"sum by (le) (rate(cispo_importance_ratio_bucket{{{JOB}}}[{WINDOW}]))"
     shown = {float(le): v for le, v in p.values(rates, "le").items()}
     assert {le: v / shown[INF] for le, v in shown.items()} == pytest.approx(
-        {le: c / combined[INF] for le, c in combined.items()}, rel=1e-9)
+        {le: c / combined[INF] for le, c in combined.items()}, rel=1e-9
+    )
     assert p.scalar(f"histogram_quantile({q}, {rates})") == pytest.approx(bucket_quantile(q, combined), rel=1e-9)
 
 
 # -- errors and survival ---------------------------------------------------------------------------------
 
+
 def test_errors_show_by_code(run):
     e, p = run.expected, run.prometheus
-    assert e.op_errors == Counter({("forward_backward", "INVALID_ARGUMENT"): 3, ("forward", "INVALID_ARGUMENT"): 1,
-                                   ("forward_backward", "RESOURCE_EXHAUSTED"): 1,
-                                   ("load_state", "FAILED_PRECONDITION"): 1, ("sample", "INVALID_ARGUMENT"): 1})
+    assert e.op_errors == Counter(
+        {
+            ("forward_backward", "INVALID_ARGUMENT"): 3,
+            ("forward", "INVALID_ARGUMENT"): 1,
+            ("forward_backward", "RESOURCE_EXHAUSTED"): 1,
+            ("load_state", "FAILED_PRECONDITION"): 1,
+            ("sample", "INVALID_ARGUMENT"): 1,
+        }
+    )
     scraped = nonzero(p.values(f"cispo_operation_errors_total{{{JOB}}}", "op", "code"))
     assert scraped == {key: float(n) for key, n in e.op_errors.items()}
     assert p.values(f'sum by (code) (cispo_operation_errors_total{{{JOB}, code="INVALID_ARGUMENT"}})', "code") == {
-        "INVALID_ARGUMENT": 5.0}
+        "INVALID_ARGUMENT": 5.0
+    }
 
-    handled = nonzero(p.values(f'grpc_server_handled_total{{{JOB}, grpc_service="{SERVICE}"}}',
-                               "grpc_method", "grpc_code"))
+    handled = nonzero(
+        p.values(f'grpc_server_handled_total{{{JOB}, grpc_service="{SERVICE}"}}', "grpc_method", "grpc_code")
+    )
     assert handled == {key: float(n) for key, n in e.rpcs.items()}
     assert handled["ForwardBackward", "INVALID_ARGUMENT"] == 1 and handled["Forward", "INVALID_ARGUMENT"] == 1
     assert handled["Stream", "OK"] == 1  # a stream answers bad items with errors of their own
-    types = p.values(f'grpc_server_handled_total{{{JOB}, grpc_service="{SERVICE}", grpc_method="Stream"}} > 0',
-                     "grpc_type")
+    types = p.values(
+        f'grpc_server_handled_total{{{JOB}, grpc_service="{SERVICE}", grpc_method="Stream"}} > 0', "grpc_type"
+    )
     assert set(types) == {"bidi_stream"}
-    started = nonzero(p.values(
-        f'sum by (grpc_method) (grpc_server_started_total{{{JOB}, grpc_service="{SERVICE}"}})', "grpc_method"))
-    assert started == {m: float(sum(n for (method, _), n in e.rpcs.items() if method == m))
-                       for m, _ in e.rpcs}
+    started = nonzero(
+        p.values(f'sum by (grpc_method) (grpc_server_started_total{{{JOB}, grpc_service="{SERVICE}"}})', "grpc_method")
+    )
+    assert started == {m: float(sum(n for (method, _), n in e.rpcs.items() if method == m)) for m, _ in e.rpcs}
 
     operations = nonzero(p.values(f"cispo_request_seconds_count{{{JOB}}}", "op"))
     assert operations == {op: float(n) for op, n in e.ops.items()}
     assert p.values(f"cispo_tokens_processed_total{{{JOB}}}", "op") == {
-        op: float(n) for op, n in e.tokens_processed.items()}
+        op: float(n) for op, n in e.tokens_processed.items()
+    }
 
 
 def test_metrics_survive_errors(run):
@@ -561,7 +655,8 @@ def test_operation_error_rates_count_every_error(run):
         errors_by_code[code] += n
     assert by_code.keys() == errors_by_code.keys()
     assert {c: v / by_code["INVALID_ARGUMENT"] for c, v in by_code.items()} == pytest.approx(
-        {c: n / errors_by_code["INVALID_ARGUMENT"] for c, n in errors_by_code.items()}, rel=1e-9)
+        {c: n / errors_by_code["INVALID_ARGUMENT"] for c, n in errors_by_code.items()}, rel=1e-9
+    )
 
 
 def test_grpc_error_rate_counts_every_error(run):
@@ -584,7 +679,8 @@ def test_sampler_metrics_count_every_sampled_token_and_sequence(run):
     assert e.sampled_sequences["length"] > 0 and e.sampled_sequences["stop"] >= 3
     assert p.scalar(f"cispo_sampled_tokens_total{{{JOB}}}") == e.sampled_tokens
     assert nonzero(p.values(f"cispo_sampled_sequences_total{{{JOB}}}", "stop_reason")) == {
-        reason: float(n) for reason, n in e.sampled_sequences.items()}
+        reason: float(n) for reason, n in e.sampled_sequences.items()
+    }
     assert p.scalar(f"cispo_sampler_queue_depth{{{JOB}}}") == 0
     panels = {where: promql for where, promql in all_expressions(REPO, VARIABLES) if "cispo_sampled" in promql}
     tokens_per_second = next(q for q in panels.values() if "cispo_sampled_tokens_total" in q)
@@ -592,10 +688,12 @@ def test_sampler_metrics_count_every_sampled_token_and_sequence(run):
     assert p.scalar(tokens_per_second) > 0
     rates = p.values(by_reason, "stop_reason")
     assert {r: v / rates["length"] for r, v in rates.items()} == pytest.approx(
-        {r: n / e.sampled_sequences["length"] for r, n in e.sampled_sequences.items()}, rel=1e-9)
+        {r: n / e.sampled_sequences["length"] for r, n in e.sampled_sequences.items()}, rel=1e-9
+    )
 
 
 # -- training runs ---------------------------------------------------------------------------------------
+
 
 def run_values(prometheus: PrometheusProcess, metric: str) -> set[str]:
     """The `run` label values `metric` has now."""
@@ -604,8 +702,10 @@ def run_values(prometheus: PrometheusProcess, metric: str) -> set[str]:
 
 def runs_gauges(prometheus: PrometheusProcess) -> tuple[float, dict]:
     """(cispo_training_runs, {run: cispo_run_trainable_bytes})."""
-    return (prometheus.scalar(f"cispo_training_runs{{{JOB}}}"),
-            prometheus.values(f"cispo_run_trainable_bytes{{{JOB}}}", "run"))
+    return (
+        prometheus.scalar(f"cispo_training_runs{{{JOB}}}"),
+        prometheus.values(f"cispo_run_trainable_bytes{{{JOB}}}", "run"),
+    )
 
 
 def test_the_default_runs_series_carry_its_model_id(run):
@@ -666,9 +766,12 @@ def runs(tmp_path_factory):
                 wait_for_scrape(prometheus, time.time())
                 phases[name] = Phase(
                     runs={metric: run_values(prometheus, metric) for metric in PER_RUN},
-                    gauges=runs_gauges(prometheus), listed=listed, exposed_runs=exposed_runs(server.metrics_port),
+                    gauges=runs_gauges(prometheus),
+                    listed=listed,
+                    exposed_runs=exposed_runs(server.metrics_port),
                     variable=run_variable(prometheus, since),
-                    tokens=nonzero(prometheus.values(f"cispo_tokens_total{{{JOB}}}", "run", "loss_fn", "clip")))
+                    tokens=nonzero(prometheus.values(f"cispo_tokens_total{{{JOB}}}", "run", "loss_fn", "clip")),
+                )
                 since = time.time()
 
             wait_for_scrape(prometheus, 0)
@@ -681,7 +784,9 @@ def runs(tmp_path_factory):
             phase("unloaded")
             workloads = {}
             for seed in (1, 2):
-                model_id = stub.CreateModel(pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=4, seed=seed))).model_id
+                model_id = stub.CreateModel(
+                    pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=4, seed=seed))
+                ).model_id
                 workloads[model_id] = Workload(stub, model_id)
             phase("created")  # a scrape of the new runs' series at 0, as for the default run at start
             a, b = workloads.values()
@@ -759,8 +864,12 @@ def test_dashboard_and_recorded_clip_rates_show_one_series_per_run(runs):
     one series per run (and loss), each with its own run's rate; the unloaded run's rates are
     still there for the window after its unload."""
     p, workloads = runs.prometheus, runs.workloads
-    expected = {(r, f): w.expected for r, w in workloads.items() for f in WORKLOAD_LOSSES
-                if sum(w.expected.tokens[f, c] for c in CLIPS)}
+    expected = {
+        (r, f): w.expected
+        for r, w in workloads.items()
+        for f in WORKLOAD_LOSSES
+        if sum(w.expected.tokens[f, c] for c in CLIPS)
+    }
     assert len({r for r, _ in expected}) == 2
     seen = 0
     for where, promql in all_expressions(REPO, VARIABLES):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from dashboard_exprs import all_expressions, dashboard_panels, load_dashboard, load_rules
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,32 +15,54 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # The series the server exports (names fixed by the telemetry contract), plus Prometheus' `up`.
 EXPORTED = {
-    "cispo_tokens_total", "cispo_loss_sum", "cispo_grad_norm", "cispo_optim_steps_total",
-    "cispo_tokens_processed_total", "cispo_operation_errors_total", "cispo_queue_depth",
-    "cispo_inflight_requests", "cispo_world_size", "cispo_cuda_memory_allocated_bytes",
-    "cispo_cuda_memory_reserved_bytes", "grpc_server_started_total", "grpc_server_handled_total",
-    "cispo_sampled_tokens_total", "cispo_sampled_sequences_total", "cispo_sampler_queue_depth",
-    "cispo_training_runs", "cispo_training_runs_max", "cispo_run_trainable_bytes", "up",
+    "cispo_tokens_total",
+    "cispo_loss_sum",
+    "cispo_grad_norm",
+    "cispo_optim_steps_total",
+    "cispo_tokens_processed_total",
+    "cispo_operation_errors_total",
+    "cispo_queue_depth",
+    "cispo_inflight_requests",
+    "cispo_world_size",
+    "cispo_cuda_memory_allocated_bytes",
+    "cispo_cuda_memory_reserved_bytes",
+    "grpc_server_started_total",
+    "grpc_server_handled_total",
+    "cispo_sampled_tokens_total",
+    "cispo_sampled_sequences_total",
+    "cispo_sampler_queue_depth",
+    "cispo_training_runs",
+    "cispo_training_runs_max",
+    "cispo_run_trainable_bytes",
+    "up",
 }
 HISTOGRAMS = {
-    "cispo_importance_ratio", "cispo_batch_clip_fraction", "cispo_sampler_trainer_kl",
-    "cispo_request_seconds", "grpc_server_handling_seconds",
+    "cispo_importance_ratio",
+    "cispo_batch_clip_fraction",
+    "cispo_sampler_trainer_kl",
+    "cispo_request_seconds",
+    "grpc_server_handling_seconds",
 }
 EXPORTED |= {name + suffix for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 # The series of one training run each (label `run`).
-PER_RUN = {"cispo_tokens_total", "cispo_loss_sum", "cispo_grad_norm", "cispo_optim_steps_total",
-           "cispo_run_trainable_bytes"} | {name + suffix for name in ("cispo_importance_ratio", "cispo_batch_clip_fraction",
-                                                                      "cispo_sampler_trainer_kl")
-                                           for suffix in ("_bucket", "_sum", "_count")}
+PER_RUN = {
+    "cispo_tokens_total",
+    "cispo_loss_sum",
+    "cispo_grad_norm",
+    "cispo_optim_steps_total",
+    "cispo_run_trainable_bytes",
+} | {
+    name + suffix
+    for name in ("cispo_importance_ratio", "cispo_batch_clip_fraction", "cispo_sampler_trainer_kl")
+    for suffix in ("_bucket", "_sum", "_count")
+}
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool"}
 
 
 def promtool(*args: str) -> None:
     if shutil.which("promtool") is None:
         pytest.fail("promtool not found: `make test-tools` installs it (Debian package prometheus)")
-    result = subprocess.run(
-        ["promtool", *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run(["promtool", *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
 
 
@@ -75,9 +96,7 @@ def test_each_alert_has_tests_that_fire_and_that_stay_quiet():
     rules = [rule for group in load_rules(REPO)["groups"] for rule in group["rules"]]
     tests = yaml.safe_load((PROMETHEUS_DIR / "rules_test.yaml").read_text())["tests"]
     alert_tests = [case for test in tests for case in test.get("alert_rule_test", [])]
-    checked_exprs = " ".join(
-        case["expr"] for test in tests for case in test.get("promql_expr_test", [])
-    )
+    checked_exprs = " ".join(case["expr"] for test in tests for case in test.get("promql_expr_test", []))
     for rule in rules:
         if "record" in rule:
             assert rule["record"] in checked_exprs, f"no promql_expr_test for {rule['record']}"
@@ -115,21 +134,18 @@ def test_dashboard_panels_do_not_overlap():
     for panel in dashboard_panels(load_dashboard(REPO)):
         pos = panel["gridPos"]
         assert pos["x"] + pos["w"] <= 24, panel["title"]
-        cells = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
-                 for y in range(pos["y"], pos["y"] + pos["h"])}
+        cells = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
         assert not cells & taken, f"panel {panel['title']!r} overlaps another"
         taken |= cells
 
 
 def test_dashboard_and_rules_use_only_exported_metrics():
     rules = load_rules(REPO)
-    recorded = {rule["record"] for group in rules["groups"] for rule in group["rules"]
-                if "record" in rule}
+    recorded = {rule["record"] for group in rules["groups"] for rule in group["rules"] if "record" in rule}
     queries = list(all_expressions(REPO))
     for variable in load_dashboard(REPO)["templating"]["list"]:
         if variable["type"] == "query":  # label_values(<selector>, <label>): keep the selector
-            queries.append((f"variable {variable['name']}",
-                            re.sub(r",\s*\w+\)\s*$", ")", variable["query"])))
+            queries.append((f"variable {variable['name']}", re.sub(r",\s*\w+\)\s*$", ")", variable["query"])))
     used = set()
     for where, promql in queries:
         names = metric_names(promql)
@@ -138,10 +154,19 @@ def test_dashboard_and_rules_use_only_exported_metrics():
         assert not unknown, f"{where}: unknown metrics {sorted(unknown)} in {promql!r}"
         used |= names
     # The board shows the clip, ratio and KL telemetry the issue asks for.
-    assert {"cispo_tokens_total", "cispo_importance_ratio_bucket", "cispo_sampler_trainer_kl_sum",
-            "cispo_loss_sum", "cispo_grad_norm", "cispo_request_seconds_bucket",
-            "cispo_queue_depth", "grpc_server_handled_total",
-            "cispo_operation_errors_total", "cispo_training_runs", "cispo_run_trainable_bytes"} <= used
+    assert {
+        "cispo_tokens_total",
+        "cispo_importance_ratio_bucket",
+        "cispo_sampler_trainer_kl_sum",
+        "cispo_loss_sum",
+        "cispo_grad_norm",
+        "cispo_request_seconds_bucket",
+        "cispo_queue_depth",
+        "grpc_server_handled_total",
+        "cispo_operation_errors_total",
+        "cispo_training_runs",
+        "cispo_run_trainable_bytes",
+    } <= used
 
 
 def test_dashboard_shows_the_runs_the_run_variable_selects():

@@ -13,12 +13,12 @@ import pytest
 import requests
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from refused_requests import mismatched_forward_backward, rss_bytes
+from server_process import ServerProcess
 
 from cispo.service.log_limits import RateLimitedLog
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
-from refused_requests import mismatched_forward_backward, rss_bytes
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 MIB = 1 << 20
@@ -76,8 +76,10 @@ def test_every_refusal_reaches_the_log_per_identity_and_error_class(tmp_path):
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = training_pb2_grpc.TrainingServiceStub(channel)
-            classes = {("save_state", "INVALID_ARGUMENT"): (stub.SaveState, pb.SaveStateRequest(name="..")),
-                       ("optim_step", "NOT_FOUND"): (stub.OptimStep, pb.OptimStepRequest(model_id="no-such-run"))}
+            classes = {
+                ("save_state", "INVALID_ARGUMENT"): (stub.SaveState, pb.SaveStateRequest(name="..")),
+                ("optim_step", "NOT_FOUND"): (stub.OptimStep, pb.OptimStepRequest(model_id="no-such-run")),
+            }
             for name, token in TOKENS.items():
                 for (op, code), (method, request) in classes.items():
                     for _ in range(5):
@@ -192,13 +194,13 @@ def listing(*directories) -> list:
 def test_bad_names_are_refused_naming_the_field_and_nothing_is_written(served, stub, name):
     _, ckpt, sampler = served
     before = listing(ckpt, sampler)
-    calls = {"SaveState": (stub.SaveState, pb.SaveStateRequest(name=name), "name"),
-             "LoadState": (stub.LoadState, pb.LoadStateRequest(name=name), "name"),
-             "SaveWeightsForSampler": (stub.SaveWeightsForSampler, pb.SaveWeightsForSamplerRequest(name=name), "name"),
-             "CreateModel": (stub.CreateModel, pb.CreateModelRequest(from_state=pb.StateRef(path=name)),
-                             "from_state.path"),
-             "Sample": (stub.Sample, pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2]), model_path=name),
-                        "model_path")}
+    calls = {
+        "SaveState": (stub.SaveState, pb.SaveStateRequest(name=name), "name"),
+        "LoadState": (stub.LoadState, pb.LoadStateRequest(name=name), "name"),
+        "SaveWeightsForSampler": (stub.SaveWeightsForSampler, pb.SaveWeightsForSamplerRequest(name=name), "name"),
+        "CreateModel": (stub.CreateModel, pb.CreateModelRequest(from_state=pb.StateRef(path=name)), "from_state.path"),
+        "Sample": (stub.Sample, pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2]), model_path=name), "model_path"),
+    }
     if not name:
         del calls["Sample"]  # an empty model_path samples the run's current weights
     for method, (call, request, field) in calls.items():
@@ -220,10 +222,11 @@ def test_paths_with_unprintable_characters_are_refused_before_the_file_system(se
     _, ckpt, sampler = served
     state_path, export_path = f"{ckpt}/a{control}b", f"{sampler}/a{control}b"
     for call, request, field in [
-            (stub.LoadState, pb.LoadStateRequest(name=state_path), "name"),
-            (stub.CreateModel, pb.CreateModelRequest(from_state=pb.StateRef(path=state_path)), "from_state.path"),
-            (stub.Sample, pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2]), model_path=export_path), "model_path"),
-            (stub.LoadState, pb.LoadStateRequest(name=f"{ckpt}{control}/a"), "name")]:
+        (stub.LoadState, pb.LoadStateRequest(name=state_path), "name"),
+        (stub.CreateModel, pb.CreateModelRequest(from_state=pb.StateRef(path=state_path)), "from_state.path"),
+        (stub.Sample, pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2]), model_path=export_path), "model_path"),
+        (stub.LoadState, pb.LoadStateRequest(name=f"{ckpt}{control}/a"), "name"),
+    ]:
         field_given, description = refused_field(call, request)
         assert field_given == field
         assert f"contains the unprintable character {control!r}" in description
@@ -236,8 +239,10 @@ def test_a_path_too_long_for_the_file_system_is_refused(stub):
 
 def test_every_request_of_a_stream_is_checked_too(stub, served):
     _, ckpt, _ = served
-    requests_ = [pb.StreamRequest(request_id="1", load_state=pb.LoadStateRequest(name=f"{ckpt}/a\x00b")),
-                 pb.StreamRequest(request_id="2", save_state=pb.SaveStateRequest(name="a\x00b"))]
+    requests_ = [
+        pb.StreamRequest(request_id="1", load_state=pb.LoadStateRequest(name=f"{ckpt}/a\x00b")),
+        pb.StreamRequest(request_id="2", save_state=pb.SaveStateRequest(name="a\x00b")),
+    ]
     answers = list(stub.Stream(iter(requests_)))
     assert [a.request_id for a in answers] == ["1", "2"]
     for answer in answers:
@@ -249,7 +254,8 @@ def test_the_tinker_http_door_refuses_them_too(served):
     server, ckpt, _ = served
     base = f"http://127.0.0.1:{server.http_port}/api/v1"
     session = requests.post(f"{base}/create_session", json={}).json()["session_id"]
-    answer = requests.post(f"{base}/load_weights", json={"session_id": session, "model_seq_id": 0,
-                                                         "path": f"{ckpt}/a\x00b"})
+    answer = requests.post(
+        f"{base}/load_weights", json={"session_id": session, "model_seq_id": 0, "path": f"{ckpt}/a\x00b"}
+    )
     assert answer.status_code == 400, answer.text
     assert "unprintable character" in answer.json()["error"]

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from server_process import ServerProcess
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "rl_loop.py"
@@ -15,11 +14,25 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "rl_loop.py"
 
 @pytest.mark.timeout(300)
 def test_rl_loop_raises_the_reward_on_policy(tmp_path):
-    server = ServerProcess("--sampler-dir", str(tmp_path / "sampler"), "--sampler-dtype", "float32",
-                           checkpoint_dir=tmp_path / "ckpt")
+    server = ServerProcess(
+        "--sampler-dir", str(tmp_path / "sampler"), "--sampler-dtype", "float32", checkpoint_dir=tmp_path / "ckpt"
+    )
     try:
-        run = subprocess.run([sys.executable, str(EXAMPLE), "--target", server.address, "--steps", "15",
-                              "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=240)
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(EXAMPLE),
+                "--target",
+                server.address,
+                "--steps",
+                "15",
+                "--out-dir",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     finally:
         assert server.terminate() == 0
     assert run.returncode == 0, run.stdout + run.stderr

@@ -18,17 +18,22 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from server_process import ServerProcess
 
 from cispo.client import AbortedError, Datum, ModelInput, TrainingClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 LIMIT = 1 << 20  # the server's --max-message-bytes
-METHODS = {"GetInfo": pb.GetInfoRequest, "Forward": pb.ForwardBackwardInput,
-           "ForwardBackward": pb.ForwardBackwardInput, "OptimStep": pb.OptimStepRequest,
-           "SaveState": pb.SaveStateRequest, "LoadState": pb.LoadStateRequest}
+METHODS = {
+    "GetInfo": pb.GetInfoRequest,
+    "Forward": pb.ForwardBackwardInput,
+    "ForwardBackward": pb.ForwardBackwardInput,
+    "OptimStep": pb.OptimStepRequest,
+    "SaveState": pb.SaveStateRequest,
+    "LoadState": pb.LoadStateRequest,
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +57,12 @@ def stub(channel):
 
 def datum(n=5, seed=0, **overrides) -> pb.Datum:
     rng = np.random.default_rng(seed)
-    fields = dict(model_input=pb.Tensor(int64_data=rng.integers(0, 1024, n).tolist()),
-                  target_tokens=pb.Tensor(int64_data=rng.integers(0, 1024, n).tolist()),
-                  logprobs=pb.Tensor(float_data=(-rng.random(n) * 4).tolist()),
-                  advantages=pb.Tensor(float_data=rng.normal(size=n).tolist()))
+    fields = dict(
+        model_input=pb.Tensor(int64_data=rng.integers(0, 1024, n).tolist()),
+        target_tokens=pb.Tensor(int64_data=rng.integers(0, 1024, n).tolist()),
+        logprobs=pb.Tensor(float_data=(-rng.random(n) * 4).tolist()),
+        advantages=pb.Tensor(float_data=rng.normal(size=n).tolist()),
+    )
     fields.update(overrides)
     model_input = fields.pop("model_input")
     return pb.Datum(model_input=model_input, loss_fn_inputs=pb.LossFnInputs(**fields))
@@ -93,8 +100,9 @@ def inflight(server) -> float:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_undecodable_bodies_are_invalid_argument_naming_the_type(channel, stub, server, method):
-    raw = channel.unary_unary(f"/cispo.v1.TrainingService/{method}", request_serializer=lambda b: b,
-                              response_deserializer=lambda b: b)
+    raw = channel.unary_unary(
+        f"/cispo.v1.TrainingService/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
     for body in (b"\xff\xff\xff\xff", b"\x0a\x05ab", bytes(range(256))):
         err = rejected(raw, body)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (body, err.details())
@@ -103,8 +111,11 @@ def test_undecodable_bodies_are_invalid_argument_naming_the_type(channel, stub, 
 
 
 def test_a_corrupt_stream_item_gets_its_own_answer_and_the_stream_goes_on(channel, server):
-    stream = channel.stream_stream("/cispo.v1.TrainingService/Stream", request_serializer=lambda b: b,
-                                   response_deserializer=pb.StreamResponse.FromString)
+    stream = channel.stream_stream(
+        "/cispo.v1.TrainingService/Stream",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.StreamResponse.FromString,
+    )
     good = pb.StreamRequest(request_id="a", forward=fb()).SerializeToString()
     answers = list(stream(iter([good, b"\xff\xff\xff", good[:-3], good.replace(b"a", b"b", 1)])))
     assert [a.WhichOneof("result") for a in answers] == ["forward", "error", "error", "forward"]
@@ -116,10 +127,13 @@ def test_a_corrupt_stream_item_gets_its_own_answer_and_the_stream_goes_on(channe
 
 
 def test_out_of_range_enum_and_doubles_beyond_float32(stub):
-    err = rejected(stub.Forward, pb.ForwardBackwardInput(data=[datum(model_input=pb.Tensor(dtype=99, raw_data=b"\0" * 40))]))
+    err = rejected(
+        stub.Forward, pb.ForwardBackwardInput(data=[datum(model_input=pb.Tensor(dtype=99, raw_data=b"\0" * 40))])
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violations(err) == [("data[0].model_input.dtype", "raw_data needs dtype INT64, INT32, FLOAT32 or FLOAT64, "
-                                                               "got 99 (not a DType)")]
+    assert violations(err) == [
+        ("data[0].model_input.dtype", "raw_data needs dtype INT64, INT32, FLOAT32 or FLOAT64, got 99 (not a DType)")
+    ]
     before = grad_norm_after(stub)
     for name in ("advantages", "logprobs"):
         bad = datum(**{name: pb.Tensor(double_data=[-1.0, -1e300, -1.0, -1.0, -1.0])})
@@ -129,12 +143,15 @@ def test_out_of_range_enum_and_doubles_beyond_float32(stub):
     assert grad_norm_after(stub) == before == 0.0
 
 
-@pytest.mark.parametrize("params,code,text", [
-    (dict(eps=1e-50), "INVALID_ARGUMENT", "rounds to 0"),
-    (dict(learning_rate=1e39), "INVALID_ARGUMENT", "finite in float32"),
-    (dict(beta1=1.0), "INVALID_ARGUMENT", "[0, 1)"),
-    (dict(learning_rate=3e38), "FAILED_PRECONDITION", "would make weights or Adam moments non-finite"),
-])
+@pytest.mark.parametrize(
+    "params,code,text",
+    [
+        (dict(eps=1e-50), "INVALID_ARGUMENT", "rounds to 0"),
+        (dict(learning_rate=1e39), "INVALID_ARGUMENT", "finite in float32"),
+        (dict(beta1=1.0), "INVALID_ARGUMENT", "[0, 1)"),
+        (dict(learning_rate=3e38), "FAILED_PRECONDITION", "would make weights or Adam moments non-finite"),
+    ],
+)
 def test_bad_adam_params_change_nothing(stub, params, code, text):
     stub.ForwardBackward(fb(seed=1))
     info = stub.GetInfo(pb.GetInfoRequest())
@@ -148,10 +165,12 @@ def test_bad_adam_params_change_nothing(stub, params, code, text):
 
 
 def test_long_names_are_invalid_argument_with_a_short_message(stub):
-    for call, request in ((stub.SaveState, pb.SaveStateRequest(name="x" * 5000)),
-                          (stub.LoadState, pb.LoadStateRequest(name="y" * 5000)),
-                          (stub.Forward, pb.ForwardBackwardInput(data=[datum()], loss_fn="z" * 5000)),
-                          (stub.Forward, pb.ForwardBackwardInput(data=[datum()], loss_fn_config={"k" * 5000: 1.0}))):
+    for call, request in (
+        (stub.SaveState, pb.SaveStateRequest(name="x" * 5000)),
+        (stub.LoadState, pb.LoadStateRequest(name="y" * 5000)),
+        (stub.Forward, pb.ForwardBackwardInput(data=[datum()], loss_fn="z" * 5000)),
+        (stub.Forward, pb.ForwardBackwardInput(data=[datum()], loss_fn_config={"k" * 5000: 1.0})),
+    ):
         err = rejected(call, request)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert len(err.details()) < 1500
@@ -172,10 +191,17 @@ def test_many_violations_fit_in_the_trailers(stub):
 
 def test_a_stream_item_over_the_limit_is_answered_after_the_accepted_ones(channel, stub):
     before = grad_norm_after(stub)
-    big = pb.StreamRequest(request_id="big", forward=pb.ForwardBackwardInput(
-        data=[datum(model_input=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=b"\1" * (LIMIT + 8)))]))
-    requests = [pb.StreamRequest(request_id="fb", forward_backward=fb(seed=2)), big,
-                pb.StreamRequest(request_id="info", get_info=pb.GetInfoRequest())]
+    big = pb.StreamRequest(
+        request_id="big",
+        forward=pb.ForwardBackwardInput(
+            data=[datum(model_input=pb.Tensor(dtype=pb.DTYPE_INT64, raw_data=b"\1" * (LIMIT + 8)))]
+        ),
+    )
+    requests = [
+        pb.StreamRequest(request_id="fb", forward_backward=fb(seed=2)),
+        big,
+        pb.StreamRequest(request_id="info", get_info=pb.GetInfoRequest()),
+    ]
     answers = list(stub.Stream(iter(requests)))
     assert [a.request_id for a in answers] == ["fb", "big", "info"]
     assert answers[0].HasField("forward_backward")
@@ -245,7 +271,10 @@ def test_typed_outputs_for_json_clients(stub):
     raw = stub.Forward(fb(seed=5))
     typed = stub.Forward(pb.ForwardBackwardInput(data=fb(seed=5).data, typed_outputs=True))
     for r, t in zip(raw.loss_fn_outputs, typed.loss_fn_outputs):
-        assert not t.logprobs.raw_data and list(t.logprobs.float_data) == np.frombuffer(r.logprobs.raw_data, "<f4").tolist()
+        assert (
+            not t.logprobs.raw_data
+            and list(t.logprobs.float_data) == np.frombuffer(r.logprobs.raw_data, "<f4").tolist()
+        )
 
 
 def free_port() -> int:
@@ -260,9 +289,16 @@ def test_the_client_resends_across_a_server_restart_and_nothing_is_applied_twice
     default run began again from the base model, not the state the client saw), and B applies
     none of them."""
     port = str(free_port())
-    data = [Datum(model_input=ModelInput.from_ints(list(range(1, 300))), loss_fn_inputs={
-        "target_tokens": np.arange(2, 301), "logprobs": np.full(299, -1.0, np.float32),
-        "advantages": np.ones(299, np.float32)})]
+    data = [
+        Datum(
+            model_input=ModelInput.from_ints(list(range(1, 300))),
+            loss_fn_inputs={
+                "target_tokens": np.arange(2, 301),
+                "logprobs": np.full(299, -1.0, np.float32),
+                "advantages": np.ones(299, np.float32),
+            },
+        )
+    ]
     a = ServerProcess("--port", port, "--drain-seconds", "30", checkpoint_dir=tmp_path)
     b = None
     try:

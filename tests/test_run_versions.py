@@ -14,19 +14,26 @@ import numpy as np
 import pytest
 import requests
 import torch
+from reference import make_samples
+from server_process import ServerProcess
 
 from cispo.client import AbortedError, AdamParams, Datum, ModelInput, ServiceClient, TrainingClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from cispo.worker import EngineConfig, InvalidInput, Sample, load_policy_model
 from cispo.worker.runs import DEFAULT_RUN, ExpectedVersion, TrainingRuns
-from reference import make_samples
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
-DATA = [Datum(model_input=ModelInput.from_ints([3, 1, 4, 1, 5, 9]), loss_fn_inputs={
-    "target_tokens": np.array([1, 4, 1, 5, 9, 2]), "logprobs": np.full(6, -1.0, np.float32),
-    "advantages": np.ones(6, np.float32)})]
+DATA = [
+    Datum(
+        model_input=ModelInput.from_ints([3, 1, 4, 1, 5, 9]),
+        loss_fn_inputs={
+            "target_tokens": np.array([1, 4, 1, 5, 9, 2]),
+            "logprobs": np.full(6, -1.0, np.float32),
+            "advantages": np.ones(6, np.float32),
+        },
+    )
+]
 RESTORED = r"run 'default' was restored from the base model at step 0 \(accumulated 0\)"
 RESUME = "it no longer holds the state you last saw; resume from your last saved state"
 
@@ -35,8 +42,7 @@ RESUME = "it no longer holds the state you last saw; resume from your last saved
 def test_the_accumulation_counts_what_the_gradient_holds(tmp_path, accumulation):
     """A forward_backward that fails keeps the count where the gradient is kept (exact
     accumulation), and empties it where the gradient is dropped (in place)."""
-    runs = TrainingRuns(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path,
-                                                          gradient_accumulation=accumulation))
+    runs = TrainingRuns(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path, gradient_accumulation=accumulation))
     nothing = ExpectedVersion()
 
     def forward_backward(samples):
@@ -65,9 +71,14 @@ def connect(address: str) -> grpc.Channel:
 
 
 def fb_request(**fields) -> pb.ForwardBackwardInput:
-    datum = pb.Datum(model_input=pb.Tensor(int64_data=[3, 1, 4, 1, 5, 9]), loss_fn_inputs=pb.LossFnInputs(
-        target_tokens=pb.Tensor(int64_data=[1, 4, 1, 5, 9, 2]), logprobs=pb.Tensor(float_data=[-1.0] * 6),
-        advantages=pb.Tensor(float_data=[1.0] * 6)))
+    datum = pb.Datum(
+        model_input=pb.Tensor(int64_data=[3, 1, 4, 1, 5, 9]),
+        loss_fn_inputs=pb.LossFnInputs(
+            target_tokens=pb.Tensor(int64_data=[1, 4, 1, 5, 9, 2]),
+            logprobs=pb.Tensor(float_data=[-1.0] * 6),
+            advantages=pb.Tensor(float_data=[1.0] * 6),
+        ),
+    )
     return pb.ForwardBackwardInput(data=[datum], **fields)
 
 
@@ -86,15 +97,35 @@ def counts(answer) -> tuple[int, int]:
 def test_every_answer_carries_the_run_version(server):
     drop_default_run(server.address)
     with TrainingClient(server.address) as client:
-        answers = [client.forward_backward(DATA).result(), client.forward_backward(DATA).result(),
-                   client.forward(DATA).result(), client.optim_step(AdamParams(learning_rate=1e-3)).result()]
+        answers = [
+            client.forward_backward(DATA).result(),
+            client.forward_backward(DATA).result(),
+            client.forward(DATA).result(),
+            client.optim_step(AdamParams(learning_rate=1e-3)).result(),
+        ]
         saved = client.save_state("versions").result()
-        answers += [saved, client.forward_backward(DATA).result(),
-                    client.create_sampling_client().sample(ModelInput.from_ints([3, 1]), 1).result(),
-                    client.save_weights_for_sampler("versions").result(), client.get_info(),
-                    client.load_state_with_optimizer(saved.path).result(), client.load_state(saved.path).result()]
-    assert [counts(a) for a in answers] == [(0, 1), (0, 2), (0, 2), (1, 0), (1, 0), (1, 1), (1, 1), (1, 1), (1, 1),
-                                            (1, 0), (0, 0)]
+        answers += [
+            saved,
+            client.forward_backward(DATA).result(),
+            client.create_sampling_client().sample(ModelInput.from_ints([3, 1]), 1).result(),
+            client.save_weights_for_sampler("versions").result(),
+            client.get_info(),
+            client.load_state_with_optimizer(saved.path).result(),
+            client.load_state(saved.path).result(),
+        ]
+    assert [counts(a) for a in answers] == [
+        (0, 1),
+        (0, 2),
+        (0, 2),
+        (1, 0),
+        (1, 0),
+        (1, 1),
+        (1, 1),
+        (1, 1),
+        (1, 1),
+        (1, 0),
+        (0, 0),
+    ]
     assert answers[3].step == saved.step == 1
     incarnations = {a.version.incarnation for a in answers}
     assert len(incarnations) == 1 and len(incarnations.pop()) == 16
@@ -104,8 +135,9 @@ def test_every_answer_carries_the_run_version(server):
         lora = service.create_lora_training_client(rank=4)
         created = lora.get_info().version
         assert counts(lora.forward_backward(DATA).result()) == (0, 1)
-        assert (created.step, created.accumulated) == (0, 0) and created.incarnation not in {a.version.incarnation
-                                                                                             for a in answers}
+        assert (created.step, created.accumulated) == (0, 0) and created.incarnation not in {
+            a.version.incarnation for a in answers
+        }
         service.unload_model(lora.model_id)
 
 
@@ -114,20 +146,25 @@ def test_a_request_expecting_another_step_or_accumulation_is_refused(server):
     with connect(server.address) as channel:
         stub = training_pb2_grpc.TrainingServiceStub(channel)
         incarnation = stub.ForwardBackward(fb_request()).version.incarnation
-        for expected, wanted in [(dict(step=3), "expects step 3"), (dict(accumulated=2), "expects accumulated 2"),
-                                 (dict(step=0, accumulated=5), "expects step 0 and accumulated 5")]:
+        for expected, wanted in [
+            (dict(step=3), "expects step 3"),
+            (dict(accumulated=2), "expects accumulated 2"),
+            (dict(step=0, accumulated=5), "expects step 0 and accumulated 5"),
+        ]:
             with pytest.raises(grpc.RpcError) as raised:
-                stub.OptimStep(pb.OptimStepRequest(expected_version=pb.RunVersion(incarnation=incarnation,
-                                                                                    **expected)))
+                stub.OptimStep(pb.OptimStepRequest(expected_version=pb.RunVersion(incarnation=incarnation, **expected)))
             assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert raised.value.details() == f"run 'default' is at step 0 (accumulated 1), but the request {wanted}"
         with pytest.raises(grpc.RpcError) as raised:
             stub.OptimStep(pb.OptimStepRequest(expected_version=pb.RunVersion(incarnation="0" * 16)))
         assert raised.value.code() == grpc.StatusCode.ABORTED
-        assert raised.value.details() == ("run 'default' was restored from the base model at step 0 (accumulated 0), "
-                                          f"and is now at step 0 (accumulated 1); {RESUME}")
-        step = stub.OptimStep(pb.OptimStepRequest(expected_version=pb.RunVersion(incarnation=incarnation, step=0,
-                                                                                   accumulated=1)))
+        assert raised.value.details() == (
+            "run 'default' was restored from the base model at step 0 (accumulated 0), "
+            f"and is now at step 0 (accumulated 1); {RESUME}"
+        )
+        step = stub.OptimStep(
+            pb.OptimStepRequest(expected_version=pb.RunVersion(incarnation=incarnation, step=0, accumulated=1))
+        )
         assert step.step == 1 and counts(step) == (1, 0)  # nothing refused was applied
         assert counts(stub.ForwardBackward(fb_request())) == (1, 1)  # and a request without a version is
         info = stub.GetInfo(pb.GetInfoRequest())
@@ -146,8 +183,9 @@ def test_a_connection_that_saw_an_earlier_incarnation_is_refused_until_it_reconn
             with pytest.raises(grpc.RpcError) as raised:
                 old_stub.ForwardBackward(fb_request())
             assert raised.value.code() == grpc.StatusCode.ABORTED
-            assert raised.value.details() == ("run 'default' was restored from the base model at step 0 (accumulated "
-                                              f"0); {RESUME}")
+            assert raised.value.details() == (
+                f"run 'default' was restored from the base model at step 0 (accumulated 0); {RESUME}"
+            )
         assert counts(other_stub.ForwardBackward(fb_request())) == (0, 1)
         assert old_stub.Forward(fb_request()).version.accumulated == 1  # reading is not refused
     with connect(server.address) as new:
@@ -171,8 +209,9 @@ def test_after_a_restart_the_client_is_refused_and_nothing_is_applied(tmp_path):
     try:
         http = f"http://127.0.0.1:{a.http_port}/api/v1"
         session = requests.post(f"{http}/create_session", json={}).json()["session_id"]
-        created = requests.post(f"{http}/create_model", json={"session_id": session, "model_seq_id": 0,
-                                                               "lora_config": {"rank": 4}}).json()
+        created = requests.post(
+            f"{http}/create_model", json={"session_id": session, "model_seq_id": 0, "lora_config": {"rank": 4}}
+        ).json()
         tinker_model = requests.post(f"{http}/retrieve_future", json=created).json()["model_id"]
         with connect(a.address) as channel:  # its LoRA run out of the way of the full default run
             stub = training_pb2_grpc.TrainingServiceStub(channel)
@@ -203,8 +242,10 @@ def test_after_a_restart_the_client_is_refused_and_nothing_is_applied(tmp_path):
             fresh.forward_backward(DATA)
             assert counts(fresh.optim_step(AdamParams(learning_rate=1e-3)).result()) == (1, 0)
 
-        gone = requests.post(f"http://127.0.0.1:{b.http_port}/api/v1/optim_step",
-                             json={"model_id": tinker_model, "seq_id": 1, "adam_params": {"learning_rate": 1e-3}})
+        gone = requests.post(
+            f"http://127.0.0.1:{b.http_port}/api/v1/optim_step",
+            json={"model_id": tinker_model, "seq_id": 1, "adam_params": {"learning_rate": 1e-3}},
+        )
         assert gone.status_code == 410 and gone.json()["code"] == "ABORTED" and RESUME in gone.json()["error"]
         assert b.terminate() == 0
         assert "Traceback" not in b.log()

@@ -4,23 +4,24 @@ fresh base after a run of the other kind, states per run, and LoRA exports that 
 import peft
 import pytest
 import torch
+from reference import make_samples, naive_target_logprobs
 from transformers import AutoModelForCausalLM
 
-from cispo.worker import EngineConfig, lora, load_policy_model
+from cispo.worker import EngineConfig, load_policy_model, lora
 from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, StateNotFound
 from cispo.worker.optimizer import AdamParams
 from cispo.worker.runs import DEFAULT_RUN, TrainingRuns
 from cispo.worker.sampler_weights import ExportConfig
 from cispo.worker.sampling import SampleRequest, SamplingParams, validate_sample_request
-from reference import make_samples, naive_target_logprobs
 
 SPEC = lora.LoraSpec(rank=4, seed=1)
 
 
 @pytest.fixture
 def runs(tmp_path):
-    config = EngineConfig(checkpoint_dir=tmp_path / "states",
-                          export=ExportConfig(sampler_dir=tmp_path / "sampler", dtype="float32"))
+    config = EngineConfig(
+        checkpoint_dir=tmp_path / "states", export=ExportConfig(sampler_dir=tmp_path / "sampler", dtype="float32")
+    )
     return TrainingRuns(load_policy_model(), config, max_runs=3, reload=load_policy_model)
 
 
@@ -112,13 +113,16 @@ def test_lora_export_loads_in_peft_with_identical_logprobs_and_samples_on_its_ad
     # Sampling at T=1 on the run and on its export: logprobs are the trainer's.
     prompt = torch.tensor([3, 14, 15, 92])
     for model_path in ("", "a-export"):
-        request = validate_sample_request(SampleRequest(prompt, 2, SamplingParams(max_tokens=6, seed=4),
-                                                        model_path=model_path), a.policy, a.config.sampling)
+        request = validate_sample_request(
+            SampleRequest(prompt, 2, SamplingParams(max_tokens=6, seed=4), model_path=model_path),
+            a.policy,
+            a.config.sampling,
+        )
         result = a.sample([request])[0]
         for seq in result.sequences:
             tokens = torch.cat([prompt, seq.tokens])
             full = naive_target_logprobs(loaded, type(sample)(tokens[:-1], {"target_tokens": tokens[1:]}))
-            torch.testing.assert_close(seq.logprobs, full[len(prompt) - 1:].detach(), atol=1e-4, rtol=0)
+            torch.testing.assert_close(seq.logprobs, full[len(prompt) - 1 :].detach(), atol=1e-4, rtol=0)
 
     merged = a.save_weights_for_sampler("a-merged", merged=True)
     model = AutoModelForCausalLM.from_pretrained(merged)

@@ -5,10 +5,10 @@ runs, and the default run for clients that name none."""
 import grpc
 import numpy as np
 import pytest
+from server_process import ServerProcess
 
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
-from server_process import ServerProcess
 
 ALICE, BOB = "alice-0123456789abcdef", "bob-fedcba9876543210xyz"
 
@@ -21,8 +21,9 @@ def auth(token):
 def server(tmp_path_factory):
     tokens = tmp_path_factory.mktemp("tokens") / "tokens"
     tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
-    proc = ServerProcess("--auth-tokens-file", str(tokens), "--max-runs", "3",
-                         checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    proc = ServerProcess(
+        "--auth-tokens-file", str(tokens), "--max-runs", "3", checkpoint_dir=tmp_path_factory.mktemp("ckpt")
+    )
     yield proc
     assert proc.terminate() == 0, proc.log()
 
@@ -35,18 +36,22 @@ def stub(server):
 
 def batch(model_id, seed, n=12):
     rng = np.random.default_rng(seed)
-    datum = pb.Datum(model_input=pb.Tensor(int64_data=rng.integers(0, 1024, n).tolist()),
-                     loss_fn_inputs=pb.LossFnInputs(
-                         target_tokens=pb.Tensor(int64_data=rng.integers(0, 1024, n).tolist()),
-                         logprobs=pb.Tensor(float_data=np.full(n, -7.0).tolist()),
-                         advantages=pb.Tensor(float_data=rng.normal(size=n).tolist())))
+    datum = pb.Datum(
+        model_input=pb.Tensor(int64_data=rng.integers(0, 1024, n).tolist()),
+        loss_fn_inputs=pb.LossFnInputs(
+            target_tokens=pb.Tensor(int64_data=rng.integers(0, 1024, n).tolist()),
+            logprobs=pb.Tensor(float_data=np.full(n, -7.0).tolist()),
+            advantages=pb.Tensor(float_data=rng.normal(size=n).tolist()),
+        ),
+    )
     return pb.ForwardBackwardInput(data=[datum], model_id=model_id, typed_outputs=True)
 
 
 def step(stub, model_id, seed, token=ALICE):
     out = stub.ForwardBackward(batch(model_id, seed), metadata=auth(token))
-    norm = stub.OptimStep(pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-2), model_id=model_id),
-                          metadata=auth(token)).grad_norm
+    norm = stub.OptimStep(
+        pb.OptimStepRequest(adam_params=pb.AdamParams(learning_rate=1e-2), model_id=model_id), metadata=auth(token)
+    ).grad_norm
     return list(out.loss_fn_outputs[0].logprobs.float_data), norm
 
 
@@ -87,8 +92,10 @@ def test_limits_ownership_and_conflicts(stub):
     with pytest.raises(grpc.RpcError) as raised:
         create(stub)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_runs=3" in raised.value.details()
-    for call in (lambda: step(stub, theirs, 0), lambda: stub.UnloadModel(pb.UnloadModelRequest(model_id=theirs),
-                                                                         metadata=auth(ALICE))):
+    for call in (
+        lambda: step(stub, theirs, 0),
+        lambda: stub.UnloadModel(pb.UnloadModelRequest(model_id=theirs), metadata=auth(ALICE)),
+    ):
         with pytest.raises(grpc.RpcError) as raised:
             call()
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
@@ -96,10 +103,14 @@ def test_limits_ownership_and_conflicts(stub):
     with pytest.raises(grpc.RpcError) as raised:  # the default full run beside LoRA runs
         stub.ForwardBackward(batch("", 0), metadata=auth(ALICE))
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "LoRA" in raised.value.details()
-    for bad, field in ((pb.CreateModelRequest(base_model="gpt-5", lora_config=pb.LoraConfig()), "base_model"),
-                       (pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=0)), "lora_config"),
-                       (pb.CreateModelRequest(lora_config=pb.LoraConfig(train_mlp=False, train_attn=False,
-                                                                        train_unembed=False)), "lora_config")):
+    for bad, field in (
+        (pb.CreateModelRequest(base_model="gpt-5", lora_config=pb.LoraConfig()), "base_model"),
+        (pb.CreateModelRequest(lora_config=pb.LoraConfig(rank=0)), "lora_config"),
+        (
+            pb.CreateModelRequest(lora_config=pb.LoraConfig(train_mlp=False, train_attn=False, train_unembed=False)),
+            "lora_config",
+        ),
+    ):
         with pytest.raises(grpc.RpcError) as raised:
             stub.CreateModel(bad, metadata=auth(ALICE))
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in raised.value.details()
@@ -121,18 +132,32 @@ def test_default_run_and_lora_export_and_state_round_trip(stub):
     stub.UnloadModel(pb.UnloadModelRequest(model_id="default"), metadata=auth(ALICE))
     a = create(stub).model_id
     step(stub, a, 0)
-    export = stub.SaveWeightsForSampler(pb.SaveWeightsForSamplerRequest(name="alice-a", model_id=a),
-                                        metadata=auth(ALICE))
-    sampled = stub.Sample(pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2, 3]), num_samples=2, model_path=export.path,
-                                           sampling_params=pb.SamplingParams(max_tokens=4, seed=3)),
-                          metadata=auth(ALICE))
-    on_run = stub.Sample(pb.SampleRequest(prompt=pb.Tensor(int64_data=[1, 2, 3]), num_samples=2, model_id=a,
-                                          sampling_params=pb.SamplingParams(max_tokens=4, seed=3)),
-                         metadata=auth(ALICE))
+    export = stub.SaveWeightsForSampler(
+        pb.SaveWeightsForSamplerRequest(name="alice-a", model_id=a), metadata=auth(ALICE)
+    )
+    sampled = stub.Sample(
+        pb.SampleRequest(
+            prompt=pb.Tensor(int64_data=[1, 2, 3]),
+            num_samples=2,
+            model_path=export.path,
+            sampling_params=pb.SamplingParams(max_tokens=4, seed=3),
+        ),
+        metadata=auth(ALICE),
+    )
+    on_run = stub.Sample(
+        pb.SampleRequest(
+            prompt=pb.Tensor(int64_data=[1, 2, 3]),
+            num_samples=2,
+            model_id=a,
+            sampling_params=pb.SamplingParams(max_tokens=4, seed=3),
+        ),
+        metadata=auth(ALICE),
+    )
     assert [s.tokens.raw_data for s in sampled.sequences] == [s.tokens.raw_data for s in on_run.sequences]
     stub.SaveState(pb.SaveStateRequest(name="alice-a-state", model_id=a), metadata=auth(ALICE))
-    b = stub.CreateModel(pb.CreateModelRequest(from_state=pb.StateRef(path="alice-a-state", with_optimizer=True)),
-                         metadata=auth(ALICE))
+    b = stub.CreateModel(
+        pb.CreateModelRequest(from_state=pb.StateRef(path="alice-a-state", with_optimizer=True)), metadata=auth(ALICE)
+    )
     assert b.info.step == 1 and b.info.lora_config.rank == 4
     assert step(stub, b.model_id, 5) == step(stub, a, 5)  # same state, same step: same numbers
     unload_all(stub)
@@ -145,9 +170,16 @@ def test_service_client_runs_lora_clients_sync_and_pipelined(server, stub):
 
     unload_all(stub)
     rng = np.random.default_rng(0)
-    data = [Datum(model_input=ModelInput.from_ints(rng.integers(0, 1024, 10).tolist()),
-                  loss_fn_inputs={"target_tokens": rng.integers(0, 1024, 10), "logprobs": np.full(10, -7.0, np.float32),
-                                  "advantages": rng.normal(size=10).astype(np.float32)})]
+    data = [
+        Datum(
+            model_input=ModelInput.from_ints(rng.integers(0, 1024, 10).tolist()),
+            loss_fn_inputs={
+                "target_tokens": rng.integers(0, 1024, 10),
+                "logprobs": np.full(10, -7.0, np.float32),
+                "advantages": rng.normal(size=10).astype(np.float32),
+            },
+        )
+    ]
     with ServiceClient(server.address, token=ALICE) as service:
         a = service.create_lora_training_client(rank=4, seed=7)
         b = service.create_lora_training_client(rank=4, seed=7)

@@ -5,20 +5,21 @@ import json
 
 import pytest
 import torch
+from reference import make_samples, naive_target_logprobs
 from safetensors import safe_open
+from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cispo.worker import AdamParams, Engine, EngineConfig, InvalidInput, StateNotFound, load_policy_model
 from cispo.worker.sampler_weights import ExportConfig
 from cispo.worker.sampling import SampleRequest, SamplingParams
-from reference import make_samples, naive_target_logprobs
-from tiny_models import save_tiny_model
 
 
 def make_engine(tmp_path, model_dir=None, **export) -> Engine:
     config = ExportConfig(sampler_dir=tmp_path / "sampler", **export)
-    return Engine(load_policy_model(model_dir and str(model_dir)), EngineConfig(checkpoint_dir=tmp_path / "ckpt",
-                                                                               export=config))
+    return Engine(
+        load_policy_model(model_dir and str(model_dir)), EngineConfig(checkpoint_dir=tmp_path / "ckpt", export=config)
+    )
 
 
 def train_a_step(engine, seed=0):
@@ -40,8 +41,14 @@ def test_export_loads_in_transformers_with_identical_logprobs(tmp_path, arch):
     engine = make_engine(tmp_path, tmp_path / "base", dtype="float32")
     train_a_step(engine)
     path = engine.save_weights_for_sampler("step-1")
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
-            "manifest.json"} <= {p.name for p in path.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        "manifest.json",
+    } <= {p.name for p in path.iterdir()}
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
     for sample in make_samples([17, 5], seed=3, vocab_size=256):
         expected = engine.forward([sample]).logprobs[0]
@@ -50,7 +57,10 @@ def test_export_loads_in_transformers_with_identical_logprobs(tmp_path, arch):
     assert exported.get_vocab() == served.get_vocab() and exported.decode([4, 5, 2]) == served.decode([4, 5, 2])
     names = tensor_names(path)
     if arch == "qwen2":  # tied: the head is the embedding, stored once
-        assert "lm_head.weight" not in names and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        assert (
+            "lm_head.weight" not in names
+            and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        )
     else:
         assert "lm_head.weight" in names
     manifest = json.loads((path / "manifest.json").read_text())
@@ -111,15 +121,22 @@ def test_bad_model_paths_are_refused(tmp_path):
         with pytest.raises(InvalidInput) as info:
             engine.validate_sample(SampleRequest(torch.tensor([1]), model_path=bad))
         assert info.value.violations[0].field == "model_path"
-    missing = engine.validate_sample(SampleRequest(torch.tensor([1]), params=SamplingParams(max_tokens=1),
-                                                   model_path="nothing-here"))
+    missing = engine.validate_sample(
+        SampleRequest(torch.tensor([1]), params=SamplingParams(max_tokens=1), model_path="nothing-here")
+    )
     result = engine.sample([missing])[0]
     assert isinstance(result, StateNotFound) and "no saved weights named 'nothing-here'" in str(result)
     (tmp_path / "sampler" / "broken").mkdir(parents=True)
-    (tmp_path / "sampler" / "broken" / "manifest.json").write_text(json.dumps(
-        {"format": "cispo.sampler_weights.v1", "layout": "full", "step": 0, "owner": None}))
-    broken = engine.validate_sample(SampleRequest(torch.tensor([1]), params=SamplingParams(max_tokens=1),
-                                                  model_path="broken"))
+    (tmp_path / "sampler" / "broken" / "manifest.json").write_text(
+        json.dumps({"format": "cispo.sampler_weights.v1", "layout": "full", "step": 0, "owner": None})
+    )
+    broken = engine.validate_sample(
+        SampleRequest(torch.tensor([1]), params=SamplingParams(max_tokens=1), model_path="broken")
+    )
     assert isinstance(engine.sample([broken])[0], StateNotFound)
-    assert not isinstance(engine.sample([missing, engine.validate_sample(SampleRequest(
-        torch.tensor([1]), params=SamplingParams(max_tokens=1)))])[1], Exception)  # others in the batch go on
+    assert not isinstance(
+        engine.sample(
+            [missing, engine.validate_sample(SampleRequest(torch.tensor([1]), params=SamplingParams(max_tokens=1)))]
+        )[1],
+        Exception,
+    )  # others in the batch go on

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
-
-from cispo.worker import AdamParams, Engine, EngineConfig, InvalidInput, LimitExceeded, Sample
-from cispo.worker import load_policy_model
-from cispo.worker.sampling import SampleRequest, SamplingLimits, SamplingParams
 from reference import make_samples
 from tiny_models import save_tiny_model
+
+from cispo.worker import AdamParams, Engine, EngineConfig, InvalidInput, LimitExceeded, Sample, load_policy_model
+from cispo.worker.sampling import SampleRequest, SamplingLimits, SamplingParams
 
 
 def request(prompt, n=1, **params) -> SampleRequest:
@@ -29,8 +28,10 @@ def tiny_engine(tmp_path_factory):
     """A saved tiny Llama with a word tokenizer (vocab 64)."""
     path = tmp_path_factory.mktemp("tiny") / "llama"
     save_tiny_model(path, "llama", tokenizer=True)
-    return Engine(load_policy_model(str(path)), EngineConfig(checkpoint_dir=path.parent / "ckpt",
-                                                             sampling=SamplingLimits(max_num_samples=50_000)))
+    return Engine(
+        load_policy_model(str(path)),
+        EngineConfig(checkpoint_dir=path.parent / "ckpt", sampling=SamplingLimits(max_num_samples=50_000)),
+    )
 
 
 @pytest.mark.parametrize("arch", ["embedded", "qwen2"])
@@ -45,8 +46,9 @@ def test_greedy_equals_transformers_generate(tmp_path, arch):
     results = sample(engine, *[request(p, 2, max_tokens=12, temperature=0.0) for p in prompts])
     eos = set(policy.eos_token_ids)
     for prompt, result in zip(prompts, results):
-        expected = policy.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                         eos_token_id=list(eos), pad_token_id=0)[0, len(prompt):].tolist()
+        expected = policy.model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=list(eos), pad_token_id=0
+        )[0, len(prompt) :].tolist()
         for sequence in result.sequences:
             assert sequence.tokens.tolist() == expected
             assert sequence.stop_reason == ("stop" if expected[-1] in eos else "length")
@@ -54,24 +56,30 @@ def test_greedy_equals_transformers_generate(tmp_path, arch):
 
 def test_logprobs_equal_the_trainers_forward(engine):
     prompts = [[1, 5, 9], [300, 2, 8, 8, 14, 15, 16], [77]]
-    results = sample(engine, *[request(p, 3, max_tokens=20, seed=i) for i, p in enumerate(prompts)],
-                     SampleRequest(torch.tensor([4, 8, 15, 16, 23, 42]), 1, SamplingParams(max_tokens=5),
-                                   include_prompt_logprobs=True))
+    results = sample(
+        engine,
+        *[request(p, 3, max_tokens=20, seed=i) for i, p in enumerate(prompts)],
+        SampleRequest(
+            torch.tensor([4, 8, 15, 16, 23, 42]), 1, SamplingParams(max_tokens=5), include_prompt_logprobs=True
+        ),
+    )
     samples, expected = [], []
     for prompt, result in zip(prompts, results):
         for sequence in result.sequences:
             full = torch.cat([torch.tensor(prompt), sequence.tokens])
             n = len(full) - 1
-            samples.append(Sample(full[:-1], {"target_tokens": full[1:], "logprobs": torch.zeros(n),
-                                              "advantages": torch.zeros(n)}))
+            samples.append(
+                Sample(full[:-1], {"target_tokens": full[1:], "logprobs": torch.zeros(n), "advantages": torch.zeros(n)})
+            )
             expected.append((len(prompt) - 1, sequence.logprobs))
     trained = engine.forward(samples)
     for (start, sampled), lp in zip(expected, trained.logprobs):
         torch.testing.assert_close(sampled, lp[start:], atol=1e-4, rtol=0)
     # Prompt logprobs are the trainer's logprobs of the prompt itself.
     prompt = torch.tensor([4, 8, 15, 16, 23, 42])
-    lp = engine.forward([Sample(prompt[:-1], {"target_tokens": prompt[1:], "logprobs": torch.zeros(5),
-                                              "advantages": torch.zeros(5)})]).logprobs[0]
+    lp = engine.forward(
+        [Sample(prompt[:-1], {"target_tokens": prompt[1:], "logprobs": torch.zeros(5), "advantages": torch.zeros(5)})]
+    ).logprobs[0]
     torch.testing.assert_close(results[-1].prompt_logprobs, lp, atol=1e-4, rtol=0)
     assert results[0].prompt_logprobs is None
 
@@ -82,8 +90,16 @@ def test_on_policy_data_gives_ratio_one_and_no_clipping(engine):
     for sequence in result.sequences:
         full = torch.cat([torch.tensor([3, 1, 4, 1, 5]), sequence.tokens])
         n = len(full) - 1
-        data.append(Sample(full[:-1], {"target_tokens": full[1:], "advantages": torch.cat(
-            [torch.zeros(4), torch.ones(n - 4)]), "logprobs": torch.cat([torch.zeros(4), sequence.logprobs])}))
+        data.append(
+            Sample(
+                full[:-1],
+                {
+                    "target_tokens": full[1:],
+                    "advantages": torch.cat([torch.zeros(4), torch.ones(n - 4)]),
+                    "logprobs": torch.cat([torch.zeros(4), sequence.logprobs]),
+                },
+            )
+        )
     metrics = engine.forward(data).metrics
     assert metrics["clipped_high:sum"] == metrics["clipped_low:sum"] == 0
     assert abs(metrics["ratio:max"] - 1) < 1e-4 and abs(metrics["ratio:min"] - 1) < 1e-4
@@ -92,8 +108,12 @@ def test_on_policy_data_gives_ratio_one_and_no_clipping(engine):
 
 def test_same_seed_same_samples_whatever_shares_the_batch(engine):
     alone = sample(engine, request([9, 8, 7], 4, max_tokens=10, seed=11))[0]
-    again = sample(engine, request([1], 2, max_tokens=6, seed=1), request([9, 8, 7], 4, max_tokens=10, seed=11),
-                   request([5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5], 3, max_tokens=30, seed=2))[1]
+    again = sample(
+        engine,
+        request([1], 2, max_tokens=6, seed=1),
+        request([9, 8, 7], 4, max_tokens=10, seed=11),
+        request([5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5], 3, max_tokens=30, seed=2),
+    )[1]
     other = sample(engine, request([9, 8, 7], 4, max_tokens=10, seed=12))[0]
     assert [s.tokens.tolist() for s in alone.sequences] == [s.tokens.tolist() for s in again.sequences]
     for a, b in zip(alone.sequences, again.sequences):
@@ -123,8 +143,9 @@ def test_empirical_top_k_top_p_distribution_matches(tiny_engine, temperature, to
     prompt = [10, 20, 30]
     q = intended_distribution(tiny_engine, prompt, temperature, top_k, top_p)
     n = 20_000
-    result = sample(tiny_engine, request(prompt, n, max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         seed=1234))[0]
+    result = sample(
+        tiny_engine, request(prompt, n, max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=1234)
+    )[0]
     tokens = torch.tensor([s.tokens[0].item() for s in result.sequences])
     empirical = torch.bincount(tokens, minlength=q.numel()).double() / n
     assert empirical[q == 0].sum() == 0, "a token outside the top-k/top-p support was drawn"
@@ -158,28 +179,32 @@ def test_stop_tokens_eos_and_stop_strings(tiny_engine):
 
 
 def test_max_tokens_defaults_to_the_limit_within_the_context(tmp_path):
-    engine = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path, sampling=SamplingLimits(
-        max_sample_tokens=7)))
+    engine = Engine(
+        load_policy_model(), EngineConfig(checkpoint_dir=tmp_path, sampling=SamplingLimits(max_sample_tokens=7))
+    )
     resolved = engine.validate_sample(request([1, 2, 3]))
     assert resolved.params.max_tokens == 7 and resolved.params.seed is not None
     near_end = engine.validate_sample(request([1] * 4093, max_tokens=7))
     assert near_end.params.max_tokens == 3  # the model's 4096 positions
 
 
-@pytest.mark.parametrize("bad,field", [
-    (dict(prompt=[]), "prompt"),
-    (dict(prompt=[1, 1024]), "prompt"),
-    (dict(prompt=[-1]), "prompt"),
-    (dict(n=0), "num_samples"),
-    (dict(max_tokens=0), "sampling_params.max_tokens"),
-    (dict(temperature=-0.5), "sampling_params.temperature"),
-    (dict(temperature=math.nan), "sampling_params.temperature"),
-    (dict(top_p=0.0), "sampling_params.top_p"),
-    (dict(top_p=1.5), "sampling_params.top_p"),
-    (dict(top_k=-2), "sampling_params.top_k"),
-    (dict(stop_tokens=(5000,)), "sampling_params.stop_tokens"),
-    (dict(stop_strings=("x",)), "sampling_params.stop_strings"),  # the embedded model has no tokenizer
-])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        (dict(prompt=[]), "prompt"),
+        (dict(prompt=[1, 1024]), "prompt"),
+        (dict(prompt=[-1]), "prompt"),
+        (dict(n=0), "num_samples"),
+        (dict(max_tokens=0), "sampling_params.max_tokens"),
+        (dict(temperature=-0.5), "sampling_params.temperature"),
+        (dict(temperature=math.nan), "sampling_params.temperature"),
+        (dict(top_p=0.0), "sampling_params.top_p"),
+        (dict(top_p=1.5), "sampling_params.top_p"),
+        (dict(top_k=-2), "sampling_params.top_k"),
+        (dict(stop_tokens=(5000,)), "sampling_params.stop_tokens"),
+        (dict(stop_strings=("x",)), "sampling_params.stop_strings"),  # the embedded model has no tokenizer
+    ],
+)
 def test_bad_parameters_are_invalid_and_name_the_field(engine, bad, field):
     prompt, n = bad.pop("prompt", [1, 2]), bad.pop("n", 1)
     with pytest.raises(InvalidInput) as info:
@@ -187,11 +212,14 @@ def test_bad_parameters_are_invalid_and_name_the_field(engine, bad, field):
     assert [v.field for v in info.value.violations] == [field]
 
 
-@pytest.mark.parametrize("bad,limit", [
-    (dict(n=129), "max_num_samples"),
-    (dict(max_tokens=4097), "max_sample_tokens"),
-    (dict(n=128, max_tokens=2100), "max_sample_request_tokens"),
-])
+@pytest.mark.parametrize(
+    "bad,limit",
+    [
+        (dict(n=129), "max_num_samples"),
+        (dict(max_tokens=4097), "max_sample_tokens"),
+        (dict(n=128, max_tokens=2100), "max_sample_request_tokens"),
+    ],
+)
 def test_limits_are_resource_exhausted(engine, bad, limit):
     n = bad.pop("n", 1)
     with pytest.raises(LimitExceeded) as info:
@@ -202,12 +230,12 @@ def test_limits_are_resource_exhausted(engine, bad, limit):
 def test_a_sample_sees_earlier_steps_only(engine):
     before = sample(engine, request([1, 2, 3], 1, max_tokens=8, temperature=0.0))[0].sequences[0].tokens
     engine.forward_backward(make_samples([30, 20], seed=4))
-    assert torch.equal(sample(engine, request([1, 2, 3], 1, max_tokens=8, temperature=0.0))[0].sequences[0].tokens,
-                       before)  # a gradient alone changes no weight
+    assert torch.equal(
+        sample(engine, request([1, 2, 3], 1, max_tokens=8, temperature=0.0))[0].sequences[0].tokens, before
+    )  # a gradient alone changes no weight
     engine.optim_step(AdamParams(learning_rate=5e-2))
     after = sample(engine, request([1, 2, 3], 1, max_tokens=8, temperature=0.0))[0].sequences[0].tokens
     assert not torch.equal(after, before)
-
 
 
 def test_sampling_leaves_the_accumulated_gradient_and_weights_alone(tmp_path):
@@ -215,8 +243,11 @@ def test_sampling_leaves_the_accumulated_gradient_and_weights_alone(tmp_path):
         engine = Engine(load_policy_model(), EngineConfig(checkpoint_dir=tmp_path))
         engine.forward_backward(make_samples([30, 20], seed=4))
         if sample_in_between:
-            sample(engine, request([1, 2, 3], 4, max_tokens=8, seed=0), SampleRequest(
-                torch.tensor([5, 6, 7]), 2, SamplingParams(max_tokens=4), include_prompt_logprobs=True))
+            sample(
+                engine,
+                request([1, 2, 3], 4, max_tokens=8, seed=0),
+                SampleRequest(torch.tensor([5, 6, 7]), 2, SamplingParams(max_tokens=4), include_prompt_logprobs=True),
+            )
         engine.optim_step(AdamParams(learning_rate=1e-3))
         return {n: p.detach().clone() for n, p in engine.named_params.items()}
 

@@ -19,14 +19,14 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from server_process import ServerProcess, run_cli_in_process
+from tls_certs import make_pki
 
 from cispo.client import Datum, ModelInput, TrainingClient, UnauthenticatedError
 from cispo.service.auth import TokenAuthInterceptor, TokenFileError, load_tokens
 from cispo.service.server import is_loopback
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
-from server_process import ServerProcess, run_cli_in_process
-from tls_certs import make_pki
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,9 +42,16 @@ HEALTH_PORT_LOG = re.compile(r"grpc\.health\.v1 \(plaintext, health only\) on [^
 
 def make_data(n=6) -> list[Datum]:
     rng = np.random.default_rng(0)
-    return [Datum(model_input=ModelInput.from_ints(rng.integers(0, 1024, n).tolist()), loss_fn_inputs={
-        "target_tokens": rng.integers(0, 1024, n), "logprobs": np.full(n, -7.0, np.float32),
-        "advantages": np.ones(n, np.float32)})]
+    return [
+        Datum(
+            model_input=ModelInput.from_ints(rng.integers(0, 1024, n).tolist()),
+            loss_fn_inputs={
+                "target_tokens": rng.integers(0, 1024, n),
+                "logprobs": np.full(n, -7.0, np.float32),
+                "advantages": np.ones(n, np.float32),
+            },
+        )
+    ]
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:
@@ -53,8 +60,13 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m cispo.service ARGS` to completion (for the ones that must not start)."""
-    return subprocess.run([sys.executable, "-m", "cispo.service", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "cispo.service", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -83,9 +95,17 @@ def tokens_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(pki, tokens_file, tmp_path_factory):
     """TLS and tokens, with the plaintext health-only port."""
-    proc = ServerProcess("--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
-                         "--auth-tokens-file", str(tokens_file), "--health-port", "0",
-                         checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    proc = ServerProcess(
+        "--tls-cert-file",
+        str(pki.server_cert),
+        "--tls-key-file",
+        str(pki.server_key),
+        "--auth-tokens-file",
+        str(tokens_file),
+        "--health-port",
+        "0",
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
+    )
     yield proc
     assert proc.terminate() == 0
     assert ALICE_TOKEN not in proc.log() and BOB_TOKEN not in proc.log()
@@ -94,8 +114,15 @@ def server(pki, tokens_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mtls_server(pki, tmp_path_factory):
     """mTLS (client certificates required), no tokens, on loopback."""
-    proc = ServerProcess("--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
-                         "--tls-client-ca-file", str(pki.ca_cert), checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    proc = ServerProcess(
+        "--tls-cert-file",
+        str(pki.server_cert),
+        "--tls-key-file",
+        str(pki.server_key),
+        "--tls-client-ca-file",
+        str(pki.ca_cert),
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
+    )
     yield proc
     assert proc.terminate() == 0
 
@@ -154,16 +181,22 @@ def test_mtls_requires_a_client_certificate(mtls_server, pki):
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     with tls_channel(mtls_server.address, pki, client_cert=True) as channel:
         assert get_info(channel).model_name
-    with TrainingClient(mtls_server.address, root_certificates=pki.ca_cert, certificate_chain=pki.client_cert,
-                        private_key=pki.client_key) as client:
+    with TrainingClient(
+        mtls_server.address,
+        root_certificates=pki.ca_cert,
+        certificate_chain=pki.client_cert,
+        private_key=pki.client_key,
+    ) as client:
         assert client.get_info().model_name
 
 
 def test_mtls_refuses_a_certificate_of_another_ca(mtls_server, pki, tmp_path):
     other = make_pki(tmp_path)  # same names, a different CA
-    credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes(),
-                                               private_key=other.client_key.read_bytes(),
-                                               certificate_chain=other.client_cert.read_bytes())
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca_cert.read_bytes(),
+        private_key=other.client_key.read_bytes(),
+        certificate_chain=other.client_cert.read_bytes(),
+    )
     with grpc.secure_channel(mtls_server.address, credentials) as channel, pytest.raises(grpc.RpcError) as info:
         get_info(channel)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -175,8 +208,13 @@ def test_rotated_certificate_files_are_picked_up(pki, tmp_path):
     served.mkdir()
     for name, source in (("tls.crt", pki.server_cert), ("tls.key", pki.server_key)):
         shutil.copy(source, served / name)
-    proc = ServerProcess("--tls-cert-file", str(served / "tls.crt"), "--tls-key-file", str(served / "tls.key"),
-                         checkpoint_dir=tmp_path / "ckpt")
+    proc = ServerProcess(
+        "--tls-cert-file",
+        str(served / "tls.crt"),
+        "--tls-key-file",
+        str(served / "tls.key"),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
     try:
         with tls_channel(proc.address, pki) as channel:
             assert get_info(channel).model_name
@@ -197,9 +235,17 @@ def test_rotated_certificate_files_are_picked_up(pki, tmp_path):
 # Tokens
 
 
-@pytest.mark.parametrize("metadata", [None, bearer("not-a-token-of-anyone"), bearer(ALICE_TOKEN + "x"),
-                                      (("authorization", ALICE_TOKEN),), (("authorization", "Basic abc"),)],
-                         ids=["missing", "unknown", "extended", "no-scheme", "basic"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        None,
+        bearer("not-a-token-of-anyone"),
+        bearer(ALICE_TOKEN + "x"),
+        (("authorization", ALICE_TOKEN),),
+        (("authorization", "Basic abc"),),
+    ],
+    ids=["missing", "unknown", "extended", "no-scheme", "basic"],
+)
 def test_calls_without_a_valid_token_are_unauthenticated(server, pki, metadata):
     with tls_channel(server.address, pki) as channel:
         with pytest.raises(grpc.RpcError) as info:
@@ -207,7 +253,8 @@ def test_calls_without_a_valid_token_are_unauthenticated(server, pki, metadata):
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert info.value.details() == "missing or invalid bearer token"
         stream = training_pb2_grpc.TrainingServiceStub(channel).Stream(
-            iter([pb.StreamRequest(request_id="1", get_info=pb.GetInfoRequest())]), metadata=metadata, timeout=20)
+            iter([pb.StreamRequest(request_id="1", get_info=pb.GetInfoRequest())]), metadata=metadata, timeout=20
+        )
         with pytest.raises(grpc.RpcError) as info:
             list(stream)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -231,8 +278,11 @@ def test_refusals_are_counted_and_logged_without_the_token(server, pki):
     server.wait_for_log("authentication failed")
     assert "a-secret-that-must-not-be-logged" not in server.log()
     metrics = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
-    refused = re.search(r'grpc_server_handled_total\{[^}]*grpc_code="UNAUTHENTICATED"[^}]*grpc_method="GetInfo"'
-                        r'[^}]*\} (\S+)', metrics)
+    refused = re.search(
+        r'grpc_server_handled_total\{[^}]*grpc_code="UNAUTHENTICATED"[^}]*grpc_method="GetInfo"'
+        r"[^}]*\} (\S+)",
+        metrics,
+    )
     assert refused and float(refused.group(1)) >= 1, metrics
 
 
@@ -246,8 +296,9 @@ def test_health_port_is_plaintext_and_serves_only_health(server):
     port = int(HEALTH_PORT_LOG.search(server.log()).group(1))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         for service in ("", "cispo.v1.TrainingService"):
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                              timeout=10)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=10
+            )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
@@ -356,14 +407,29 @@ def test_bad_tls_files_are_refused(pki, tmp_path):
         (["--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(tmp_path / "none")], "no such file"),
         (["--tls-cert-file", str(pki.server_cert)], "--tls-cert-file and --tls-key-file"),
         (["--tls-client-ca-file", str(pki.ca_cert)], "--tls-cert-file and --tls-key-file"),
-        (["--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
-          "--tls-client-ca-file", str(garbage)], "--tls-client-ca-file"),
+        (
+            [
+                "--tls-cert-file",
+                str(pki.server_cert),
+                "--tls-key-file",
+                str(pki.server_key),
+                "--tls-client-ca-file",
+                str(garbage),
+            ],
+            "--tls-client-ca-file",
+        ),
     ]
     for argv, expected in cases:
         assert_refused(run_cli_in_process("--port", "0", "--metrics-port", "0", *argv), expected)
     # The same through the environment, in a real process.
-    proc = cli(env={"CISPO_TLS_CERT_FILE": str(pki.server_cert), "CISPO_TLS_KEY_FILE": str(pki.client_key),
-                    "CISPO_PORT": "0", "CISPO_METRICS_PORT": "0"})
+    proc = cli(
+        env={
+            "CISPO_TLS_CERT_FILE": str(pki.server_cert),
+            "CISPO_TLS_KEY_FILE": str(pki.client_key),
+            "CISPO_PORT": "0",
+            "CISPO_METRICS_PORT": "0",
+        }
+    )
     assert_one_line_error(proc, "is not the private key")
 
 
@@ -386,16 +452,25 @@ def test_the_default_host_is_loopback():
 
 def test_a_network_address_needs_tokens_or_insecure(tmp_path, tokens_file):
     for argv in (["--host", "0.0.0.0"], ["--host", "::"], ["--host", "10.1.2.3"]):
-        assert_refused(run_cli_in_process("--port", "0", "--metrics-port", "0", *argv),
-                       f"--host {argv[1]}", "--auth-tokens-file", "--insecure")
-    assert_refused(run_cli_in_process("--port", "0", env={"CISPO_HOST": "0.0.0.0", "CISPO_INSECURE": "maybe"}),
-                   "CISPO_INSECURE")
+        assert_refused(
+            run_cli_in_process("--port", "0", "--metrics-port", "0", *argv),
+            f"--host {argv[1]}",
+            "--auth-tokens-file",
+            "--insecure",
+        )
+    assert_refused(
+        run_cli_in_process("--port", "0", env={"CISPO_HOST": "0.0.0.0", "CISPO_INSECURE": "maybe"}), "CISPO_INSECURE"
+    )
 
     # Both servers start at once (each start is mostly importing torch).
     with ThreadPoolExecutor(2) as pool:
-        insecure, plaintext_tokens = pool.map(lambda args: ServerProcess(*args[1:], checkpoint_dir=tmp_path / args[0]), [
-            ("a", "--host", "0.0.0.0", "--insecure"),
-            ("b", "--host", "0.0.0.0", "--auth-tokens-file", str(tokens_file))])
+        insecure, plaintext_tokens = pool.map(
+            lambda args: ServerProcess(*args[1:], checkpoint_dir=tmp_path / args[0]),
+            [
+                ("a", "--host", "0.0.0.0", "--insecure"),
+                ("b", "--host", "0.0.0.0", "--auth-tokens-file", str(tokens_file)),
+            ],
+        )
     try:
         assert re.search(r"WARNING .*INSECURE: serving on 0.0.0.0 without authentication", insecure.log())
         with grpc.insecure_channel(f"127.0.0.1:{insecure.port}") as channel:
@@ -412,11 +487,15 @@ def test_a_network_address_needs_tokens_or_insecure(tmp_path, tokens_file):
 def test_a_second_server_on_the_same_port_exits(server):
     proc = cli("--port", str(server.port), "--metrics-port", "0")
     assert_one_line_error(proc, f"port {server.port} on 127.0.0.1 is in use")
-    assert_refused(run_cli_in_process("--port", "0", "--metrics-port", str(server.metrics_port)),
-                   f"metrics port {server.metrics_port} on 127.0.0.1 is in use")
+    assert_refused(
+        run_cli_in_process("--port", "0", "--metrics-port", str(server.metrics_port)),
+        f"metrics port {server.metrics_port} on 127.0.0.1 is in use",
+    )
     health_port = int(HEALTH_PORT_LOG.search(server.log()).group(1))
-    assert_refused(run_cli_in_process("--port", "0", "--metrics-port", "-1", "--health-port", str(health_port)),
-                   f"health port {health_port} on 127.0.0.1 is in use")
+    assert_refused(
+        run_cli_in_process("--port", "0", "--metrics-port", "-1", "--health-port", str(health_port)),
+        f"health port {health_port} on 127.0.0.1 is in use",
+    )
     # The first server is unharmed.
     with grpc.insecure_channel(f"127.0.0.1:{int(HEALTH_PORT_LOG.search(server.log()).group(1))}") as channel:
         assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1

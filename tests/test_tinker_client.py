@@ -8,18 +8,23 @@ import numpy as np
 import pytest
 import tinker as sdk  # the official SDK (the dev extra), whose objects the client must accept
 import torch
+from server_process import ServerProcess
 
 import cispo.client as tinker
 from cispo.client import types
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess("--sampler-dir", str(tmp_path_factory.mktemp("sampler")), "--sampler-dtype", "float32",
-                         checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    proc = ServerProcess(
+        "--sampler-dir",
+        str(tmp_path_factory.mktemp("sampler")),
+        "--sampler-dtype",
+        "float32",
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
+    )
     yield proc
     assert proc.terminate() == 0, proc.log()
 
@@ -50,8 +55,10 @@ def test_ported_tinker_rl_loop_raises_the_reward(service):
     for step in range(12):
         sampling_client = training_client.save_weights_and_get_sampling_client()
         batch = [prompts[i] for i in rng.choice(len(prompts), 8, replace=False)]
-        futures = [sampling_client.sample(prompt=types.ModelInput.from_ints(p), num_samples=8,
-                                          sampling_params=params) for p in batch]
+        futures = [
+            sampling_client.sample(prompt=types.ModelInput.from_ints(p), num_samples=8, sampling_params=params)
+            for p in batch
+        ]
         data, step_rewards = [], []
         for prompt, future in zip(batch, futures):
             sequences = future.result().sequences
@@ -63,15 +70,20 @@ def test_ported_tinker_rl_loop_raises_the_reward(service):
                     continue
                 tokens = prompt + sequence.tokens
                 n = len(tokens) - 1
-                data.append(types.Datum(
-                    model_input=types.ModelInput.from_ints(tokens[:-1]),
-                    loss_fn_inputs={
-                        "target_tokens": types.TensorData.from_numpy(np.array(tokens[1:], np.int64)),
-                        "logprobs": types.TensorData.from_numpy(
-                            np.array([0.0] * (len(prompt) - 1) + list(sequence.logprobs), np.float32)),
-                        "advantages": types.TensorData.from_numpy(
-                            np.array([0.0] * (len(prompt) - 1) + [advantage] * (n - len(prompt) + 1), np.float32)),
-                    }))
+                data.append(
+                    types.Datum(
+                        model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={
+                            "target_tokens": types.TensorData.from_numpy(np.array(tokens[1:], np.int64)),
+                            "logprobs": types.TensorData.from_numpy(
+                                np.array([0.0] * (len(prompt) - 1) + list(sequence.logprobs), np.float32)
+                            ),
+                            "advantages": types.TensorData.from_numpy(
+                                np.array([0.0] * (len(prompt) - 1) + [advantage] * (n - len(prompt) + 1), np.float32)
+                            ),
+                        },
+                    )
+                )
         rewards_by_step.append(float(np.mean(step_rewards)))
         if data:
             fwd_bwd_future = training_client.forward_backward(data, loss_fn="cispo")
@@ -97,14 +109,27 @@ def test_tinker_sdk_objects_give_the_same_answers(service):
     ours = service.create_lora_training_client(rank=4, seed=3)
     theirs = service.create_lora_training_client(rank=4, seed=3)
     inputs, targets, logprobs, advantages = datum(1)
-    our_data = [types.Datum(model_input=types.ModelInput.from_ints(inputs.tolist()), loss_fn_inputs={
-        "target_tokens": targets, "logprobs": logprobs, "advantages": advantages})]
-    sdk_data = [sdk.Datum(model_input=sdk.ModelInput.from_ints(inputs.tolist()), loss_fn_inputs={
-        "target_tokens": sdk.TensorData.from_numpy(targets), "logprobs": sdk.TensorData.from_numpy(logprobs),
-        "advantages": sdk.TensorData.from_numpy(advantages)})]
+    our_data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(inputs.tolist()),
+            loss_fn_inputs={"target_tokens": targets, "logprobs": logprobs, "advantages": advantages},
+        )
+    ]
+    sdk_data = [
+        sdk.Datum(
+            model_input=sdk.ModelInput.from_ints(inputs.tolist()),
+            loss_fn_inputs={
+                "target_tokens": sdk.TensorData.from_numpy(targets),
+                "logprobs": sdk.TensorData.from_numpy(logprobs),
+                "advantages": sdk.TensorData.from_numpy(advantages),
+            },
+        )
+    ]
     answers = []
-    for client, data, adam in ((ours, our_data, types.AdamParams(learning_rate=1e-2)),
-                               (theirs, sdk_data, sdk.AdamParams(learning_rate=1e-2))):
+    for client, data, adam in (
+        (ours, our_data, types.AdamParams(learning_rate=1e-2)),
+        (theirs, sdk_data, sdk.AdamParams(learning_rate=1e-2)),
+    ):
         fwd_bwd = client.forward_backward(data, "cispo")
         step = client.optim_step(adam)
         after = client.forward(data, "cispo")
@@ -113,10 +138,16 @@ def test_tinker_sdk_objects_give_the_same_answers(service):
     assert f1.metrics == f2.metrics and s1.grad_norm == s2.grad_norm and a1.metrics == a2.metrics
     assert np.array_equal(a1.loss_fn_outputs[0]["logprobs"].to_numpy(), a2.loss_fn_outputs[0]["logprobs"].to_numpy())
     prompt = inputs[:4].tolist()
-    ours_sampled = ours.create_sampling_client().sample(types.ModelInput.from_ints(prompt), 2,
-                                                        types.SamplingParams(max_tokens=5, seed=7)).result()
-    sdk_sampled = theirs.create_sampling_client().sample(sdk.ModelInput.from_ints(prompt), 2,
-                                                         sdk.SamplingParams(max_tokens=5, seed=7)).result()
+    ours_sampled = (
+        ours.create_sampling_client()
+        .sample(types.ModelInput.from_ints(prompt), 2, types.SamplingParams(max_tokens=5, seed=7))
+        .result()
+    )
+    sdk_sampled = (
+        theirs.create_sampling_client()
+        .sample(sdk.ModelInput.from_ints(prompt), 2, sdk.SamplingParams(max_tokens=5, seed=7))
+        .result()
+    )
     assert [s.tokens for s in ours_sampled.sequences] == [s.tokens for s in sdk_sampled.sequences]
     with pytest.raises(TypeError, match=r"data\[0\]: expected cispo.client.Datum, got tinker.*TensorData"):
         ours.forward([sdk.TensorData.from_numpy(targets)], "cispo")
@@ -127,16 +158,21 @@ def test_forward_backward_custom_equals_the_builtin_loss_and_orders_what_follows
     right after it (before its backward left) steps on that gradient."""
     inputs, targets, _, _ = datum(2)
     weights = np.linspace(0.1, 1.0, len(targets)).astype(np.float32)
-    data = [types.Datum(model_input=types.ModelInput.from_ints(inputs.tolist()),
-                        loss_fn_inputs={"target_tokens": targets, "weights": weights})]
+    data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(inputs.tolist()),
+            loss_fn_inputs={"target_tokens": targets, "weights": weights},
+        )
+    ]
     builtin = service.create_lora_training_client(rank=4, seed=5)
     custom = service.create_lora_training_client(rank=4, seed=5)
     expected = builtin.forward_backward(data, "cross_entropy")
     expected_step = builtin.optim_step(types.AdamParams(learning_rate=1e-2))
 
     def weighted_nll(batch, logprobs):
-        loss = sum(-(torch.from_numpy(d.loss_fn_inputs["weights"].to_numpy()) * lp).sum()
-                   for d, lp in zip(batch, logprobs))
+        loss = sum(
+            -(torch.from_numpy(d.loss_fn_inputs["weights"].to_numpy()) * lp).sum() for d, lp in zip(batch, logprobs)
+        )
         return loss, {"custom_metric:sum": 1.5}
 
     got = custom.forward_backward_custom(data, weighted_nll)
@@ -147,14 +183,18 @@ def test_forward_backward_custom_equals_the_builtin_loss_and_orders_what_follows
     assert result.metrics["custom_metric:sum"] == 1.5
     assert step.grad_norm == pytest.approx(expected_step.result().grad_norm, rel=1e-5)
     assert step.step == 1
-    np.testing.assert_allclose(result.loss_fn_outputs[0]["logprobs"].to_numpy(),
-                               expected.result().loss_fn_outputs[0]["logprobs"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        result.loss_fn_outputs[0]["logprobs"].to_numpy(),
+        expected.result().loss_fn_outputs[0]["logprobs"].to_numpy(),
+        rtol=1e-6,
+    )
 
 
 def test_a_failing_custom_loss_fails_what_waits_behind_it_and_changes_nothing(service):
     inputs, targets, _, _ = datum(3)
-    data = [types.Datum(model_input=types.ModelInput.from_ints(inputs.tolist()),
-                        loss_fn_inputs={"target_tokens": targets})]
+    data = [
+        types.Datum(model_input=types.ModelInput.from_ints(inputs.tolist()), loss_fn_inputs={"target_tokens": targets})
+    ]
     run = service.create_lora_training_client(rank=4, seed=6)
 
     def broken(batch, logprobs):
@@ -173,10 +213,17 @@ def test_a_failing_custom_loss_fails_what_waits_behind_it_and_changes_nothing(se
 def test_every_operation_returns_a_future_and_saves_return_the_paths_loads_take(service):
     run = service.create_lora_training_client(rank=4, seed=7)
     inputs, targets, logprobs, advantages = datum(4)
-    data = [types.Datum(model_input=types.ModelInput.from_ints(inputs.tolist()), loss_fn_inputs={
-        "target_tokens": targets, "logprobs": logprobs, "advantages": advantages})]
-    futures = [run.forward_backward(data, "cispo"), run.optim_step(optim_params=types.AdamParams(learning_rate=1e-2)),
-               run.save_state("tinker-style", ttl_seconds=3600)]
+    data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(inputs.tolist()),
+            loss_fn_inputs={"target_tokens": targets, "logprobs": logprobs, "advantages": advantages},
+        )
+    ]
+    futures = [
+        run.forward_backward(data, "cispo"),
+        run.optim_step(optim_params=types.AdamParams(learning_rate=1e-2)),
+        run.save_state("tinker-style", ttl_seconds=3600),
+    ]
     assert all(isinstance(f, tinker.APIFuture) for f in futures)
     saved = futures[-1].result()
     assert saved.path.endswith("/tinker-style") and saved.step == 1
@@ -197,8 +244,11 @@ def test_every_operation_returns_a_future_and_saves_return_the_paths_loads_take(
     assert "loss:sum" in metrics and step == 2 and info.step == 2
     exported = run.save_weights_for_sampler("tinker-adapter").result()
     assert exported.path.endswith("/tinker-adapter")
-    sampled = service.create_sampling_client(model_path=exported.path).sample(
-        types.ModelInput.from_ints([1, 2, 3]), 2, types.SamplingParams(max_tokens=3)).result()
+    sampled = (
+        service.create_sampling_client(model_path=exported.path)
+        .sample(types.ModelInput.from_ints([1, 2, 3]), 2, types.SamplingParams(max_tokens=3))
+        .result()
+    )
     assert len(sampled.sequences) == 2
 
 
@@ -214,5 +264,7 @@ def test_tinker_losses_over_the_wire(service, loss_fn, config):
     assert np.isfinite(result.metrics["loss:sum"]) and result.metrics["active_tokens:sum"] == 7
     assert {f.name for f in run.get_info().loss_functions} >= {"dro", "gspo"}
     with pytest.raises(tinker.InvalidArgumentError) as err:
-        run.forward_backward(data, loss_fn, {"beta": -1.0} if loss_fn == "dro" else {"clip_low_threshold": -1.0}).result()
+        run.forward_backward(
+            data, loss_fn, {"beta": -1.0} if loss_fn == "dro" else {"clip_low_threshold": -1.0}
+        ).result()
     assert err.value.field_violations[0].field.startswith("loss_fn_config.")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from server_process import ServerProcess
 
 SCRIPT = Path(__file__).with_name("tinker_cookbook_loop.py")
@@ -19,13 +18,26 @@ TOKEN = "cookbook-0123456789abcdef"
 def test_the_cookbook_rl_loop_raises_the_reward(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"cookbook:{TOKEN}\n")
-    server = ServerProcess("--http-port", "0", "--auth-tokens-file", str(tokens), "--sampler-dtype", "float32",
-                           "--sampler-dir", str(tmp_path / "sampler"), checkpoint_dir=tmp_path / "ckpt")
+    server = ServerProcess(
+        "--http-port",
+        "0",
+        "--auth-tokens-file",
+        str(tokens),
+        "--sampler-dtype",
+        "float32",
+        "--sampler-dir",
+        str(tmp_path / "sampler"),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
     try:
-        env = {**os.environ, "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}",
-               "TINKER_API_KEY": f"tml-{TOKEN}"}
-        done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True,
-                              text=True, timeout=240)
+        env = {
+            **os.environ,
+            "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}",
+            "TINKER_API_KEY": f"tml-{TOKEN}",
+        }
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+        )
     finally:
         assert server.terminate() == 0, server.log()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

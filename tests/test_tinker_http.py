@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from server_process import ServerProcess
 
 import cispo.client as cispo
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 SCRIPT = Path(__file__).with_name("tinker_sdk_loop.py")
@@ -31,18 +31,30 @@ def server(tmp_path_factory):
     tokens = tmp_path_factory.mktemp("tokens") / "tokens"
     tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
     sampler_dir = tmp_path_factory.mktemp("sampler")
-    proc = ServerProcess("--http-port", "0", "--auth-tokens-file", str(tokens), "--sampler-dtype", "float32",
-                         "--sampler-dir", str(sampler_dir), checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    proc = ServerProcess(
+        "--http-port",
+        "0",
+        "--auth-tokens-file",
+        str(tokens),
+        "--sampler-dtype",
+        "float32",
+        "--sampler-dir",
+        str(sampler_dir),
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
+    )
     proc.sampler_dir = sampler_dir
     yield proc
     assert proc.terminate() == 0, proc.log()
 
 
 def run_sdk(server, mode: str, token: str = ALICE) -> dict:
-    env = {**os.environ, "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}", "TINKER_API_KEY": f"tml-{token}",
-           "TINKER_TELEMETRY": "0"}
-    done = subprocess.run([sys.executable, str(SCRIPT), mode, ""], env=env, capture_output=True, text=True,
-                          timeout=240)
+    env = {
+        **os.environ,
+        "TINKER_BASE_URL": f"http://127.0.0.1:{server.http_port}",
+        "TINKER_API_KEY": f"tml-{token}",
+        "TINKER_TELEMETRY": "0",
+    }
+    done = subprocess.run([sys.executable, str(SCRIPT), mode, ""], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -66,8 +78,12 @@ def test_the_sdk_loop_equals_the_same_operations_over_grpc(server):
         run = service.create_lora_training_client(rank=4, seed=11)
         grpc = grpc_train(run, 100, 2)
         after = run.forward(loop_script.batch(200), "cispo", loop_script.CONFIG).result()
-        sampled = run.save_weights_and_get_sampling_client().result().sample(
-            cispo.ModelInput.from_ints([5, 6, 7]), 2, cispo.SamplingParams(max_tokens=5, seed=3)).result()
+        sampled = (
+            run.save_weights_and_get_sampling_client()
+            .result()
+            .sample(cispo.ModelInput.from_ints([5, 6, 7]), 2, cispo.SamplingParams(max_tokens=5, seed=3))
+            .result()
+        )
         big = grpc_train(run, 300, 1, n=loop_script.BIG)
         service.unload_model(run.model_id)
     assert sdk["loss"] == grpc["loss"] and sdk["logprobs"] == grpc["logprobs"]  # bit for bit
@@ -76,14 +92,19 @@ def test_the_sdk_loop_equals_the_same_operations_over_grpc(server):
     assert sdk["resumed"] == sdk["after"]  # create_training_client_from_state(save_state's path)
     assert sdk["state_path"].startswith("tinker://run-") and sdk["state_path"].endswith("/weights/sdk-state")
     assert [s["tokens"] for s in sdk["samples"]] == [s.tokens for s in sampled.sequences]
-    np.testing.assert_allclose([s["logprobs"] for s in sdk["samples"]], [s.logprobs for s in sampled.sequences],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        [s["logprobs"] for s in sdk["samples"]], [s.logprobs for s in sampled.sequences], atol=1e-6
+    )
     assert sdk["named_samples"] == [s["tokens"] for s in sdk["samples"]]  # a named export of the same weights
     # Three chunks sent in parallel accumulate into one gradient, as one gRPC request does.
     assert sdk["big_batch"]["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
     assert sdk["big_batch"]["loss"] == pytest.approx(big["loss"], rel=1e-5)
-    np.testing.assert_allclose(np.concatenate(sdk["big_batch"]["logprobs"][0]),  # packed otherwise: float order
-                               np.concatenate(big["logprobs"][0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate(sdk["big_batch"]["logprobs"][0]),  # packed otherwise: float order
+        np.concatenate(big["logprobs"][0]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert sdk["error"]["type"] == "BadRequestError"
     assert "data[0].loss_fn_inputs.target_tokens: length 3 != model_input length 2" in sdk["error"]["message"]
 
@@ -99,14 +120,19 @@ def test_api_keys_map_to_the_token_identities(server):
     assert refused.status_code == 401 and "API key" in refused.json()["error"]
     alice = {"X-API-Key": f"tml-{ALICE}"}
     session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
-    future = requests.post(f"{base}/create_model", headers=alice, json={
-        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json()
+    future = requests.post(
+        f"{base}/create_model",
+        headers=alice,
+        json={"session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}},
+    ).json()
     result = requests.post(f"{base}/retrieve_future", headers=alice, json={"request_id": future["request_id"]}).json()
     model_id = result["model_id"]
     bob = {"X-API-Key": f"tml-{BOB}"}
     assert requests.post(f"{base}/get_info", headers=bob, json={"model_id": model_id}).status_code == 404
-    assert requests.post(f"{base}/retrieve_future", headers=bob,
-                         json={"request_id": future["request_id"]}).status_code == 410
+    assert (
+        requests.post(f"{base}/retrieve_future", headers=bob, json={"request_id": future["request_id"]}).status_code
+        == 410
+    )
     assert requests.post(f"{base}/get_info", headers=alice, json={"model_id": model_id}).json()["lora_rank"] == 4
     assert requests.post(f"{base}/sessions/{session}/finish", headers=alice, json={}).status_code == 200
     with cispo.ServiceClient(server.address, token=ALICE) as service:
@@ -127,11 +153,17 @@ def test_errors_unknown_and_hosted_routes(server):
     missing = requests.post(f"{base}/optim_step", json={"model_id": "nope:train:0", "seq_id": 1}, headers=alice)
     assert missing.status_code == 404
     session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
-    no_lora = requests.post(f"{base}/create_model", headers=alice, json={"session_id": session, "model_seq_id": 0,
-                                                                         "base_model": "someone/else"})
+    no_lora = requests.post(
+        f"{base}/create_model",
+        headers=alice,
+        json={"session_id": session, "model_seq_id": 0, "base_model": "someone/else"},
+    )
     assert no_lora.status_code == 400
-    wrong_base = requests.post(f"{base}/create_model", headers=alice, json={
-        "session_id": session, "model_seq_id": 0, "base_model": "someone/else", "lora_config": {"rank": 4}})
+    wrong_base = requests.post(
+        f"{base}/create_model",
+        headers=alice,
+        json={"session_id": session, "model_seq_id": 0, "base_model": "someone/else", "lora_config": {"rank": 4}},
+    )
     assert wrong_base.status_code == 400 and wrong_base.json()["field_violations"][0]["field"] == "base_model"
     metrics = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
     assert 'cispo_http_requests_total{route="create_custom_loss",status="400"} 1.0' in metrics
@@ -146,15 +178,25 @@ def test_a_repeated_idempotency_key_applies_once(server):
         return requests.post(f"{base}/retrieve_future", headers=alice, json={"request_id": future["request_id"]}).json()
 
     session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
-    model_id = result(requests.post(f"{base}/create_model", headers=alice, json={
-        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json())["model_id"]
+    model_id = result(
+        requests.post(
+            f"{base}/create_model",
+            headers=alice,
+            json={"session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}},
+        ).json()
+    )["model_id"]
     data = loop_script.batch(7)
-    fwd_bwd = requests.post(f"{base}/forward_backward", headers={**alice, "Content-Type": "application/x-protobuf"},
-                            data=forward_backward_body(model_id, 1, data)).json()
+    fwd_bwd = requests.post(
+        f"{base}/forward_backward",
+        headers={**alice, "Content-Type": "application/x-protobuf"},
+        data=forward_backward_body(model_id, 1, data),
+    ).json()
     assert fwd_bwd["model_id"] == model_id
     step = {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-2}}
-    once = [result(requests.post(f"{base}/optim_step", json=step, headers={**alice, "X-Idempotency-Key": "step-1"}).json())
-            for _ in range(2)]
+    once = [
+        result(requests.post(f"{base}/optim_step", json=step, headers={**alice, "X-Idempotency-Key": "step-1"}).json())
+        for _ in range(2)
+    ]
     assert once[0] == once[1] and once[0]["metrics"]["step:max"] == 1.0 and once[0]["metrics"]["grad_norm:max"] > 0
     again = result(requests.post(f"{base}/optim_step", json={**step, "seq_id": 3}, headers=alice).json())
     assert again["metrics"]["step:max"] == 2.0  # the repeat was not a step; this one is
@@ -166,27 +208,67 @@ def forward_backward_body(model_id: str, seq_id: int, data) -> bytes:
     from tinker import types
     from tinker.proto.request_conv import forward_backward_request_to_proto
 
-    request = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(
-        data=data, loss_fn="cispo"), model_id=model_id, seq_id=seq_id)
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn="cispo"), model_id=model_id, seq_id=seq_id
+    )
     return forward_backward_request_to_proto(request).SerializeToString()
 
 
-FUZZ_ROUTES = ("create_session", "session_heartbeat", "create_model", "get_info", "forward_backward", "optim_step",
-               "save_weights", "load_weights", "save_weights_for_sampler", "create_sampling_session", "asample",
-               "retrieve_future", "client/config")
+FUZZ_ROUTES = (
+    "create_session",
+    "session_heartbeat",
+    "create_model",
+    "get_info",
+    "forward_backward",
+    "optim_step",
+    "save_weights",
+    "load_weights",
+    "save_weights_for_sampler",
+    "create_sampling_session",
+    "asample",
+    "retrieve_future",
+    "client/config",
+)
 
 
 def fuzz_value(rng, depth=0):
-    makers = [lambda: None, lambda: True, lambda: int(rng.integers(-2**40, 2**40)), lambda: float(rng.normal() * 1e6),
-              lambda: "x" * int(rng.integers(0, 300)), lambda: "tinker://a/b",
-              lambda: [fuzz_value(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))],
-              lambda: {str(k): fuzz_value(rng, depth + 1) for k in rng.choice(FIELDS, int(rng.integers(0, 5)))}]
+    makers = [
+        lambda: None,
+        lambda: True,
+        lambda: int(rng.integers(-(2**40), 2**40)),
+        lambda: float(rng.normal() * 1e6),
+        lambda: "x" * int(rng.integers(0, 300)),
+        lambda: "tinker://a/b",
+        lambda: [fuzz_value(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))],
+        lambda: {str(k): fuzz_value(rng, depth + 1) for k in rng.choice(FIELDS, int(rng.integers(0, 5)))},
+    ]
     return makers[int(rng.integers(0, 8 if depth < 2 else 6))]()
 
 
-FIELDS = ["session_id", "model_id", "seq_id", "model_seq_id", "base_model", "lora_config", "adam_params", "path",
-          "optimizer", "sampling_session_id", "sampling_session_seq_id", "num_samples", "prompt", "sampling_params",
-          "request_id", "rank", "chunks", "tokens", "max_tokens", "stop", "kind", "prompt_logprobs"]
+FIELDS = [
+    "session_id",
+    "model_id",
+    "seq_id",
+    "model_seq_id",
+    "base_model",
+    "lora_config",
+    "adam_params",
+    "path",
+    "optimizer",
+    "sampling_session_id",
+    "sampling_session_seq_id",
+    "num_samples",
+    "prompt",
+    "sampling_params",
+    "request_id",
+    "rank",
+    "chunks",
+    "tokens",
+    "max_tokens",
+    "stop",
+    "kind",
+    "prompt_logprobs",
+]
 
 
 def test_fuzzed_bodies_get_client_errors_and_the_server_keeps_serving(server):
@@ -195,16 +277,27 @@ def test_fuzzed_bodies_get_client_errors_and_the_server_keeps_serving(server):
     base = f"http://127.0.0.1:{server.http_port}/api/v1"
     alice = {"X-API-Key": f"tml-{ALICE}"}
     session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
-    created = requests.post(f"{base}/create_model", headers=alice, json={
-        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json()
+    created = requests.post(
+        f"{base}/create_model",
+        headers=alice,
+        json={"session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}},
+    ).json()
     model_id = requests.post(f"{base}/retrieve_future", headers=alice, json=created).json()["model_id"]
-    export = requests.post(f"{base}/save_weights_for_sampler", headers=alice, json={
-        "model_id": model_id, "seq_id": 1, "path": "fuzzed"}).json()
+    export = requests.post(
+        f"{base}/save_weights_for_sampler", headers=alice, json={"model_id": model_id, "seq_id": 1, "path": "fuzzed"}
+    ).json()
     export_path = requests.post(f"{base}/retrieve_future", headers=alice, json=export).json()["path"]
-    sampler = requests.post(f"{base}/create_sampling_session", headers=alice, json={
-        "session_id": session, "sampling_session_seq_id": 0, "model_path": export_path}).json()
-    valid = {"session_id": session, "model_id": model_id, "sampling_session_id": sampler["sampling_session_id"],
-             "request_id": created["request_id"]}
+    sampler = requests.post(
+        f"{base}/create_sampling_session",
+        headers=alice,
+        json={"session_id": session, "sampling_session_seq_id": 0, "model_path": export_path},
+    ).json()
+    valid = {
+        "session_id": session,
+        "model_id": model_id,
+        "sampling_session_id": sampler["sampling_session_id"],
+        "request_id": created["request_id"],
+    }
     rng = np.random.default_rng(0)
     for i in range(300):
         route = FUZZ_ROUTES[i % len(FUZZ_ROUTES)]
@@ -231,12 +324,24 @@ def test_ephemeral_exports_are_pruned_and_removed_with_their_session(server):
         return sorted(p.name for p in server.sampler_dir.glob("@alice/*") if ".ephemeral-" in p.name)  # alice's names
 
     session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
-    model_id = result(requests.post(f"{base}/create_model", headers=alice, json={
-        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json())["model_id"]
+    model_id = result(
+        requests.post(
+            f"{base}/create_model",
+            headers=alice,
+            json={"session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}},
+        ).json()
+    )["model_id"]
     before = ephemeral_exports()
-    samplers = [result(requests.post(f"{base}/save_weights_for_sampler", headers=alice, json={
-        "model_id": model_id, "seq_id": seq, "sampling_session_seq_id": seq}).json())["sampling_session_id"]
-        for seq in range(1, 7)]
+    samplers = [
+        result(
+            requests.post(
+                f"{base}/save_weights_for_sampler",
+                headers=alice,
+                json={"model_id": model_id, "seq_id": seq, "sampling_session_seq_id": seq},
+            ).json()
+        )["sampling_session_id"]
+        for seq in range(1, 7)
+    ]
     deadline = time.monotonic() + 30
     while len(ephemeral_exports()) - len(before) > 4 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -256,10 +361,18 @@ def hostile_tensor(rng, n: int):
     shape = shapes[int(rng.integers(0, len(shapes)))]
     if rng.random() < 0.5:
         nnz = int(rng.integers(0, 4))
-        cols = rng.integers(-2, max(n, 1) + 2**int(rng.integers(0, 40)), nnz)
-        return tpb.Tensor(dtype=dtype, shape=shape, sparse_csr=tpb.SparseCsr(
-            crow_indices=np.array([[0, nnz], [0, nnz + 1], [1, nnz], [0]][int(rng.integers(0, 4))], "<i8").tobytes(),
-            col_indices=cols.astype("<i8").tobytes(), values=rng.bytes(4 * nnz)))
+        cols = rng.integers(-2, max(n, 1) + 2 ** int(rng.integers(0, 40)), nnz)
+        return tpb.Tensor(
+            dtype=dtype,
+            shape=shape,
+            sparse_csr=tpb.SparseCsr(
+                crow_indices=np.array(
+                    [[0, nnz], [0, nnz + 1], [1, nnz], [0]][int(rng.integers(0, 4))], "<i8"
+                ).tobytes(),
+                col_indices=cols.astype("<i8").tobytes(),
+                values=rng.bytes(4 * nnz),
+            ),
+        )
     return tpb.Tensor(dtype=dtype, shape=shape, dense=rng.bytes(int(rng.choice([4 * n, 8 * n, 3, 0]))))
 
 
@@ -274,8 +387,11 @@ def test_fuzzed_tensors_bodies_and_keys_never_5xx_and_rss_stays_bounded(server):
     alice = {"X-API-Key": f"tml-{ALICE}"}
     limit = 32 << 20
     session = requests.post(f"{base}/create_session", json={}, headers=alice).json()["session_id"]
-    created = requests.post(f"{base}/create_model", headers=alice, json={
-        "session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}}).json()
+    created = requests.post(
+        f"{base}/create_model",
+        headers=alice,
+        json={"session_id": session, "model_seq_id": 0, "base_model": "", "lora_config": {"rank": 4}},
+    ).json()
     model_id = requests.post(f"{base}/retrieve_future", headers=alice, json=created).json()["model_id"]
     valid = forward_backward_body(model_id, 1, loop_script.batch(3))
     rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{server.proc.pid}/status").read())[1]) << 10  # noqa: E731
@@ -288,19 +404,26 @@ def test_fuzzed_tensors_bodies_and_keys_never_5xx_and_rss_stays_bounded(server):
         headers = dict(protobuf)
         if kind == 0:  # hostile tensors
             n = int(rng.integers(1, 6))
-            datum = tpb.Datum(model_input=[tpb.Chunk(encoded_text=tpb.EncodedTextChunk(
-                tokens=rng.integers(0, 100, n).astype("<i4").tobytes()))])
+            datum = tpb.Datum(
+                model_input=[
+                    tpb.Chunk(encoded_text=tpb.EncodedTextChunk(tokens=rng.integers(0, 100, n).astype("<i4").tobytes()))
+                ]
+            )
             for name in rng.choice(["target_tokens", "logprobs", "advantages", "weights", "bogus"], 3):
                 datum.loss_fn_inputs[str(name)].CopyFrom(hostile_tensor(rng, n))
-            body = tpb.ForwardBackwardRequest(model_id=model_id, seq_id=int(rng.integers(-5, 2**31 - 1)), data=[datum],
-                                              loss_fn=str(rng.choice(["cispo", "ppo", "nope"]))).SerializeToString()
+            body = tpb.ForwardBackwardRequest(
+                model_id=model_id,
+                seq_id=int(rng.integers(-5, 2**31 - 1)),
+                data=[datum],
+                loss_fn=str(rng.choice(["cispo", "ppo", "nope"])),
+            ).SerializeToString()
         elif kind == 1:  # mutated
             body = bytearray(valid)
             for at in rng.integers(0, len(body), int(rng.integers(1, 8))):
                 body[at] = int(rng.integers(0, 256))
             body = bytes(body)
         elif kind == 2:  # truncated
-            body = valid[:int(rng.integers(0, len(valid)))]
+            body = valid[: int(rng.integers(0, len(valid)))]
         elif kind == 3:  # a zstd bomb: small on the wire, over the limit inflated
             body = zstandard.ZstdCompressor().compress(b"\0" * (limit + 1))
             headers["Content-Encoding"] = "zstd"
@@ -312,9 +435,15 @@ def test_fuzzed_tensors_bodies_and_keys_never_5xx_and_rss_stays_bounded(server):
             continue
         elif kind == 5:  # wrong types in every field of a JSON route
             route = str(rng.choice(["optim_step", "create_model", "load_weights", "save_weights_for_sampler"]))
-            body_json = {"model_id": model_id, "session_id": session, "seq_id": str(i), "model_seq_id": [1],
-                         "adam_params": {"learning_rate": ["1e-3", None, [1], {"a": 1}, 10**400, -0.0][i % 6]},
-                         "lora_config": {"rank": [-1, 0, 2**31, "4", 1.5][i % 5]}, "path": [1, "", None][i % 3]}
+            body_json = {
+                "model_id": model_id,
+                "session_id": session,
+                "seq_id": str(i),
+                "model_seq_id": [1],
+                "adam_params": {"learning_rate": ["1e-3", None, [1], {"a": 1}, 10**400, -0.0][i % 6]},
+                "lora_config": {"rank": [-1, 0, 2**31, "4", 1.5][i % 5]},
+                "path": [1, "", None][i % 3],
+            }
             answer = requests.post(f"{base}/{route}", data=json.dumps(body_json), headers=alice)
             codes.append(answer.status_code)
             continue

@@ -12,12 +12,12 @@ others compared with it word by word), so most bodies here are such batches, cor
 
 import random
 
+import fuzz_messages as fm
 import numpy as np
 import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-import fuzz_messages as fm
 from cispo.service import convert
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import InvalidInput, LimitExceeded
@@ -90,8 +90,9 @@ def _same(a: tuple, b: tuple) -> bool:
     for (tokens_a, inputs_a), (tokens_b, inputs_b) in zip(a[1], b[1]):
         pairs = [(tokens_a, tokens_b)] + [(inputs_a[k], inputs_b.get(k)) for k in inputs_a]
         if inputs_a.keys() != inputs_b.keys() or any(
-                y is None or x.is_floating_point() != y.is_floating_point() or not torch.equal(x.double(), y.double())
-            for x, y in pairs):
+            y is None or x.is_floating_point() != y.is_floating_point() or not torch.equal(x.double(), y.double())
+            for x, y in pairs
+        ):
             return False
     return True
 
@@ -107,8 +108,13 @@ def check(body: bytes) -> str:
     return expected[0]
 
 
-FORMS = {"model_input": fm.INT_FORMS, "target_tokens": fm.INT_FORMS, "logprobs": fm.FLOAT_FORMS,
-         "advantages": fm.FLOAT_FORMS, "weights": fm.FLOAT_FORMS}
+FORMS = {
+    "model_input": fm.INT_FORMS,
+    "target_tokens": fm.INT_FORMS,
+    "logprobs": fm.FLOAT_FORMS,
+    "advantages": fm.FLOAT_FORMS,
+    "weights": fm.FLOAT_FORMS,
+}
 
 
 def uniform_batch(rng: random.Random, datums: int) -> tuple[fm.BatchSpec, pb.ForwardBackwardInput]:
@@ -202,7 +208,9 @@ def test_corrupted_bodies_agree(seed):
         msg = uniform_batch(rng, 66)[1] if rng.random() < 0.5 else fm.good_batch(rng, max_datums=8)
         body = msg.SerializeToString()
         cls = rng.choice(("truncated", "bitflip", "wrong_wire_type"))
-        check({"truncated": fm._truncate, "bitflip": fm._bitflip, "wrong_wire_type": fm._wrong_wire_type}[cls](rng, body))
+        check(
+            {"truncated": fm._truncate, "bitflip": fm._bitflip, "wrong_wire_type": fm._wrong_wire_type}[cls](rng, body)
+        )
 
 
 def test_datums_protobuf_reads_in_another_form_agree():

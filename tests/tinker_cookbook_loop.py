@@ -25,14 +25,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
-import chz  # noqa: E402
-import tinker  # noqa: E402
-from tinker_cookbook import tokenizer_utils  # noqa: E402
-from tinker_cookbook.completers import StopCondition  # noqa: E402
-from tinker_cookbook.rl import train  # noqa: E402
-from tinker_cookbook.rl.types import (Action, Env, EnvGroupBuilder, Observation, RLDataset,  # noqa: E402
-                                      RLDatasetBuilder, StepResult)
-from tinker_cookbook.utils import cost_estimation  # noqa: E402
+import chz
+import tinker
+from tinker_cookbook import tokenizer_utils
+from tinker_cookbook.completers import StopCondition
+from tinker_cookbook.rl import train
+from tinker_cookbook.rl.types import Action, Env, EnvGroupBuilder, Observation, RLDataset, RLDatasetBuilder, StepResult
+from tinker_cookbook.utils import cost_estimation
 
 VOCAB, BOS, EOS = 1024, 1, 2
 TARGET = range(4, 260)
@@ -61,8 +60,9 @@ def build_tokenizer(directory: Path):
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tokenizer.save_pretrained(directory)
     return PreTrainedTokenizerFast.from_pretrained(str(directory))
 
@@ -76,8 +76,13 @@ class TokenSetEnv(Env):
 
     async def step(self, action: Action, *, extra=None) -> StepResult:
         reward = sum(t in TARGET for t in action) / max(len(action), 1)
-        return StepResult(reward=reward, episode_done=True, next_observation=tinker.ModelInput.empty(),
-                          next_stop_condition=[EOS], metrics={})
+        return StepResult(
+            reward=reward,
+            episode_done=True,
+            next_observation=tinker.ModelInput.empty(),
+            next_stop_condition=[EOS],
+            metrics={},
+        )
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,10 @@ class TokenSetDataset(RLDataset):
         self.batches, self.groups, self.group_size = batches, groups, group_size
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        return [TokenSetGroup((BOS, *(512 + (k * 37 + i * 11) % 500 for i in range(3))), self.group_size)
-                for k in range(index * self.groups, (index + 1) * self.groups)]
+        return [
+            TokenSetGroup((BOS, *(512 + (k * 37 + i * 11) % 500 for i in range(3))), self.group_size)
+            for k in range(index * self.groups, (index + 1) * self.groups)
+        ]
 
     def __len__(self) -> int:
         return self.batches
@@ -121,15 +128,32 @@ def main(log_dir: Path) -> None:
     tokenizer_utils.register_tokenizer(MODEL_NAME, lambda: tokenizer)
     log_path = log_dir / "log"
     config = train.Config(
-        learning_rate=5e-2, dataset_builder=TokenSetDatasetBuilder(), model_name=MODEL_NAME,
-        recipe_name="cispo_toy", max_tokens=8, log_path=str(log_path), base_url=os.environ["TINKER_BASE_URL"],
-        lora_rank=8, loss_fn="cispo", loss_fn_config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
-        eval_every=0, save_every=4, wandb_project=None, rollout_error_tolerance=False)
+        learning_rate=5e-2,
+        dataset_builder=TokenSetDatasetBuilder(),
+        model_name=MODEL_NAME,
+        recipe_name="cispo_toy",
+        max_tokens=8,
+        log_path=str(log_path),
+        base_url=os.environ["TINKER_BASE_URL"],
+        lora_rank=8,
+        loss_fn="cispo",
+        loss_fn_config={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
+        eval_every=0,
+        save_every=4,
+        wandb_project=None,
+        rollout_error_tolerance=False,
+    )
     asyncio.run(train.main(config))
     rows = [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     checkpoints = (log_path / "checkpoints.jsonl").read_text().splitlines()
-    print(json.dumps({"rewards": [r["env/all/reward/total"] for r in rows if "env/all/reward/total" in r],
-                      "checkpoints": [json.loads(c) for c in checkpoints]}))
+    print(
+        json.dumps(
+            {
+                "rewards": [r["env/all/reward/total"] for r in rows if "env/all/reward/total" in r],
+                "checkpoints": [json.loads(c) for c in checkpoints],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,11 +25,16 @@ def batch(seed: int, n: int = 4, length: int = 9) -> list[types.Datum]:
     for _ in range(n):
         advantages = rng.normal(size=length).astype(np.float32)
         advantages[:3] = 0.0
-        data.append(types.Datum(
-            model_input=types.ModelInput.from_ints(rng.integers(0, 1024, length).tolist()),
-            loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(rng.integers(0, 1024, length)),
-                            "logprobs": types.TensorData.from_numpy((-6.0 - rng.random(length)).astype(np.float32)),
-                            "advantages": types.TensorData.from_numpy(advantages)}))
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(rng.integers(0, 1024, length).tolist()),
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData.from_numpy(rng.integers(0, 1024, length)),
+                    "logprobs": types.TensorData.from_numpy((-6.0 - rng.random(length)).astype(np.float32)),
+                    "advantages": types.TensorData.from_numpy(advantages),
+                },
+            )
+        )
     return data
 
 
@@ -59,20 +64,35 @@ def loop(service_client, base_model: str) -> dict:
     resumed = service_client.create_training_client_from_state(saved.path).result()
     out["resumed"] = logprobs(resumed.forward(batch(200), "cispo", CONFIG).result())
     sampling_client = training_client.save_weights_and_get_sampling_client().result()
-    sampled = sampling_client.sample(prompt=types.ModelInput.from_ints([5, 6, 7]), num_samples=2,
-                                     sampling_params=types.SamplingParams(max_tokens=5, seed=3)).result()
-    out["samples"] = [{"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
-                      for s in sampled.sequences]
+    sampled = sampling_client.sample(
+        prompt=types.ModelInput.from_ints([5, 6, 7]),
+        num_samples=2,
+        sampling_params=types.SamplingParams(max_tokens=5, seed=3),
+    ).result()
+    out["samples"] = [
+        {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason} for s in sampled.sequences
+    ]
     named = training_client.save_weights_for_sampler("sdk-export").result()
     out["export_path"] = named.path
-    again = service_client.create_sampling_client(model_path=named.path).result().sample(
-        prompt=types.ModelInput.from_ints([5, 6, 7]), num_samples=2,
-        sampling_params=types.SamplingParams(max_tokens=5, seed=3)).result()
+    again = (
+        service_client.create_sampling_client(model_path=named.path)
+        .result()
+        .sample(
+            prompt=types.ModelInput.from_ints([5, 6, 7]),
+            num_samples=2,
+            sampling_params=types.SamplingParams(max_tokens=5, seed=3),
+        )
+        .result()
+    )
     out["named_samples"] = [s.tokens for s in again.sequences]
-    bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2]),
-                      loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(np.array([1, 2, 3])),
-                                      "logprobs": types.TensorData.from_numpy(np.full(2, -1.0, np.float32)),
-                                      "advantages": types.TensorData.from_numpy(np.ones(2, np.float32))})
+    bad = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(np.array([1, 2, 3])),
+            "logprobs": types.TensorData.from_numpy(np.full(2, -1.0, np.float32)),
+            "advantages": types.TensorData.from_numpy(np.ones(2, np.float32)),
+        },
+    )
     try:
         training_client.forward_backward([bad], "cispo").result()
         out["error"] = None

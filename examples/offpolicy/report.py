@@ -23,7 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from study import ARMS, RESULTS, SWEEP
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,12 +76,18 @@ def final(column: np.ndarray) -> float:
 
 def table(runs) -> str:
     """Final reward and KL (mean of the last steps) per arm and lag: mean ± std over seeds."""
-    lines = ["| arm | lag | seeds | final reward | final KL k3 | final clip-low rate | final clip-high rate |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| arm | lag | seeds | final reward | final KL k3 | final clip-low rate | final clip-high rate |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for (arm, lag), seeds in sorted(runs.items(), key=lambda kv: (kv[0][1], list(ARMS).index(kv[0][0]))):
         cells = []
-        for key, fmt in (("reward", "{:.3f} ± {:.3f}"), ("kl_k3", "{:.2e} ± {:.1e}"),
-                         ("clip_low_rate", "{:.4f} ± {:.4f}"), ("clip_high_rate", "{:.4f} ± {:.4f}")):
+        for key, fmt in (
+            ("reward", "{:.3f} ± {:.3f}"),
+            ("kl_k3", "{:.2e} ± {:.1e}"),
+            ("clip_low_rate", "{:.4f} ± {:.4f}"),
+            ("clip_high_rate", "{:.4f} ± {:.4f}"),
+        ):
             values = [final(s[key]) for s in seeds]
             cells.append(fmt.format(np.mean(values), np.std(values)))
         lines.append(f"| {arm} | {lag} | {len(seeds)} | " + " | ".join(cells) + " |")
@@ -104,20 +109,34 @@ def steps_to(column: np.ndarray, level: float, window: int = 5) -> int | None:
 def sweep_table(sweep: dict[str, dict]) -> str:
     """Per learning rate, lag and arm: peak and summed KL k3, peak clip-low rate, steps until the
     reward reaches 0.9, final reward; mean ± std over seeds."""
-    lines = ["| lr | lag | arm | seeds | peak KL k3 | KL k3 summed over steps | peak clip-low rate | steps to reward 0.9 "
-             "| final reward |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| lr | lag | arm | seeds | peak KL k3 | KL k3 summed over steps | peak clip-low rate | steps to reward 0.9 "
+        "| final reward |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for lr, runs in sweep.items():
         for (arm, lag), seeds in sorted(runs.items(), key=lambda kv: (kv[0][1], list(ARMS).index(kv[0][0]))):
+
             def cell(values, fmt):
                 return fmt.format(np.mean(values), np.std(values))
+
             reached = [steps_to(s["reward"], 0.9) for s in seeds]
-            lines.append(" | ".join([
-                f"| {lr}", str(lag), arm, str(len(seeds)),
-                cell([np.nanmax(s["kl_k3"]) for s in seeds], "{:.3f} ± {:.3f}"),
-                cell([np.nansum(s["kl_k3"]) for s in seeds], "{:.1f} ± {:.1f}"),
-                cell([np.nanmax(s["clip_low_rate"]) for s in seeds], "{:.3f} ± {:.3f}"),
-                ", ".join("-" if r is None else str(r) for r in reached),
-                cell([final(s["reward"]) for s in seeds], "{:.3f} ± {:.3f}")]) + " |")
+            lines.append(
+                " | ".join(
+                    [
+                        f"| {lr}",
+                        str(lag),
+                        arm,
+                        str(len(seeds)),
+                        cell([np.nanmax(s["kl_k3"]) for s in seeds], "{:.3f} ± {:.3f}"),
+                        cell([np.nansum(s["kl_k3"]) for s in seeds], "{:.1f} ± {:.1f}"),
+                        cell([np.nanmax(s["clip_low_rate"]) for s in seeds], "{:.3f} ± {:.3f}"),
+                        ", ".join("-" if r is None else str(r) for r in reached),
+                        cell([final(s["reward"]) for s in seeds], "{:.3f} ± {:.3f}"),
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -141,9 +160,10 @@ def plot_sweep(sweep: dict[str, dict], path: Path, data_digest: str) -> None:
                 if not seeds:
                     continue
                 values = np.stack([s["kl_k3"] for s in seeds])
-                line, = ax.plot(seeds[0]["step"], np.nanmean(values, 0), label=arm, lw=1.0)
-                ax.fill_between(seeds[0]["step"], np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(),
-                                alpha=0.2)
+                (line,) = ax.plot(seeds[0]["step"], np.nanmean(values, 0), label=arm, lw=1.0)
+                ax.fill_between(
+                    seeds[0]["step"], np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.2
+                )
             ax.set_title(f"lr {lr}, lag {lag}", fontsize=9)
             ax.set_yscale("symlog", linthresh=1e-3)
             ax.grid(alpha=0.3)
@@ -172,11 +192,13 @@ def first_firing(run: dict[str, np.ndarray], loss_fn: str) -> dict[str, int]:
     low = np.round(np.nan_to_num(run["clip_low_rate"]) * active)
     kl = np.nan_to_num(run["kl_k3"])
     trained = (active > 0).astype(float)
-    series = {f'cispo_tokens_total{{loss_fn="{loss_fn}",clip="high"}}': np.cumsum(high),
-              f'cispo_tokens_total{{loss_fn="{loss_fn}",clip="low"}}': np.cumsum(low),
-              f'cispo_tokens_total{{loss_fn="{loss_fn}",clip="none"}}': np.cumsum(active - high - low),
-              f'cispo_sampler_trainer_kl_sum{{loss_fn="{loss_fn}"}}': np.cumsum(kl * trained),
-              f'cispo_sampler_trainer_kl_count{{loss_fn="{loss_fn}"}}': np.cumsum(trained)}
+    series = {
+        f'cispo_tokens_total{{loss_fn="{loss_fn}",clip="high"}}': np.cumsum(high),
+        f'cispo_tokens_total{{loss_fn="{loss_fn}",clip="low"}}': np.cumsum(low),
+        f'cispo_tokens_total{{loss_fn="{loss_fn}",clip="none"}}': np.cumsum(active - high - low),
+        f'cispo_sampler_trainer_kl_sum{{loss_fn="{loss_fn}"}}': np.cumsum(kl * trained),
+        f'cispo_sampler_trainer_kl_count{{loss_fn="{loss_fn}"}}': np.cumsum(trained),
+    }
     times = range(ALERT_EVERY, len(active), ALERT_EVERY)
     lines = [f"rule_files: [{RULES}]", "evaluation_interval: 1m", "tests:", "  - interval: 1m", "    input_series:"]
     for name, values in series.items():
@@ -212,7 +234,7 @@ def plot(runs, metric: str, ylabel: str, arms: list[str], path: Path, data_diges
                 continue
             values = np.stack([s[metric] for s in seeds])
             steps = seeds[0]["step"]
-            line, = ax.plot(steps, np.nanmean(values, 0), label=arm, lw=1.2)
+            (line,) = ax.plot(steps, np.nanmean(values, 0), label=arm, lw=1.2)
             ax.fill_between(steps, np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.2)
         ax.set(title=f"lag {lag}", xlabel="step")
         if log:
@@ -243,20 +265,29 @@ def main() -> None:
     low_arms = ["cispo_low0_high4", "cispo_low0.8_high4", "ppo_0.8_1.2"]
     high_arms = ["cispo_low0_high4", "cispo_low0_high5", "cispo_low0_high8"]
     for name, metric, label, arms, log in (
-            ("kl_low_bound", "kl_k3", "sampler-trainer KL k3", low_arms, True),
-            ("clip_low_rate", "clip_low_rate", "clip-low rate", low_arms, False),
-            ("reward_low_bound", "reward", "reward", low_arms, False),
-            ("kl_high_bound", "kl_k3", "sampler-trainer KL k3", high_arms, True),
-            ("reward_high_bound", "reward", "reward", high_arms, False)):
+        ("kl_low_bound", "kl_k3", "sampler-trainer KL k3", low_arms, True),
+        ("clip_low_rate", "clip_low_rate", "clip-low rate", low_arms, False),
+        ("reward_low_bound", "reward", "reward", low_arms, False),
+        ("kl_high_bound", "kl_k3", "sampler-trainer KL k3", high_arms, True),
+        ("reward_high_bound", "reward", "reward", high_arms, False),
+    ):
         plot(runs, metric, label, arms, FIGURES / f"{name}.png", data_digest, log)
     sweep = load_sweep(args.sweep)
     sweep_digest = digest_tree(args.sweep)
     plot_sweep(sweep, FIGURES / "sweep_kl.png", sweep_digest)
     text = DOC.read_text()
-    text = write_block(text, "digest", f"Data digest of results/*.csv: `{data_digest}` ({sum(map(len, runs.values()))} "
-                                       f"runs, lags {sorted({lag for _, lag in runs})}).")
-    text = write_block(text, "sweep-digest", f"Data digest of sweep/lr*/*.csv: `{sweep_digest}` "
-                                             f"({sum(len(s) for r in sweep.values() for s in r.values())} runs).")
+    text = write_block(
+        text,
+        "digest",
+        f"Data digest of results/*.csv: `{data_digest}` ({sum(map(len, runs.values()))} "
+        f"runs, lags {sorted({lag for _, lag in runs})}).",
+    )
+    text = write_block(
+        text,
+        "sweep-digest",
+        f"Data digest of sweep/lr*/*.csv: `{sweep_digest}` "
+        f"({sum(len(s) for r in sweep.values() for s in r.values())} runs).",
+    )
     text = write_block(text, "sweep", sweep_table(sweep))
     text = write_block(text, "table", table(runs))
     text = write_block(text, "alerts", alert_table(runs))

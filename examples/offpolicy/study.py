@@ -39,10 +39,23 @@ from cispo.client import AdamParams, Datum, TrainingClient
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from rl_loop import sample_groups  # noqa: E402  the loop's sampling and advantages, shared
+
 RESULTS = HERE / "results"
 SWEEP = HERE / "sweep"  # one folder per learning rate, lr<value>/, written with --results
-FIELDS = ("step", "reward", "kl_k1", "kl_k3", "clip_high_rate", "clip_low_rate", "ratio_p10", "ratio_p50",
-          "ratio_p90", "ratio_max", "grad_norm", "active_tokens")
+FIELDS = (
+    "step",
+    "reward",
+    "kl_k1",
+    "kl_k3",
+    "clip_high_rate",
+    "clip_low_rate",
+    "ratio_p10",
+    "ratio_p50",
+    "ratio_p90",
+    "ratio_max",
+    "grad_norm",
+    "active_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -53,13 +66,16 @@ class Arm:
     high: float
 
 
-ARMS = {arm.name: arm for arm in (
-    Arm("cispo_low0_high4", "cispo", 0.0, 4.0),
-    Arm("cispo_low0.8_high4", "cispo", 0.8, 4.0),
-    Arm("ppo_0.8_1.2", "ppo", 0.8, 1.2),
-    Arm("cispo_low0_high5", "cispo", 0.0, 5.0),
-    Arm("cispo_low0_high8", "cispo", 0.0, 8.0),
-)}
+ARMS = {
+    arm.name: arm
+    for arm in (
+        Arm("cispo_low0_high4", "cispo", 0.0, 4.0),
+        Arm("cispo_low0.8_high4", "cispo", 0.8, 4.0),
+        Arm("ppo_0.8_1.2", "ppo", 0.8, 1.2),
+        Arm("cispo_low0_high5", "cispo", 0.0, 5.0),
+        Arm("cispo_low0_high8", "cispo", 0.0, 8.0),
+    )
+}
 LAGS = (0, 2, 4, 8)
 SEEDS = (0, 1, 2)
 
@@ -96,8 +112,9 @@ def run(client: TrainingClient, arm: Arm, lag: int, seed: int, setup: Setup, on_
         data, rewards = sample_groups(sampler, chosen, setup.group_size, setup.max_tokens, rng, reward)
         row = {"step": step, "reward": float(np.mean(rewards))}
         if data:
-            output_future = client.forward_backward(data, arm.loss_fn, {"clip_low_threshold": arm.low,
-                                                                        "clip_high_threshold": arm.high})
+            output_future = client.forward_backward(
+                data, arm.loss_fn, {"clip_low_threshold": arm.low, "clip_high_threshold": arm.high}
+            )
             grad_norm = client.optim_step(AdamParams(learning_rate=setup.learning_rate)).result().grad_norm
             output = output_future.result()
             row.update(_metrics(data, output, grad_norm))
@@ -117,9 +134,18 @@ def _metrics(data: list[Datum], output, grad_norm: float) -> dict:
     ratio = np.exp(np.concatenate(log_ratios))
     active = max(m["active_tokens:sum"], 1.0)
     p10, p50, p90 = np.quantile(ratio, [0.1, 0.5, 0.9])
-    return {"kl_k1": m["kl_k1:mean"], "kl_k3": m["kl_k3:mean"], "clip_high_rate": m["clipped_high:sum"] / active,
-            "clip_low_rate": m["clipped_low:sum"] / active, "ratio_p10": p10, "ratio_p50": p50, "ratio_p90": p90,
-            "ratio_max": m["ratio:max"], "grad_norm": grad_norm, "active_tokens": m["active_tokens:sum"]}
+    return {
+        "kl_k1": m["kl_k1:mean"],
+        "kl_k3": m["kl_k3:mean"],
+        "clip_high_rate": m["clipped_high:sum"] / active,
+        "clip_low_rate": m["clipped_low:sum"] / active,
+        "ratio_p10": p10,
+        "ratio_p50": p50,
+        "ratio_p90": p90,
+        "ratio_max": m["ratio:max"],
+        "grad_norm": grad_norm,
+        "active_tokens": m["active_tokens:sum"],
+    }
 
 
 def csv_path(results: Path, arm: str, lag: int, seed: int) -> Path:
@@ -145,10 +171,30 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def start_server(workdir: Path, max_lag: int) -> tuple[subprocess.Popen, str]:
     """A cispo server on loopback for the study: fp32 sampler weights (lag 0 is exactly
     on-policy) and a sampler cache that holds the last max_lag + 1 exports."""
-    proc = subprocess.Popen([sys.executable, "-m", "cispo.service", "--port", "0", "--metrics-port", "0",
-                             "--checkpoint-dir", str(workdir / "checkpoints"), "--sampler-dir", str(workdir / "sampler"),
-                             "--sampler-dtype", "float32", "--sampler-cache-size", str(max_lag + 2),
-                             "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cispo.service",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--checkpoint-dir",
+            str(workdir / "checkpoints"),
+            "--sampler-dir",
+            str(workdir / "sampler"),
+            "--sampler-dtype",
+            "float32",
+            "--sampler-cache-size",
+            str(max_lag + 2),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         match = re.search(r"listening on port (\d+)", line)
         if match:
@@ -160,8 +206,12 @@ def progress(done: int, total: int, started: float, label: str) -> None:
     elapsed = time.monotonic() - started
     eta = elapsed / max(done, 1) * (total - done)
     bar = "#" * int(30 * done / total)
-    print(f"\r[{bar:<30}] {done}/{total} runs  {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left  {label:<40}",
-          end="", file=sys.stderr, flush=True)
+    print(
+        f"\r[{bar:<30}] {done}/{total} runs  {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left  {label:<40}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main() -> None:
