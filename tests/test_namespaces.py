@@ -24,8 +24,8 @@ from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from cispo.worker import AdamParams, EngineConfig, InvalidInput, StateNotFound, load_policy_model, lora
 from cispo.worker.checkpoint import load_state, namespace, recover, save_state
+from cispo.worker.config import ExportConfig
 from cispo.worker.runs import ExpectedVersion, TrainingRuns
-from cispo.worker.sampler_weights import ExportConfig
 from cispo.worker.sampling import SampleRequest, SamplingParams
 
 pytestmark = pytest.mark.timeout(300)

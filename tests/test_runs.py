@@ -8,10 +8,10 @@ from reference import make_samples, naive_target_logprobs
 from transformers import AutoModelForCausalLM
 
 from cispo.worker import EngineConfig, load_policy_model, lora
+from cispo.worker.config import ExportConfig
 from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, StateNotFound
 from cispo.worker.optimizer import AdamParams
 from cispo.worker.runs import DEFAULT_RUN, TrainingRuns
-from cispo.worker.sampler_weights import ExportConfig
 from cispo.worker.sampling import SampleRequest, SamplingParams, validate_sample_request
 
 SPEC = lora.LoraSpec(rank=4, seed=1)

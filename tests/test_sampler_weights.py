@@ -11,7 +11,7 @@ from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cispo.worker import AdamParams, Engine, EngineConfig, InvalidInput, StateNotFound, load_policy_model
-from cispo.worker.sampler_weights import ExportConfig
+from cispo.worker.config import ExportConfig
 from cispo.worker.sampling import SampleRequest, SamplingParams
 
 

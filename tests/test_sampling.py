@@ -9,7 +9,8 @@ from reference import make_samples
 from tiny_models import save_tiny_model
 
 from cispo.worker import AdamParams, Engine, EngineConfig, InvalidInput, LimitExceeded, Sample, load_policy_model
-from cispo.worker.sampling import SampleRequest, SamplingLimits, SamplingParams
+from cispo.worker.config import SamplingLimits
+from cispo.worker.sampling import SampleRequest, SamplingParams
 
 
 def request(prompt, n=1, **params) -> SampleRequest:

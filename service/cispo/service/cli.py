@@ -31,12 +31,10 @@ from cispo.service.metrics import RUN_LABEL_MODES
 from cispo.service.server import ServerConfig, StartupError, TrainingServer, ensure_port_free, is_loopback
 from cispo.service.tls import TlsConfigError, check_tls_files
 from cispo.worker import EMBEDDED_MODEL_NAME, EngineConfig, checkpoint, load_policy_model
-from cispo.worker.engine import GRADIENT_ACCUMULATION
+from cispo.worker.config import GRADIENT_ACCUMULATION, SERVING_DTYPES, ExportConfig, SamplingLimits
 from cispo.worker.group import GroupRuns, attach, init_group, run_worker, world_size_from_env
 from cispo.worker.model import resolve_device
 from cispo.worker.runs import TrainingRuns
-from cispo.worker.sampler_weights import SERVING_DTYPES, ExportConfig
-from cispo.worker.sampling import SamplingLimits
 from cispo.worker.sharding import SHARDING_MODES
 
 log = logging.getLogger("cispo.server")

@@ -12,7 +12,6 @@ repeated or unknown field, a malformed tensor, an int64_data id of 2**35 or more
 the exact way, with protobuf and `tensor_to_torch`, and only such datums.
 """
 
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 
+from cispo.service.limits import RequestLimits
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import AdamParams, BatchResult, EngineInfo, FieldViolation, InvalidInput, LimitExceeded
 from cispo.worker.batch import Column, SampleBatch, ranges
@@ -562,7 +562,7 @@ def decode_adam_params(req: pb.OptimStepRequest) -> AdamParams:
 
 def encode_info(
     info: EngineInfo,
-    limits: Mapping[str, int],
+    limits: RequestLimits,
     world_size: int,
     run: RunInfo | None = None,
     base_model: str = "",
@@ -577,7 +577,7 @@ def encode_info(
             pb.LossFunctionInfo(name=f.name, default_config=dict(f.defaults), required_inputs=list(f.required_inputs))
             for f in info.loss_functions.values()
         ],
-        limits=pb.Limits(**limits),
+        limits=pb.Limits(**limits.as_dict()),
         device=info.device,
         dtype=info.dtype,
         world_size=world_size,

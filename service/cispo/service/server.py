@@ -23,6 +23,7 @@ from cispo.service.auth import TokenAuthInterceptor, TokenFileError, load_tokens
 from cispo.service.http_guard import ConnectionLimits
 from cispo.service.idempotency import IdempotencyCache
 from cispo.service.interceptor import GrpcMetricsInterceptor
+from cispo.service.limits import RequestLimits
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import OperationPipeline
 from cispo.service.servicer import SERVICE_NAME, TrainingServicer, add_training_service
@@ -106,7 +107,7 @@ class TrainingServer:
         policy, engine_config = runs.policy, runs.config
         if policy.device.type == "cuda":
             self.metrics.track_cuda_memory(policy.device)
-        limits = dict(
+        limits = RequestLimits(
             max_message_bytes=config.max_message_bytes,
             max_tokens_per_request=config.max_tokens_per_request,
             max_sequence_length=policy.max_sequence_length,

@@ -31,6 +31,7 @@ from cispo.service import convert
 from cispo.service.auth import current_identity
 from cispo.service.errors import Unavailable, clip, code_name, to_status
 from cispo.service.idempotency import IdempotencyCache, check_key, fingerprint
+from cispo.service.limits import RequestLimits
 from cispo.service.log_limits import RateLimitedLog
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import Batchable, OperationPipeline
@@ -90,7 +91,7 @@ class TrainingServicer:
         runs,
         pipeline: OperationPipeline,
         metrics: ServiceMetrics,
-        limits: dict[str, int],
+        limits: RequestLimits,
         world_size: int = 1,
         idempotency: IdempotencyCache | None = None,
         base_model: str = "",
@@ -250,7 +251,7 @@ class TrainingServicer:
             return Decoded(op or "none", request.request_id, error=exc)
 
     def _check_size(self, message_type: type, body: bytes) -> None:
-        limit = self.limits["max_message_bytes"]
+        limit = self.limits.max_message_bytes
         if len(body) > limit:
             raise LimitExceeded(
                 "max_message_bytes",
@@ -304,7 +305,7 @@ class TrainingServicer:
 
         if op in ("forward", "forward_backward"):
             batch, loss_fn, config = convert.decode_forward_backward(
-                request, self.limits["max_data_per_request"], self.limits["max_tokens_per_request"]
+                request, self.limits.max_data_per_request, self.limits.max_tokens_per_request
             )
             loss, resolved = runs.validate(batch, loss_fn, config)
             held = [batch]  # dropped once run: the Prepared outlives the call

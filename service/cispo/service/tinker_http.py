@@ -52,6 +52,7 @@ from cispo.service import tinker_wire as wire
 from cispo.service.auth import TokenAuthInterceptor, current_identity, set_identity
 from cispo.service.errors import clip, to_status
 from cispo.service.http_guard import ConnectionLimits, RateLimitedFilter, guarded_protocol, quiet_descriptor_exhaustion
+from cispo.service.limits import RequestLimits
 from cispo.service.log_limits import RateLimitedLog
 from cispo.service.servicer import TrainingServicer
 from cispo.v1 import training_pb2 as pb
@@ -348,7 +349,7 @@ class TinkerFront:
         servicer: TrainingServicer,
         auth: TokenAuthInterceptor | None,
         metrics,
-        limits: dict[str, int],
+        limits: RequestLimits,
         connections: ConnectionLimits = ConnectionLimits(),
         seq_gap_seconds: float = 60.0,
     ):
@@ -513,7 +514,7 @@ class TinkerFront:
     async def _body(self, request: Request) -> bytes:
         """The body, read under max_message_bytes: a declared Content-Length over it is refused
         before a byte is read, and a body that grows over it as soon as it does."""
-        limit = self.limits["max_message_bytes"]
+        limit = self.limits.max_message_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise HttpError(
@@ -643,8 +644,8 @@ class TinkerFront:
                 "use_pyqwest_transport": False,
                 "proto_compress_fwdbwd": True,
                 "parallel_fwdbwd_chunks": True,
-                "fwdbwd_max_chunk_len": min(MAX_CHUNK_DATA, self.limits["max_data_per_request"]),
-                "fwdbwd_max_chunk_bytes_count": self.limits["max_message_bytes"] // 2,
+                "fwdbwd_max_chunk_len": min(MAX_CHUNK_DATA, self.limits.max_data_per_request),
+                "fwdbwd_max_chunk_bytes_count": self.limits.max_message_bytes // 2,
             }
         )
 

@@ -14,6 +14,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from tinker.proto import tinker_public_pb2 as tpb
 
 from cispo.service.errors import clip
+from cispo.service.limits import RequestLimits
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
 
@@ -94,18 +95,18 @@ def _tokens(chunks, field: str) -> pb.Tensor:
     return pb.Tensor(dtype=pb.DTYPE_INT32, shape=[tokens.size], raw_data=tokens.tobytes())
 
 
-def check_limits(request: tpb.ForwardBackwardRequest, limits: Mapping[str, int]) -> None:
+def check_limits(request: tpb.ForwardBackwardRequest, limits: RequestLimits) -> None:
     """LimitExceeded when the request has more datums or tokens than one request may."""
-    if len(request.data) > limits["max_data_per_request"]:
+    if len(request.data) > limits.max_data_per_request:
         raise LimitExceeded(
             "max_data_per_request",
-            f"{len(request.data)} datums is over max_data_per_request={limits['max_data_per_request']}",
+            f"{len(request.data)} datums is over max_data_per_request={limits.max_data_per_request}",
         )
     tokens = sum(len(chunk.encoded_text.tokens) // 4 for datum in request.data for chunk in datum.model_input)
-    if tokens > limits["max_tokens_per_request"]:
+    if tokens > limits.max_tokens_per_request:
         raise LimitExceeded(
             "max_tokens_per_request",
-            f"{tokens} tokens is over max_tokens_per_request={limits['max_tokens_per_request']}",
+            f"{tokens} tokens is over max_tokens_per_request={limits.max_tokens_per_request}",
         )
 
 

@@ -4,7 +4,8 @@ Speaks torch tensors and plain dataclasses; imports neither grpc nor protobuf.
 """
 
 from cispo.worker.batch import Sample
-from cispo.worker.engine import BatchResult, Engine, EngineConfig, EngineInfo, OptimResult
+from cispo.worker.config import EngineConfig
+from cispo.worker.engine import BatchResult, Engine, EngineInfo, OptimResult
 from cispo.worker.errors import (
     ComputeFailed,
     FieldViolation,

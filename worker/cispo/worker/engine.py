@@ -17,6 +17,7 @@ import torch
 
 from cispo.worker import checkpoint, lora, sampler_weights, sharded_checkpoint
 from cispo.worker.batch import LOSS_INPUT_KINDS, MicroBatch, Sample, SampleBatch, Samples, pack, plan_micro_batches
+from cispo.worker.config import SERVING_DTYPES, EngineConfig
 from cispo.worker.errors import (
     ComputeFailed,
     FieldViolation,
@@ -30,48 +31,10 @@ from cispo.worker.loss_stats import STATS_SIZE, BatchStats, merge_stats, stats_f
 from cispo.worker.losses import LOSS_FUNCTIONS, LossFunction, TokenInputs, get_loss_function
 from cispo.worker.model import PolicyModel
 from cispo.worker.optimizer import MOMENTS, AdamParams, Optimizer
-from cispo.worker.sampler_weights import ExportCache, ExportConfig, SamplerWeights
-from cispo.worker.sampling import SampleRequest, SampleResult, SamplingLimits, generate, validate_sample_request
+from cispo.worker.sampler_weights import ExportCache, SamplerWeights
+from cispo.worker.sampling import SampleRequest, SampleResult, generate, validate_sample_request
 from cispo.worker.sharding import MemoryUse, first_failure, is_sharded, like, local, local_bytes
 from cispo.worker.validation import validate_batch
-
-GRADIENT_ACCUMULATION = ("exact", "in-place")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Limits and sizes of the engine."""
-
-    checkpoint_dir: Path = Path("checkpoints")
-    """Where save_state writes and load_state reads named states."""
-    micro_batch_tokens: int = 8192
-    """Token budget of one packed micro-batch (bounds activation memory)."""
-    max_tokens_per_request: int = 1 << 20
-    """Most tokens in one forward/forward_backward request."""
-    head_chunk_tokens: int | None = None
-    """Tokens per chunk of the LM head; None sizes chunks like the hidden states."""
-    sampling: SamplingLimits = SamplingLimits()
-    """Bounds of Sample requests."""
-    export: ExportConfig = ExportConfig()
-    """Where and how save_weights_for_sampler writes, and the cache of loaded exports."""
-    gradient_accumulation: str = "exact"
-    """How forward_backward adds to an accumulated gradient (GRADIENT_ACCUMULATION): "exact"
-    holds the new gradient apart until it is known good, so a failure leaves the old one as it
-    was (two gradients at the peak); "in-place" adds into the old one (one gradient), and a
-    failure discards the gradient accumulated since the last optim_step."""
-
-    def __post_init__(self):
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if self.max_tokens_per_request < 1:
-            raise ValueError(f"max_tokens_per_request must be >= 1, got {self.max_tokens_per_request}")
-        if self.head_chunk_tokens is not None and self.head_chunk_tokens < 1:
-            raise ValueError(f"head_chunk_tokens must be >= 1 or None, got {self.head_chunk_tokens}")
-        if self.gradient_accumulation not in GRADIENT_ACCUMULATION:
-            raise ValueError(
-                f"gradient_accumulation must be one of {', '.join(GRADIENT_ACCUMULATION)}, "
-                f"got {self.gradient_accumulation!r}"
-            )
 
 
 @dataclass(frozen=True)
@@ -723,7 +686,7 @@ class Engine:
                 # Sampling it is sampling the current weights where its tensors are exactly those
                 # the run computes with: in the compute dtype, an adapter in fp32 (its master
                 # weights), never merged ones (W + BA rounded as one).
-                dtype = sampler_weights.SERVING_DTYPES[export.dtype]
+                dtype = SERVING_DTYPES[export.dtype]
                 exact = dtype == sampler_weights.load_dtype(self.policy) and (
                     self.adapter is None or (not merged and dtype == torch.float32)
                 )

@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 
 from cispo.worker import checkpoint, lora
 from cispo.worker.batch import Sample
-from cispo.worker.engine import Engine, EngineConfig, validate_forward, validate_sample
+from cispo.worker.config import EngineConfig
+from cispo.worker.engine import Engine, validate_forward, validate_sample
 from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, RunRestored, StateNotFound, VersionMismatch
 from cispo.worker.model import PolicyModel
 from cispo.worker.sampler_weights import ExportCache, export_name

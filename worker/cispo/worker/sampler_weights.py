@@ -41,32 +41,11 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from cispo.worker import checkpoint, lora, sharding
+from cispo.worker.config import SERVING_DTYPES, ExportConfig
 from cispo.worker.errors import StateNotFound
 from cispo.worker.model import PolicyModel, check_supported, load_tokenizer
 
 LAYOUTS = ("full", "lora")
-SERVING_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Where and how sampler weights are written."""
-
-    sampler_dir: Path = Path("sampler_weights")
-    dtype: str = "bfloat16"
-    """Serving dtype of the safetensors: bfloat16, float16 or float32."""
-    max_shard_bytes: int = 5 * 10**9
-    """Above this, the weights are sharded into several files with an index."""
-    cache_size: int = 2
-    """Exports kept loaded for Sample requests that name one (0: load each time)."""
-
-    def __post_init__(self):
-        if self.dtype not in SERVING_DTYPES:
-            raise ValueError(f"sampler dtype must be one of {', '.join(SERVING_DTYPES)}, got {self.dtype!r}")
-        if self.max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes must be >= 1, got {self.max_shard_bytes}")
-        if self.cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {self.cache_size}")
 
 
 @dataclass(frozen=True)

@@ -27,29 +27,12 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from cispo.worker.config import SamplingLimits
 from cispo.worker.errors import FieldViolation, InvalidInput, LimitExceeded
 from cispo.worker.logprob_head import target_logprobs
 from cispo.worker.model import PolicyModel
 
 StopReason = Literal["length", "stop"]
-
-
-@dataclass(frozen=True)
-class SamplingLimits:
-    """Bounds of one Sample request (RESOURCE_EXHAUSTED above them)."""
-
-    max_sample_tokens: int = 4096
-    """Most tokens one sequence may generate."""
-    max_num_samples: int = 128
-    """Most sequences one request may ask for."""
-    max_sample_request_tokens: int = 1 << 18
-    """Most tokens one request holds, num_samples * (prompt + max_tokens); also the budget of a
-    batch of requests generated together (it bounds the KV cache)."""
-
-    def __post_init__(self):
-        for name in ("max_sample_tokens", "max_num_samples", "max_sample_request_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
