@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import ServerProcess
 from tls_certs import make_pki
 
-from cispo.service.server import HEALTH_SERVICE_NAMES, ServerConfig, is_loopback
+from cispo.service.config import ServerConfig
+from cispo.service.server import HEALTH_SERVICE_NAMES, is_loopback
 from cispo.service.servicer import SERVICE_NAME
 
 try:

@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from cispo.service import memory
 from cispo.service.auth import TokenFileError, load_tokens
+from cispo.service.config import ServerConfig
 from cispo.service.metrics import RUN_LABEL_MODES
-from cispo.service.server import ServerConfig, StartupError, TrainingServer, ensure_port_free, is_loopback
+from cispo.service.server import StartupError, TrainingServer, ensure_port_free, is_loopback
 from cispo.service.tls import TlsConfigError, check_tls_files
 from cispo.worker import EMBEDDED_MODEL_NAME, EngineConfig, checkpoint, load_policy_model
 from cispo.worker.config import GRADIENT_ACCUMULATION, SERVING_DTYPES, ExportConfig, SamplingLimits
