@@ -74,7 +74,7 @@ def worker(args) -> None:
     times, state = [], None
     for _ in range(2):
         started = time.perf_counter()
-        engine.run_forward_backward(mine, *loss, micro_batches=1)
+        engine.run_batch(mine, *loss, backward=True, micro_batches=1)
         state = engine.memory_use()
         engine.optim_step(AdamParams(learning_rate=1e-4))
         times.append(time.perf_counter() - started)

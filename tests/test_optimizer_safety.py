@@ -232,7 +232,7 @@ def _group_rank(rank: int, port: int, sharding: str, out_dir: str) -> None:
         with torch.no_grad():
             engine.policy.model.model.norm.weight.zero_()
     samples = make_samples([8], seed=rank)
-    engine.run_forward_backward(samples, *engine.validate(samples, "cispo", None), micro_batches=1)
+    engine.run_batch(samples, *engine.validate(samples, "cispo", None), backward=True, micro_batches=1)
     before = {n: local(p.detach()).clone() for n, p in engine.named_params.items()}
     try:
         engine.optim_step(AdamParams(learning_rate=1e6 if sharding != "diverged" else 0.0))

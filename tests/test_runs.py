@@ -33,7 +33,7 @@ def train(engine, seed=0, steps=2):
 
 def test_full_and_lora_runs_exclude_each_other(runs):
     default = runs.get("", None)
-    assert default.adapter is None and [r.model_id for r in runs.list(None)] == [DEFAULT_RUN]
+    assert default.adapter is None and [r.model_id for r in runs.list_runs(None)] == [DEFAULT_RUN]
     with pytest.raises(RunConflict, match="unload it"):
         runs.create("alice", SPEC)
     runs.unload(DEFAULT_RUN, None)
@@ -54,7 +54,7 @@ def test_max_runs_and_ownership(runs):
         runs.get(ids[1], "alice")  # bob's run is invisible to alice
     with pytest.raises(RunNotFound):
         runs.unload(ids[1], "alice")
-    assert {r.model_id for r in runs.list("alice")} == {ids[0], ids[2]}
+    assert {r.model_id for r in runs.list_runs("alice")} == {ids[0], ids[2]}
     runs.unload(ids[0], "alice")
     assert len(runs) == 2 and runs.create("alice", SPEC)
 

@@ -314,9 +314,7 @@ class TrainingServicer:
             def call():
                 try:  # the batch validated above, as it is
                     result, version = on_run(
-                        lambda engine: (engine.run_forward if op == "forward" else engine.run_forward_backward)(
-                            held[0], loss, resolved
-                        )
+                        lambda engine: engine.run_batch(held[0], loss, resolved, backward=op == "forward_backward")
                     )
                 finally:
                     held.clear()
@@ -428,7 +426,7 @@ class TrainingServicer:
             )
         if op == "list_models":
             return Prepared(
-                lambda: runs.list(owner),
+                lambda: runs.list_runs(owner),
                 lambda infos: (
                     pb.ListModelsResponse(models=[convert.encode_run_info(i) for i in infos]),
                     {"runs": len(infos)},
@@ -453,7 +451,7 @@ class TrainingServicer:
         """GetInfo of run `model_id` ("": the default run if it is live, else the base alone)."""
         runs = self.runs
         run = None
-        if model_id or any(r.model_id == DEFAULT_RUN for r in runs.list(owner)):
+        if model_id or any(r.model_id == DEFAULT_RUN for r in runs.list_runs(owner)):
             run = runs.info(model_id or DEFAULT_RUN, owner)
             engine_info = runs.get(run.model_id, owner).info()
         else:

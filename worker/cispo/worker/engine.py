@@ -89,19 +89,49 @@ class OptimResult:
 
 @dataclass(frozen=True)
 class EngineInfo:
-    model_name: str
+    """A run's engine (or the served base model, with no run) as GetInfo describes it."""
+
+    model_name: str  # the served model's name (its directory, or the embedded test model's)
     vocab_size: int
     max_sequence_length: int
-    device: str
-    dtype: str
-    num_parameters: int
-    step: int
+    device: str  # the device type: "cpu", "cuda"
+    dtype: str  # the compute dtype: "float32", "bfloat16"
+    num_parameters: int  # the run's trainable parameters (the base: all of the model's)
+    step: int  # optimizer steps taken (the base: 0)
     has_tokenizer: bool = False
     eos_token_ids: tuple[int, ...] = ()
     loss_functions: dict[str, LossFunction] = field(default_factory=lambda: dict(LOSS_FUNCTIONS))
     sharding: str = "replicated"
     memory: MemoryUse = MemoryUse(0, 0, 0)
     """Bytes this rank holds for the run's trainable parameters, gradient and AdamW moments."""
+    architecture: str = ""  # the HF config's model_type, e.g. "llama"
+    device_name: str = ""  # the torch device with its index, e.g. "cuda:0"
+
+
+def base_info(policy: PolicyModel) -> EngineInfo:
+    """The served base model, described as a run with no training of its own."""
+    return describe(policy, sum(p.numel() for p in policy.model.parameters()))
+
+
+def describe(
+    policy: PolicyModel, num_parameters: int, step: int = 0, memory: MemoryUse = MemoryUse(0, 0, 0)
+) -> EngineInfo:
+    """`policy` described with a run's `num_parameters`, `step` and `memory`."""
+    return EngineInfo(
+        model_name=policy.name,
+        vocab_size=policy.vocab_size,
+        max_sequence_length=policy.max_sequence_length,
+        device=policy.device.type,
+        dtype=str(policy.compute_dtype).removeprefix("torch."),
+        num_parameters=num_parameters,
+        step=step,
+        memory=memory,
+        has_tokenizer=policy.tokenizer is not None,
+        eos_token_ids=policy.eos_token_ids,
+        sharding=policy.sharding,
+        architecture=policy.model.config.model_type,
+        device_name=str(policy.device),
+    )
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -206,20 +236,8 @@ class Engine:
             lora.activate(self.policy, self.adapter)
 
     def info(self) -> EngineInfo:
-        p = self.policy
-        return EngineInfo(
-            model_name=p.name,
-            vocab_size=p.vocab_size,
-            max_sequence_length=p.max_sequence_length,
-            device=p.device.type,
-            dtype=str(p.compute_dtype).removeprefix("torch."),
-            num_parameters=sum(t.numel() for t in self.named_params.values()),
-            step=self.optimizer.step_count,
-            has_tokenizer=p.tokenizer is not None,
-            eos_token_ids=p.eos_token_ids,
-            sharding=p.sharding,
-            memory=self.memory_use(),
-        )
+        numel = sum(t.numel() for t in self.named_params.values())
+        return describe(self.policy, numel, self.optimizer.step_count, self.memory_use())
 
     def memory_use(self) -> MemoryUse:
         """Bytes this rank holds now for the run's parameters, gradient and moments (shards only,
@@ -240,15 +258,29 @@ class Engine:
     def forward(
         self, samples: Samples, loss_fn: str = "cispo", loss_fn_config: Mapping[str, float] | None = None
     ) -> BatchResult:
-        """Target logprobs and loss stats; no gradient."""
-        loss, config = self.validate(samples, loss_fn, loss_fn_config)
-        return self.run_forward(samples, loss, config)
+        """Validate, then run_batch without gradient."""
+        return self.run_batch(samples, *self.validate(samples, loss_fn, loss_fn_config), backward=False)
 
-    def run_forward(
-        self, samples: Samples, loss: LossFunction, config: Mapping[str, float], micro_batches: int = 0
+    def forward_backward(
+        self, samples: Samples, loss_fn: str = "cispo", loss_fn_config: Mapping[str, float] | None = None
     ) -> BatchResult:
-        """forward on already validated samples (possibly none), in at least `micro_batches`
-        trunk passes (the group's most, when sharded)."""
+        """Validate, then run_batch with gradient."""
+        return self.run_batch(samples, *self.validate(samples, loss_fn, loss_fn_config), backward=True)
+
+    def run_batch(
+        self,
+        samples: Samples,
+        loss: LossFunction,
+        config: Mapping[str, float],
+        *,
+        backward: bool,
+        micro_batches: int = 0,
+    ) -> BatchResult:
+        """Target logprobs and loss stats of already validated samples (possibly none: a rank's
+        empty shard), in at least `micro_batches` trunk passes (the group's most, when sharded);
+        with `backward`, the loss gradient is added to the accumulated gradient."""
+        if backward:
+            return self._forward_backward(samples, loss, config, micro_batches)
         if not samples and not micro_batches:
             return BatchResult([], BatchStats())
         self.activate()
@@ -258,18 +290,10 @@ class Engine:
             self.policy.sharded.reshard()  # the root's weights too: nothing stays gathered between operations
         return result
 
-    def forward_backward(
-        self, samples: Samples, loss_fn: str = "cispo", loss_fn_config: Mapping[str, float] | None = None
+    def _forward_backward(
+        self, samples: Samples, loss: LossFunction, config: Mapping[str, float], micro_batches: int
     ) -> BatchResult:
-        """As forward, and adds the loss gradient to the accumulated gradient."""
-        loss, config = self.validate(samples, loss_fn, loss_fn_config)
-        return self.run_forward_backward(samples, loss, config)
-
-    def run_forward_backward(
-        self, samples: Samples, loss: LossFunction, config: Mapping[str, float], micro_batches: int = 0
-    ) -> BatchResult:
-        """forward_backward on already validated samples (possibly none: a rank's empty shard),
-        in at least `micro_batches` trunk passes (the group's most, when sharded).
+        """run_batch with `backward`.
 
         "exact" accumulation: the new gradient is accumulated apart from the old one. Backward
         writes straight into fresh `.grad`s (after an optim_step there is no old one, and this

@@ -151,10 +151,11 @@ def _execute(runs: TrainingRuns, ctx: GroupContext, op: str, args: tuple):
         return runs.unload(*args)
     model_id, *args = args
     engine = runs.engine(model_id)
-    if op in ("forward", "forward_backward"):
-        samples, loss_fn, config, micro_batches = args
-        run = engine.run_forward if op == "forward" else engine.run_forward_backward
-        return run(samples, get_loss_function(loss_fn), config, micro_batches)
+    if op == "run_batch":
+        samples, loss_fn, config, backward, micro_batches = args
+        return engine.run_batch(
+            samples, get_loss_function(loss_fn), config, backward=backward, micro_batches=micro_batches
+        )
     if op == "optim_step":
         return engine.optim_step(*args)
     if op == "save_state":
@@ -294,8 +295,8 @@ class GroupRuns(_Runs):
     def _record(self, model_id: str) -> _Run:
         return self.local._record(model_id)
 
-    def list(self, owner: str | None) -> list[RunInfo]:
-        return self.local.list(owner)
+    def list_runs(self, owner: str | None) -> list[RunInfo]:
+        return self.local.list_runs(owner)
 
     def memory_use(self) -> dict[str, MemoryUse]:
         return self.local.memory_use()
@@ -394,13 +395,31 @@ class GroupEngine:
     def info(self) -> EngineInfo:
         return self.local.info()
 
-    def run_forward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
-        """forward on validated samples (as Engine.run_forward), each rank on its shard."""
-        return self._scatter_batch("forward", samples, loss, config)
-
-    def run_forward_backward(self, samples: Samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
-        """forward_backward on validated samples (as Engine.run_forward_backward)."""
-        return self._scatter_batch("forward_backward", samples, loss, config)
+    def run_batch(
+        self, samples: Samples, loss: LossFunction, config: Mapping[str, float], *, backward: bool
+    ) -> BatchResult:
+        """Engine.run_batch on validated samples, each rank on its shard."""
+        batch = SampleBatch.of(samples)
+        lengths = batch.length_list
+        shards = shard_by_tokens(lengths, self.group.ctx.world_size)
+        # Sharded ranks all run as many trunk passes as the busiest one (each pass gathers weights).
+        passes = (
+            max(
+                len(plan_micro_batches([lengths[i] for i in shard], self.config.micro_batch_tokens)) for shard in shards
+            )
+            if self.group.sharded
+            else 0
+        )
+        results = self.group.call(
+            [("run_batch", (self.model_id, batch.take(shard), loss.name, config, backward, passes)) for shard in shards]
+        )
+        logprobs: list = [None] * len(samples)
+        stats = BatchStats()
+        for shard, result in zip(shards, results):
+            stats = stats.merge(result.stats)
+            for i, lp in zip(shard, result.logprobs):
+                logprobs[i] = lp
+        return BatchResult(logprobs=logprobs, stats=stats)
 
     def optim_step(self, adam: AdamParams) -> OptimResult:
         return self._everywhere("optim_step", adam)
@@ -433,29 +452,6 @@ class GroupEngine:
         if self.group.broken is not None:
             raise self.group.broken
         return getattr(self.local, op)(*args)
-
-    def _scatter_batch(self, op: str, samples, loss: LossFunction, config: Mapping[str, float]) -> BatchResult:
-        batch = SampleBatch.of(samples)
-        lengths = batch.length_list
-        shards = shard_by_tokens(lengths, self.group.ctx.world_size)
-        # Sharded ranks all run as many trunk passes as the busiest one (each pass gathers weights).
-        passes = (
-            max(
-                len(plan_micro_batches([lengths[i] for i in shard], self.config.micro_batch_tokens)) for shard in shards
-            )
-            if self.group.sharded
-            else 0
-        )
-        results = self.group.call(
-            [(op, (self.model_id, batch.take(shard), loss.name, config, passes)) for shard in shards]
-        )
-        logprobs: list = [None] * len(samples)
-        stats = BatchStats()
-        for shard, result in zip(shards, results):
-            stats = stats.merge(result.stats)
-            for i, lp in zip(shard, result.logprobs):
-                logprobs[i] = lp
-        return BatchResult(logprobs=logprobs, stats=stats)
 
     def _everywhere(self, op: str, *args):
         """Rank 0's outcome of `op` on this run on every rank."""

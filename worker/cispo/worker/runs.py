@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from cispo.worker import checkpoint, lora
 from cispo.worker.batch import Sample
 from cispo.worker.config import EngineConfig
-from cispo.worker.engine import Engine, validate_forward, validate_sample
+from cispo.worker.engine import Engine, EngineInfo, base_info, validate_forward, validate_sample
 from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, RunRestored, StateNotFound, VersionMismatch
 from cispo.worker.model import PolicyModel
 from cispo.worker.sampler_weights import ExportCache, export_name
@@ -177,6 +177,10 @@ class _Runs:
                 "run would share; yours can be made once it is unloaded"
             )
         return DEFAULT_RUN
+
+    def base_info(self) -> EngineInfo:
+        """The served base model, described as a run with no training of its own."""
+        return base_info(self.policy)
 
     def apply(
         self, model_id: str, owner: str | None, expected: ExpectedVersion, op: str, fn: Callable[[Any], T]
@@ -323,7 +327,7 @@ class TrainingRuns(_Runs):
     def info(self, model_id: str, owner: str | None) -> RunInfo:
         return self._info(model_id, self._visible(model_id, owner))
 
-    def list(self, owner: str | None) -> list[RunInfo]:
+    def list_runs(self, owner: str | None) -> list[RunInfo]:
         """The runs `owner` may see (its own and ownerless ones), oldest first."""
         return [self._info(i, r) for i, r in self._runs.items() if r.owner is None or r.owner == owner]
 
