@@ -3,6 +3,7 @@ columns a request is decoded into and validated as), and packed micro-batches.""
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -85,24 +86,26 @@ class Column:
         other datums. A tensor that is not 1-D, or a part of the wrong kind for `name`, is a problem."""
         kind = FIELD_KINDS.get(name)
         lengths = np.full(size, -1, dtype=np.int64)
-        problems, groups = {}, {}
+        problems: dict[int, str] = {}
+        groups: dict[torch.dtype, tuple[list[int], list[torch.Tensor]]] = {}  # dtype -> (datums, tensors)
         for i, tensor in tensors:
             lengths[i] = tensor.shape[0] if tensor.dim() else 0
-            if tensor.dim() != 1:
-                problems[i] = tensor_problem(tuple(tensor.shape), tensor.dtype, kind)
+            why = tensor_problem(tuple(tensor.shape), tensor.dtype, kind) if tensor.dim() != 1 else None
+            if why is not None:
+                problems[i] = why
             else:
-                datums, parts_of_dtype = groups.setdefault(tensor.dtype, ([], []))
-                datums.append(i)
-                parts_of_dtype.append(tensor)
+                datums_of_dtype, tensors_of_dtype = groups.setdefault(tensor.dtype, ([], []))
+                datums_of_dtype.append(i)
+                tensors_of_dtype.append(tensor)
         of_tensors = [
             (datums, lengths[datums], torch.cat(ts)) for datums, ts in ((np.array(d), ts) for d, ts in groups.values())
         ]
-        kept = []
-        for datums, part_lengths, values in [*parts, *of_tensors]:
+        kept: list[tuple[np.ndarray, np.ndarray]] = []  # (datums (k,), their elements)
+        for datums, part_lengths, elements in [*parts, *of_tensors]:
             lengths[datums] = part_lengths
-            why = tensor_problem(tuple(values.shape), values.dtype, kind)
+            why = tensor_problem(tuple(elements.shape), elements.dtype, kind)
             if why is None:
-                kept.append((datums, _numpy(values)))
+                kept.append((datums, _numpy(elements)))
             else:
                 problems.update(dict.fromkeys(datums.tolist(), why))
         good = np.maximum(lengths, 0)
@@ -147,7 +150,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).numpy()
 
 
-class SampleBatch(Sequence):
+class SampleBatch(Sequence[Sample]):
     """B datums as columns: `columns["model_input"]` and one column per loss input name given
     by any datum. `lengths` (B,) int64: the datums' model_input lengths. The service decodes a
     request into one; it is validated as it is and goes to the engine unchanged. Indexing gives
@@ -179,8 +182,16 @@ class SampleBatch(Sequence):
     def __len__(self) -> int:
         return len(self.length_list)
 
-    def __getitem__(self, i: int) -> Sample:
-        """Datum i as a Sample of views of the columns."""
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Sample]: ...
+
+    def __getitem__(self, i: int | slice) -> Sample | list[Sample]:
+        """Datum i as a Sample of views of the columns (a slice: a list of them)."""
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
         i = range(len(self))[i]
         return Sample(self.columns["model_input"].datum(i), self.inputs(i))
 
@@ -245,21 +256,21 @@ def pack(batch: SampleBatch, indices: list[int], input_names: tuple[str, ...], d
     def gather(name: str, dtype: type, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(T,) the field of the chosen datums; an optional input's default where one gives none."""
         column = batch.columns.get(name)
-        given = column.given()[rows] if column is not None else np.zeros(len(rows), dtype=bool)
-        if given.any():
-            values = column.values[ranges(column.starts[rows[given]], lengths[given])]
-            values = torch.from_numpy(values.astype(dtype, copy=False))
+        if column is None or not (given := column.given()[rows]).any():
+            return OPTIONAL_INPUT_DEFAULTS[name](inputs)
+        values = column.values[ranges(column.starts[rows[given]], lengths[given])]
+        values_T = torch.from_numpy(values.astype(dtype, copy=False))
         if given.all():
-            return values
+            return values_T
         out = OPTIONAL_INPUT_DEFAULTS[name](inputs)
-        if given.any():
-            out[torch.from_numpy(np.repeat(given, lengths))] = values
+        out[torch.from_numpy(np.repeat(given, lengths))] = values_T
         return out
 
-    inputs: dict[str, torch.Tensor | None] = {}
+    inputs: dict[str, torch.Tensor] = {}
     for name, kind in LOSS_INPUT_KINDS.items():  # in this order: a default is made of the inputs before it
-        inputs[name] = gather(name, np.int64 if kind == "int" else np.float32, inputs) if name in input_names else None
-    on_device = {name: None if t is None else t.to(device) for name, t in inputs.items()}
+        if name in input_names:
+            inputs[name] = gather(name, np.int64 if kind == "int" else np.float32, inputs)
+    on_device = {name: t.to(device) for name, t in inputs.items()}
     positions = ranges(np.zeros_like(lengths), lengths)
     return MicroBatch(
         indices=list(indices),
@@ -267,8 +278,8 @@ def pack(batch: SampleBatch, indices: list[int], input_names: tuple[str, ...], d
         input_ids_1T=gather("model_input", np.int64, inputs).to(device)[None],
         position_ids_1T=torch.from_numpy(positions).to(device)[None],
         target_tokens_T=on_device["target_tokens"],
-        logprobs_T=on_device["logprobs"],
-        advantages_T=on_device["advantages"],
-        weights_T=on_device["weights"],
-        sequence_ratio_mask_T=on_device["sequence_ratio_mask"],
+        logprobs_T=on_device.get("logprobs"),
+        advantages_T=on_device.get("advantages"),
+        weights_T=on_device.get("weights"),
+        sequence_ratio_mask_T=on_device.get("sequence_ratio_mask"),
     )

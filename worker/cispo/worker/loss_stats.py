@@ -170,12 +170,18 @@ def merge_stats(vectors: list[torch.Tensor]) -> torch.Tensor:
 
 def stats_from_vector(values: list[float], loss_sum: float, tokens: int) -> BatchStats:
     """BatchStats from a stats vector read to the host, the loss sum and the token count."""
-    sums = dict(zip(_SUMS, values))
+    active, high, low, ratio_tokens, ratio_sum, kl_k1_sum, kl_k3_sum = values[: len(_SUMS)]  # in _SUMS order
     return BatchStats(
         loss_sum=loss_sum,
         tokens=tokens,
+        active_tokens=int(active),
+        clipped_high=int(high),
+        clipped_low=int(low),
+        ratio_tokens=int(ratio_tokens),
+        ratio_sum=ratio_sum,
         ratio_min=values[_MIN],
         ratio_max=values[_MAX],
+        kl_k1_sum=kl_k1_sum,
+        kl_k3_sum=kl_k3_sum,
         ratio_bucket_counts=tuple(int(c) for c in values[_MAX + 1 :]),
-        **{k: (v if k.endswith("_sum") else int(v)) for k, v in sums.items()},
     )

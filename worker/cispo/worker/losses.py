@@ -70,8 +70,8 @@ class TokenInputs:
     def with_sequence_log_ratio(self, target_logprobs_T: torch.Tensor, lengths: list[int]) -> "TokenInputs":
         """These inputs with `sequence_log_ratio_T`: per datum (consecutive `lengths` tokens),
         the mean of the clamped t - s over its tokens in M, broadcast to its tokens."""
-        log_ratio_T = _log_ratio(target_logprobs_T.detach(), self.sampling_logprobs_T)
-        in_m_T = self.sequence_ratio_mask_T != 0
+        log_ratio_T = _log_ratio(target_logprobs_T.detach(), self.s_T)
+        in_m_T = self.m_T != 0
         datum_T = torch.repeat_interleave(
             torch.arange(len(lengths), device=log_ratio_T.device), torch.tensor(lengths, device=log_ratio_T.device)
         )
@@ -79,6 +79,28 @@ class TokenInputs:
         counts_B = log_ratio_T.new_zeros(len(lengths)).index_add_(0, datum_T, in_m_T.float())
         mean_B = sums_B / counts_B.clamp(min=1.0)
         return dataclasses.replace(self, sequence_log_ratio_T=mean_B[datum_T])
+
+    # The docstring's s, A, w, M and log S. A loss reads only the inputs it requires or has a
+    # default for (validation and `pack` supply them), so a None read here is a bug.
+    @property
+    def s_T(self) -> torch.Tensor:
+        return _given(self.sampling_logprobs_T, "logprobs")
+
+    @property
+    def a_T(self) -> torch.Tensor:
+        return _given(self.advantages_T, "advantages")
+
+    @property
+    def w_T(self) -> torch.Tensor:
+        return _given(self.weights_T, "weights")
+
+    @property
+    def m_T(self) -> torch.Tensor:
+        return _given(self.sequence_ratio_mask_T, "sequence_ratio_mask")
+
+    @property
+    def log_s_T(self) -> torch.Tensor:
+        return _given(self.sequence_log_ratio_T, "sequence_log_ratio (see with_sequence_log_ratio)")
 
 
 # A loss body: (target logprobs (T,) fp32, inputs, resolved config) -> loss scalar, a sum of
@@ -123,18 +145,20 @@ class LossFunction:
             raise InvalidInput(violations)
         return resolved
 
-    def __call__(self, target_logprobs_T, inputs: TokenInputs, config: Mapping[str, float]) -> torch.Tensor:
+    def __call__(
+        self, target_logprobs_T: torch.Tensor, inputs: TokenInputs, config: Mapping[str, float]
+    ) -> torch.Tensor:
         return self.body(target_logprobs_T, inputs, config)
 
-    def stats(self, target_logprobs_T, inputs: TokenInputs, config: Mapping[str, float]) -> torch.Tensor:
+    def stats(self, target_logprobs_T: torch.Tensor, inputs: TokenInputs, config: Mapping[str, float]) -> torch.Tensor:
         """Token counts and, for losses with a ratio, ratio statistics over active tokens, as a
         stats vector on the device (worker.loss_stats); a sequence-level loss counts a token
         clipped by its sequence ratio."""
         if inputs.sampling_logprobs_T is None:
-            return token_stats(inputs.weights_T != 0)
+            return token_stats(inputs.w_T != 0)
         log_ratio_T = _log_ratio(target_logprobs_T.detach(), inputs.sampling_logprobs_T)
         return token_stats(
-            inputs.advantages_T != 0,
+            inputs.a_T != 0,
             log_ratio_T,
             config.get(CLIP_LOW),
             config.get(CLIP_HIGH),
@@ -162,43 +186,49 @@ def _threshold_violations(lo: float, hi: float) -> list[FieldViolation]:
     return []
 
 
+def _given(t_T: torch.Tensor | None, name: str) -> torch.Tensor:
+    if t_T is None:
+        raise ValueError(f"the loss input {name} is missing")
+    return t_T
+
+
 def _log_ratio(target_logprobs_T: torch.Tensor, sampling_logprobs_T: torch.Tensor) -> torch.Tensor:
     return (target_logprobs_T - sampling_logprobs_T).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
 
 
-def _cispo(t_T, x: TokenInputs, cfg):
+def _cispo(t_T: torch.Tensor, x: TokenInputs, cfg: Mapping[str, float]) -> torch.Tensor:
     lo, hi = cfg[CLIP_LOW], cfg[CLIP_HIGH]
-    log_ratio_T = _log_ratio(t_T.detach(), x.sampling_logprobs_T)
+    log_ratio_T = _log_ratio(t_T.detach(), x.s_T)
     coef_T = log_ratio_T.exp().clamp(lo, hi)  # detached: bounds the coefficient, never zeroes a gradient
-    return -(coef_T * t_T * x.advantages_T).sum()
+    return -(coef_T * t_T * x.a_T).sum()
 
 
-def _importance_sampling(t_T, x: TokenInputs, cfg):
-    log_ratio_T = _log_ratio(t_T, x.sampling_logprobs_T)
-    return -(log_ratio_T.exp() * x.advantages_T).sum()
+def _importance_sampling(t_T: torch.Tensor, x: TokenInputs, cfg: Mapping[str, float]) -> torch.Tensor:
+    log_ratio_T = _log_ratio(t_T, x.s_T)
+    return -(log_ratio_T.exp() * x.a_T).sum()
 
 
-def _ppo(t_T, x: TokenInputs, cfg):
+def _ppo(t_T: torch.Tensor, x: TokenInputs, cfg: Mapping[str, float]) -> torch.Tensor:
     lo, hi = cfg[CLIP_LOW], cfg[CLIP_HIGH]
-    log_ratio_T = _log_ratio(t_T, x.sampling_logprobs_T)
-    ratio_T, a_T = log_ratio_T.exp(), x.advantages_T
+    log_ratio_T = _log_ratio(t_T, x.s_T)
+    ratio_T, a_T = log_ratio_T.exp(), x.a_T
     return -torch.minimum(ratio_T * a_T, ratio_T.clamp(lo, hi) * a_T).sum()
 
 
-def _cross_entropy(t_T, x: TokenInputs, cfg):
-    return -(x.weights_T * t_T).sum()
+def _cross_entropy(t_T: torch.Tensor, x: TokenInputs, cfg: Mapping[str, float]) -> torch.Tensor:
+    return -(x.w_T * t_T).sum()
 
 
-def _dro(t_T, x: TokenInputs, cfg):
-    a_T = x.advantages_T
-    penalty_T = torch.where(a_T != 0, (t_T - x.sampling_logprobs_T).square(), 0.0)
+def _dro(t_T: torch.Tensor, x: TokenInputs, cfg: Mapping[str, float]) -> torch.Tensor:
+    a_T = x.a_T
+    penalty_T = torch.where(a_T != 0, (t_T - x.s_T).square(), 0.0)
     return -(t_T * a_T - 0.5 * cfg[BETA] * penalty_T).sum()
 
 
-def _gspo(t_T, x: TokenInputs, cfg):
+def _gspo(t_T: torch.Tensor, x: TokenInputs, cfg: Mapping[str, float]) -> torch.Tensor:
     lo, hi = cfg[CLIP_LOW], cfg[CLIP_HIGH]
-    ratio_T = (x.sequence_log_ratio_T + t_T - t_T.detach()).exp()  # value S, gradient of its own t
-    a_T = x.advantages_T
+    ratio_T = (x.log_s_T + t_T - t_T.detach()).exp()  # value S, gradient of its own t
+    a_T = x.a_T
     return -torch.minimum(ratio_T * a_T, ratio_T.clamp(lo, hi) * a_T).sum()
 
 
