@@ -123,56 +123,57 @@ def bench_engine(args, tmp: str) -> list[str]:
 
 def bench_layer(args) -> list[str]:
     """One attention layer at T=8192, datums of 2048 and 256 tokens."""
-    H, Dh = 8, 64
-    module = torch.nn.Module()
     rows = [
         "| datums | dense block mask, fwd+bwd | per-datum SDPA, fwd+bwd | dense / per-datum | "
         "per-datum SDPA, fwd | flex (compiled), fwd |",
         "|---|---|---|---|---|---|",
     ]
-    for length in (2048, 256):
-        lengths = [length] * (TOKENS // length)
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, TOKENS, H, Dh, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
-        datum_T = torch.arange(TOKENS) // length
-        i_T = torch.arange(TOKENS)
-        mask_TT = (datum_T[:, None] == datum_T[None, :]) & (i_T[:, None] >= i_T[None, :])
-        kwargs = packed_attention_kwargs(lengths, q.device)
+    return rows + [layer_row(args, length) for length in (2048, 256)]
 
-        def dense():
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT[None, None])
 
-        def per_datum():
-            return packed_attention_forward(module, q, k, v, None, **kwargs)[0]
+def layer_row(args, length: int) -> str:
+    """The table row of bench_layer for datums of `length` tokens."""
+    H, Dh = 8, 64
+    module = torch.nn.Module()
+    lengths = [length] * (TOKENS // length)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, TOKENS, H, Dh, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    datum_T = torch.arange(TOKENS) // length
+    i_T = torch.arange(TOKENS)
+    mask_TT = (datum_T[:, None] == datum_T[None, :]) & (i_T[:, None] >= i_T[None, :])
+    kwargs = packed_attention_kwargs(lengths, q.device)
 
-        def fwd_bwd(fn):
-            return lambda: fn().sum().backward()
+    def dense():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT[None, None])
 
-        times = {"dense": [], "per-datum": [], "per-datum fwd": []}
-        for _ in range(args.repeats):
-            times["dense"].append(timed(fwd_bwd(dense)))
-            times["per-datum"].append(timed(fwd_bwd(per_datum)))
-            with torch.no_grad():
-                times["per-datum fwd"].append(timed(per_datum))
-        flex = "-"
-        if args.flex:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    def per_datum():
+        return packed_attention_forward(module, q, k, v, None, **kwargs)[0]
 
-            block_mask = create_block_mask(
-                lambda b, h, qi, ki: (datum_T[qi] == datum_T[ki]) & (qi >= ki), None, None, TOKENS, TOKENS, device="cpu"
-            )
-            compiled = torch.compile(flex_attention)
-            qd, kd, vd = q.detach(), k.detach(), v.detach()  # torch refuses inputs that need a gradient
-            compiled(qd, kd, vd, block_mask=block_mask)  # compiles
-            flex = (
-                f"{min(timed(lambda: compiled(qd, kd, vd, block_mask=block_mask)) for _ in range(args.repeats)):.3f} s"
-            )
-        best = {name: min(t) for name, t in times.items()}
-        rows.append(
-            f"| {len(lengths)} x {length} | {best['dense']:.3f} s | {best['per-datum']:.3f} s | "
-            f"{best['dense'] / best['per-datum']:.1f}x | {best['per-datum fwd']:.3f} s | {flex} |"
+    def fwd_bwd(fn):
+        return lambda: fn().sum().backward()
+
+    times = {"dense": [], "per-datum": [], "per-datum fwd": []}
+    for _ in range(args.repeats):
+        times["dense"].append(timed(fwd_bwd(dense)))
+        times["per-datum"].append(timed(fwd_bwd(per_datum)))
+        with torch.no_grad():
+            times["per-datum fwd"].append(timed(per_datum))
+    flex = "-"
+    if args.flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(
+            lambda b, h, qi, ki: (datum_T[qi] == datum_T[ki]) & (qi >= ki), None, None, TOKENS, TOKENS, device="cpu"
         )
-    return rows
+        compiled = torch.compile(flex_attention)
+        qd, kd, vd = q.detach(), k.detach(), v.detach()  # torch refuses inputs that need a gradient
+        compiled(qd, kd, vd, block_mask=block_mask)  # compiles
+        flex = f"{min(timed(lambda: compiled(qd, kd, vd, block_mask=block_mask)) for _ in range(args.repeats)):.3f} s"
+    best = {name: min(t) for name, t in times.items()}
+    return (
+        f"| {len(lengths)} x {length} | {best['dense']:.3f} s | {best['per-datum']:.3f} s | "
+        f"{best['dense'] / best['per-datum']:.1f}x | {best['per-datum fwd']:.3f} s | {flex} |"
+    )
 
 
 def main() -> None:

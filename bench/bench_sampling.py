@@ -113,7 +113,7 @@ def variants(engine: Engine, prompts_NP: torch.Tensor, batches: list[int], max_t
     for b in batches:
         if b == 1:  # one sequence per call, `sequences` calls in a row
             singles = [[request(i)] for i in range(sequences)]
-            out.append(("cispo", "1", lambda: one_by_one(cispo_run(engine, r) for r in singles)))
+            out.append(("cispo", "1", lambda singles=singles: one_by_one(cispo_run(engine, r) for r in singles)))
             out.append(
                 (
                     "generate",
@@ -221,7 +221,7 @@ def main() -> None:
             gen = torch.Generator().manual_seed(args.seed)
             # Ids from 3 up: no BOS/EOS/pad in the prompts.
             prompts_NP = torch.randint(
-                3, policy.vocab_size, (max(batches + [args.sequences]), args.prompt_tokens), generator=gen
+                3, policy.vocab_size, (max([*batches, args.sequences]), args.prompt_tokens), generator=gen
             )
             runs = variants(engine, prompts_NP, batches, args.max_tokens, args.sequences, args.seed)
             for (side, label), samples in measure(runs, args.warmup, args.repeats).items():
@@ -241,7 +241,7 @@ def main() -> None:
                 )
             if args.profile:
                 profile(runs, 15)
-    print("load average %.2f %.2f %.2f" % os.getloadavg())
+    print("load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
     print()
     print(

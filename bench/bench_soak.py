@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import random
 import re
 import sys
@@ -77,7 +78,7 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 class StreamStats:
@@ -252,7 +253,7 @@ def main() -> int:
     total_answers = sum(sum(s.answers.values()) for s in stats)
     per_stream = [sum(s.answers.values()) for s in stats]
     times = sorted(t for s in stats for t in s.answered_at)
-    gaps = sorted(((b - a, a - started) for a, b in zip(times, times[1:])), reverse=True)
+    gaps = sorted(((b - a, a - started) for a, b in itertools.pairwise(times)), reverse=True)
     all_latencies = [v for vs in latencies.values() for v in vs]
     after = [(t, v) for t, v in samples if t >= args.warmup_seconds]
     rss = [v for _, v in samples]
