@@ -5,9 +5,9 @@ Requests are built by the Python client (`cispo.client.wire.forward_backward_inp
 raw little-endian tensors, int64 tokens, float32 logprobs and advantages), or with `--typed` in
 the typed fields as the Node client and grpcurl send them (int64_data, float_data), and
 serialised once.
-Each shape is timed in these stages, as `TrainingServicer._prepare` runs them on a codec thread:
+Each shape is timed in these stages, as the operations layer's handler runs them on a codec thread:
 
-  parse     `TrainingServicer._parse(ForwardBackwardInput, body)`: the body as the servicer reads it
+  parse     `servicer.parse_body(ForwardBackwardInput, body)`: the body as the gRPC door reads it
   decode    `convert.decode_forward_backward`: tensors out of the message
   validate  `validate_forward` (loss, config and `validation.validate_batch`), as `runs.validate`
   key       `idempotency.fingerprint`: the client puts a key on every forward_backward
@@ -32,9 +32,9 @@ import numpy as np
 from cispo.client import Datum, ModelInput
 from cispo.client.wire import forward_backward_input_to_pb
 from cispo.service import convert
-from cispo.service.convert import RAW_DTYPES
+from cispo.v1.tensors import RAW_DTYPES
 from cispo.service.idempotency import fingerprint
-from cispo.service.servicer import TrainingServicer
+from cispo.service.servicer import parse_body
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import EngineConfig, load_policy_model
 from cispo.worker.engine import validate_forward
@@ -76,7 +76,7 @@ def stages(body: bytes, policy, config: EngineConfig) -> dict:
     """Seconds of each stage on `body`, one run."""
     times = {}
     start = time.perf_counter()
-    request = TrainingServicer._parse(pb.ForwardBackwardInput, body)
+    request = parse_body(pb.ForwardBackwardInput, body)
     times["parse"] = time.perf_counter() - start
     start = time.perf_counter()
     samples, loss_fn, loss_config = convert.decode_forward_backward(request, 1 << 30, MAX_TOKENS)

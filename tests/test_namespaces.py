@@ -17,9 +17,9 @@ from reference import make_samples
 from server_process import ServerProcess
 
 from cispo.service.auth import set_identity
+from cispo.service.data_plane import Operations
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import OperationPipeline
-from cispo.service.servicer import TrainingServicer
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 from cispo.worker import AdamParams, EngineConfig, InvalidInput, StateNotFound, load_policy_model, lora
@@ -305,11 +305,11 @@ def test_one_batch_of_samples_gives_each_identity_its_own_export_of_a_name(local
 def test_check_export_tells_at_once_whether_the_caller_may_read_an_export(local):
     runs, exports = local
     path = exports["alice"][0]
-    servicer = TrainingServicer(runs, OperationPipeline(), ServiceMetrics(), limits={})
+    operations = Operations(runs, OperationPipeline(), ServiceMetrics(), limits={})
 
     async def check(identity: str, model_path: str) -> None:
         set_identity(identity)
-        await servicer.check_export(model_path)
+        await operations.check_export(model_path)
 
     try:
         for identity, model_path in (("alice", "alice-only"), ("alice", str(path)), ("bob", "same")):
@@ -323,4 +323,4 @@ def test_check_export_tells_at_once_whether_the_caller_may_read_an_export(local)
         with pytest.raises(InvalidInput, match="model_path"):
             asyncio.run(check("alice", "/etc/passwd"))
     finally:
-        servicer.close()
+        operations.close()

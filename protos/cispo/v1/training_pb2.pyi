@@ -535,3 +535,19 @@ class UnloadModelResponse(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class RemoveExportRequest(_message.Message):
+    __slots__ = ("name", "idempotency_key", "model_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    idempotency_key: str
+    model_id: str
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class RemoveExportResponse(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...

@@ -94,6 +94,11 @@ class TrainingServiceStub:
                 request_serializer=cispo_dot_v1_dot_training__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=cispo_dot_v1_dot_training__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.RemoveExport = channel.unary_unary(
+                '/cispo.v1.TrainingService/RemoveExport',
+                request_serializer=cispo_dot_v1_dot_training__pb2.RemoveExportRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.RemoveExportResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -187,6 +192,14 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveExport(self, request, context):
+        """Deletes the caller's saved sampler weights (a SaveWeightsForSampler export), in the order of
+        the run named, after the operations queued before it. A missing export: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +262,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=cispo_dot_v1_dot_training__pb2.UnloadModelRequest.FromString,
                     response_serializer=cispo_dot_v1_dot_training__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'RemoveExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveExport,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.RemoveExportRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.RemoveExportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +593,33 @@ class TrainingService:
             '/cispo.v1.TrainingService/UnloadModel',
             cispo_dot_v1_dot_training__pb2.UnloadModelRequest.SerializeToString,
             cispo_dot_v1_dot_training__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/RemoveExport',
+            cispo_dot_v1_dot_training__pb2.RemoveExportRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.RemoveExportResponse.FromString,
             options,
             channel_credentials,
             insecure,

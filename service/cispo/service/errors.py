@@ -39,6 +39,14 @@ class Unavailable(Exception):
     """The server cannot take the operation now (draining, or a worker rank is gone)."""
 
 
+class OperationFailed(Exception):
+    """An operation was answered with `status` (Operations.call raises it)."""
+
+    def __init__(self, status: status_pb2.Status):
+        super().__init__(status.message)
+        self.status = status
+
+
 def clip(text: str, limit: int) -> str:
     """`text`, cut to about `limit` characters with a note of its full length."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
@@ -71,6 +79,8 @@ def _drop_tracebacks(exc: BaseException) -> None:
 
 
 def _status_of(exc: BaseException) -> status_pb2.Status:
+    if isinstance(exc, OperationFailed):
+        return exc.status
     if isinstance(exc, InvalidInput):
         shown = [
             FieldViolation(clip(v.field, MAX_FIELD_CHARS), clip(v.description, MAX_DESCRIPTION_CHARS))

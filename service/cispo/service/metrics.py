@@ -13,6 +13,7 @@ removed when its last run is unloaded, so `run` has no more values than there ar
 run's trainable bytes are read from the runs registry at scrape time.
 """
 
+import functools
 import hashlib
 import hmac
 import os
@@ -271,7 +272,7 @@ class ServiceMetrics:
                 f"torch.cuda.memory_{name} of the engine's GPU.",
                 registry=self.registry,
             )
-            gauge.set_function(lambda read=read: read(device))
+            gauge.set_function(functools.partial(read, device))
 
     def track_runs(self, runs) -> None:
         """The number of live runs and each one's trainable bytes, read from `runs` at scrape time."""

@@ -202,10 +202,13 @@ class OperationPipeline:
 
     def _on_loop(self, callback, *args) -> None:
         """Run `callback(*args)` on the event loop; nothing if the loop is closed (its callers are gone)."""
+        loop = self._loop
+        if loop is None:  # nothing was ever submitted, so no one waits
+            return
         try:
-            self._loop.call_soon_threadsafe(callback, *args)
+            loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:
-            if not self._loop.is_closed():
+            if not loop.is_closed():
                 raise
 
     def _room_freed(self) -> None:
@@ -218,7 +221,7 @@ class OperationPipeline:
         task.add_done_callback(self._notifying.discard)
 
     def _finished(self) -> None:
-        if not self._stopped.done():
+        if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
     @staticmethod

@@ -11,6 +11,8 @@ import ipaddress
 import logging
 import resource
 import socket
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from cispo.service.auth import TokenAuthInterceptor, TokenFileError, load_tokens
 from cispo.service.config import ServerConfig
+from cispo.service.data_plane import Operations
 from cispo.service.http_guard import ConnectionLimits
 from cispo.service.idempotency import IdempotencyCache
 from cispo.service.interceptor import GrpcMetricsInterceptor
@@ -29,6 +32,10 @@ from cispo.service.pipeline import OperationPipeline
 from cispo.service.servicer import SERVICE_NAME, TrainingServicer, add_training_service
 from cispo.service.tls import TlsConfigError, tls_server_context, tls_server_credentials
 from cispo.v1 import training_pb2
+from cispo.worker.protocols import RunRegistry
+
+if TYPE_CHECKING:
+    from cispo.service.tinker_http import TinkerFront
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +51,25 @@ class StartupError(Exception):
 class TrainingServer:
     """One server process. `start()` binds; `drain()` stops accepting, finishes, exits."""
 
-    def __init__(self, runs, config: ServerConfig, registry: CollectorRegistry | None = None, world_size: int = 1):
+    def __init__(
+        self,
+        runs: RunRegistry,
+        config: ServerConfig,
+        registry: CollectorRegistry | None = None,
+        world_size: int = 1,
+    ):
         """`runs`: the training runs served (worker.runs.TrainingRuns, or worker.group.GroupRuns)."""
         self.runs = runs
         self.config = config
         self.metrics = ServiceMetrics(registry, config.metrics_run_label)
         self.metrics.world_size.set(world_size)
-        policy, engine_config = runs.policy, runs.config
-        if policy.device.type == "cuda":
-            self.metrics.track_cuda_memory(policy.device)
+        base, engine_config = runs.base_info(), runs.config
+        if base.device == "cuda":
+            self.metrics.track_cuda_memory(base.device_name)
         limits = RequestLimits(
             max_message_bytes=config.max_message_bytes,
             max_tokens_per_request=config.max_tokens_per_request,
-            max_sequence_length=policy.max_sequence_length,
+            max_sequence_length=base.max_sequence_length,
             idempotency_keys_remembered=config.idempotency_keys,
             max_data_per_request=config.max_data_per_request,
             max_sample_tokens=engine_config.sampling.max_sample_tokens,
@@ -64,7 +77,7 @@ class TrainingServer:
             max_sample_request_tokens=engine_config.sampling.max_sample_request_tokens,
         )
         self.pipeline = OperationPipeline(config.queue_capacity, config.sample_queue_capacity, runs.max_runs + 1)
-        self.servicer = TrainingServicer(
+        self.operations = Operations(
             runs,
             self.pipeline,
             self.metrics,
@@ -79,9 +92,9 @@ class TrainingServer:
         self.health_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
-        self._http = None
+        self._http: WSGIServer | None = None
         self.http_port: int | None = None
-        self._tinker = None
+        self._tinker: TinkerFront | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()  # owned: the loop holds tasks weakly
 
@@ -107,7 +120,7 @@ class TrainingServer:
             ("grpc.so_reuseport", 0),
         ]
         # The metrics interceptor is outermost, so it counts the calls auth refuses.
-        interceptors = [
+        interceptors: list[grpc.aio.ServerInterceptor] = [
             GrpcMetricsInterceptor(
                 self.metrics.registry, (training_pb2.DESCRIPTOR.services_by_name["TrainingService"],)
             )
@@ -116,7 +129,7 @@ class TrainingServer:
         if auth is not None:
             interceptors.append(auth)
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        add_training_service(self.servicer, server)
+        add_training_service(TrainingServicer(self.operations), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -142,10 +155,10 @@ class TrainingServer:
             from cispo.service.tinker_http import TinkerFront  # the HTTP stack only when asked for
 
             self._tinker = TinkerFront(
-                self.servicer,
+                self.operations,
                 auth,
                 self.metrics,
-                self.servicer.limits,
+                self.operations.limits,
                 _connection_limits(config),
                 config.http_seq_gap_seconds,
             )
@@ -187,20 +200,22 @@ class TrainingServer:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+        if self._loop is None:
+            raise RuntimeError("the server has not started")
         self._loop.call_soon_threadsafe(on_loop)
 
     async def drain(self) -> None:
         """Stop accepting work, answer everything accepted (within drain_seconds), stop."""
         log.info("draining: no new operations; finishing those accepted")
         await self.set_serving(False)
-        self.servicer.draining.set()
+        self.operations.draining.set()
         deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
         http_drained = self._tinker.drain(deadline) if self._tinker is not None else asyncio.sleep(0)
-        await asyncio.gather(self._server.stop(grace=self.config.drain_seconds), http_drained)
+        await asyncio.gather(self._started().stop(grace=self.config.drain_seconds), http_drained)
         await self.pipeline.close()
         if self._tinker is not None:
             await self._tinker.stop()
-        self.servicer.close()
+        self.operations.close()
         if self._health_server is not None:
             await self._health_server.stop(grace=None)
         if self._http is not None:
@@ -208,7 +223,12 @@ class TrainingServer:
         log.info("drained: %d operations accepted, %d completed", self.pipeline.accepted, self.pipeline.completed)
 
     async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()
+        await self._started().wait_for_termination()
+
+    def _started(self) -> grpc.aio.Server:
+        if self._server is None:
+            raise RuntimeError("the server has not started")
+        return self._server
 
 
 def is_loopback(host: str) -> bool:
