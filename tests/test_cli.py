@@ -21,6 +21,7 @@ import torch
 from server_process import ServerProcess, run_cli_in_process
 
 from cispo.service import cli
+from cispo.service.log_format import JsonFormatter
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 
@@ -156,7 +157,7 @@ def test_a_bad_model_directory_in_a_real_process(tmp_path):
 
 
 def test_json_formatter_carries_extra_fields_and_exceptions():
-    formatter = cli.JsonFormatter()
+    formatter = JsonFormatter()
     record = logging.LogRecord("cispo.test", logging.WARNING, __file__, 1, "hello %s", ("world",), None)
     record.fields = {"op": "forward", "identity": "alice"}
     record.peer = "ipv4:10.0.0.1:5"

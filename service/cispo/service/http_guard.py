@@ -49,7 +49,7 @@ def guarded_protocol(limits: ConnectionLimits, notices: RateLimitedLog) -> type[
     class GuardedProtocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > limits.max_connections:
                 notices.log(

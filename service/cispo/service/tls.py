@@ -109,9 +109,14 @@ def tls_server_credentials(cert_file, key_file, client_ca_file=None) -> grpc.Ser
     gRPC asks on every new connection; the answer is a new configuration only after a change."""
     _check_pairing(cert_file, key_file)
     files = CertificateFiles(cert_file, key_file, client_ca_file)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        """A configuration of the new files after a change; None keeps the current one."""
+        return files.grpc_configuration() if files.changed() else None
+
     return grpc.dynamic_ssl_server_credentials(
         files.grpc_configuration(),
-        lambda: files.grpc_configuration() if files.changed() else None,
+        fetch,  # type: ignore[arg-type]  # grpc's stub omits the None its documentation allows
         require_client_authentication=client_ca_file is not None,
     )
 
