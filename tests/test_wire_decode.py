@@ -19,6 +19,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from cispo.service import convert
+from cispo.v1 import datum_reader, tensors
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import InvalidInput, LimitExceeded
 from cispo.worker.batch import Sample
@@ -49,8 +50,8 @@ def reference(body: bytes) -> tuple:
         msg = pb.ForwardBackwardInput.FromString(body)
     except DecodeError:
         return ("undecodable",), 0
-    tokens = sum(convert._wire_length(d.model_input) for d in msg.data)
-    violations = convert._Violations()
+    tokens = sum(tensors.wire_length(d.model_input) for d in msg.data)
+    violations = convert.Violations()
     samples = []
     for i, datum in enumerate(msg.data):
         if not datum.HasField("model_input"):
@@ -273,7 +274,7 @@ def test_typed_datums_of_one_size_in_several_layouts_agree(seed):
 def test_tensors_copied_whole_or_element_by_element_agree(monkeypatch, long_span):
     """Both ways of copying tensors out of the buffer (one slice per tensor where tensors are
     long on average, else one index per element), on good and corrupted batches."""
-    monkeypatch.setattr(convert, "LONG_SPAN", long_span)
+    monkeypatch.setattr(datum_reader, "LONG_SPAN", long_span)
     rng = random.Random(4000 + long_span)
     for _ in range(30):
         check(fm.good_batch(rng, max_datums=8).SerializeToString())

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import uuid
@@ -219,11 +220,11 @@ class _StreamSession:
             self.broken = True
             self.call.cancel()  # a no-op unless the reader failed on a live call
             self.half_close()  # ends the writer
-            pending, self.pending = self.pending, {}
-            if pending and not self.closing:
-                self.on_broken(list(pending.values()), code, details)
+            unanswered, self.pending = self.pending, {}
+            if unanswered and not self.closing:
+                self.on_broken(list(unanswered.values()), code, details)
             else:
-                for item in pending.values():
+                for item in unanswered.values():
                     item.fail(self.failure(code, details))
             self.idle.set()
 
@@ -296,7 +297,9 @@ class Transport:
             if failure:
                 raise failure[0]
             self._thread = thread
-        return self._loop  # type: ignore[return-value]
+        if self._loop is None:  # _run sets it before `ready`, or reports a failure
+            raise RuntimeError("the client's I/O loop did not start")
+        return self._loop
 
     def _run(self, ready: threading.Event, failure: list) -> None:
         loop = asyncio.new_event_loop()
@@ -362,10 +365,8 @@ class Transport:
             finally:
                 loop.stop()
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             asyncio.run_coroutine_threadsafe(shut_down(), loop)
-        except RuntimeError:  # the loop closed meanwhile
-            pass
 
     async def _aclose(self, grace: float | None) -> None:
         self._resend_held()  # fails what waits to be resent: the client is closed
@@ -373,10 +374,8 @@ class Transport:
         if session is not None and not session.broken:
             session.half_close()
             if grace is None or grace > 0:
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(session.idle.wait(), grace)
-                except asyncio.TimeoutError:
-                    pass
             session.closing = True
         if self._channel is not None:
             await self._channel.close()
@@ -418,6 +417,8 @@ class Transport:
         session = self._session
         if session is None or session.broken or session.half_closed:
             try:
+                if self._stub is None:  # connected before the first request; else fails as unreachable
+                    raise RuntimeError("no channel")
                 session = self._session = _StreamSession(
                     self._stub, self._call_kwargs, self.target, self._on_broken, self._incarnations
                 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -220,8 +220,10 @@ def error_from_rpc_error(error: grpc.RpcError) -> CispoError:
     Uses the rich status in the `grpc-status-details-bin` trailer when the server sent one,
     else the call's code and details.
     """
-    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailers or ():
+    # (key, value) pairs: grpc's _Metadatum namedtuples, or grpc.aio.Metadata's tuples; the stubs
+    # know only the first, and as objects that do not unpack.
+    trailers = cast(Iterable[tuple[str, Any]], error.trailing_metadata() if hasattr(error, "trailing_metadata") else ())
+    for key, value in trailers:
         if key == _DETAILS_TRAILER:
             try:
                 status = status_pb2.Status.FromString(value)

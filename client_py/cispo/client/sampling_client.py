@@ -13,16 +13,15 @@ order of operations: it sees every optim_step submitted before it, none after. W
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator
+from typing import Any
 
 from cispo.v1 import training_pb2 as pb
 
 from . import wire
+from .connection import Connection
 from .futures import APIFuture
 from .types import ModelInput, SampleResponse, SamplingParams, SaveWeightsForSamplerResponse
-
-if TYPE_CHECKING:
-    from .client import TrainingClient
 
 __all__ = ["SamplingClient"]
 
@@ -32,7 +31,7 @@ class SamplingClient:
 
     def __init__(
         self,
-        target: str | TrainingClient,
+        target: str | Connection,
         *,
         model_path: str | None = None,
         saved: APIFuture[SaveWeightsForSamplerResponse] | None = None,
@@ -40,18 +39,18 @@ class SamplingClient:
     ) -> None:
         """
         target: "host:port" (then `connection` takes TrainingClient's keyword arguments: token,
-            root_certificates, ...), or a TrainingClient whose connection, and so whose order
-            of operations, this client shares.
+            root_certificates, ...), or a TrainingClient (any Connection) whose connection, and
+            so whose order of operations, this client shares.
         model_path: saved sampler weights (a path `save_weights_for_sampler` answered, or the
             export's name); None samples the training run's current weights.
         saved: the pending save of those weights, which `result()` waits for.
         """
-        from .client import TrainingClient
-
-        self._owns_client = not isinstance(target, TrainingClient)
-        if not self._owns_client and connection:
-            raise TypeError("connection arguments go with a target address, not with a TrainingClient")
-        self._client = TrainingClient(target, **connection) if self._owns_client else target
+        if isinstance(target, Connection):
+            if connection:
+                raise TypeError("connection arguments go with a target address, not with a TrainingClient")
+            self._client, self._owns_client = target, False
+        else:
+            self._client, self._owns_client = Connection(target, **connection), True
         self.model_path = model_path
         self._saved = saved
 
@@ -68,7 +67,7 @@ class SamplingClient:
             self.model_path = (await self._saved.result_async(timeout)).path
         return self
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, SamplingClient]:
         return self.result_async().__await__()
 
     def sample(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cispo.v1 import training_pb2 as pb
+from cispo.v1.tensors import ADAM_DEFAULTS, TensorError, decode_tensor, encode_tensor, writable_native
 
 from .types import (
     AdamParams,
@@ -36,6 +37,7 @@ from .types import (
     SamplingParams,
     SaveStateResponse,
     SaveWeightsForSamplerResponse,
+    StopReason,
     TensorData,
     convert,
 )
@@ -58,34 +60,7 @@ __all__ = [
     "tensor_to_pb",
 ]
 
-# Wire dtype -> (DType enum, little-endian numpy dtype), and back.
-_TO_WIRE: dict[str, tuple[int, np.dtype]] = {
-    "int64": (pb.DTYPE_INT64, np.dtype("<i8")),
-    "int32": (pb.DTYPE_INT32, np.dtype("<i4")),
-    "float32": (pb.DTYPE_FLOAT32, np.dtype("<f4")),
-    "float64": (pb.DTYPE_FLOAT64, np.dtype("<f8")),
-}
-_FROM_WIRE: dict[int, tuple[np.dtype, np.dtype]] = {
-    code: (little_endian, np.dtype(name)) for name, (code, little_endian) in _TO_WIRE.items()
-}
-# Typed field -> (the DType it implies, numpy dtype).
-_TYPED_FIELDS: dict[str, tuple[int, np.dtype]] = {
-    "int64_data": (pb.DTYPE_INT64, np.dtype(np.int64)),
-    "float_data": (pb.DTYPE_FLOAT32, np.dtype(np.float32)),
-    "double_data": (pb.DTYPE_FLOAT64, np.dtype(np.float64)),
-}
-
-
 # --- tensors ------------------------------------------------------------------------------
-
-
-def _array_to_pb(array: np.ndarray, out: pb.Tensor) -> pb.Tensor:
-    """Fill `out` with a 1-D array of a wire dtype: dtype, shape [N], raw little-endian bytes."""
-    code, little_endian = _TO_WIRE[array.dtype.name]
-    out.dtype = code
-    out.shape[:] = [array.shape[0]]
-    out.raw_data = array.astype(little_endian, copy=False).tobytes()
-    return out
 
 
 def tensor_to_pb(tensor: TensorData | Any, out: pb.Tensor | None = None) -> pb.Tensor:
@@ -96,7 +71,7 @@ def tensor_to_pb(tensor: TensorData | Any, out: pb.Tensor | None = None) -> pb.T
     """
     if not isinstance(tensor, TensorData):
         tensor = TensorData(tensor)
-    return _array_to_pb(tensor.to_numpy(), pb.Tensor() if out is None else out)
+    return encode_tensor(tensor.to_numpy(), out)
 
 
 def tensor_from_pb(message: pb.Tensor, what: str = "tensor") -> TensorData:
@@ -107,42 +82,11 @@ def tensor_from_pb(message: pb.Tensor, what: str = "tensor") -> TensorData:
     a multiple of the element size, several forms set, a dtype that disagrees with the typed
     field, a shape that is not [N]).
     """
-    forms = [
-        name
-        for name, present in (
-            ("raw_data", bool(message.raw_data)),
-            ("int64_data", len(message.int64_data) > 0),
-            ("float_data", len(message.float_data) > 0),
-            ("double_data", len(message.double_data) > 0),
-        )
-        if present
-    ]
-    if len(forms) > 1:
-        raise ValueError(f"{what}: more than one of {forms} is set")
-    wire = _FROM_WIRE.get(message.dtype)
-    if forms == ["raw_data"]:
-        if wire is None:
-            raise ValueError(f"{what}: raw_data needs a dtype, got {pb.DType.Name(message.dtype)}")
-        little_endian, native = wire
-        raw = message.raw_data
-        if len(raw) % little_endian.itemsize:
-            raise ValueError(
-                f"{what}: raw_data length {len(raw)} is not a multiple of "
-                f"{little_endian.itemsize} ({pb.DType.Name(message.dtype)})"
-            )
-        array = np.frombuffer(raw, dtype=little_endian).astype(native)
-    elif forms:
-        field = forms[0]
-        declared, dtype = _TYPED_FIELDS[field]
-        if message.dtype not in (pb.DTYPE_UNSPECIFIED, declared):
-            raise ValueError(f"{what}: dtype {pb.DType.Name(message.dtype)} disagrees with {field}")
-        values = getattr(message, field)
-        array = np.fromiter(values, dtype=dtype, count=len(values))
-    else:  # no elements
-        array = np.zeros(0, dtype=wire[1] if wire is not None else np.float32)
-    if len(message.shape) and list(message.shape) != [array.shape[0]]:
-        raise ValueError(f"{what}: shape {list(message.shape)} does not match {array.shape[0]} elements")
-    return TensorData._wrap(array)
+    try:
+        array = decode_tensor(message)
+    except TensorError as error:
+        raise ValueError(f"{what}: {error}") from None
+    return TensorData._wrap(writable_native(array))
 
 
 # --- requests -----------------------------------------------------------------------------
@@ -152,10 +96,10 @@ def datum_to_pb(datum: Datum, out: pb.Datum | None = None) -> pb.Datum:
     """A `Datum` message: model_input and each loss input as raw-bytes tensors."""
     datum = Datum(datum.model_input, dict(datum.loss_fn_inputs))  # re-checks inputs set after construction
     out = pb.Datum() if out is None else out
-    _array_to_pb(datum.model_input.to_numpy(), out.model_input)
+    encode_tensor(datum.model_input.to_numpy(), out.model_input)
     out.loss_fn_inputs.SetInParent()
     for name, tensor in datum.loss_fn_inputs.items():
-        _array_to_pb(tensor.to_numpy(), getattr(out.loss_fn_inputs, name))
+        encode_tensor(tensor.to_numpy(), getattr(out.loss_fn_inputs, name))
     return out
 
 
@@ -206,12 +150,8 @@ def adam_params_to_pb(params: AdamParams | None, out: pb.AdamParams | None = Non
     """An `AdamParams` message with every field set (None means the defaults)."""
     params = AdamParams() if params is None else convert(params, AdamParams, "adam_params")
     out = pb.AdamParams() if out is None else out
-    out.learning_rate = params.learning_rate
-    out.beta1 = params.beta1
-    out.beta2 = params.beta2
-    out.eps = params.eps
-    out.weight_decay = params.weight_decay
-    out.grad_clip_norm = params.grad_clip_norm
+    for name in ADAM_DEFAULTS:
+        setattr(out, name, getattr(params, name))
     return out
 
 
@@ -230,7 +170,7 @@ def sample_request_to_pb(
     sampling_params = convert(sampling_params, SamplingParams, "sampling_params")
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
         raise TypeError(f"num_samples: expected an int, got {type(num_samples).__name__}")
-    _array_to_pb(prompt.to_numpy(), out.prompt)
+    encode_tensor(prompt.to_numpy(), out.prompt)
     out.num_samples = int(num_samples)
     out.include_prompt_logprobs = bool(include_prompt_logprobs)
     out.model_path = model_path or ""
@@ -301,7 +241,7 @@ def save_weights_for_sampler_response_from_pb(
     )
 
 
-_STOP_REASONS = {pb.STOP_REASON_LENGTH: "length", pb.STOP_REASON_STOP: "stop"}
+_STOP_REASONS: dict[int, StopReason] = {pb.STOP_REASON_LENGTH: "length", pb.STOP_REASON_STOP: "stop"}
 
 
 def sample_response_from_pb(message: pb.SampleResponse) -> SampleResponse:

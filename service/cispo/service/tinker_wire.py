@@ -6,7 +6,7 @@ sampling as protobuf too. The protobuf module is the pinned SDK's own (`tinker.p
 malformed input is an InvalidInput naming its field; nothing here touches a run.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,15 +16,15 @@ from tinker.proto import tinker_public_pb2 as tpb
 from cispo.service.errors import clip
 from cispo.service.limits import RequestLimits
 from cispo.v1 import training_pb2 as pb
+from cispo.v1.tensors import ADAM_DEFAULTS, DTYPE_CODES, LOSS_INPUT_KINDS, RAW_DTYPES, decode_tensor, encode_tensor
 from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
 
-# Tinker tensor dtypes -> (cispo dtype, little-endian numpy dtype).
-_DTYPES = {
-    tpb.DTYPE_FLOAT32: (pb.DTYPE_FLOAT32, np.dtype("<f4")),
-    tpb.DTYPE_INT64: (pb.DTYPE_INT64, np.dtype("<i8")),
-    tpb.DTYPE_INT32: (pb.DTYPE_INT32, np.dtype("<i4")),
+# Tinker tensor dtypes -> the little-endian numpy dtype of their bytes (cispo's of that name).
+_DTYPES: dict[int, np.dtype] = {
+    code: RAW_DTYPES[DTYPE_CODES[name]]
+    for code, name in ((tpb.DTYPE_FLOAT32, "float32"), (tpb.DTYPE_INT64, "int64"), (tpb.DTYPE_INT32, "int32"))
 }
-LOSS_INPUTS = tuple(pb.LossFnInputs.DESCRIPTOR.fields_by_name)
+LOSS_INPUTS = tuple(LOSS_INPUT_KINDS)
 UNSUPPORTED_SAMPLE_FIELDS = (
     "topk_prompt_logprobs",
     "topk_sample_logprobs",
@@ -49,7 +49,7 @@ def _tensor(t: tpb.Tensor, field: str, length: int) -> pb.Tensor:
             f"dtype {tpb.DType.Name(t.dtype) if t.dtype in tpb.DType.values() else t.dtype} "
             "is not supported (float32, int64, int32)",
         )
-    dtype, np_dtype = _DTYPES[t.dtype]
+    np_dtype = _DTYPES[t.dtype]
     shape = list(t.shape)
     if len(shape) > 2 or (len(shape) == 2 and shape[0] != 1):
         raise invalid(field, f"must be 1-D (or 1 x N), got shape {clip(str(shape), 80)}")
@@ -78,21 +78,20 @@ def _tensor(t: tpb.Tensor, field: str, length: int) -> pb.Tensor:
         raise invalid(field, f"cannot be read: {exc}") from None
     if data.size != length:
         raise invalid(field, f"length {data.size} != model_input length {length}")
-    return pb.Tensor(dtype=dtype, shape=[data.size], raw_data=data.tobytes())
+    return encode_tensor(data)
 
 
-def _tokens(chunks, field: str) -> pb.Tensor:
+def _tokens(chunks: Iterable[tpb.Chunk], field: str) -> pb.Tensor:
     """The token ids of protobuf model-input chunks (text chunks only), int32."""
     parts = []
     for j, chunk in enumerate(chunks):
-        kind = chunk.WhichOneof(chunk.DESCRIPTOR.oneofs[0].name)
+        kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
             raise invalid(f"{field}[{j}]", f"{kind or 'empty'} chunks are not supported (text tokens only)")
         if len(chunk.encoded_text.tokens) % 4:
             raise invalid(f"{field}[{j}].tokens", "must be int32 little-endian bytes")
         parts.append(np.frombuffer(chunk.encoded_text.tokens, "<i4"))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, "<i4")
-    return pb.Tensor(dtype=pb.DTYPE_INT32, shape=[tokens.size], raw_data=tokens.tobytes())
+    return encode_tensor(np.concatenate(parts) if parts else np.zeros(0, "<i4"))
 
 
 def check_limits(request: tpb.ForwardBackwardRequest, limits: RequestLimits) -> None:
@@ -126,9 +125,9 @@ def forward_backward_input(
         if value.WhichOneof("value") != "number":
             raise invalid(f"loss_fn_config.{key}", "must be a number")
         out.loss_fn_config[key] = value.number
-    for key, value in request.loss_fn_config.items():  # the older map, for keys v2 lacks
+    for key, number in request.loss_fn_config.items():  # the older map, for keys v2 lacks
         if key not in out.loss_fn_config:
-            out.loss_fn_config[key] = value
+            out.loss_fn_config[key] = number
     for i, datum in enumerate(request.data):
         where = f"data[{i}]"
         message = out.data.add()
@@ -147,7 +146,8 @@ def forward_backward_input(
 
 
 def _float32(t: pb.Tensor) -> np.ndarray:
-    return np.frombuffer(t.raw_data, "<f4") if t.raw_data else np.asarray(t.float_data, "<f4")
+    """The elements of one of the service's float32 tensors (raw or typed), little-endian."""
+    return decode_tensor(t).astype("<f4", copy=False)
 
 
 def forward_backward_output(output: pb.ForwardBackwardOutput) -> bytes:
@@ -210,7 +210,7 @@ def adam_params(body: Mapping[str, Any]) -> pb.AdamParams:
     if params.get("type", "adamw") != "adamw":
         raise invalid("adam_params.type", f"{params.get('type')!r} is not supported (AdamW only)")
     out = pb.AdamParams()
-    for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+    for name in ADAM_DEFAULTS:
         value = field(params, name, (int, float), "adam_params.", required=False)
         if value is not None:
             _assign(out, name, value, "adam_params.")
@@ -273,7 +273,7 @@ def sample_request(body: Mapping[str, Any], model_path: str, model_id: str) -> p
     if not 0 < num_samples < 2**63:
         raise invalid("num_samples", f"must be positive, got {num_samples}")
     return pb.SampleRequest(
-        prompt=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[ids.size], raw_data=ids.tobytes()),
+        prompt=encode_tensor(ids),
         num_samples=num_samples,
         sampling_params=sp,
         model_path=model_path,
@@ -287,7 +287,7 @@ def sample_response(response: pb.SampleResponse) -> bytes:
     the first token."""
     message = tpb.SampleResponse()
     for sequence in response.sequences:
-        tokens = np.frombuffer(sequence.tokens.raw_data, "<i8").astype("<i4")
+        tokens = decode_tensor(sequence.tokens).astype("<i4")
         message.sequences.add(
             stop_reason=tpb.STOP_REASON_LENGTH
             if sequence.stop_reason == pb.STOP_REASON_LENGTH
