@@ -32,10 +32,10 @@ import numpy as np
 from cispo.client import Datum, ModelInput
 from cispo.client.wire import forward_backward_input_to_pb
 from cispo.service import convert
-from cispo.v1.tensors import RAW_DTYPES
 from cispo.service.idempotency import fingerprint
 from cispo.service.servicer import parse_body
 from cispo.v1 import training_pb2 as pb
+from cispo.v1.tensors import RAW_DTYPES
 from cispo.worker import EngineConfig, load_policy_model
 from cispo.worker.engine import validate_forward
 
