@@ -21,9 +21,10 @@ import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
 from cispo.worker.model import PolicyModel
 from cispo.worker.sharding import cast_shards
@@ -57,7 +58,7 @@ class LoraSpec:
 def target_modules(policy: PolicyModel, spec: LoraSpec) -> list[str]:
     """Names of the Linear layers `spec` adapts in `policy`'s model, as PEFT matches them: a
     short name ("q_proj") where it picks out exactly those layers, else the full name."""
-    base = policy.peft.get_base_model() if policy.peft is not None else policy.model
+    base = policy.model  # PEFT adapts it in place: it is also the PEFT model's base model
     output = base.get_output_embeddings()
     head = getattr(output, "base_layer", output)
     linears = {
@@ -67,7 +68,7 @@ def target_modules(policy: PolicyModel, spec: LoraSpec) -> list[str]:
         and "lora_" not in name
         and not name.endswith("base_layer")
     }
-    chosen = set()
+    chosen: set[str] = set()
     for name, module in linears.items():
         parts = name.split(".")
         if module is head:
@@ -77,7 +78,7 @@ def target_modules(policy: PolicyModel, spec: LoraSpec) -> list[str]:
             spec.train_mlp and any(p in MLP_MODULES for p in parts)
         ):
             chosen.add(name)
-    short = {}
+    short: dict[str, set[str]] = {}  # last part of a name -> the names that end in it
     for name in linears:
         short.setdefault(name.rsplit(".", 1)[-1], set()).add(name)
     out = set()
@@ -124,27 +125,37 @@ def adapter_parameters(policy: PolicyModel, name: str) -> dict[str, torch.nn.Par
     return {n.replace(marker, "."): p for n, p in policy.model.named_parameters() if marker in n and "lora_" in n}
 
 
+def peft_model(policy: PolicyModel) -> PeftModel:
+    """The PEFT model around `policy`'s model; ValueError when no LoRA run is live."""
+    if policy.peft is None:
+        raise ValueError("no LoRA run is live, so there is no PEFT model")
+    return policy.peft
+
+
 def activate(policy: PolicyModel, name: str) -> None:
     """Make adapter `name` the one the model computes with (no copy, no reload)."""
-    if policy.peft.active_adapter != name:
-        policy.peft.set_adapter(name)  # PEFT also makes only the active adapter's parameters trainable
+    peft = peft_model(policy)
+    if peft.active_adapter != name:
+        peft.set_adapter(name)  # PEFT also makes only the active adapter's parameters trainable
 
 
 def remove_adapter(policy: PolicyModel, name: str) -> None:
     """Drop adapter `name`; the last one unwraps the model, whose base stays frozen."""
-    if len(policy.peft.peft_config) == 1:
-        policy.peft.unload()
+    peft = peft_model(policy)
+    if len(peft.peft_config) == 1:
+        peft.unload()
         policy.peft = None
     else:
-        if policy.peft.active_adapter == name:
-            policy.peft.set_adapter(next(a for a in policy.peft.peft_config if a != name))
-        policy.peft.delete_adapter(name)
+        if peft.active_adapter == name:
+            peft.set_adapter(next(a for a in peft.peft_config if a != name))
+        peft.delete_adapter(name)
 
 
 def copy_adapter(policy: PolicyModel, source: str, name: str, dtype: torch.dtype | None = None) -> None:
     """A frozen copy `name` of adapter `source`, its weights rounded through `dtype` if given."""
-    config = policy.peft.peft_config[source]
-    policy.peft.add_adapter(name, LoraConfig(**{**config.to_dict(), "inference_mode": True}))
+    peft = peft_model(policy)
+    config = peft.peft_config[source]
+    peft.add_adapter(name, LoraConfig(**{**config.to_dict(), "inference_mode": True}))
     targets = adapter_parameters(policy, name)
     with torch.no_grad():
         for key, p in adapter_parameters(policy, source).items():
@@ -158,14 +169,15 @@ def export_adapter(policy: PolicyModel, name: str, directory: Path, dtype: torch
     adapter_model.safetensors) that `PeftModel.from_pretrained(base, directory)` and vLLM load."""
     from safetensors.torch import save_file
 
-    state = get_peft_model_state_dict(policy.peft, adapter_name=name, save_embedding_layers=False)
+    peft = peft_model(policy)
+    state = get_peft_model_state_dict(peft, adapter_name=name, save_embedding_layers=False)
     save_file(
         {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, directory / "adapter_model.safetensors"
     )
-    config = copy.deepcopy(policy.peft.peft_config[name])
+    config = copy.deepcopy(peft.peft_config[name])
     config.base_model_name_or_path = policy.name
     config.inference_mode = True
-    config.save_pretrained(directory)
+    config.save_pretrained(str(directory))
 
 
 def load_adapter(policy: PolicyModel, directory: Path, name: str) -> None:
@@ -175,11 +187,13 @@ def load_adapter(policy: PolicyModel, directory: Path, name: str) -> None:
     policy.peft.load_adapter(str(directory), adapter_name=name, is_trainable=False)
 
 
-def adapted_weights(policy: PolicyModel, name: str) -> dict[str, torch.nn.Module]:
-    """transformers' name of each weight adapter `name` adapts -> its LoRA layer."""
+def adapted_weights(policy: PolicyModel, name: str) -> dict[str, Any]:
+    """transformers' name of each weight adapter `name` adapts -> its LoRA layer (a PEFT layer
+    class such as peft.tuners.lora.Linear, found by its get_delta_weight as PEFT's merge does;
+    LoraLayer, their common base, declares no get_delta_weight, hence Any)."""
     return {
         f"{module_name}.weight": module
-        for module_name, module in policy.peft.get_base_model().named_modules()
+        for module_name, module in policy.model.named_modules()
         if hasattr(module, "get_delta_weight") and name in getattr(module, "lora_A", {})
     }
 
@@ -202,4 +216,4 @@ def merged(
 
 def merged_state(policy: PolicyModel, name: str) -> dict[str, torch.Tensor]:
     """The served model's state dict (transformers' names) with adapter `name` merged in."""
-    return dict(merged(policy, name, policy.peft.get_base_model().state_dict().items()))
+    return dict(merged(policy, name, policy.model.state_dict().items()))

@@ -16,7 +16,7 @@ sampler's even on-policy.
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import accelerate
 import torch
@@ -25,6 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from cispo.worker import sharding
 from cispo.worker.attention import PACKED_ATTENTION, packed_attention_kwargs, use_packed_attention
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 EMBEDDED_MODEL_NAME = "embedded-tiny-llama"
 EMBEDDED_SEED = 0
@@ -63,9 +66,9 @@ class PolicyModel:
     compute_dtype: torch.dtype
     tokenizer: Any | None = None
     """The model directory's tokenizer (transformers), or None when it has none."""
-    peft: Any | None = None
+    peft: "PeftModel | None" = None
     """The peft.PeftModel around `model` while LoRA runs are live (worker.lora), else None."""
-    sharded: torch.nn.Module | None = None
+    sharded: sharding.ShardedTrunk | None = None
     """The FSDP2 root (worker.sharding.Trunk) when `model`'s parameters are sharded, else None."""
 
     @property
@@ -184,9 +187,9 @@ def load_policy_model(
         checkpoint_activations(model)
     sharded = None
     if not shard:
-        model.to(device=dev, dtype=torch.float32)
+        model.to(device=dev, dtype=torch.float32)  # type: ignore[call-arg]  # transformers' @wraps(nn.Module.to) hides the bound method from mypy
     elif checkpoint is None:
-        sharded = sharding.shard_model(model.to(dev), dt)
+        sharded = sharding.shard_model(model.to(dev), dt)  # type: ignore[arg-type]  # as above: mypy misreads the @wraps'd method
     else:
         sharded = sharding.shard_model(model, dt, weights=checkpoint, device=dev)
     return PolicyModel(name=name, model=model, device=dev, compute_dtype=dt, tokenizer=tokenizer, sharded=sharded)

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def export_full(
     """Write `policy`'s weights (with adapter `merge_adapter` merged in, if given) as an HF model
     directory, `owner`'s `name` (see the module docstring); returns it."""
     dtype = SERVING_DTYPES[config.dtype]
-    model = policy.model if merge_adapter is None else policy.peft.get_base_model()
+    model = policy.model  # with an adapter, PEFT's base model (PEFT adapts the model in place)
 
     def write(tmp: Path) -> None:
         hf_logging.disable_progress_bar()
@@ -120,7 +121,7 @@ def export_full_sharded(
     rank0 = torch.distributed.get_rank(group) == 0
     params = {key: p for key, p in policy.model.named_parameters() if "lora_" not in key}
 
-    def tensors():
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for key, tensor in lora.merged(policy, merge_adapter, sharding.full_tensors(params)):
             yield key, tensor.detach().to("cpu", dtype)
 
@@ -144,32 +145,36 @@ def export_full_sharded(
             sharding.broadcast(False, group)
 
 
-def _write_safetensors_shards(tensors, directory: Path, max_shard_bytes: int) -> None:
+def _write_safetensors_shards(
+    tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int
+) -> None:
     """Write (key, tensor) pairs as HF does: one model.safetensors, or numbered files of at most
     `max_shard_bytes` each (a bigger tensor alone) plus model.safetensors.index.json. Consumes
     every pair even after a write fails, then raises."""
-    files: list[dict[str, torch.Tensor]] = [{}]
-    size, total, failure = 0, 0, None
+    part: dict[str, torch.Tensor] = {}  # the file being filled
+    files: list[list[str]] = []  # the keys of each file filled, in order
+    size, total = 0, 0
+    failure: OSError | None = None
     written: list[Path] = []
 
     def flush() -> None:
         nonlocal failure
-        if failure is None and files[-1]:
-            path = directory / f"part-{len(files)}.safetensors"
+        if failure is None and part:
+            path = directory / f"part-{len(files) + 1}.safetensors"
             try:
-                save_file(files[-1], path, metadata={"format": "pt"})
+                save_file(part, path, metadata={"format": "pt"})
                 written.append(path)
             except OSError as exc:
                 failure = exc
-        files[-1] = dict.fromkeys(files[-1])  # keep the keys, drop the tensors
+        files.append(list(part))  # keep the keys, drop the tensors
+        part.clear()
 
     for key, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if files[-1] and size + nbytes > max_shard_bytes:
+        if part and size + nbytes > max_shard_bytes:
             flush()
-            files.append({})
             size = 0
-        files[-1][key] = tensor
+        part[key] = tensor
         size += nbytes
         total += nbytes
     flush()
@@ -209,7 +214,7 @@ def export_adapter(
 def adapter_snapshot(policy: PolicyModel, config: ExportConfig, adapter: str, name: str) -> SamplerWeights:
     """What loading the adapter export just written gives, without reading it back."""
     copy_name = cache_adapter_name(name)
-    if copy_name in policy.peft.peft_config:
+    if copy_name in lora.peft_model(policy).peft_config:
         lora.remove_adapter(policy, copy_name)
     lora.copy_adapter(policy, adapter, copy_name, SERVING_DTYPES[config.dtype])
     return SamplerWeights(policy, copy_name)
@@ -263,7 +268,7 @@ def load_export(policy: PolicyModel, config: ExportConfig, name: str, owner: str
             f"sampler weights '{name}' do not fit the served model (head shape "
             f"{tuple(model.get_output_embeddings().weight.shape)})"
         )
-    model.to(policy.device).eval().requires_grad_(False)
+    model.to(policy.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound method from mypy
     return SamplerWeights(
         PolicyModel(
             name=name,

@@ -19,23 +19,26 @@ weights: its shards are cast to the compute dtype (`cast_shards`).
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import PreTrainedModel
 
 SHARDING_MODES = ("replicated", "fsdp")
+Picklable = TypeVar("Picklable")
 
 
 class Trunk(torch.nn.Module):
     """The decoder and the LM head of a causal LM, as one module FSDP2 can own as its root."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()  # a child, so that FSDP2's root owns the head
@@ -51,18 +54,27 @@ class Trunk(torch.nn.Module):
         return out.last_hidden_state[0], weight_VD.view(weight_VD.shape)
 
 
+class ShardedTrunk(FSDPModule, Trunk):
+    """A Trunk after `fully_shard`, which swaps its class for one deriving from FSDPModule and
+    Trunk (so it has `reshard`, `unshard`): the type `shard_model` returns; never built."""
+
+
 def output_weight(head: torch.nn.Module) -> torch.Tensor:
     """The LM head's (V, D) weight, plus the active LoRA adapters' (alpha/r) B A when PEFT
     adapts the head (differentiable w.r.t. A and B; still no (tokens x V) logits)."""
+    weight = head.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"the LM head {type(head).__name__} has no weight tensor")
     if not hasattr(head, "get_delta_weight"):
-        return head.weight
-    adapters = [a for a in head.active_adapters if a in head.lora_A]
-    return head.base_layer.weight + sum(head.get_delta_weight(a) for a in adapters) if adapters else head.weight
+        return weight
+    lora_head: Any = head  # peft's LoRA Linear (peft.tuners.lora.Linear), found by duck typing as PEFT does
+    adapters = [a for a in lora_head.active_adapters if a in lora_head.lora_A]
+    return lora_head.base_layer.weight + sum(lora_head.get_delta_weight(a) for a in adapters) if adapters else weight
 
 
 def shard_model(
-    model: torch.nn.Module, compute_dtype: torch.dtype, weights: Path | None = None, device: torch.device | None = None
-) -> Trunk:
+    model: PreTrainedModel, compute_dtype: torch.dtype, weights: Path | None = None, device: torch.device | None = None
+) -> ShardedTrunk:
     """Shard `model`'s parameters in place over the default process group; returns its Trunk,
     the FSDP2 root the engine computes through.
 
@@ -75,20 +87,23 @@ def shard_model(
     for layer in trunk.decoder.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(trunk, mp_policy=policy)
-    for module in trunk.modules():
+    sharded = cast(ShardedTrunk, trunk)  # fully_shard changed its class
+    for module in sharded.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sums, as the loss is a sum
             module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
     if weights is not None:
+        if device is None:
+            raise ValueError("shard_model: reading `weights` needs the `device` to allocate the shards on")
         _read_shards(model, weights, device)
     # One pass of one token makes the trunk FSDP2's root before anything else runs a layer.
-    device = next(trunk.parameters()).device
+    device = next(sharded.parameters()).device
     with torch.no_grad():
-        trunk(
+        sharded(
             torch.zeros((1, 1), dtype=torch.int64, device=device), torch.zeros((1, 1), dtype=torch.int64, device=device)
         )
-    trunk.reshard()
-    return trunk
+    sharded.reshard()
+    return sharded
 
 
 def cast_shards(trunk: Trunk, dtype: torch.dtype) -> None:
@@ -119,7 +134,7 @@ def _read_shards(model: torch.nn.Module, directory: Path, device: torch.device) 
         found = set()
         for file in files:
             with safe_open(directory / file, "pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118  # a safetensors handle, not a dict: keys() but no __iter__
                     if key in params:
                         param = params[key]
                         local(param).copy_(local(like(param, f.get_tensor(key).to(torch.float32))))
@@ -147,7 +162,7 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def broadcast(value, group: dist.ProcessGroup):
+def broadcast(value: Picklable, group: dist.ProcessGroup) -> Picklable:
     """Rank 0's picklable `value`, on every rank of `group`."""
     box = [value]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
@@ -157,7 +172,7 @@ def broadcast(value, group: dist.ProcessGroup):
 def first_failure(failure: Exception | None, group: dist.ProcessGroup) -> Exception | None:
     """The lowest rank's failure (pickled across), or None when no rank of `group` failed: so
     that every rank goes on to a collective, or none does."""
-    outcomes = [None] * dist.get_world_size(group)
+    outcomes: list[Exception | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(outcomes, failure, group=group)
     return next((f for f in outcomes if f is not None), None)
 
@@ -173,7 +188,7 @@ def like(tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     )
 
 
-def full_tensors(named: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def full_tensors(named: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, the whole tensor) one at a time, all-gathered where sharded: a collective, so
     every rank iterates together; at most one whole tensor is alive at a time."""
     for name, tensor in named.items():
@@ -207,6 +222,6 @@ def state_bytes(num_parameters: int, world_size: int = 1, sharding: str = "repli
     return MemoryUse(b.parameters * share, b.gradients * share, b.optimizer * share)
 
 
-def local_bytes(tensors) -> int:
+def local_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of this rank's parts of `tensors` (None entries count 0)."""
     return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
