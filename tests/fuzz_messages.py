@@ -250,7 +250,7 @@ def _fb_mutations():
     def length_mismatch(rng, spec, msg):
         i, name, t = pick(rng, msg, ("target_tokens", *float_names(spec)))
         values = list(spec.datums[i][name])
-        values = values[:-1] if values and rng.random() < 0.5 else values + [values[0] if values else 0]
+        values = values[:-1] if values and rng.random() < 0.5 else [*values, values[0] if values else 0]
         if len(values) == len(spec.datums[i]["model_input"]):
             values.append(0)
         forms = INT_FORMS if name == "target_tokens" else FLOAT_FORMS
@@ -303,7 +303,7 @@ def _fb_mutations():
         return {IA}, {}
 
     def dtype_99(rng, spec, msg):
-        i, name, t = pick(rng, msg, ("model_input", "target_tokens", *float_names(spec)))
+        _, _, t = pick(rng, msg, ("model_input", "target_tokens", *float_names(spec)))
         t.dtype = rng.choice((5, 99, 2**31 - 1, -1))
         return {IA}, {}
 
@@ -765,7 +765,7 @@ def bad_unary(rng: random.Random, ctx: Context):
             cls, method, method, body, frozenset({RE}), {"limit_any": ("max_message_bytes", str(ctx.max_message_bytes))}
         )
     if cls == "mutated_fields":
-        kind, spec, msg, expected, checks = mutated_batch(rng)
+        kind, _, msg, expected, checks = mutated_batch(rng)
         method = "Forward" if checks.get("read_only") else rng.choice(("ForwardBackward", "ForwardBackward", "Forward"))
         return cls, BadMessage(cls, kind, method, msg.SerializeToString(), frozenset(expected), checks)
     if cls == "adam_extremes":

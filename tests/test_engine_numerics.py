@@ -1,6 +1,7 @@
 """The engine against plain references: the seed's four lines on materialised logits, autograd
 on the naive model, finite differences, packing, accumulation and checkpoints."""
 
+import itertools
 import math
 
 import pytest
@@ -78,7 +79,7 @@ def test_clip_counts_kl_and_buckets_match_reference(engine):
     assert m["kl_k3:mean"] == pytest.approx((r - 1 - r.log()).mean().item(), rel=1e-4)
     # Prometheus `le` buckets: count of ratios in (edge[i-1], edge[i]].
     edges = [0.0, *RATIO_BUCKET_EDGES, math.inf]
-    expected = [int(((r > lo_e) & (r <= hi_e)).sum()) for lo_e, hi_e in zip(edges, edges[1:])]
+    expected = [int(((r > lo_e) & (r <= hi_e)).sum()) for lo_e, hi_e in itertools.pairwise(edges)]
     assert list(result.stats.ratio_bucket_counts) == expected
 
 
@@ -87,15 +88,19 @@ def test_other_losses_match_their_formulas(engine, loss_fn):
     samples = make_samples(LENGTHS, seed=4, spread=1.0, with_weights=True)
     model = engine.policy.model
     ref = 0.0
-    for x in samples:
-        t = naive_target_logprobs(model, x)
-        s, a, w = (x.loss_fn_inputs[k] for k in ("logprobs", "advantages", "weights"))
+
+    def formula(t, s, a, w):
+        """loss_fn's loss of one datum from its target logprobs t and its inputs s, a, w."""
         r = (t - s).exp()
-        loss = {
+        return {
             "importance_sampling": lambda: -(r * a).sum(),
             "ppo": lambda: -torch.minimum(r * a, r.clamp(0.8, 1.2) * a).sum(),
             "cross_entropy": lambda: -(w * t).sum(),
         }[loss_fn]()
+
+    for x in samples:
+        t = naive_target_logprobs(model, x)
+        loss = formula(t, *(x.loss_fn_inputs[k] for k in ("logprobs", "advantages", "weights")))
         loss.backward()
         ref += loss.item()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -401,7 +406,7 @@ def test_fused_head_writes_a_leaf_weight_gradient_straight_into_grad():
     ref_grads = torch.autograd.grad(-(ref_logp * a).sum(), [h, w])
     old = torch.randn(2000, 48)
     w.grad = old.clone()
-    surrogate, logp = fused_head_gradients(h, w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37, weight_grad_into=w)
+    surrogate, _ = fused_head_gradients(h, w, tgt, lambda logp_C, sl: -a[sl], chunk_tokens=37, weight_grad_into=w)
     assert_grad_close(w.grad, old + ref_grads[1], "weight (before backward)", rel=1e-5)
     surrogate.backward()
     assert_grad_close(w.grad, old + ref_grads[1], "weight", rel=1e-5)

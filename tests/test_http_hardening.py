@@ -10,6 +10,7 @@ import shutil
 import socket
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -60,7 +61,7 @@ def api(server) -> str:
 
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of a process, in KiB."""
-    lines = open(f"/proc/{pid}/status").read().splitlines()
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines) if k in ("VmRSS", "VmHWM")}
 
 

@@ -10,6 +10,7 @@ Outside CI the build and run are skipped, with the reason, where buildah or debo
 with CI=true they fail instead.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -145,10 +146,8 @@ class Served:
     def kill(self) -> None:
         """SIGKILL to `buildah run` would leave its command running: the command first."""
         for pid in reversed(descendants(self.proc.pid)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.kill()
         self.proc.wait(30)
 

@@ -39,7 +39,9 @@ def test_smoke_run_lags_the_sampler_and_records_the_trainers_kl(tmp_path):
             for lag, arm in ((0, "cispo_low0_high4"), (2, "cispo_low0_high4"), (2, "cispo_low0.8_high4")):
                 seen = []
                 kl_before = kl_series(server.metrics_port)
-                rows = study.run(client, study.ARMS[arm], lag, 0, setup, lambda s, d, o: seen.append((s, d, o)))
+                rows = study.run(
+                    client, study.ARMS[arm], lag, 0, setup, lambda s, d, o, seen=seen: seen.append((s, d, o))
+                )
                 kl_after = kl_series(server.metrics_port)
                 assert [r["step"] for r in rows] == list(range(6)) and len(seen) == 6
                 for (step, data, output), row in zip(seen, rows):

@@ -69,7 +69,7 @@ def test_adam_params_are_checked_in_float32(field, value, text):
 
 def test_matches_torch_adamw(engine):
     """The step is torch's AdamW arithmetic (decoupled weight decay), bit for bit."""
-    params = {n: p for n, p in engine.named_params.items()}
+    params = dict(engine.named_params)
     reference = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
     adamw = torch.optim.AdamW(list(reference.values()), lr=1e-3, betas=(0.8, 0.9), eps=1e-8, weight_decay=0.1)
     adam = AdamParams(learning_rate=1e-3, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1)

@@ -556,7 +556,7 @@ def bucket_quantile(q: float, cumulative: dict[float, float]) -> float:
     les = sorted(cumulative)
     counts = [cumulative[le] for le in les]
     rank = q * counts[-1]
-    b = next(i for i, c in enumerate(counts[:-1] + [INF]) if c >= rank)
+    b = next(i for i, c in enumerate([*counts[:-1], INF]) if c >= rank)
     if b == len(les) - 1:
         return les[-2]
     start, below = (les[b - 1], counts[b - 1]) if b > 0 else (0.0, 0.0)

@@ -80,8 +80,8 @@ def test_every_refusal_reaches_the_log_per_identity_and_error_class(tmp_path):
                 ("save_state", "INVALID_ARGUMENT"): (stub.SaveState, pb.SaveStateRequest(name="..")),
                 ("optim_step", "NOT_FOUND"): (stub.OptimStep, pb.OptimStepRequest(model_id="no-such-run")),
             }
-            for name, token in TOKENS.items():
-                for (op, code), (method, request) in classes.items():
+            for token in TOKENS.values():
+                for (_op, code), (method, request) in classes.items():
                     for _ in range(5):
                         with pytest.raises(grpc.RpcError) as refused:
                             method(request, metadata=(("authorization", f"Bearer {token}"),))

@@ -37,7 +37,8 @@ def test_rl_loop_raises_the_reward_on_policy(tmp_path):
         assert server.terminate() == 0
     assert run.returncode == 0, run.stdout + run.stderr
     assert sum(line.startswith("step ") for line in run.stdout.splitlines()) == 15
-    rows = list(csv.DictReader(open(tmp_path / "out" / "rewards.csv")))
+    with open(tmp_path / "out" / "rewards.csv") as f:
+        rows = list(csv.DictReader(f))
     rewards = [float(r["reward"]) for r in rows]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
     assert all(float(r["clip_rate"]) == 0 and abs(float(r["kl_k3"])) < 1e-8 for r in rows)

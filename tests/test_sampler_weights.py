@@ -31,7 +31,7 @@ def tensor_names(directory) -> dict[str, torch.dtype]:
     names = {}
     for file in directory.glob("*.safetensors"):
         with safe_open(file, "pt") as f:
-            names.update({k: f.get_tensor(k).dtype for k in f.keys()})
+            names.update({k: f.get_tensor(k).dtype for k in f.keys()})  # noqa: SIM118  # safe_open is not iterable
     return names
 
 

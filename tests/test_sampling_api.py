@@ -306,7 +306,7 @@ def test_fuzzed_sample_requests_get_clear_errors_and_change_nothing(server):
                 code = grpc.StatusCode.OK
             except grpc.RpcError as error:
                 code = error.code()
-                assert error.details(), body
+                assert error.details(), body  # noqa: PT017  # a mutated body may also be valid
             assert code in allowed, (code, body)
             codes[code] = codes.get(code, 0) + 1
     assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100 and len(codes) >= 3, codes

@@ -52,7 +52,7 @@ def test_ported_tinker_rl_loop_raises_the_reward(service):
     prompts = [rng.integers(0, info.vocab_size, 4).tolist() for _ in range(16)]
     params = types.SamplingParams(max_tokens=8, temperature=1.0)
     rewards_by_step, steps_trained = [], 0
-    for step in range(12):
+    for _ in range(12):
         sampling_client = training_client.save_weights_and_get_sampling_client()
         batch = [prompts[i] for i in rng.choice(len(prompts), 8, replace=False)]
         futures = [

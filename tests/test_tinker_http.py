@@ -394,7 +394,7 @@ def test_fuzzed_tensors_bodies_and_keys_never_5xx_and_rss_stays_bounded(server):
     ).json()
     model_id = requests.post(f"{base}/retrieve_future", headers=alice, json=created).json()["model_id"]
     valid = forward_backward_body(model_id, 1, loop_script.batch(3))
-    rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{server.proc.pid}/status").read())[1]) << 10  # noqa: E731
+    rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{server.proc.pid}/status").read_text())[1]) << 10  # noqa: E731
     idle = rss()
     rng = np.random.default_rng(1)
     protobuf = {**alice, "Content-Type": "application/x-protobuf"}
