@@ -26,6 +26,7 @@ masks are then plain causal (or sliding-window) per datum, which is what this co
 
 from collections import defaultdict
 from itertools import accumulate
+from typing import cast
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -36,7 +37,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch: the per-datum SDPA path everywhere
-    varlen_attn = None
+    varlen_attn = None  # type: ignore[assignment]  # the optional import's fallback: None marks it missing
 
 PACKED_ATTENTION = "cispo_packed"
 
@@ -98,7 +99,7 @@ def packed_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The attention interface. query (B, H, T, Dh), key/value (B, Hkv, S, Dh) ->
     ((B, T, H, Dh), None), as transformers' attention functions answer."""
-    B, H, T, Dh = query.shape
+    B, H, T, _ = query.shape
     if attention_mask is not None or key.shape[2] != T or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(
             module,
@@ -178,7 +179,7 @@ def _varlen(q_tHD, k_tHD, v_tHD, cu_B1, longest, scaling, sliding_window) -> tor
     dtype = _compute_dtype(q_tHD)  # RoPE's fp32 cos/sin promote q and k out of autocast's dtype
     cu_B1 = cu_B1.to(torch.int32)
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
-    return varlen_attn(
+    out_tHD = varlen_attn(
         q_tHD.to(dtype),
         k_tHD.to(dtype),
         v_tHD.to(dtype),
@@ -190,6 +191,7 @@ def _varlen(q_tHD, k_tHD, v_tHD, cu_B1, longest, scaling, sliding_window) -> tor
         window_size=window,
         enable_gqa=q_tHD.shape[1] != k_tHD.shape[1],
     )
+    return cast(torch.Tensor, out_tHD)  # a (output, aux) tuple only when asked for with return_aux
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -111,8 +111,7 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
                 grad_weight_VD.addmm_(grad_logits_CV.T, h_CD)
             else:
                 grad_weight_VD += grad_logits_CV.T @ h_CD
-        grad_weight_VD = grad_weight_VD.to(weight_VD.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden_TD, grad_weight_VD, None, None
+        return grad_hidden_TD, grad_weight_VD.to(weight_VD.dtype) if ctx.needs_input_grad[1] else None, None, None
 
 
 # (logp of the tokens in `sl`, `sl`) -> d loss / d logp for those tokens, same shape.
@@ -191,12 +190,12 @@ class FusedHeadGradients(torch.autograd.Function):
                 grad_weight_VD.addmm_(grad_logits_CV.T, h_CD)
             else:
                 grad_weight_VD += grad_logits_CV.T @ h_CD
-        if need_weight and grad_weight_VD is None and not into_grad:  # no tokens
-            grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
         if into_grad:
             weight_grad_into.grad = grad_weight_VD
             grad_weight_VD = None
         elif need_weight:
+            if grad_weight_VD is None:  # no tokens
+                grad_weight_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device)
             grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)
         ctx.gradients = (grad_hidden_TD, grad_weight_VD)
         ctx.mark_non_differentiable(logp_T)

@@ -114,6 +114,7 @@ class Optimizer:
         finite or `check` refuses; a non-finite gradient is dropped (it could never be applied)."""
         names = [n for n, p in self.named_params.items() if p.grad is not None]
         params = [self.named_params[n] for n in names]
+        grads = [p.grad for p in params if p.grad is not None]  # each param's, the same tensors throughout
         if not params:
             self.step_count += 1
             return 0.0
@@ -130,8 +131,8 @@ class Optimizer:
         weights = [local(p.detach()) for p in params]
         undo = [w.clone() for w in weights]
         ok = torch.ones((), dtype=torch.bool, device=norm.device)
-        for name, p, weight in zip(names, params, weights):  # the trial: weights in place, moments on copies
-            grad = local(p.grad) if scale is None else local(p.grad) * scale.to(p.grad.device)
+        for name, p, g, weight in zip(names, params, grads, weights):  # the trial: weights in place, moments on copies
+            grad = local(g) if scale is None else local(g) * scale.to(g.device)
             trial = {k: local(v).clone() for k, v in self._moments(name, p).items()}
             try:
                 self._adam([weight], [grad], [trial], adam_params)
@@ -152,29 +153,30 @@ class Optimizer:
                 f"this step would make weights or Adam moments non-finite ({stepped}); nothing changed and the "
                 "accumulated gradient is kept: retry with smaller values, or with grad_clip_norm set"
             )
-        try:
-            after = check() if check is not None else None
-        except BaseException:  # e.g. out of memory in the check: put back, as for a refusal
-            self._put_back(weights, undo)
-            raise
-        if after is not None:
-            self._put_back(weights, undo)
-            before = check()
-            if before is not None:
+        if check is not None:
+            try:
+                after = check()
+            except BaseException:  # e.g. out of memory in the check: put back, as for a refusal
+                self._put_back(weights, undo)
+                raise
+            if after is not None:
+                self._put_back(weights, undo)
+                before = check()
+                if before is not None:
+                    raise StepRefused(
+                        f"the policy is degenerate already, before this step ({before}); nothing changed and the "
+                        "accumulated gradient is kept: load an earlier state"
+                    )
                 raise StepRefused(
-                    f"the policy is degenerate already, before this step ({before}); nothing changed and the "
-                    "accumulated gradient is kept: load an earlier state"
+                    f"this step would make the policy degenerate ({after}; {stepped}); nothing changed and the "
+                    "accumulated gradient is kept: retry with a smaller learning_rate, or with grad_clip_norm set"
                 )
-            raise StepRefused(
-                f"this step would make the policy degenerate ({after}; {stepped}); nothing changed and the "
-                "accumulated gradient is kept: retry with a smaller learning_rate, or with grad_clip_norm set"
-            )
         if scale is not None:
-            for p in params:
-                local(p.grad).mul_(scale.to(p.grad.device))
+            for g in grads:
+                local(g).mul_(scale.to(g.device))
         self._adam(
             undo,
-            [local(p.grad) for p in params],  # the moments; `undo` is scratch now
+            [local(g) for g in grads],  # the moments; `undo` is scratch now
             [{k: local(v) for k, v in self._moments(n, p, create=True).items()} for n, p in zip(names, params)],
             adam_params,
         )

@@ -57,7 +57,7 @@ def save(
             broadcast(None, group)
 
 
-def saved_tensors(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def saved_tensors(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """(shape, dtype) of every tensor of the v2 state at `path`, by state-dict key (reads only
     DCP's metadata); a non-tensor entry has dtype None."""
     try:
