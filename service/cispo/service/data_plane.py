@@ -79,10 +79,10 @@ class Operations:
         name = base_model or info.model_name
         self._base = BaseModel(name, info.architecture, info.model_name if info.has_tokenizer else None)
         self.limits = limits
-        self.pipeline = pipeline
-        self.metrics = metrics
+        self._pipeline = pipeline
+        self._metrics = metrics
         metrics.track_runs(runs)
-        self.idempotency = idempotency or IdempotencyCache()
+        self._idempotency = idempotency or IdempotencyCache()
         self.backend = Backend(
             runs, metrics, limits, RunVersions(runs), name, frozenset({name, info.model_name}), world_size
         )
@@ -120,7 +120,7 @@ class Operations:
         already told it is accepted (an HTTP request id), so it is queued even while draining."""
         loop = asyncio.get_running_loop()
         op, identity = decoded.op, current_identity()
-        self.metrics.inflight.inc()
+        self._metrics.inflight.inc()
         placeholder = None
         try:
             prepared = decoded.prepared
@@ -129,17 +129,17 @@ class Operations:
             if self.draining.is_set() and not promised:
                 raise Unavailable("server is draining and accepts no new operations")
             if decoded.idempotency_key:
-                earlier = self.idempotency.lookup(identity, decoded.idempotency_key, decoded.fingerprint)
+                earlier = self._idempotency.lookup(identity, decoded.idempotency_key, decoded.fingerprint)
                 if earlier is not None:
                     return self._own(self._replay(op, earlier, started))
                 placeholder = loop.create_future()
-                self.idempotency.remember(identity, decoded.idempotency_key, decoded.fingerprint, placeholder)
-            engine_future = await self.pipeline.submit(prepared.call, decoded.lane)
+                self._idempotency.remember(identity, decoded.idempotency_key, decoded.fingerprint, placeholder)
+            engine_future = await self._pipeline.submit(prepared.call, decoded.lane)
         except BaseException as exc:
             if placeholder is not None:
                 placeholder.set_result(to_status(Unavailable("the operation was not accepted")))
             if not isinstance(exc, Exception):  # cancelled before it was accepted: nothing to answer
-                self.metrics.inflight.dec()
+                self._metrics.inflight.dec()
                 raise
             done = loop.create_future()
             done.set_result(self._failed(op, exc, started))
@@ -209,8 +209,8 @@ class Operations:
         """The answer of an earlier request with the same idempotency key."""
         answer = await asyncio.shield(earlier)
         if isinstance(answer, status_pb2.Status):
-            self.metrics.inflight.dec()
-            self.metrics.operation_errors.labels(op, code_name(answer)).inc()
+            self._metrics.inflight.dec()
+            self._metrics.operation_errors.labels(op, code_name(answer)).inc()
             return answer
         self._succeeded(op, started, current_identity(), {"replayed": True})
         return answer
@@ -218,20 +218,20 @@ class Operations:
     def _succeeded(self, op: str, started: float, identity: str | None, fields: dict[str, object]) -> None:
         seconds = time.perf_counter() - started
         self._observe_queue()
-        self.metrics.inflight.dec()
-        self.metrics.request_seconds.labels(op).observe(seconds)
+        self._metrics.inflight.dec()
+        self._metrics.request_seconds.labels(op).observe(seconds)
         fields = {"op": op, "identity": identity or "-", "seconds": round(seconds, 4), **fields}
         log.info(" ".join(f"{k}={_short(v)}" for k, v in fields.items()), extra={"fields": fields})
 
     def _observe_queue(self) -> None:
-        self.metrics.queue_depth.set(self.pipeline.depth)
-        self.metrics.sampler_queue_depth.set(self.pipeline.batchable_depth)
+        self._metrics.queue_depth.set(self._pipeline.depth)
+        self._metrics.sampler_queue_depth.set(self._pipeline.batchable_depth)
 
     def _failed(self, op: str, exc: Exception, started: float) -> status_pb2.Status:
         status = to_status(exc)
-        self.metrics.inflight.dec()
-        self.metrics.operation_errors.labels(op, code_name(status)).inc()
-        self.metrics.request_seconds.labels(op).observe(time.perf_counter() - started)
+        self._metrics.inflight.dec()
+        self._metrics.operation_errors.labels(op, code_name(status)).inc()
+        self._metrics.request_seconds.labels(op).observe(time.perf_counter() - started)
         who = f"op={op} identity={current_identity() or '-'} code={code_name(status)}"  # a line per period each
         self._rejections.log(who, "%s: %s", who, clip(status.message, 200))
         return status

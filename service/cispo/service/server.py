@@ -68,7 +68,7 @@ class TrainingServer:
             self.metrics.track_cuda_memory(base.device_name)
         limits = RequestLimits(
             max_message_bytes=config.max_message_bytes,
-            max_tokens_per_request=config.max_tokens_per_request,
+            max_tokens_per_request=engine_config.max_tokens_per_request,
             max_sequence_length=base.max_sequence_length,
             idempotency_keys_remembered=config.idempotency_keys,
             max_data_per_request=config.max_data_per_request,

@@ -16,12 +16,23 @@ import contextvars
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 from cispo.v1 import training_pb2 as pb
+from cispo.worker.protocols import RunRegistry, TrainingEngine
 from cispo.worker.runs import DEFAULT_RUN, ExpectedVersion, RunVersion
 
 T = TypeVar("T")
+
+
+class Versioned(Protocol):
+    """A response that carries its run's version."""
+
+    @property
+    def version(self) -> pb.RunVersion: ...
+
+
+V = TypeVar("V", bound=Versioned)
 CONNECTION: contextvars.ContextVar[str] = contextvars.ContextVar("cispo_connection", default="")
 """The gRPC peer of the call being served ("" for other doors, which send versions themselves)."""
 MUTATING = frozenset({"forward_backward", "optim_step", "save_state", "load_state", "save_weights_for_sampler"})
@@ -43,7 +54,7 @@ def take_expected(request) -> ExpectedVersion:
     return expected
 
 
-def stamped(response, version: RunVersion | None):
+def stamped(response: V, version: RunVersion | None) -> V:
     """`response`, carrying `version` (when there is one)."""
     if version is not None:
         response.version.CopyFrom(
@@ -56,7 +67,7 @@ class RunVersions:
     """The runs' operations, each checked against the version its request (or its connection)
     expects. Called on the engine thread only, as the runs are."""
 
-    def __init__(self, runs, remembered: int = REMEMBERED):
+    def __init__(self, runs: RunRegistry, remembered: int = REMEMBERED):
         self.runs = runs
         self.remembered = remembered
         self._seen: OrderedDict[tuple[str, str], str] = OrderedDict()  # (connection, run) -> incarnation
@@ -68,7 +79,7 @@ class RunVersions:
         owner: str | None,
         expected: ExpectedVersion,
         connection: str,
-        fn: Callable[[Any], T],
+        fn: Callable[[TrainingEngine], T],
     ) -> tuple[T, RunVersion]:
         """`fn(engine)` on the run, as runs.apply, with the run's version after it."""
         run = model_id or DEFAULT_RUN
