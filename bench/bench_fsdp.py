@@ -36,7 +36,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from cispo.worker import AdamParams, Engine, EngineConfig, Sample, load_policy_model, lora
-    from cispo.worker.group import attach, init_group, shard_by_tokens
+    from cispo.worker.group import init_group, member, shard_by_tokens
     from cispo.worker.sharding import local_bytes, state_bytes
 
     ctx = init_group(torch.device(args.device))  # gloo on the CPU, nccl on CUDA
@@ -53,8 +53,7 @@ def worker(args) -> None:
         spec = lora.LoraSpec(rank=args.lora_rank)
         lora.add_adapter(policy, "bench", spec)
         run = {"adapter": "bench", "lora_spec": spec}
-    engine = Engine(policy, EngineConfig(checkpoint_dir=args.tmp), **run)
-    attach(engine, ctx)
+    engine = Engine(policy, EngineConfig(checkpoint_dir=args.tmp), member=member(ctx), **run)
     base = local_bytes(p for n, p in policy.model.named_parameters() if "lora_" not in n)
     g = torch.Generator().manual_seed(0)
     lengths = [512] * 8

@@ -223,11 +223,12 @@ def _group_rank(rank: int, port: int, sharding: str, out_dir: str) -> None:
     leaves it so, so only rank 1 would refuse on its own."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from cispo.worker.group import attach, init_group
+    from cispo.worker.group import init_group, member
 
     ctx = init_group(torch.device("cpu"))
-    engine = Engine(load_policy_model(shard=sharding == "fsdp"), EngineConfig(checkpoint_dir=out_dir))
-    attach(engine, ctx)
+    engine = Engine(
+        load_policy_model(shard=sharding == "fsdp"), EngineConfig(checkpoint_dir=out_dir), member=member(ctx)
+    )
     if sharding == "diverged" and rank == 1:
         with torch.no_grad():
             engine.policy.model.model.norm.weight.zero_()

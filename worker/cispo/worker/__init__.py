@@ -5,7 +5,7 @@ Speaks torch tensors and plain dataclasses; imports neither grpc nor protobuf.
 
 from cispo.worker.batch import Sample
 from cispo.worker.config import EngineConfig
-from cispo.worker.engine import BatchResult, Engine, EngineInfo, OptimResult
+from cispo.worker.engine import Engine
 from cispo.worker.errors import (
     ComputeFailed,
     FieldViolation,
@@ -24,6 +24,7 @@ from cispo.worker.loss_stats import RATIO_BUCKET_EDGES, BatchStats
 from cispo.worker.losses import LOSS_FUNCTIONS
 from cispo.worker.model import EMBEDDED_MODEL_NAME, PolicyModel, load_policy_model
 from cispo.worker.optimizer import AdamParams
+from cispo.worker.results import BatchResult, EngineInfo, OptimResult
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",

@@ -11,21 +11,27 @@ from typing import Protocol, TypeVar
 
 from cispo.worker.batch import Samples
 from cispo.worker.config import EngineConfig
-from cispo.worker.engine import BatchResult, EngineInfo, OptimResult
 from cispo.worker.lora import LoraSpec
 from cispo.worker.losses import LossFunction
 from cispo.worker.optimizer import AdamParams
-from cispo.worker.runs import ExpectedVersion, RunInfo, RunVersion
+from cispo.worker.results import BatchResult, EngineInfo, OptimResult
+from cispo.worker.run_versions import ExpectedVersion, RunInfo, RunVersion
 from cispo.worker.sampling import SampleRequest, SampleResult
 from cispo.worker.sharding import MemoryUse
 
 T = TypeVar("T")
 
+# A sample's answer: its result and the version of the run whose current weights it sampled
+# (None: saved weights), or the error in its place.
+SampleAnswer = tuple[SampleResult, RunVersion | None] | Exception
+
 
 class TrainingEngine(Protocol):
     """One training run's engine. Every method runs on the engine thread."""
 
-    def info(self) -> EngineInfo: ...
+    def info(self) -> EngineInfo:
+        """The run's model, step and memory."""
+        ...
 
     def run_batch(
         self, samples: Samples, loss: LossFunction, config: Mapping[str, float], *, backward: bool
@@ -36,7 +42,9 @@ class TrainingEngine(Protocol):
 
     def optim_step(self, adam: AdamParams) -> OptimResult: ...
 
-    def save_state(self, name: str, owner: str | None = None) -> Path | None: ...
+    def save_state(self, name: str, owner: str | None = None) -> Path | None:
+        """The saved state's path (None only on ranks other than 0 of a group)."""
+        ...
 
     def load_state(self, name: str, with_optimizer: bool = False, owner: str | None = None) -> int: ...
 
@@ -44,15 +52,20 @@ class TrainingEngine(Protocol):
 
     def sample(self, requests: list[SampleRequest]) -> list[SampleResult | Exception]: ...
 
-    def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False) -> Path: ...
+    def save_weights_for_sampler(self, name: str, owner: str | None = None, merged: bool = False) -> Path | None:
+        """The saved sampler weights' path (None only on ranks other than 0 of a group)."""
+        ...
 
 
 class RunRegistry(Protocol):
     """The training runs one server holds, over one base model. `owner` is the calling identity
     (None when the server has no tokens); a run another identity owns is answered as missing."""
 
-    config: EngineConfig
-    max_runs: int
+    @property
+    def config(self) -> EngineConfig: ...
+
+    @property
+    def max_runs(self) -> int: ...
 
     def __len__(self) -> int: ...
 
@@ -89,7 +102,9 @@ class RunRegistry(Protocol):
 
     def validate_sample(self, request: SampleRequest) -> SampleRequest: ...
 
-    def sample(self, items: list[tuple[str, SampleRequest, ExpectedVersion]]) -> list: ...
+    def sample(self, items: list[tuple[str, SampleRequest, ExpectedVersion]]) -> list[SampleAnswer]:
+        """Every (model_id, validated request, expected version)'s answer, in order."""
+        ...
 
     def check_export(self, model_path: str, owner: str | None) -> None: ...
 

@@ -26,27 +26,44 @@ one), its optimizer step, and the forward_backward calls accumulated since that 
 runs an operation only on the version its request expects, and counts its effect.
 
 In a data-parallel group every rank holds a TrainingRuns of its own, kept alike by rank 0
-(worker.group.GroupRuns), which gives each rank's engines to the group (`attach`); rank 0's
+(worker.group.GroupRuns), whose engines are each made a rank of the group (`member`); rank 0's
 registry keeps the versions.
 """
 
 import secrets
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar, cast
 
 from cispo.worker import checkpoint, lora
-from cispo.worker.batch import Sample
-from cispo.worker.config import EngineConfig
-from cispo.worker.engine import Engine, EngineInfo, base_info, validate_forward, validate_sample
+from cispo.worker.batch import Samples
+from cispo.worker.config import EngineConfig, RunsConfig
+from cispo.worker.engine import Engine, GroupMember, validate_forward, validate_sample
+from cispo.worker.engine import base_info as base_model_info
 from cispo.worker.errors import LimitExceeded, RunConflict, RunNotFound, RunRestored, StateNotFound, VersionMismatch
+from cispo.worker.losses import LossFunction
 from cispo.worker.model import PolicyModel
+from cispo.worker.protocols import RunRegistry, SampleAnswer, TrainingEngine
+from cispo.worker.results import EngineInfo
+from cispo.worker.run_versions import ExpectedVersion, RunInfo, RunVersion
 from cispo.worker.sampler_weights import ExportCache, export_name
 from cispo.worker.sampling import SampleRequest
 from cispo.worker.sharding import MemoryUse
 
+__all__ = [
+    "DEFAULT_RUN",
+    "ExpectedVersion",
+    "RunInfo",
+    "RunVersion",
+    "SharedRuns",
+    "TrainingRuns",
+    "new_run_id",
+]
+
 DEFAULT_RUN = "default"
+DEFAULT_CONFIG = EngineConfig()
 T = TypeVar("T")
 
 
@@ -55,41 +72,10 @@ def new_run_id() -> str:
     return f"run-{secrets.token_hex(6)}"
 
 
-@dataclass(frozen=True)
-class RunVersion:
-    """A run's version after an operation."""
-
-    incarnation: str  # unguessable, made with the run
-    step: int  # optimizer steps taken
-    accumulated: int  # forward_backward calls whose gradient the next step applies
-
-
-@dataclass(frozen=True)
-class ExpectedVersion:
-    """What a request expects of its run; "" and None expect nothing."""
-
-    incarnation: str = ""
-    step: int | None = None
-    accumulated: int | None = None
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What GetInfo and ListModels say of a run."""
-
-    model_id: str
-    lora: lora.LoraSpec | None  # None: full fine-tuning
-    owner: str | None
-    step: int
-    trainable_parameters: int
-    trainable_bytes: int  # weights + gradient + optimizer moments of the run's own parameters
-    created: float  # Unix time
-    last_used: float
-    version: RunVersion
-
-
 @dataclass
-class _Run:
+class RunRecord:
+    """A live run in a registry: its engine, owner, times, and the state of its version."""
+
     engine: Engine
     owner: str | None
     created: float = field(default_factory=time.time)
@@ -142,26 +128,44 @@ class _Run:
             self.accumulated = 0
 
 
-class _Runs:
-    """What every kind of run registry does the same way (the service's typed seam)."""
+class SharedRuns(ABC):
+    """What both registries (TrainingRuns, GroupRuns) do the same way, over the lookups each
+    implements. The service speaks to worker.protocols.RunRegistry, not to this class."""
 
     policy: PolicyModel
     config: EngineConfig
     max_runs: int
 
-    def get(self, model_id: str, owner: str | None):
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def exports(self) -> ExportCache:
+        """The sampler weights kept loaded, of every run."""
 
+    @abstractmethod
+    def get(self, model_id: str, owner: str | None) -> TrainingEngine:
+        """The engine of run `model_id` ("" = `owner`'s default run, made if need be)."""
+
+    @abstractmethod
     def create(self, owner: str | None, spec: lora.LoraSpec | None, model_id: str | None = None) -> str:
-        raise NotImplementedError
+        """Make a run (full when `spec` is None) owned by `owner`; returns its id."""
 
+    @abstractmethod
     def unload(self, model_id: str, owner: str | None) -> None:
-        raise NotImplementedError
+        """Drop run `model_id` with its gradient and optimizer state."""
 
-    def _record(self, model_id: str) -> _Run:
+    @abstractmethod
+    def _record(self, model_id: str) -> RunRecord:
         """The live run `model_id`'s record (its version), with no ownership check; KeyError if
         there is none."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def export_engine(self, model_path: str, owner: str | None) -> TrainingEngine:
+        """The engine that samples `owner`'s saved sampler weights `model_path` for a request
+        that names no run (it needs no run of its own)."""
+
+    def base_info(self) -> EngineInfo:
+        """The served base model, described as a run with no training of its own."""
+        return base_model_info(self.policy)
 
     def _default_run(self, owner: str | None) -> str:
         """DEFAULT_RUN, made for `owner` if no default run is live; RunConflict while another
@@ -178,12 +182,8 @@ class _Runs:
             )
         return DEFAULT_RUN
 
-    def base_info(self) -> EngineInfo:
-        """The served base model, described as a run with no training of its own."""
-        return base_info(self.policy)
-
     def apply(
-        self, model_id: str, owner: str | None, expected: ExpectedVersion, op: str, fn: Callable[[Any], T]
+        self, model_id: str, owner: str | None, expected: ExpectedVersion, op: str, fn: Callable[[TrainingEngine], T]
     ) -> tuple[T, RunVersion]:
         """`fn(engine)` on run `model_id` ("" = the default run, made if need be), with the run's
         version after it; RunRestored or VersionMismatch, and nothing run, unless the run is the
@@ -198,15 +198,6 @@ class _Runs:
             raise
         run.count(op, succeeded=True)
         return result, run.version()
-
-    def export_sampler(self):
-        """An engine that samples saved sampler weights (it needs no run of its own)."""
-        raise NotImplementedError
-
-    def export_engine(self, model_path: str, owner: str | None):
-        """The engine that samples `owner`'s saved sampler weights `model_path` for a request
-        that names no run."""
-        return self.export_sampler()
 
     def check_export(self, model_path: str, owner: str | None) -> None:
         """InvalidInput or StateNotFound (as for a missing export) unless `owner` may read the
@@ -236,25 +227,27 @@ class _Runs:
 
     def remove_export(self, name: str, owner: str | None) -> None:
         """Delete the saved sampler weights `name` (if `owner` may read them), loaded or not."""
-        self.export_sampler().exports.forget(name)
+        self.exports.forget(name)
         checkpoint.remove_directory(self.config.export.sampler_dir, name, checkpoint.SAMPLER_FORMAT, owner)
 
-    def validate(self, samples: list[Sample], loss_fn: str, loss_fn_config: Mapping[str, float] | None):
+    def validate(
+        self, samples: Samples, loss_fn: str, loss_fn_config: Mapping[str, float] | None
+    ) -> tuple[LossFunction, dict[str, float]]:
         """The loss and its resolved config (the base decides; every run shares it)."""
         return validate_forward(self.policy, self.config, samples, loss_fn, loss_fn_config)
 
     def validate_sample(self, request: SampleRequest) -> SampleRequest:
         return validate_sample(self.policy, self.config, request)
 
-    def sample(self, items: list[tuple[str, SampleRequest, ExpectedVersion]]) -> list:
+    def sample(self, items: list[tuple[str, SampleRequest, ExpectedVersion]]) -> list[SampleAnswer]:
         """Sample every (model_id, validated request, expected version), those on one engine in
         one batch; each result with the version of the run whose current weights it sampled
         (else None). A request whose run or saved weights its owner cannot see, or that is not
         the version expected, gets the error in its place. Each engine samples each identity's
         requests apart: a name is another export to another identity."""
-        results: list = [None] * len(items)
+        results: list[SampleAnswer | None] = [None] * len(items)
         versions: list[RunVersion | None] = [None] * len(items)
-        by_engine: dict[tuple[int, str | None], tuple[object, list[int]]] = {}
+        by_engine: dict[tuple[int, str | None], tuple[TrainingEngine, list[int]]] = {}
         for i, (model_id, request, expected) in enumerate(items):
             try:  # saved weights named by path need no run (unless the request names one)
                 if request.model_path:
@@ -276,32 +269,38 @@ class _Runs:
         for engine, indices in by_engine.values():
             for i, result in zip(indices, engine.sample([items[i][1] for i in indices])):
                 results[i] = result if isinstance(result, Exception) else (result, versions[i])
-        return results
+        return cast(list[SampleAnswer], results)  # every item got its answer
 
 
-class TrainingRuns(_Runs):
+class TrainingRuns(SharedRuns):
+    """The runs of one process (or of one rank of a group, which rank 0 keeps alike)."""
+
     def __init__(
         self,
         policy: PolicyModel,
-        config: EngineConfig = EngineConfig(),
-        max_runs: int = 16,
+        config: EngineConfig = DEFAULT_CONFIG,
+        max_runs: int = RunsConfig.max_runs,
         reload: Callable[[], PolicyModel] | None = None,
-        attach: Callable[[Engine], None] | None = None,
+        member: GroupMember | None = None,
     ):
         """`reload()` loads the served model afresh (for a run of the other kind, see above);
-        without it, such a switch is refused. `attach(engine)` is called on every engine made
-        (worker.group makes it a rank of the group)."""
+        without it, such a switch is refused. `member`: every engine made is that rank of a
+        data-parallel group (worker.group.member)."""
         if max_runs < 1:
             raise ValueError(f"max_runs must be >= 1, got {max_runs}")
         self.policy = policy
         self.config = config
         self.max_runs = max_runs
         self._reload = reload
-        self._attach = attach
-        self._runs: dict[str, _Run] = {}
+        self._member = member
+        self._runs: dict[str, RunRecord] = {}
         self._base_used_by: str | None = None  # "full", "lora" or "changed" (by a full run now gone)
-        self.exports = ExportCache(config.export.cache_size)
+        self._exports = ExportCache(config.export.cache_size)
         self._export_sampler: Engine | None = None
+
+    @property
+    def exports(self) -> ExportCache:
+        return self._exports
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -311,7 +310,7 @@ class TrainingRuns(_Runs):
         run.last_used = time.time()
         return run.engine
 
-    def _record(self, model_id: str) -> _Run:
+    def _record(self, model_id: str) -> RunRecord:
         return self._runs[model_id]
 
     def engine(self, model_id: str | None) -> Engine:
@@ -319,7 +318,11 @@ class TrainingRuns(_Runs):
         a group, whose rank 0 checked it."""
         return self.export_sampler() if model_id is None else self._runs[model_id].engine
 
+    def export_engine(self, model_path: str, owner: str | None) -> Engine:
+        return self.export_sampler()
+
     def export_sampler(self) -> Engine:
+        """An engine that samples saved sampler weights (it needs no run of its own)."""
         if self._export_sampler is None:
             self._export_sampler = self._engine()
         return self._export_sampler
@@ -369,7 +372,7 @@ class TrainingRuns(_Runs):
         if not self._runs:
             self._base_used_by = "changed"
 
-    def _drop(self, model_id: str, run: _Run) -> None:
+    def _drop(self, model_id: str, run: RunRecord) -> None:
         del self._runs[model_id]
         if run.engine.adapter is None:
             self._base_used_by = "changed"  # a full run's training stays in the weights: reload for the next
@@ -415,13 +418,10 @@ class TrainingRuns(_Runs):
             except BaseException:
                 lora.remove_adapter(self.policy, model_id)  # no adapter without its run
                 raise
-        self._runs[model_id] = _Run(engine, owner)
+        self._runs[model_id] = RunRecord(engine, owner)
 
-    def _engine(self, **kwargs) -> Engine:
-        engine = Engine(self.policy, self.config, exports=self.exports, **kwargs)
-        if self._attach is not None:
-            self._attach(engine)
-        return engine
+    def _engine(self, adapter: str | None = None, lora_spec: lora.LoraSpec | None = None) -> Engine:
+        return Engine(self.policy, self.config, adapter, lora_spec, exports=self.exports, member=self._member)
 
     def _fresh_base(self) -> None:
         if self._reload is None:
@@ -429,10 +429,10 @@ class TrainingRuns(_Runs):
                 "the base model was changed by an earlier run of the other kind, and this server cannot reload it"
             )
         fresh = self._reload()
-        self.exports, self._export_sampler = ExportCache(self.config.export.cache_size), None
+        self._exports, self._export_sampler = ExportCache(self.config.export.cache_size), None
         self.policy.model, self.policy.peft, self.policy.sharded = fresh.model, None, fresh.sharded
 
-    def _visible(self, model_id: str, owner: str | None) -> _Run:
+    def _visible(self, model_id: str, owner: str | None) -> RunRecord:
         run = self._runs.get(model_id)
         if run is None or (run.owner is not None and run.owner != owner):
             raise RunNotFound(
@@ -442,7 +442,7 @@ class TrainingRuns(_Runs):
         return run
 
     @staticmethod
-    def _info(model_id: str, run: _Run) -> RunInfo:
+    def _info(model_id: str, run: RunRecord) -> RunInfo:
         engine = run.engine
         numel = sum(p.numel() for p in engine.named_params.values())
         return RunInfo(
@@ -456,3 +456,7 @@ class TrainingRuns(_Runs):
             last_used=run.last_used,
             version=run.version(),
         )
+
+
+# The type checker holds TrainingRuns to the service's seam.
+_REGISTRY: type[RunRegistry] = TrainingRuns
