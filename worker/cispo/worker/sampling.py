@@ -156,7 +156,8 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
     counts = [r.num_samples for r in requests]
     rows_of = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))  # (B,) request of each row
     params = [r.params for r in requests]
-    generators = [torch.Generator(device=device).manual_seed(p.seed) for p in params]
+    max_tokens = [_resolved(p.max_tokens, "max_tokens") for p in params]
+    generators = [torch.Generator(device=device).manual_seed(_resolved(p.seed, "seed")) for p in params]
     with torch.no_grad(), policy.autocast():
         cache = DynamicCache()
         hidden_RPD, mask_RP = _prefill(policy, [r.prompt for r in requests], cache)
@@ -173,7 +174,7 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
         rows = list(range(len(rows_of)))  # rows still generating, in batch order
         tokens: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]
-        reasons: list[StopReason | None] = [None] * len(rows)
+        reasons: list[StopReason] = ["length"] * len(rows)  # a row that leaves without a stop ran out of tokens
         stops = [frozenset(policy.eos_token_ids) | frozenset(p.stop_tokens) for p in params]
         settings = _RowSettings.of(rows_of, params, device)
         while rows:
@@ -184,9 +185,7 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
                 logprobs[row].append(logq)
                 if token in stops[r] or _hit_stop_string(policy, tokens[row], params[r].stop_strings):
                     reasons[row] = "stop"
-                elif len(tokens[row]) >= params[r].max_tokens:
-                    reasons[row] = "length"
-                else:
+                elif len(tokens[row]) < max_tokens[r]:
                     keep.append(j)
             if not keep:
                 break
@@ -199,8 +198,8 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
                 rows = [rows[j] for j in keep]
                 settings = settings.select(keep)
             mask_BS = torch.cat([mask_BS, mask_BS.new_ones(len(rows), 1)], dim=1)
-            out = _decode(policy, token_B[:, None].to(device), mask_BS, positions_B[:, None], cache)
-            logits_BV = _logits(policy, out.last_hidden_state[:, -1])
+            hidden_B1D = _decode(policy, token_B[:, None].to(device), mask_BS, positions_B[:, None], cache)
+            logits_BV = _logits(policy, hidden_B1D[:, -1])
             positions_B = positions_B + 1
     results, start = [], 0
     for i, n in enumerate(counts):
@@ -221,7 +220,16 @@ def generate(policy: PolicyModel, requests: Sequence[SampleRequest]) -> list[Sam
     return results
 
 
-def _prefill(policy: PolicyModel, prompts: list[torch.Tensor], cache: DynamicCache):
+def _resolved(value: int | None, name: str) -> int:
+    """A sampling parameter `validate_sample_request` resolves (generate takes only its requests)."""
+    if value is None:
+        raise ValueError(f"sampling_params.{name} is unresolved: validate the request first")
+    return value
+
+
+def _prefill(
+    policy: PolicyModel, prompts: list[torch.Tensor], cache: DynamicCache
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts through the trunk into `cache`: ((R, P, D) hidden, (R, P) mask)."""
     longest = max(int(p.shape[0]) for p in prompts)
     ids_RP = torch.zeros(len(prompts), longest, dtype=torch.int64)
@@ -231,24 +239,26 @@ def _prefill(policy: PolicyModel, prompts: list[torch.Tensor], cache: DynamicCac
         mask_RP[i, longest - p.shape[0] :] = 1
     ids_RP, mask_RP = ids_RP.to(policy.device), mask_RP.to(policy.device)
     positions_RP = (mask_RP.cumsum(-1) - 1).clamp(min=0)
-    out = _decode(policy, ids_RP, mask_RP, positions_RP, cache)
-    return out.last_hidden_state, mask_RP
+    return _decode(policy, ids_RP, mask_RP, positions_RP, cache), mask_RP
 
 
-def _decode(policy: PolicyModel, ids_BS, mask_BT, positions_BS, cache: DynamicCache):
-    """The trunk over new tokens (B, S), attending to the cache; the mask covers all T so far."""
-    decoder = policy.model.get_decoder()
+def _decode(
+    policy: PolicyModel, ids_BS: torch.Tensor, mask_BT: torch.Tensor, positions_BS: torch.Tensor, cache: DynamicCache
+) -> torch.Tensor:
+    """The trunk over new tokens (B, S), attending to the cache; the mask covers all T so far:
+    the last hidden states (B, S, D)."""
+    decoder: torch.nn.Module = policy.model.get_decoder()
     return decoder(
         input_ids=ids_BS,
         attention_mask=mask_BT,
         position_ids=positions_BS,
         use_cache=True,
-        **{_cache_argument(type(decoder)): cache},
-    )
+        **{_cache_argument(type(decoder)): cache},  # type: ignore[arg-type]  # mypy reads type(x) as not Hashable; classes are
+    ).last_hidden_state
 
 
 @functools.cache
-def _cache_argument(decoder_type: type) -> str:
+def _cache_argument(decoder_type: type[torch.nn.Module]) -> str:
     """The decoder's name for its KV cache argument: transformers renamed past_key_values to
     cache in 5.x."""
     return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
@@ -285,7 +295,7 @@ class _RowSettings:
 
     @classmethod
     def of(cls, rows_of: torch.Tensor, params: list[SamplingParams], device: torch.device) -> "_RowSettings":
-        def per_row(field, dtype):
+        def per_row(field: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([getattr(params[r], field) for r in rows_of.tolist()], dtype=dtype, device=device)
 
         temperature_B = per_row("temperature", torch.float32)
@@ -312,14 +322,22 @@ class _RowSettings:
         )
 
     @classmethod
-    def _make(cls, owners, temperature_B, greedy_B, top_k_B, top_p_B, truncate) -> "_RowSettings":
-        groups = []
+    def _make(
+        cls,
+        owners: list[int],
+        temperature_B: torch.Tensor,
+        greedy_B: torch.Tensor,
+        top_k_B: torch.Tensor,
+        top_p_B: torch.Tensor,
+        truncate: bool,
+    ) -> "_RowSettings":
+        groups: list[tuple[int, int]] = []  # (request, rows)
         for r in owners:
             if groups and groups[-1][0] == r:
-                groups[-1][1] += 1
+                groups[-1] = (r, groups[-1][1] + 1)
             else:
-                groups.append([r, 1])
-        return cls(owners, [tuple(g) for g in groups], temperature_B, greedy_B, top_k_B, top_p_B, truncate)
+                groups.append((r, 1))
+        return cls(owners, groups, temperature_B, greedy_B, top_k_B, top_p_B, truncate)
 
 
 def _draw(
@@ -364,7 +382,10 @@ def _hit_stop_string(policy: PolicyModel, tokens: list[int], stop_strings: tuple
     """Whether the last token completed a stop string in the generated text."""
     if not stop_strings:
         return False
+    tokenizer = policy.tokenizer
+    if tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer; validate the request first")
     window = 4 * max(len(s) for s in stop_strings) + 8  # tokens that can hold the newest match
-    text = policy.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
-    before = policy.tokenizer.decode(tokens[-window:-1], skip_special_tokens=False)
+    text = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+    before = tokenizer.decode(tokens[-window:-1], skip_special_tokens=False)
     return any(s in text and s not in before for s in stop_strings)

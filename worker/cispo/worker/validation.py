@@ -80,7 +80,7 @@ def _violations(batch: SampleBatch, loss: LossFunction, vocab_size: int) -> Foun
             good_B = column.good()
             add(given_B & ~good_B, rank, field, column.problems.__getitem__)
             wrong_B = good_B & known_B & (column.lengths != n_B)
-            add(wrong_B, rank, field, lambda i: f"length {column.lengths[i]} != model_input length {n_B[i]}")
+            add(wrong_B, rank, field, lambda i: f"length {column.lengths[i]} != model_input length {n_B[i]}")  # noqa: B023  # add() calls it at once
             checked[name] = good_B & ~wrong_B
     for k, (name, checked_B) in enumerate(checked.items()):
         found += _value_violations(name, columns[name], checked_B, vocab_size, 100 + k)
