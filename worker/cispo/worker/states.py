@@ -22,7 +22,7 @@ from cispo.worker.optimizer import MOMENTS, Optimizer
 from cispo.worker.sharding import first_failure, like
 
 # A saved tensor's (shape, dtype), by name.
-TensorMeta = dict[str, tuple[tuple[int, ...], torch.dtype]]
+TensorMeta = dict[str, tuple[tuple[int, ...], torch.dtype | None]]  # dtype None: a non-tensor entry
 
 
 @dataclass(frozen=True)
