@@ -46,6 +46,7 @@ class TrainingServicer:
 
     def __init__(self, operations: Operations):
         self.operations = operations
+        self._readers: set[asyncio.Task] = set()  # owned until done: the loop holds tasks weakly
 
     # -- unary ----------------------------------------------------------------------------------
 
@@ -79,6 +80,8 @@ class TrainingServicer:
         CONNECTION.set(context.peer())
         answers: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
         reader = asyncio.create_task(self._read_stream(request_iterator, answers))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         answered = 0
         try:
             while (item := await answers.get()) is not None:
@@ -105,6 +108,7 @@ class TrainingServicer:
         requests = request_iterator.__aiter__()
         drained = asyncio.ensure_future(operations.draining.wait())
         next_request: asyncio.Future | None = None
+        cancelled = False
         try:
             while True:
                 next_request = asyncio.ensure_future(requests.__anext__())
@@ -124,11 +128,15 @@ class TrainingServicer:
                     return DRAINING
                 pending = await operations.accept(decoded, started)
                 await answers.put((decoded.request_id, decoded.op, pending))
+        except asyncio.CancelledError:  # the call is over: no one reads `answers` any more
+            cancelled = True
+            raise
         finally:
             drained.cancel()
             if next_request is not None:
                 next_request.cancel()
-            await answers.put(None)
+            if not cancelled:
+                await answers.put(None)
 
     # -- decoding (on the codec threads) ---------------------------------------------------------
 
