@@ -360,3 +360,18 @@ def test_mypy_escape_finder():
     assert _mypy_escapes({**base, "ignore_errors": True})
     assert _mypy_escapes({**base, "exclude": ["engine\\.py$"]})
     assert _mypy_escapes({"files": ["worker/cispo"]})
+
+
+def test_the_worker_and_the_wire_codec_agree_on_what_they_both_define():
+    """The worker may not import cispo.v1, and the client may not import the worker, so the
+    loss inputs, the AdamParams defaults and the `ranges` helper are written on both sides of
+    that line; here they are held equal."""
+    import dataclasses
+    import inspect
+
+    from cispo.v1 import datum_reader, tensors
+    from cispo.worker import batch, optimizer
+
+    assert tensors.LOSS_INPUT_KINDS == batch.LOSS_INPUT_KINDS
+    assert dataclasses.asdict(optimizer.AdamParams()) == tensors.ADAM_DEFAULTS
+    assert inspect.getsource(datum_reader.ranges) == inspect.getsource(batch.ranges)

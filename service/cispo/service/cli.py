@@ -269,15 +269,15 @@ async def serve(runs, config: ServerConfig, world_size: int = 1, group: GroupRun
         if group is not None:
             group.shutdown()  # release the other ranks
         raise
-    policy = runs.policy
+    base = runs.base_info()
     log.info(
         "serving %s on %s:%d (metrics on :%s, device %s, dtype %s, at most %d runs)",
-        policy.name,
+        base.model_name,
         config.host,
         port,
         server.metrics_port,
-        policy.device.type,
-        str(policy.compute_dtype).removeprefix("torch."),
+        base.device,
+        base.dtype,
         runs.max_runs,
     )
     # The garbage collector's passes hold the GIL, so they stall the event loop: keep the model,

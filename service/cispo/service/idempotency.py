@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from google.rpc import status_pb2
 
+from cispo.service.config import ServerConfig
 from cispo.worker import FieldViolation, InvalidInput
 
 MAX_KEY_CHARS = 128
@@ -45,7 +46,9 @@ class _Entry:
 
 
 class IdempotencyCache:
-    def __init__(self, max_entries: int = 4096, max_bytes: int = 256 << 20):
+    def __init__(
+        self, max_entries: int = ServerConfig.idempotency_keys, max_bytes: int = ServerConfig.idempotency_bytes
+    ):
         if max_entries < 0 or max_bytes < 0:
             raise ValueError("max_entries and max_bytes must be >= 0")
         self.max_entries = max_entries

@@ -139,7 +139,7 @@ class RunLabels:
 class RunsCollector:
     """`cispo_training_runs`, `cispo_training_runs_max`, `cispo_run_trainable_bytes{run}` and
     `cispo_run_state_bytes{run,kind}`, read from the runs registry (worker.runs.TrainingRuns or
-    worker.group.GroupRuns) at each scrape."""
+    worker.group_runs.GroupRuns) at each scrape."""
 
     def __init__(self, runs, label: RunLabels):
         self.runs, self.label = runs, label

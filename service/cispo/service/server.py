@@ -58,7 +58,7 @@ class TrainingServer:
         registry: CollectorRegistry | None = None,
         world_size: int = 1,
     ):
-        """`runs`: the training runs served (worker.runs.TrainingRuns, or worker.group.GroupRuns)."""
+        """`runs`: the training runs served (worker.runs.TrainingRuns, or worker.group_runs.GroupRuns)."""
         self.runs = runs
         self.config = config
         self.metrics = ServiceMetrics(registry, config.metrics_run_label)

@@ -71,11 +71,11 @@ class TinkerFront:
         auth: TokenAuthInterceptor | None,
         metrics: ServiceMetrics,
         limits: RequestLimits,
-        connections: ConnectionLimits | None = None,
-        seq_gap_seconds: float = 60.0,
+        connections: ConnectionLimits,
+        seq_gap_seconds: float,
     ):
         self.auth, self.metrics, self.limits = auth, metrics, limits
-        self.connections = connections if connections is not None else ConnectionLimits()
+        self.connections = connections
         self.futures = FutureTable()
         self.sessions = Sessions(seq_gap_seconds)
         self.routes = TinkerRoutes(operations, self.sessions, self.futures, Dispatch(operations, self.futures))

@@ -26,7 +26,7 @@ one), its optimizer step, and the forward_backward calls accumulated since that 
 runs an operation only on the version its request expects, and counts its effect.
 
 In a data-parallel group every rank holds a TrainingRuns of its own, kept alike by rank 0
-(worker.group.GroupRuns), whose engines are each made a rank of the group (`member`); rank 0's
+(worker.group_runs.GroupRuns), whose engines are each made a rank of the group (`member`); rank 0's
 registry keeps the versions.
 """
 
