@@ -3,7 +3,7 @@ side by side (e.g. the tree before a change, from `git worktree add`, and the tr
 
 For each model (the embedded one, and a 44M Llama built with `from_config`: 4 layers, d=512,
 V=32k, untied), each tree runs in its own fresh subprocess (PYTHONPATH set to the tree's
-import root) that reports:
+import roots) that reports:
 
 - `first`: the time of a tiny forward_backward (1 datum x 16 tokens, cispo) with no
   accumulated gradient (the first call after a step), median of `--repeats` after 3 warm-up
@@ -158,17 +158,10 @@ def extra_peak_mib(engine, big, accumulating: bool = False) -> float:
 
 
 def import_root(tree: str) -> str:
-    """A directory whose `cispo` package is `tree`'s folders (pyproject's package-dir mapping,
-    as symlinks), to put on PYTHONPATH ahead of the installed checkout."""
+    """The PYTHONPATH that imports cispo from `tree` (each top-level folder holds a `cispo/`
+    namespace package), ahead of the installed checkout."""
     tree = os.path.abspath(tree)
-    root = tempfile.mkdtemp(prefix="cispo-tree-")
-    pkg = os.path.join(root, "cispo")
-    os.mkdir(pkg)
-    open(os.path.join(pkg, "__init__.py"), "w").close()
-    for name, sub in (("worker", "worker"), ("service", "service"), ("client", "client_py")):
-        os.symlink(os.path.join(tree, sub), os.path.join(pkg, name))
-    os.symlink(os.path.join(tree, "protos", "cispo", "v1"), os.path.join(pkg, "v1"))
-    return root
+    return os.pathsep.join(os.path.join(tree, folder) for folder in ("worker", "service", "client_py", "protos"))
 
 
 def main() -> None:
