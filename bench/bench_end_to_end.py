@@ -255,7 +255,7 @@ def save_model(path: str, vocab: int, layers: int, hidden: int) -> None:
 
 def spawn(what: str, path: str, names: list[str], repeats: int, tree: str | None) -> dict:
     env = dict(os.environ)
-    if tree:  # import cispo from `tree` (bench_engine_overhead's symlinked import root)
+    if tree:  # import cispo from `tree` (its four import roots, as bench_engine_overhead does)
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_engine_overhead import import_root
 
