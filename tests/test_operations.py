@@ -1,5 +1,5 @@
 """The operations layer: its table matches the gRPC service, and an operation added once
-(RemoveExport) is served by the gRPC door with the same ownership, idempotency, metrics and log
+(RemoveExport, the DeleteCheckpoint of sampler weights by name) is served by the gRPC door with the same ownership, idempotency, metrics and log
 line as every other."""
 
 import grpc
@@ -55,6 +55,8 @@ def test_remove_export_over_grpc_is_owned_idempotent_counted_and_logged(server):
         first = stub.RemoveExport(pb.RemoveExportRequest(name="exp", idempotency_key="k1"), metadata=auth(ALICE))
         retried = stub.RemoveExport(pb.RemoveExportRequest(name="exp", idempotency_key="k1"), metadata=auth(ALICE))
         assert first == retried == pb.RemoveExportResponse(name="exp")
+        listed = stub.ListCheckpoints(pb.ListCheckpointsRequest(), metadata=auth(ALICE)).checkpoints
+        assert "exp" not in [c.name for c in listed]  # RemoveExport is DeleteCheckpoint of sampler weights
         with pytest.raises(grpc.RpcError) as gone:  # a new key runs again: the export is gone
             stub.RemoveExport(pb.RemoveExportRequest(name="exp", idempotency_key="k2"), metadata=auth(ALICE))
         assert gone.value.code() == grpc.StatusCode.FAILED_PRECONDITION

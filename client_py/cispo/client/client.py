@@ -196,13 +196,15 @@ class TrainingClient(Connection):
         """Save weights (a LoRA run: its adapter), optimizer state and step count under `name`
         (letters, digits, '.', '_', '-'; replaces an existing state atomically) in the server's
         --checkpoint-dir. The answer's `path` is what load_state and
-        ServiceClient.create_training_client_from_state take. ttl_seconds: accepted for
-        Tinker's signature; states are kept until deleted from the checkpoint volume."""
+        ServiceClient.create_training_client_from_state take. ttl_seconds: the server deletes
+        the state this long after the save (None: kept until deleted)."""
         if ttl_seconds is not None and (
             isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
         ):
             raise ValueError(f"ttl_seconds: expected a positive int or None, got {ttl_seconds!r}")
         request = pb.StreamRequest(save_state=pb.SaveStateRequest(name=name))
+        if ttl_seconds is not None:
+            request.save_state.ttl_seconds = ttl_seconds
         return self._submit(request, "save_state", wire.save_state_response_from_pb)
 
     def load_state(self, path: str) -> APIFuture[LoadStateResponse]:
@@ -227,6 +229,8 @@ class TrainingClient(Connection):
         `merged` full weights with the adapter merged in. The answer's `path` is what
         create_sampling_client takes. ttl_seconds: as for save_state."""
         request = pb.StreamRequest(save_weights_for_sampler=pb.SaveWeightsForSamplerRequest(name=name, merged=merged))
+        if ttl_seconds is not None:
+            request.save_weights_for_sampler.ttl_seconds = ttl_seconds
         return self._submit(request, "save_weights_for_sampler", wire.save_weights_for_sampler_response_from_pb)
 
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:

@@ -21,6 +21,12 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
     STOP_REASON_LENGTH: _ClassVar[StopReason]
     STOP_REASON_STOP: _ClassVar[StopReason]
+
+class CheckpointKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKPOINT_KIND_UNSPECIFIED: _ClassVar[CheckpointKind]
+    CHECKPOINT_KIND_STATE: _ClassVar[CheckpointKind]
+    CHECKPOINT_KIND_SAMPLER_WEIGHTS: _ClassVar[CheckpointKind]
 DTYPE_UNSPECIFIED: DType
 DTYPE_INT64: DType
 DTYPE_INT32: DType
@@ -29,6 +35,9 @@ DTYPE_FLOAT64: DType
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_LENGTH: StopReason
 STOP_REASON_STOP: StopReason
+CHECKPOINT_KIND_UNSPECIFIED: CheckpointKind
+CHECKPOINT_KIND_STATE: CheckpointKind
+CHECKPOINT_KIND_SAMPLER_WEIGHTS: CheckpointKind
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "raw_data", "int64_data", "float_data", "double_data")
@@ -164,16 +173,27 @@ class OptimStepResponse(_message.Message):
     def __init__(self, grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
 
 class SaveStateRequest(_message.Message):
-    __slots__ = ("name", "idempotency_key", "model_id", "expected_version")
+    __slots__ = ("name", "idempotency_key", "model_id", "expected_version", "user_metadata", "ttl_seconds")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     idempotency_key: str
     model_id: str
     expected_version: RunVersion
-    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
+    user_metadata: _containers.ScalarMap[str, str]
+    ttl_seconds: int
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class SaveStateResponse(_message.Message):
     __slots__ = ("name", "path", "step", "version")
@@ -365,18 +385,29 @@ class StreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., forward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardOutput, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResponse, _Mapping]] = ..., save_state: _Optional[_Union[SaveStateResponse, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateResponse, _Mapping]] = ..., get_info: _Optional[_Union[GetInfoResponse, _Mapping]] = ..., save_weights_for_sampler: _Optional[_Union[SaveWeightsForSamplerResponse, _Mapping]] = ..., sample: _Optional[_Union[SampleResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class SaveWeightsForSamplerRequest(_message.Message):
-    __slots__ = ("name", "idempotency_key", "model_id", "merged", "expected_version")
+    __slots__ = ("name", "idempotency_key", "model_id", "merged", "expected_version", "user_metadata", "ttl_seconds")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MERGED_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     idempotency_key: str
     model_id: str
     merged: bool
     expected_version: RunVersion
-    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., merged: _Optional[bool] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ...) -> None: ...
+    user_metadata: _containers.ScalarMap[str, str]
+    ttl_seconds: int
+    def __init__(self, name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ..., merged: _Optional[bool] = ..., expected_version: _Optional[_Union[RunVersion, _Mapping]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class SaveWeightsForSamplerResponse(_message.Message):
     __slots__ = ("name", "path", "step", "version")
@@ -551,3 +582,82 @@ class RemoveExportResponse(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class Checkpoint(_message.Message):
+    __slots__ = ("name", "kind", "path", "step", "created_time", "expires_time", "size_bytes", "user_metadata", "lora_config", "run_id")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_TIME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: CheckpointKind
+    path: str
+    step: int
+    created_time: float
+    expires_time: float
+    size_bytes: int
+    user_metadata: _containers.ScalarMap[str, str]
+    lora_config: LoraConfig
+    run_id: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[CheckpointKind, str]] = ..., path: _Optional[str] = ..., step: _Optional[int] = ..., created_time: _Optional[float] = ..., expires_time: _Optional[float] = ..., size_bytes: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("kind", "run_id", "name_prefix")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    kind: CheckpointKind
+    run_id: str
+    name_prefix: str
+    def __init__(self, kind: _Optional[_Union[CheckpointKind, str]] = ..., run_id: _Optional[str] = ..., name_prefix: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[Checkpoint]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ...) -> None: ...
+
+class GetCheckpointRequest(_message.Message):
+    __slots__ = ("name", "kind")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: CheckpointKind
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[CheckpointKind, str]] = ...) -> None: ...
+
+class GetCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: Checkpoint
+    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ...) -> None: ...
+
+class DeleteCheckpointRequest(_message.Message):
+    __slots__ = ("name", "kind", "idempotency_key", "model_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: CheckpointKind
+    idempotency_key: str
+    model_id: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[CheckpointKind, str]] = ..., idempotency_key: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class DeleteCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: Checkpoint
+    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ...) -> None: ...

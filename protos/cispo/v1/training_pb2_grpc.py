@@ -99,6 +99,21 @@ class TrainingServiceStub:
                 request_serializer=cispo_dot_v1_dot_training__pb2.RemoveExportRequest.SerializeToString,
                 response_deserializer=cispo_dot_v1_dot_training__pb2.RemoveExportResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/cispo.v1.TrainingService/ListCheckpoints',
+                request_serializer=cispo_dot_v1_dot_training__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/cispo.v1.TrainingService/GetCheckpoint',
+                request_serializer=cispo_dot_v1_dot_training__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/cispo.v1.TrainingService/DeleteCheckpoint',
+                request_serializer=cispo_dot_v1_dot_training__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=cispo_dot_v1_dot_training__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -195,6 +210,30 @@ class TrainingServiceServicer:
     def RemoveExport(self, request, context):
         """Deletes the caller's saved sampler weights (a SaveWeightsForSampler export), in the order of
         the run named, after the operations queued before it. A missing export: FAILED_PRECONDITION.
+        DeleteCheckpoint of kind CHECKPOINT_KIND_SAMPLER_WEIGHTS does the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """The caller's saved states and sampler weights (optionally of one kind, run or name prefix).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """One of the caller's checkpoints, by name and kind or by the path its save answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """Deletes one of the caller's checkpoints crash-safely (a loaded export is forgotten too), in
+        the order of the run named, after the operations queued before it. Another identity's
+        checkpoint, like a missing one: FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,6 +306,21 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.RemoveExport,
                     request_deserializer=cispo_dot_v1_dot_training__pb2.RemoveExportRequest.FromString,
                     response_serializer=cispo_dot_v1_dot_training__pb2.RemoveExportResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.GetCheckpointResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=cispo_dot_v1_dot_training__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=cispo_dot_v1_dot_training__pb2.DeleteCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -620,6 +674,87 @@ class TrainingService:
             '/cispo.v1.TrainingService/RemoveExport',
             cispo_dot_v1_dot_training__pb2.RemoveExportRequest.SerializeToString,
             cispo_dot_v1_dot_training__pb2.RemoveExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/ListCheckpoints',
+            cispo_dot_v1_dot_training__pb2.ListCheckpointsRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/GetCheckpoint',
+            cispo_dot_v1_dot_training__pb2.GetCheckpointRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.GetCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cispo.v1.TrainingService/DeleteCheckpoint',
+            cispo_dot_v1_dot_training__pb2.DeleteCheckpointRequest.SerializeToString,
+            cispo_dot_v1_dot_training__pb2.DeleteCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

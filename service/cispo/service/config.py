@@ -128,6 +128,10 @@ class ServerConfig:
         default=ConnectionLimits.body_timeout_seconds,
         metadata=flag("longest wait for more of an HTTP request's body before its connection is closed"),
     )
+    checkpoint_sweep_seconds: float = field(
+        default=60.0,
+        metadata=flag("how often checkpoints whose ttl_seconds ran out are looked for and deleted"),
+    )
     http_seq_gap_seconds: float = field(
         default=60.0,
         metadata=flag(
@@ -150,6 +154,7 @@ class ServerConfig:
             "http_header_timeout_seconds",
             "http_body_timeout_seconds",
             "http_seq_gap_seconds",
+            "checkpoint_sweep_seconds",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -20,7 +20,7 @@ What a door uses (the data plane is `cispo.service.data_plane.Operations`):
     await operations.check_export(path)          # may the caller read this export? (raises if not)
     operations.base_model()                      # BaseModel(name, architecture, tokenizer_id)
     operations.limits, operations.draining       # RequestLimits; an asyncio.Event set by a drain
-    OPERATIONS[name], FORWARD, ..., REMOVE_EXPORT  # the table and its entries
+    OPERATIONS[name], FORWARD, ..., DELETE_CHECKPOINT  # the table and its entries
 
 Errors are mapped to google.rpc.Status in one place, `cispo.service.errors.to_status`.
 """
@@ -32,14 +32,16 @@ from typing import Any, Generic, TypeVar
 from google.protobuf.message import Message
 
 from cispo.service import convert
+from cispo.service.checkpoint_wire import decode_kind, encode_checkpoint
 from cispo.service.errors import clip
 from cispo.service.limits import RequestLimits
 from cispo.service.metrics import ServiceMetrics
 from cispo.service.pipeline import Batchable
 from cispo.service.versions import RunVersions, stamped
 from cispo.v1 import training_pb2 as pb
-from cispo.worker import FieldViolation, InvalidInput
-from cispo.worker.checkpoint import NAME_PATTERN, STATE_FORMATS, check_home, name_in, state_dir
+from cispo.worker import FieldViolation, InvalidInput, checkpoints
+from cispo.worker.checkpoint import NAME_PATTERN, STATE_FORMATS, check_home, labelled, name_in, state_dir
+from cispo.worker.checkpoints import CheckpointInfo, SaveLabel
 from cispo.worker.protocols import RunRegistry, TrainingEngine
 from cispo.worker.runs import DEFAULT_RUN, ExpectedVersion, RunVersion
 
@@ -197,22 +199,42 @@ def _sample(call: Call, request: pb.SampleRequest) -> Prepared[pb.SampleResponse
 def _save_weights_for_sampler(
     call: Call, request: pb.SaveWeightsForSamplerRequest
 ) -> Prepared[pb.SaveWeightsForSamplerResponse]:
-    name, merged, owner = request.name, request.merged, call.owner
-    state_dir(call.server.runs.config.export.sampler_dir, name)  # reject a bad name before queueing
+    name, merged, owner, runs = request.name, request.merged, call.owner, call.server.runs
+    state_dir(runs.config.export.sampler_dir, name)  # reject a bad name before queueing
+    label = _label(call, request)
+
+    def save(engine: TrainingEngine) -> Any:
+        lora = runs.info(call.lane, owner).lora
+        adapter = lora is not None and not merged
+
+        def size() -> int:
+            parameters = engine.info().num_parameters if adapter else runs.base_info().num_parameters
+            return checkpoints.export_bytes(parameters, runs.config.export.dtype)
+
+        checkpoints.check_room(runs.config, owner, checkpoints.SAMPLER_WEIGHTS, name, size)
+        with labelled(label.fields(lora.to_dict() if adapter and lora is not None else None)):
+            return engine.save_weights_for_sampler(name, owner=owner, merged=merged)
 
     def encode(answer: tuple[Any, RunVersion]) -> tuple[pb.SaveWeightsForSamplerResponse, dict[str, object]]:
         path, version = answer
         response = pb.SaveWeightsForSamplerResponse(name=name, path=str(path.absolute()), step=version.step)
         return stamped(response, version), {"name": name, "step": version.step}
 
-    return Prepared(
-        lambda: call.on_run(lambda engine: engine.save_weights_for_sampler(name, owner=owner, merged=merged)), encode
-    )
+    return Prepared(lambda: call.on_run(save), encode)
 
 
 def _save_state(call: Call, request: pb.SaveStateRequest) -> Prepared[pb.SaveStateResponse]:
-    name, owner = request.name, call.owner
-    state_dir(call.server.runs.config.checkpoint_dir, name)  # reject a bad name before queueing
+    name, owner, config = request.name, call.owner, call.server.runs.config
+    state_dir(config.checkpoint_dir, name)  # reject a bad name before queueing
+    label = _label(call, request)
+
+    def save(engine: TrainingEngine) -> Any:
+        def size() -> int:
+            return checkpoints.state_bytes(engine.info().num_parameters)
+
+        checkpoints.check_room(config, owner, checkpoints.STATE, name, size)
+        with labelled(label.fields()):
+            return engine.save_state(name, owner=owner)
 
     def encode(answer: tuple[Any, RunVersion]) -> tuple[pb.SaveStateResponse, dict[str, object]]:
         path, version = answer
@@ -221,7 +243,7 @@ def _save_state(call: Call, request: pb.SaveStateRequest) -> Prepared[pb.SaveSta
             "step": version.step,
         }
 
-    return Prepared(lambda: call.on_run(lambda engine: engine.save_state(name, owner=owner)), encode)
+    return Prepared(lambda: call.on_run(save), encode)
 
 
 def _load_state(call: Call, request: pb.LoadStateRequest) -> Prepared[pb.LoadStateResponse]:
@@ -286,11 +308,53 @@ def _unload_model(call: Call, request: pb.UnloadModelRequest) -> Prepared[pb.Unl
 
 
 def _remove_export(call: Call, request: pb.RemoveExportRequest) -> Prepared[pb.RemoveExportResponse]:
-    name, runs = request.name, call.server.runs
-    state_dir(runs.config.export.sampler_dir, name)  # reject a bad name before queueing
-    return Prepared(
-        lambda: runs.remove_export(name, call.owner), lambda _: (pb.RemoveExportResponse(name=name), {"name": name})
+    """DeleteCheckpoint of sampler weights, by name."""
+    name = request.name
+    state_dir(call.server.runs.config.export.sampler_dir, name)  # a name only: reject a path or bad name
+    delete = _deletion(call, name, checkpoints.SAMPLER_WEIGHTS)
+    return Prepared(delete, lambda _: (pb.RemoveExportResponse(name=name), {"name": name}))
+
+
+def _delete_checkpoint(call: Call, request: pb.DeleteCheckpointRequest) -> Prepared[pb.DeleteCheckpointResponse]:
+    delete = _deletion(call, request.name, decode_kind(request.kind))
+
+    def encode(deleted: CheckpointInfo) -> tuple[pb.DeleteCheckpointResponse, dict[str, object]]:
+        response = pb.DeleteCheckpointResponse(checkpoint=encode_checkpoint(deleted))
+        return response, {"name": deleted.name, "kind": deleted.kind}
+
+    return Prepared(delete, encode)
+
+
+def _list_checkpoints(call: Call, request: pb.ListCheckpointsRequest) -> Prepared[pb.ListCheckpointsResponse]:
+    config, kind, run_id, prefix = (
+        call.server.runs.config,
+        decode_kind(request.kind),
+        request.run_id,
+        request.name_prefix,
     )
+
+    def listed() -> list[CheckpointInfo]:
+        return [
+            c
+            for c in checkpoints.list_checkpoints(config, call.owner, kind)
+            if c.name.startswith(prefix) and (not run_id or c.run_id == run_id)
+        ]
+
+    def encode(found: list[CheckpointInfo]) -> tuple[pb.ListCheckpointsResponse, dict[str, object]]:
+        response = pb.ListCheckpointsResponse(checkpoints=[encode_checkpoint(c) for c in found])
+        return response, {"checkpoints": len(found)}
+
+    return Prepared(listed, encode)
+
+
+def _get_checkpoint(call: Call, request: pb.GetCheckpointRequest) -> Prepared[pb.GetCheckpointResponse]:
+    config = call.server.runs.config
+    kind, name = checkpoints.resolve(config, request.name, decode_kind(request.kind), call.owner)
+
+    def encode(found: CheckpointInfo) -> tuple[pb.GetCheckpointResponse, dict[str, object]]:
+        return pb.GetCheckpointResponse(checkpoint=encode_checkpoint(found)), {"name": name, "kind": kind}
+
+    return Prepared(lambda: checkpoints.get_checkpoint(config, kind, name, call.owner), encode)
 
 
 # -- what handlers share --------------------------------------------------------------------------
@@ -338,6 +402,19 @@ def _creation(runs: RunRegistry, request: pb.CreateModelRequest, owner: str | No
         return lambda: runs.create(owner, None)
     spec = convert.decode_lora_config(request.lora_config)
     return lambda: runs.create(owner, spec)
+
+
+def _label(call: Call, request: pb.SaveStateRequest | pb.SaveWeightsForSamplerRequest) -> SaveLabel:
+    """What a save records beside its files (checked now: InvalidInput naming the field)."""
+    ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+    return SaveLabel(dict(request.user_metadata), ttl, call.lane)
+
+
+def _deletion(call: Call, name_or_path: str, kind: str | None) -> Callable[[], CheckpointInfo]:
+    """The engine call that deletes the caller's checkpoint a request names (checked now)."""
+    runs = call.server.runs
+    found_kind, name = checkpoints.resolve(runs.config, name_or_path, kind, call.owner)
+    return lambda: runs.delete_checkpoint(found_kind, name, call.owner)
 
 
 def model_id_of(request: Message) -> str:
@@ -433,6 +510,37 @@ REMOVE_EXPORT = Operation(
     per_run=True,
     keyed=True,
 )
+LIST_CHECKPOINTS = Operation(
+    "list_checkpoints",
+    "ListCheckpoints",
+    pb.ListCheckpointsRequest,
+    pb.ListCheckpointsResponse,
+    _list_checkpoints,
+    per_run=False,
+    keyed=False,
+)
+"""The caller's saved states and sampler weights, with their lifetimes, sizes and metadata."""
+GET_CHECKPOINT = Operation(
+    "get_checkpoint",
+    "GetCheckpoint",
+    pb.GetCheckpointRequest,
+    pb.GetCheckpointResponse,
+    _get_checkpoint,
+    per_run=False,
+    keyed=False,
+)
+"""One of the caller's checkpoints, by name and kind or by the path its save answered."""
+DELETE_CHECKPOINT = Operation(
+    "delete_checkpoint",
+    "DeleteCheckpoint",
+    pb.DeleteCheckpointRequest,
+    pb.DeleteCheckpointResponse,
+    _delete_checkpoint,
+    per_run=True,
+    keyed=True,
+)
+"""Deletes one of the caller's checkpoints, crash-safely, in its run's order (REMOVE_EXPORT is
+its special case for sampler weights by name)."""
 
 OPERATIONS: dict[str, Operation[Any, Any]] = {
     op.name: op
@@ -449,5 +557,8 @@ OPERATIONS: dict[str, Operation[Any, Any]] = {
         LIST_MODELS,
         UNLOAD_MODEL,
         REMOVE_EXPORT,
+        LIST_CHECKPOINTS,
+        GET_CHECKPOINT,
+        DELETE_CHECKPOINT,
     )
 }

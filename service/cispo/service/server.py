@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from cispo.service.auth import TokenAuthInterceptor, TokenFileError, load_tokens
+from cispo.service.checkpoint_sweeper import CheckpointSweeper
 from cispo.service.config import ServerConfig
 from cispo.service.data_plane import Operations
 from cispo.service.http_guard import ConnectionLimits
@@ -86,6 +87,7 @@ class TrainingServer:
             IdempotencyCache(config.idempotency_keys, config.idempotency_bytes),
             base_model=config.model_name,
         )
+        self.sweeper = CheckpointSweeper(runs, self.pipeline, self.metrics.registry, config.checkpoint_sweep_seconds)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -150,6 +152,7 @@ class TrainingServer:
         http_socket = _listen(config.host, config.http_port, "HTTP") if config.http_port >= 0 else None
         self._loop = asyncio.get_running_loop()
         self.pipeline.start()
+        self.sweeper.start()
         await server.start()
         if http_socket is not None:
             from cispo.service.tinker_http import TinkerFront  # the HTTP stack only when asked for
@@ -212,6 +215,7 @@ class TrainingServer:
         deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
         http_drained = self._tinker.drain(deadline) if self._tinker is not None else asyncio.sleep(0)
         await asyncio.gather(self._started().stop(grace=self.config.drain_seconds), http_drained)
+        await self.sweeper.stop()
         await self.pipeline.close()
         if self._tinker is not None:
             await self._tinker.stop()

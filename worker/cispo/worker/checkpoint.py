@@ -3,7 +3,9 @@
     <home>/<name>/model.safetensors      parameters by name (fp32)
     <home>/<name>/optimizer.safetensors  AdamW moments "<param>/<exp_avg|exp_avg_sq|step>"
     <home>/<name>/manifest.json          format, step, model name, parameter count, owner (the
-                                         identity that saved it), and a LoRA run's LoRA options
+                                         identity that saved it), a LoRA run's LoRA options, the
+                                         time it was saved ("created") and what `labelled` adds
+                                         (its lifetime and user metadata, worker.checkpoints)
 
 Names are per identity. `<home>` is the checkpoint directory itself without authentication
 (identity None), else the identity's own directory `<checkpoint_dir>/@<identity>` (`namespace`):
@@ -46,8 +48,11 @@ import os
 import re
 import shutil
 import stat
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -72,6 +77,8 @@ HIDDEN_PATTERN = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{32}")
 MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE = "model.safetensors", "optimizer.safetensors", "manifest.json"
 SHOWN_CHARS = 64
 MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
+# Manifest fields of the saves made within `labelled` (on this thread); None outside one.
+_LABEL: ContextVar[dict | None] = ContextVar("cispo_checkpoint_label", default=None)
 
 
 @dataclass(frozen=True)
@@ -213,12 +220,24 @@ def save_state(
     )
 
 
+@contextmanager
+def labelled(fields: dict) -> Iterator[None]:
+    """Every directory `save_directory` writes in this block, on this thread, has `fields` in
+    its manifest too, written with it (so a crash never separates them). The service labels a
+    save this way without every layer between it and the files (engines, groups) passing them."""
+    token = _LABEL.set(fields)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+
 def save_directory(
     root: Path, name: str, write: Callable[[Path], None], manifest: dict, owner: str | None = None
 ) -> Path:
     """`write(tmp)` the files of `owner`'s `name` into a hidden copy in its home, then fsync
-    them, write the manifest (plus `owner`) last and swap the copy in (see the module
-    docstring). Returns the directory, `<home>/name`."""
+    them, write the manifest (plus `owner`, the time and any `labelled` fields) last and swap
+    the copy in (see the module docstring). Returns the directory, `<home>/name`."""
     directory = _real_home(root, owner)
     target = directory / check_name(name)
     replacing = _is_state(target, name, replacing=True)
@@ -233,7 +252,7 @@ def save_directory(
         for file in sorted(tmp.iterdir()):
             _fsync(file)
         with open(tmp / MANIFEST_FILE, "x") as f:
-            json.dump({**manifest, "owner": owner}, f, indent=2)
+            json.dump({**manifest, "created": time.time(), **(_LABEL.get() or {}), "owner": owner}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         _fsync(tmp)
@@ -309,7 +328,7 @@ def _opened(path: Path, name: str, format: str | tuple[str, ...]) -> dict:
     return manifest
 
 
-def remove_directory(root: Path, name: str, format: str, owner: str | None = None) -> None:
+def remove_directory(root: Path, name: str, format: str | tuple[str, ...], owner: str | None = None) -> None:
     """Delete `owner`'s saved directory `name` of `format` from its home (StateNotFound if it has
     none there; flat ones of earlier versions stay): renamed to a hidden copy first, so a crash
     leaves a complete copy that `recover` puts back, never half a directory under its name."""
@@ -322,6 +341,51 @@ def remove_directory(root: Path, name: str, format: str, owner: str | None = Non
     os.rename(path, old)
     _fsync(directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_in(root: Path, owner: str | None, format: str | tuple[str, ...]) -> list[tuple[str, Path, dict]]:
+    """(name, directory, manifest) of every readable saved directory of `format` in `owner`'s
+    home, by name (hidden copies, homes, links and unreadable ones left out)."""
+    directory = _real_home(root, owner)
+    try:
+        entries = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        if NAME_PATTERN.fullmatch(entry):
+            try:
+                if _is_state(directory / entry, entry, replacing=False):
+                    found.append((entry, directory / entry, _opened(directory / entry, entry, format)))
+            except StateNotFound:
+                continue
+    return found
+
+
+def saved_everywhere(root: Path, format: str | tuple[str, ...]) -> Iterator[tuple[str | None, str, dict]]:
+    """(owner, name, manifest) of every saved directory of `format` in `root` and in every
+    identity's home in it, each in the home of the owner its manifest names (flat ones of
+    earlier versions, owned by an identity, are left out)."""
+    try:
+        entries = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return
+    homes = [root] + [
+        root / e for e in entries if e.startswith(NAMESPACE_PREFIX) and stat.S_ISDIR(os.lstat(root / e).st_mode)
+    ]
+    for directory in homes:
+        for name, path, manifest in saved_in(directory, None, format):
+            owner = manifest["owner"]
+            if path.parent == home(root, owner):
+                yield owner, name, manifest
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes of the files in a saved directory (its entries, not followed)."""
+    try:
+        return sum(os.lstat(path / entry).st_size for entry in os.listdir(path))
+    except FileNotFoundError:
+        return 0
 
 
 def recover(root: Path) -> list[str]:

@@ -153,6 +153,13 @@ class EngineConfig:
     checkpoint_dir: Path = field(
         default=Path("checkpoints"), metadata=flag("directory where SaveState writes and LoadState reads named states")
     )
+    max_checkpoint_bytes: int = field(
+        default=0,
+        metadata=flag(
+            "most bytes of saved states and sampler weights each identity may keep (0: no limit); a save over it "
+            "answers RESOURCE_EXHAUSTED before writing anything"
+        ),
+    )
     micro_batch_tokens: int = field(
         default=8192, metadata=flag("token budget of one packed micro-batch: bounds activation memory")
     )
@@ -182,6 +189,8 @@ class EngineConfig:
     )
 
     def __post_init__(self):
+        if self.max_checkpoint_bytes < 0:
+            raise ValueError(f"max_checkpoint_bytes must be >= 0, got {self.max_checkpoint_bytes}")
         if self.micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
         if self.max_tokens_per_request < 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from cispo.worker.batch import Samples
+from cispo.worker.checkpoints import CheckpointInfo
 from cispo.worker.config import EngineConfig
 from cispo.worker.lora import LoraSpec
 from cispo.worker.losses import LossFunction
@@ -108,6 +109,8 @@ class RunRegistry(Protocol):
 
     def check_export(self, model_path: str, owner: str | None) -> None: ...
 
-    def remove_export(self, name: str, owner: str | None) -> None: ...
+    def delete_checkpoint(self, kind: str, name: str, owner: str | None) -> CheckpointInfo:
+        """Delete `owner`'s checkpoint (worker.checkpoints); a loaded export is forgotten too."""
+        ...
 
     def memory_use(self) -> dict[str, MemoryUse]: ...

@@ -37,8 +37,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-from cispo.worker import checkpoint, lora
+from cispo.worker import checkpoint, checkpoints, lora
 from cispo.worker.batch import Samples
+from cispo.worker.checkpoints import CheckpointInfo
 from cispo.worker.config import EngineConfig, RunsConfig
 from cispo.worker.engine import Engine, GroupMember, validate_forward, validate_sample
 from cispo.worker.engine import base_info as base_model_info
@@ -225,10 +226,13 @@ class SharedRuns(ABC):
         self._record(model_id).begin(f"state '{name}'")
         return model_id
 
-    def remove_export(self, name: str, owner: str | None) -> None:
-        """Delete the saved sampler weights `name` (if `owner` may read them), loaded or not."""
-        self.exports.forget(name)
-        checkpoint.remove_directory(self.config.export.sampler_dir, name, checkpoint.SAMPLER_FORMAT, owner)
+    def delete_checkpoint(self, kind: str, name: str, owner: str | None) -> CheckpointInfo:
+        """Delete `owner`'s checkpoint `name` of `kind` (worker.checkpoints), sampler weights
+        loaded or not; returns it as it was."""
+        deleted = checkpoints.delete_checkpoint(self.config, kind, name, owner)
+        if kind == checkpoints.SAMPLER_WEIGHTS:
+            self.exports.forget(name)
+        return deleted
 
     def validate(
         self, samples: Samples, loss_fn: str, loss_fn_config: Mapping[str, float] | None
