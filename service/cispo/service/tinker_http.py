@@ -8,6 +8,8 @@ pipeline lanes, idempotency (X-Idempotency-Key), metrics and log line. What the 
 Tinker's shape of it, one room each:
 
 - tinker_routes: one handler per route (`/api/v1/<route>`); tinker_body reads the bodies;
+- tinker_checkpoints: the RestClient's routes of runs and checkpoints; tinker_archive: signed
+  archive URLs (the one route without an API key) and the tar streams they answer;
 - tinker_sessions: sessions, and Tinker's model ids (`<session>:train:<n>`) mapped to cispo runs;
   checkpoint paths `tinker://<run>/weights/<name>` and `tinker://<run>/sampler_weights/<name>`,
   stored as the cispo state or export `<run>.<name>` (names are per run, as Tinker's are);
@@ -52,7 +54,7 @@ from cispo.service.tinker_dispatch import Dispatch
 from cispo.service.tinker_errors import HttpError, error_response
 from cispo.service.tinker_futures import FutureTable
 from cispo.service.tinker_order import give_up_turn, take_turn
-from cispo.service.tinker_routes import SUBMITS, Handler, TinkerRoutes
+from cispo.service.tinker_routes import SUBMITS, UNAUTHENTICATED, Handler, TinkerRoutes
 from cispo.service.tinker_sessions import Sessions
 from cispo.worker import InvalidInput, LimitExceeded
 
@@ -83,7 +85,7 @@ class TinkerFront:
         self._notices = RateLimitedLog(log, period_seconds=10.0, level=logging.WARNING)
         self.app = Starlette(
             routes=[
-                Route(f"/api/v1/{path}", self._endpoint(path, handler), methods=["GET", "POST"])
+                Route(f"/api/v1/{path}", self._endpoint(path, handler), methods=["GET", "POST", "DELETE"])
                 for path, handler in self.routes.table().items()
             ]
             + [
@@ -148,7 +150,7 @@ class TinkerFront:
             started = time.perf_counter()
             take_turn()
             try:
-                if route not in ("healthz", "unknown"):
+                if route not in UNAUTHENTICATED:
                     set_identity(self._identify(request))
                 if self.draining and route in SUBMITS:
                     raise HttpError(

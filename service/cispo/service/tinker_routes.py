@@ -1,6 +1,7 @@
 """The Tinker API's routes (`/api/v1/<route>`), one handler each: read the body, map Tinker's names
 to cispo's (cispo.service.tinker_sessions), and call or submit the operation (cispo.service.
-tinker_dispatch); the bodies' wire forms are cispo.service.tinker_wire's.
+tinker_dispatch); the bodies' wire forms are cispo.service.tinker_wire's. The RestClient's routes
+of runs and checkpoints are cispo.service.tinker_checkpoints'.
 
 Tinker's hosted-platform routes (HOSTED_ONLY) answer 400 "not supported".
 """
@@ -36,6 +37,7 @@ from cispo.service.operations import (
     Resp,
 )
 from cispo.service.tinker_body import read_body, read_json
+from cispo.service.tinker_checkpoints import ARCHIVE_ROUTE, TinkerCheckpoints
 from cispo.service.tinker_dispatch import Dispatch
 from cispo.service.tinker_errors import HttpError
 from cispo.service.tinker_futures import FutureTable
@@ -73,6 +75,8 @@ SUBMITS = (
     "asample",
 )
 """Routes that start new work: refused (503) while the server drains."""
+UNAUTHENTICATED = ("healthz", "unknown", ARCHIVE_ROUTE)
+"""Routes that take no API key (an archive URL is signed instead)."""
 
 
 class TinkerRoutes:
@@ -81,6 +85,7 @@ class TinkerRoutes:
     def __init__(self, operations: Operations, sessions: Sessions, futures: FutureTable, dispatch: Dispatch) -> None:
         self.operations, self.sessions, self.futures, self.dispatch = operations, sessions, futures, dispatch
         self.limits = operations.limits
+        self.checkpoints = TinkerCheckpoints(operations, sessions, dispatch)
 
     def table(self) -> dict[str, Handler]:
         """Route (under /api/v1/) -> its handler."""
@@ -104,6 +109,7 @@ class TinkerRoutes:
             "asample": self.asample,
             "retrieve_future": self.retrieve_future,
             "telemetry": self.telemetry,
+            **self.checkpoints.table(),
             **dict.fromkeys(HOSTED_ONLY, self.hosted_only),
         }
 
@@ -162,8 +168,9 @@ class TinkerRoutes:
         return JSONResponse({"status": "ok"})
 
     async def create_session(self, request: Request) -> Response:
-        await self._json(request)
-        session = Session(f"session-{uuid.uuid4().hex[:16]}", current_identity())
+        body = await self._json(request)
+        metadata = wire.string_map(body, "user_metadata", strict=False)
+        session = Session(f"session-{uuid.uuid4().hex[:16]}", current_identity(), user_metadata=metadata)
         self.sessions.sessions[session.session_id] = session
         return JSONResponse({"session_id": session.session_id, "type": "create_session"})
 
@@ -217,6 +224,7 @@ class TinkerRoutes:
         body = await self._json(request)
         session = self.sessions.session(wire.field(body, "session_id", (str,)))
         model_seq_id = wire.field(body, "model_seq_id", (int,))
+        metadata = wire.string_map(body, "user_metadata", strict=False)
         optimizer = body.get("optimizer_config") or {}
         if isinstance(optimizer, dict) and optimizer.get("type", "adamw") != "adamw":
             raise HttpError(400, f"optimizer {optimizer.get('type')!r} is not supported (AdamW only)")
@@ -233,6 +241,7 @@ class TinkerRoutes:
                 response.model_id,
                 response.info.lora_config.rank,
                 response.info.version.incarnation,
+                metadata,
             )
             return JSONResponse({"model_id": model.tinker_id, "type": "create_model"})
 
@@ -299,6 +308,7 @@ class TinkerRoutes:
             idempotency_key=request.headers.get("x-idempotency-key", ""),
             expected_version=model.expected(),
         )
+        wire.lifetime(body, message)
         return await self._submit_to(
             model,
             seq_id,
@@ -334,6 +344,7 @@ class TinkerRoutes:
         model_seq_id = wire.field(body, "model_seq_id", (int,))
         path = wire.field(body, "path", (str,))
         with_optimizer = wire.field(body, "optimizer", (bool,), required=False, default=False)
+        metadata = wire.string_map(body, "user_metadata", strict=False)
         create = pb.CreateModelRequest(
             base_model=wire.field(body, "base_model", (str,), required=False, default=""),
             from_state=pb.StateRef(path=parse_path(path, "weights"), with_optimizer=with_optimizer),
@@ -343,7 +354,9 @@ class TinkerRoutes:
         def created(response: pb.CreateModelResponse) -> Response:
             info = response.info
             rank = info.lora_config.rank if info.HasField("lora_config") else None
-            model = self.sessions.register(session, model_seq_id, response.model_id, rank, info.version.incarnation)
+            model = self.sessions.register(
+                session, model_seq_id, response.model_id, rank, info.version.incarnation, metadata
+            )
             return JSONResponse({"path": path, "model_id": model.tinker_id, "type": "load_weights"})
 
         return JSONResponse({"request_id": await self.dispatch.submit(CREATE_MODEL, create, created)})
@@ -367,6 +380,7 @@ class TinkerRoutes:
             idempotency_key=request.headers.get("x-idempotency-key", ""),
             expected_version=model.expected(),
         )
+        wire.lifetime(body, message)
 
         def saved(out: pb.SaveWeightsForSamplerResponse) -> Response:
             if ephemeral is None:

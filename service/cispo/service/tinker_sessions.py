@@ -3,7 +3,8 @@
 - a session holds its models; a model id `<session>:train:<n>` names one cispo run;
 - checkpoint paths `tinker://<run>/weights/<name>` and `tinker://<run>/sampler_weights/<name>`
   are stored as the cispo state or export `<run>.<name>` (names are per run, as Tinker's are);
-- a sampler (a sampling session, `<session>:sample:<n>`) samples one saved export.
+- a sampler (a sampling session, `<session>:sample:<n>`) samples one saved export;
+- a session's and a model's `user_metadata` are the training run's (cispo.service.tinker_checkpoints).
 
 Each belongs to the identity that made it; another identity's is answered as a missing one.
 """
@@ -36,6 +37,7 @@ class TinkerModel:
     order: SeqOrder
     ephemeral: list[str] = field(default_factory=list)  # its ephemeral exports, oldest first
     incarnation: str = ""  # of its run when it was made: every request on the model expects it
+    user_metadata: dict[str, str] = field(default_factory=dict)  # its session's, then its own
 
     def expected(self) -> pb.RunVersion:
         """The version every request on this model expects of its run (see Sessions.model_named)."""
@@ -56,6 +58,7 @@ class Session:
     owner: str | None
     models: list[str] = field(default_factory=list)  # tinker ids
     last_heartbeat: float = field(default_factory=time.monotonic)
+    user_metadata: dict[str, str] = field(default_factory=dict)
 
 
 class _Owned(Protocol):
@@ -74,24 +77,40 @@ def owned(table: dict[str, Item], key: str, what: str) -> Item:
     return item
 
 
-def run_name(run_id: str, name: str) -> str:
+def run_name(run_id: str, name: str, field: str = "path") -> str:
     """The cispo name of a Tinker checkpoint `name` of run `run_id`: `<run>.<name>`, both parts
     checked as names (never empty, '.', '..', a path or unprintable), and the whole too (its
-    length); InvalidInput naming `path` otherwise."""
-    checkpoint.check_name(run_id, "path")
-    checkpoint.check_name(name, "path")
-    return checkpoint.check_name(f"{run_id}.{name}", "path")
+    length); InvalidInput naming `field` otherwise."""
+    checkpoint.check_name(run_id, field)
+    checkpoint.check_name(name, field)
+    return checkpoint.check_name(f"{run_id}.{name}", field)
+
+
+KINDS = ("weights", "sampler_weights")
+"""The checkpoint kinds of tinker:// paths: states (save_state) and exports (save_weights_for_sampler)."""
+
+
+def split_path(path: str, kinds: tuple[str, ...] = KINDS, field: str = "path") -> tuple[str, str]:
+    """(kind, cispo name) of a checkpoint path `tinker://<run>/<kind>/<name>`, `kind` one of
+    `kinds`; InvalidInput naming `field` otherwise."""
+    parts = path.removeprefix("tinker://").split("/")
+    if not path.startswith("tinker://") or len(parts) != 3 or parts[1] not in kinds:
+        shape = "|".join(kinds)
+        raise InvalidInput([FieldViolation(field, f"{clip(path, 120)!r} is not a tinker://<run>/{shape}/<name> path")])
+    return parts[1], run_name(parts[0], parts[2], field)
 
 
 def parse_path(path: str, kind: str) -> str:
     """The cispo name of a checkpoint path: `tinker://<run>/<kind>/<name>` -> `<run>.<name>`;
     anything else (a cispo name or path) is passed on as it is."""
-    if not path.startswith("tinker://"):
-        return path
-    parts = path.removeprefix("tinker://").split("/")
-    if len(parts) != 3 or parts[1] != kind:
-        raise InvalidInput([FieldViolation("path", f"{clip(path, 120)!r} is not a tinker://<run>/{kind}/<name> path")])
-    return run_name(parts[0], parts[2])
+    return split_path(path, (kind,))[1] if path.startswith("tinker://") else path
+
+
+def tinker_path(kind: str, name: str) -> str | None:
+    """The tinker:// path of the cispo checkpoint `name` (`<run>.<name>`) of `kind`; None for a
+    name without a run part (saved over gRPC under a plain name)."""
+    run, dot, rest = name.partition(".")
+    return f"tinker://{run}/{kind}/{rest}" if dot and run and rest else None
 
 
 class Sessions:
@@ -126,7 +145,13 @@ class Sessions:
         return owned(self.models, tinker_id, "model")
 
     def register(
-        self, session: Session, model_seq_id: int, run_id: str, lora_rank: int | None, incarnation: str
+        self,
+        session: Session,
+        model_seq_id: int,
+        run_id: str,
+        lora_rank: int | None,
+        incarnation: str,
+        user_metadata: dict[str, str] | None = None,
     ) -> TinkerModel:
         """The model `<session>:train:<model_seq_id>` of the run `run_id` just made."""
         model = TinkerModel(
@@ -136,10 +161,17 @@ class Sessions:
             lora_rank,
             SeqOrder(self.seq_gap_seconds),
             incarnation=incarnation,
+            user_metadata={**session.user_metadata, **(user_metadata or {})},
         )
         self.models[model.tinker_id] = model
         session.models.append(model.tinker_id)
         return model
+
+    def run_metadata(self, run_id: str) -> dict[str, str] | None:
+        """The user metadata of the caller's model on run `run_id` (None if it has none here)."""
+        owner = current_identity()
+        found = [m for m in self.models.values() if m.run_id == run_id and m.owner == owner]
+        return (found[-1].user_metadata or None) if found else None
 
     def new_sampler(self, sampler_id: str, export: str, tinker_path: str) -> Sampler:
         sampler = Sampler(sampler_id, current_identity(), export, tinker_path)

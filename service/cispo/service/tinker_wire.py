@@ -6,6 +6,7 @@ sampling as protobuf too. The protobuf module is the pinned SDK's own (`tinker.p
 malformed input is an InvalidInput naming its field; nothing here touches a run.
 """
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -188,6 +189,25 @@ def field(
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
         raise invalid(f"{where}{name}", f"{clip(str(value), 40)} is out of range (a 64-bit integer)")
     return value
+
+
+def string_map(body: Mapping[str, Any], name: str, strict: bool = True) -> dict[str, str]:
+    """body[name], a JSON object of strings (user metadata), or {} when absent; a value that is
+    not a string is refused (`strict`) or written as JSON."""
+    value = field(body, name, (dict,), required=False, default={})
+    out = {}
+    for key, item in value.items():
+        if not isinstance(item, str) and strict:
+            raise invalid(f"{name}.{clip(key, 40)}", f"must be a string, got {type(item).__name__}")
+        out[key] = item if isinstance(item, str) else json.dumps(item)
+    return out
+
+
+def lifetime(body: Mapping[str, Any], message: pb.SaveStateRequest | pb.SaveWeightsForSamplerRequest) -> None:
+    """A save's `ttl_seconds` and `user_metadata` onto its cispo request (which checks them)."""
+    if (ttl := field(body, "ttl_seconds", (int,), required=False)) is not None:
+        message.ttl_seconds = ttl
+    message.user_metadata.update(string_map(body, "user_metadata"))
 
 
 def _assign(message, name: str, value: Any, where: str) -> None:
