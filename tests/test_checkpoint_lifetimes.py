@@ -132,6 +132,13 @@ def test_delete_removes_the_checkpoint_and_a_load_then_answers_missing(stub, run
     export = stub.SaveWeightsForSampler(
         pb.SaveWeightsForSamplerRequest(name="doomed-export", model_id=run), metadata=auth(ALICE)
     )
+    sample = pb.SampleRequest(
+        prompt=pb.Tensor(int64_data=[1, 2, 3]),
+        sampling_params=pb.SamplingParams(max_tokens=1, seed=1),
+        model_path=export.path,
+        model_id=run,
+    )
+    stub.Sample(sample, metadata=auth(ALICE))  # the export is loaded (and cached)
     deleted = stub.DeleteCheckpoint(
         pb.DeleteCheckpointRequest(name="doomed", kind=STATE, model_id=run, idempotency_key="d1"), metadata=auth(ALICE)
     )
@@ -153,6 +160,7 @@ def test_delete_removes_the_checkpoint_and_a_load_then_answers_missing(stub, run
         lambda: stub.GetCheckpoint(pb.GetCheckpointRequest(name=export.path), metadata=auth(ALICE)),
         grpc.StatusCode.FAILED_PRECONDITION,
     )
+    refused(lambda: stub.Sample(sample, metadata=auth(ALICE)), grpc.StatusCode.FAILED_PRECONDITION)  # not cached
 
 
 def test_expired_checkpoints_are_swept(server, stub, runs):
