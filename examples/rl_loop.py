@@ -10,8 +10,11 @@ tokens whose id is even, which a program checks (a verifiable reward). Each step
 
     make serve                                  # in one shell: the embedded model on :50051
     .venv/bin/python examples/rl_loop.py        # in another: seconds on a laptop CPU
+    .venv/bin/python examples/rl_loop.py --lora-rank 8   # the same with a LoRA run of its own
 
-It prints one line per step and writes rewards.csv and rewards.png to --out-dir.
+It trains the server's default run (a full fine-tune), or with --lora-rank a LoRA run that it
+creates and unloads at the end. It prints one line per step and writes rewards.csv and
+rewards.png to --out-dir.
 """
 
 import argparse
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cispo.client import AdamParams, Datum, ModelInput, SamplingParams, TrainingClient
+from cispo.client import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient
 
 
 def reward(tokens: list[int]) -> float:
@@ -74,49 +77,59 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per completion")
-    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--lora-rank", type=int, default=0, help="train a new LoRA run of this rank (0: full)")
+    parser.add_argument("--learning-rate", type=float, default=1e-2, help="LoRA learns at it too; faster at 1e-1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("rl_loop_out"))
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
 
-    training_client = TrainingClient(args.target)
-    vocab_size = training_client.get_info().vocab_size
-    prompts = [rng.integers(0, vocab_size, 4).tolist() for _ in range(32)]
-    sampling_client = training_client.save_weights_and_get_sampling_client("rl-loop")
-    rows = []
-    for step in range(args.steps):
-        started = time.perf_counter()
-        # 1-2. Sample a group per prompt; rewards, and advantages centred within each group.
-        batch_P = [prompts[i] for i in rng.choice(len(prompts), args.prompts_per_step, replace=False)]
-        data, rewards = sample_groups(sampling_client, batch_P, args.group_size, args.max_tokens, rng, reward)
-        # 3. The policy gradient step.
-        metrics = {}
-        if data:
-            fwd_bwd_future = training_client.forward_backward(data, loss_fn="cispo")
-            optim_future = training_client.optim_step(AdamParams(learning_rate=args.learning_rate))
-            metrics = fwd_bwd_future.result().metrics
-            optim_future.result()
-        # 4. The new weights, for the next step's samples.
+    service = ServiceClient(args.target)
+    if args.lora_rank:  # a LoRA run of its own, on the frozen served model
+        training_client = service.create_lora_training_client(rank=args.lora_rank, seed=args.seed)
+    else:  # the server's default run, a full fine-tune of the served model
+        training_client = service.training_client("")
+    print(f"run {training_client.model_id or 'default'}", flush=True)
+    try:
+        vocab_size = training_client.get_info().vocab_size
+        prompts = [rng.integers(0, vocab_size, 4).tolist() for _ in range(32)]
         sampling_client = training_client.save_weights_and_get_sampling_client("rl-loop")
-        active = max(metrics.get("active_tokens:sum", 0), 1)
-        row = {
-            "step": step,
-            "reward": float(np.mean(rewards)),
-            "trained_sequences": len(data),
-            "clip_rate": (metrics.get("clipped_high:sum", 0) + metrics.get("clipped_low:sum", 0)) / active,
-            "kl_k3": metrics.get("kl_k3:mean", 0.0),
-            "ratio_max": metrics.get("ratio:max", 1.0),
-            "seconds": time.perf_counter() - started,
-        }
-        rows.append(row)
-        print(
-            f"step {step:3d}  reward {row['reward']:.3f}  clip_rate {row['clip_rate']:.4f}  "
-            f"kl {row['kl_k3']:.2e}  {row['seconds']:.2f}s",
-            flush=True,
-        )
-    training_client.close()
+        rows = []
+        for step in range(args.steps):
+            started = time.perf_counter()
+            # 1-2. Sample a group per prompt; rewards, and advantages centred within each group.
+            batch_P = [prompts[i] for i in rng.choice(len(prompts), args.prompts_per_step, replace=False)]
+            data, rewards = sample_groups(sampling_client, batch_P, args.group_size, args.max_tokens, rng, reward)
+            # 3. The policy gradient step.
+            metrics = {}
+            if data:
+                fwd_bwd_future = training_client.forward_backward(data, loss_fn="cispo")
+                optim_future = training_client.optim_step(AdamParams(learning_rate=args.learning_rate))
+                metrics = fwd_bwd_future.result().metrics
+                optim_future.result()
+            # 4. The new weights, for the next step's samples.
+            sampling_client = training_client.save_weights_and_get_sampling_client("rl-loop")
+            active = max(metrics.get("active_tokens:sum", 0), 1)
+            row = {
+                "step": step,
+                "reward": float(np.mean(rewards)),
+                "trained_sequences": len(data),
+                "clip_rate": (metrics.get("clipped_high:sum", 0) + metrics.get("clipped_low:sum", 0)) / active,
+                "kl_k3": metrics.get("kl_k3:mean", 0.0),
+                "ratio_max": metrics.get("ratio:max", 1.0),
+                "seconds": time.perf_counter() - started,
+            }
+            rows.append(row)
+            print(
+                f"step {step:3d}  reward {row['reward']:.3f}  clip_rate {row['clip_rate']:.4f}  "
+                f"kl {row['kl_k3']:.2e}  {row['seconds']:.2f}s",
+                flush=True,
+            )
+    finally:
+        if args.lora_rank:  # the server keeps no run this script made
+            service.unload_model(training_client.model_id)
+        service.close()
 
     with open(args.out_dir / "rewards.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
