@@ -12,6 +12,7 @@ import pytest
 import requests
 from server_process import ServerProcess
 
+from cispo.client import ServiceClient
 from cispo.v1 import training_pb2 as pb
 from cispo.v1 import training_pb2_grpc
 
@@ -227,3 +228,21 @@ def test_a_save_over_max_checkpoint_bytes_is_refused_before_writing(tmp_path, ru
             assert set(listed(stub, None)) == {("first", STATE)}
     finally:
         assert proc.terminate() == 0, proc.log()
+
+
+def test_the_python_client_saves_lists_gets_and_deletes_checkpoints(server, runs):
+    with ServiceClient(server.address, token=ALICE) as service:
+        training = service.training_client(runs[ALICE].model_id)
+        path = training.save_state("client-state", ttl_seconds=3600, user_metadata={"by": "client"}).result().path
+        training.save_weights_for_sampler("client-export", user_metadata={"by": "client"}).result()
+        (state,) = service.list_checkpoints(kind="state", name_prefix="client-")
+        assert (state.path, state.user_metadata, state.lora_rank) == (path, {"by": "client"}, 4)
+        assert state.expires is not None and state.run_id == runs[ALICE].model_id
+        assert service.get_checkpoint(path) == state
+        exported = service.get_checkpoint("client-export", kind="sampler_weights")
+        assert exported.expires is None and exported.user_metadata == {"by": "client"}
+        assert service.delete_checkpoint(path) == state
+        assert service.delete_checkpoint("client-export", kind="sampler_weights").name == "client-export"
+        assert not service.list_checkpoints(name_prefix="client-")
+        with pytest.raises(ValueError, match="kind"):
+            service.list_checkpoints(kind="weights")

@@ -38,6 +38,7 @@ from .sampling_client import SamplingClient
 from .service_client import ServiceClient
 from .types import (
     AdamParams,
+    CheckpointInfo,
     Datum,
     EncodedTextChunk,
     ForwardBackwardOutput,
@@ -68,6 +69,7 @@ __all__ = [
     "APIFuture",
     "AbortedError",
     "AdamParams",
+    "CheckpointInfo",
     "CispoError",
     "CustomLossFn",
     "Datum",

@@ -192,17 +192,20 @@ class TrainingClient(Connection):
         )
         return self._submit(request, "optim_step", wire.optim_step_response_from_pb)
 
-    def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveStateResponse]:
+    def save_state(
+        self, name: str, ttl_seconds: int | None = None, user_metadata: dict[str, str] | None = None
+    ) -> APIFuture[SaveStateResponse]:
         """Save weights (a LoRA run: its adapter), optimizer state and step count under `name`
         (letters, digits, '.', '_', '-'; replaces an existing state atomically) in the server's
         --checkpoint-dir. The answer's `path` is what load_state and
         ServiceClient.create_training_client_from_state take. ttl_seconds: the server deletes
-        the state this long after the save (None: kept until deleted)."""
+        the state this long after the save (None: kept until deleted). user_metadata: stored
+        with it, for ServiceClient.list_checkpoints."""
         if ttl_seconds is not None and (
             isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
         ):
             raise ValueError(f"ttl_seconds: expected a positive int or None, got {ttl_seconds!r}")
-        request = pb.StreamRequest(save_state=pb.SaveStateRequest(name=name))
+        request = pb.StreamRequest(save_state=pb.SaveStateRequest(name=name, user_metadata=user_metadata))
         if ttl_seconds is not None:
             request.save_state.ttl_seconds = ttl_seconds
         return self._submit(request, "save_state", wire.save_state_response_from_pb)
@@ -221,14 +224,22 @@ class TrainingClient(Connection):
         return self._submit(request, "load_state", wire.load_state_response_from_pb)
 
     def save_weights_for_sampler(
-        self, name: str, ttl_seconds: int | None = None, merged: bool = False
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        merged: bool = False,
+        user_metadata: dict[str, str] | None = None,
     ) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Write the current weights, and nothing else, as a directory that vLLM (`--model
         path`) and transformers load as they are, in the server's --sampler-dir (replaces an
         export of that name atomically); a LoRA run writes its PEFT adapter directory, or with
         `merged` full weights with the adapter merged in. The answer's `path` is what
-        create_sampling_client takes. ttl_seconds: as for save_state."""
-        request = pb.StreamRequest(save_weights_for_sampler=pb.SaveWeightsForSamplerRequest(name=name, merged=merged))
+        create_sampling_client takes. ttl_seconds, user_metadata: as for save_state."""
+        request = pb.StreamRequest(
+            save_weights_for_sampler=pb.SaveWeightsForSamplerRequest(
+                name=name, merged=merged, user_metadata=user_metadata
+            )
+        )
         if ttl_seconds is not None:
             request.save_weights_for_sampler.ttl_seconds = ttl_seconds
         return self._submit(request, "save_weights_for_sampler", wire.save_weights_for_sampler_response_from_pb)

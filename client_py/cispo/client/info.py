@@ -115,3 +115,25 @@ class ModelInfo:
     created: float
     """Unix time."""
     last_used: float
+
+
+@dataclass
+class CheckpointInfo:
+    """One saved state or sampler weights, as `ServiceClient.list_checkpoints` lists it."""
+
+    name: str
+    kind: str
+    """"state" (save_state) or "sampler_weights" (save_weights_for_sampler)."""
+    path: str
+    """What its save answered."""
+    step: int
+    created: float
+    """Unix time."""
+    expires: float | None
+    """Unix time when the server deletes it; None: kept until deleted."""
+    size_bytes: int
+    user_metadata: dict[str, str]
+    lora_rank: int | None
+    """A LoRA run's state or adapter: its rank; else None."""
+    run_id: str
+    """The run that saved it ("" when not recorded)."""

@@ -5,6 +5,7 @@
     ...
     resumed = service.create_training_client_from_state_with_optimizer(path)
     service.list_models(); service.unload_model(training.model_id)
+    service.list_checkpoints(); service.get_checkpoint(path); service.delete_checkpoint(path)
 
 Tinker returns futures of the clients it creates; here creation blocks and the client is its
 own resolved future, so `create_lora_training_client(...).result()` and `await ...` work too.
@@ -21,7 +22,7 @@ from cispo.v1 import training_pb2 as pb
 from . import wire
 from .client import TrainingClient
 from .sampling_client import SamplingClient
-from .types import ModelInfo
+from .types import CheckpointInfo, ModelInfo
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -108,6 +109,31 @@ class ServiceClient:
     def unload_model(self, model_id: str) -> None:
         """Drop run `model_id` with its gradient and optimizer state."""
         self._client._unary("UnloadModel", pb.UnloadModelRequest(model_id=model_id), "unload_model", lambda r: r)
+
+    def list_checkpoints(
+        self, kind: str | None = None, run_id: str = "", name_prefix: str = ""
+    ) -> list[CheckpointInfo]:
+        """The caller's saved states and sampler weights, oldest first; `kind` ("state",
+        "sampler_weights"; None: both), `run_id` (the run that saved them) and `name_prefix`
+        narrow the list."""
+        request = pb.ListCheckpointsRequest(
+            kind=wire.checkpoint_kind_to_pb(kind), run_id=run_id, name_prefix=name_prefix
+        )
+        response = self._client._unary("ListCheckpoints", request, "list_checkpoints", lambda r: r)
+        return [wire.checkpoint_from_pb(c) for c in response.checkpoints]
+
+    def get_checkpoint(self, path: str, kind: str | None = None) -> CheckpointInfo:
+        """One checkpoint: the path its save answered, or its name with its `kind`."""
+        request = pb.GetCheckpointRequest(name=path, kind=wire.checkpoint_kind_to_pb(kind))
+        response = self._client._unary("GetCheckpoint", request, "get_checkpoint", lambda r: r)
+        return wire.checkpoint_from_pb(response.checkpoint)
+
+    def delete_checkpoint(self, path: str, kind: str | None = None, model_id: str = "") -> CheckpointInfo:
+        """Delete one checkpoint (the path its save answered, or its name with its `kind`),
+        after the operations queued before it on run `model_id`; returns it as it was."""
+        request = pb.DeleteCheckpointRequest(name=path, kind=wire.checkpoint_kind_to_pb(kind), model_id=model_id)
+        response = self._client._unary("DeleteCheckpoint", request, "delete_checkpoint", lambda r: r)
+        return wire.checkpoint_from_pb(response.checkpoint)
 
     def _create(self, request: pb.CreateModelRequest) -> TrainingClient:
         response = self._client._unary("CreateModel", request, "create_model", lambda r: r)

@@ -9,7 +9,7 @@ The types live in rooms of their own, all re-exported here:
     data         ModelInput, EncodedTextChunk, Datum: what a training step reads
     params       AdamParams, SamplingParams, LossFnType: how an operation runs
     results      ForwardBackwardOutput, OptimStepResponse, SampleResponse, ...: the answers
-    info         GetInfoResponse, Limits, LossFunctionInfo, MemoryUse, ModelInfo
+    info         GetInfoResponse, Limits, LossFunctionInfo, MemoryUse, ModelInfo, CheckpointInfo
     conversion   convert: the tinker SDK's objects as these
 """
 
@@ -19,7 +19,7 @@ from cispo.v1.tensors import LOSS_INPUT_KINDS
 
 from .conversion import convert
 from .data import Datum, EncodedTextChunk, LossFnInputs, ModelInput
-from .info import GetInfoResponse, Limits, LossFunctionInfo, MemoryUse, ModelInfo
+from .info import CheckpointInfo, GetInfoResponse, Limits, LossFunctionInfo, MemoryUse, ModelInfo
 from .params import AdamParams, LossFnType, SamplingParams
 from .results import (
     ForwardBackwardOutput,
@@ -40,6 +40,7 @@ from .tensor_data import TensorData, TensorDtype, to_array
 __all__ = [
     "LOSS_INPUT_KINDS",
     "AdamParams",
+    "CheckpointInfo",
     "Datum",
     "EncodedTextChunk",
     "ForwardBackwardOutput",

@@ -21,6 +21,7 @@ from cispo.v1.tensors import ADAM_DEFAULTS, TensorError, decode_tensor, encode_t
 
 from .types import (
     AdamParams,
+    CheckpointInfo,
     Datum,
     ForwardBackwardOutput,
     GetInfoResponse,
@@ -318,4 +319,31 @@ def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
         trainable_bytes=message.trainable_bytes,
         created=message.created,
         last_used=message.last_used,
+    )
+
+
+CHECKPOINT_KINDS = {"state": pb.CHECKPOINT_KIND_STATE, "sampler_weights": pb.CHECKPOINT_KIND_SAMPLER_WEIGHTS}
+
+
+def checkpoint_kind_to_pb(kind: str | None) -> pb.CheckpointKind:
+    """ "state", "sampler_weights" or None (either) as cispo.v1's CheckpointKind."""
+    if kind is None:
+        return pb.CHECKPOINT_KIND_UNSPECIFIED
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(CHECKPOINT_KINDS)} or None, got {kind!r}")
+    return CHECKPOINT_KINDS[kind]
+
+
+def checkpoint_from_pb(message: pb.Checkpoint) -> CheckpointInfo:
+    return CheckpointInfo(
+        name=message.name,
+        kind="state" if message.kind == pb.CHECKPOINT_KIND_STATE else "sampler_weights",
+        path=message.path,
+        step=message.step,
+        created=message.created_time,
+        expires=message.expires_time if message.HasField("expires_time") else None,
+        size_bytes=message.size_bytes,
+        user_metadata=dict(message.user_metadata),
+        lora_rank=message.lora_config.rank if message.HasField("lora_config") else None,
+        run_id=message.run_id,
     )
