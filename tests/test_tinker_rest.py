@@ -145,3 +145,4 @@ def test_bad_checkpoint_routes_answer_json_errors(server, base):
     assert requests.get(f"{api}/training_runs", headers={"X-API-Key": "tml-nobody-at-all-1234"}).status_code == 401
     publish = requests.post(f"{api}/training_runs/run-000000000000/checkpoints/weights/x/publish", headers=key)
     assert publish.status_code == 404  # not offered: unknown, as before
+    assert requests.delete(f"{api}/training_runs", headers=key).status_code == 404  # DELETE: that one route only

@@ -38,6 +38,8 @@ from cispo.service.tinker_errors import HttpError
 from cispo.service.tinker_sessions import KINDS, Sessions, run_name, split_path, tinker_path
 from cispo.v1 import training_pb2 as pb
 
+DELETE_ROUTE = "training_runs/{run_id}/checkpoints/{kind}/{name}"
+"""The one route that takes DELETE (the others take GET and POST)."""
 ARCHIVE_ROUTE = "checkpoint_archives/{token}"
 """The route of archive downloads: the token in the URL is the credential, not an API key."""
 PB_KINDS = {"weights": pb.CHECKPOINT_KIND_STATE, "sampler_weights": pb.CHECKPOINT_KIND_SAMPLER_WEIGHTS}
@@ -98,7 +100,7 @@ class TinkerCheckpoints:
             "training_runs": self.list_training_runs,
             "training_runs/{run_id}": self.get_training_run,
             "training_runs/{run_id}/checkpoints": self.list_checkpoints,
-            "training_runs/{run_id}/checkpoints/{kind}/{name}": self.delete_checkpoint,
+            DELETE_ROUTE: self.delete_checkpoint,
             "training_runs/{run_id}/checkpoints/{kind}/{name}/archive": self.archive_url,
             "checkpoints": self.list_user_checkpoints,
             "weights_info": self.weights_info,

@@ -54,7 +54,7 @@ from cispo.service.tinker_dispatch import Dispatch
 from cispo.service.tinker_errors import HttpError, error_response
 from cispo.service.tinker_futures import FutureTable
 from cispo.service.tinker_order import give_up_turn, take_turn
-from cispo.service.tinker_routes import SUBMITS, UNAUTHENTICATED, Handler, TinkerRoutes
+from cispo.service.tinker_routes import DELETES, SUBMITS, UNAUTHENTICATED, Handler, TinkerRoutes
 from cispo.service.tinker_sessions import Sessions
 from cispo.worker import InvalidInput, LimitExceeded
 
@@ -85,7 +85,11 @@ class TinkerFront:
         self._notices = RateLimitedLog(log, period_seconds=10.0, level=logging.WARNING)
         self.app = Starlette(
             routes=[
-                Route(f"/api/v1/{path}", self._endpoint(path, handler), methods=["GET", "POST", "DELETE"])
+                Route(
+                    f"/api/v1/{path}",
+                    self._endpoint(path, handler),
+                    methods=["GET", "POST", "DELETE"] if path in DELETES else ["GET", "POST"],
+                )
                 for path, handler in self.routes.table().items()
             ]
             + [

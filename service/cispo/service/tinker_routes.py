@@ -37,7 +37,7 @@ from cispo.service.operations import (
     Resp,
 )
 from cispo.service.tinker_body import read_body, read_json
-from cispo.service.tinker_checkpoints import ARCHIVE_ROUTE, TinkerCheckpoints
+from cispo.service.tinker_checkpoints import ARCHIVE_ROUTE, DELETE_ROUTE, TinkerCheckpoints
 from cispo.service.tinker_dispatch import Dispatch
 from cispo.service.tinker_errors import HttpError
 from cispo.service.tinker_futures import FutureTable
@@ -77,6 +77,8 @@ SUBMITS = (
 """Routes that start new work: refused (503) while the server drains."""
 UNAUTHENTICATED = ("healthz", "unknown", ARCHIVE_ROUTE)
 """Routes that take no API key (an archive URL is signed instead)."""
+DELETES = (DELETE_ROUTE,)
+"""Routes that take DELETE besides GET and POST."""
 
 
 class TinkerRoutes:
