@@ -26,7 +26,8 @@ from cispo.service.idempotency import IdempotencyCache, check_key, fingerprint
 from cispo.service.limits import RequestLimits
 from cispo.service.log_limits import RateLimitedLog
 from cispo.service.metrics import ServiceMetrics
-from cispo.service.operations import Backend, Call, Operation, Prepared, Req, Resp, model_id_of
+from cispo.service.operation import Backend, Call, Operation, Prepared, Req, Resp
+from cispo.service.operations import model_id_of
 from cispo.service.pipeline import OperationPipeline
 from cispo.service.versions import CONNECTION, RunVersions, take_expected
 from cispo.worker.protocols import RunRegistry

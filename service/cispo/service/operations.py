@@ -1,6 +1,6 @@
 """The operations every door serves: one typed handler per operation, in one table.
 
-An `Operation` names what a request does (`name`: the metrics label, the log's `op=` and the
+An `Operation` (cispo.service.operation) names what a request does (`name`: the metrics label, the log's `op=` and the
 field of cispo.v1.StreamRequest's oneof; `method`: its gRPC method), the typed cispo.v1
 request and response messages (the schema every door shares), its handler, its lane rule and
 whether idempotency keys apply. `OPERATIONS` maps each name to its operation; an operation
@@ -26,92 +26,21 @@ Errors are mapped to google.rpc.Status in one place, `cispo.service.errors.to_st
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from google.protobuf.message import Message
 
-from cispo.service import convert
-from cispo.service.checkpoint_wire import decode_kind, encode_checkpoint
+from cispo.service import checkpoint_operations, convert
 from cispo.service.errors import clip
-from cispo.service.limits import RequestLimits
-from cispo.service.metrics import ServiceMetrics
+from cispo.service.operation import Backend, Call, Handler, Operation, Prepared
 from cispo.service.pipeline import Batchable
-from cispo.service.versions import RunVersions, stamped
+from cispo.service.versions import stamped
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import FieldViolation, InvalidInput, checkpoints
 from cispo.worker.checkpoint import NAME_PATTERN, STATE_FORMATS, check_home, labelled, name_in, state_dir
-from cispo.worker.checkpoints import CheckpointInfo, SaveLabel
+from cispo.worker.checkpoints import SaveLabel
 from cispo.worker.protocols import RunRegistry, TrainingEngine
-from cispo.worker.runs import DEFAULT_RUN, ExpectedVersion, RunVersion
-
-Req = TypeVar("Req", bound=Message)
-Resp = TypeVar("Resp", bound=Message)
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Prepared(Generic[Resp]):
-    """A validated operation, ready to queue."""
-
-    call: Callable[[], Any] | Batchable  # the engine call (or a share of one); runs on the engine thread
-    encode: Callable[[Any], tuple[Resp, dict[str, object]]]  # its result -> (response, log fields)
-
-
-@dataclass(frozen=True)
-class Backend:
-    """The server's parts a handler uses (one per server)."""
-
-    runs: RunRegistry
-    metrics: ServiceMetrics
-    limits: RequestLimits
-    versions: RunVersions
-    base_model: str  # the served model's name (GetInfo.base_model)
-    base_names: frozenset[str]  # the names CreateModel.base_model may give it
-    world_size: int
-
-
-@dataclass(frozen=True)
-class Call:
-    """One request as its handler sees it: the server, and who asks what of which run."""
-
-    server: Backend
-    op: str
-    owner: str | None  # the calling identity (None without authentication)
-    model_id: str  # the run named ("": the default run)
-    expected: ExpectedVersion  # the version the request expects of its run
-    connection: str  # the gRPC peer ("" for other doors)
-
-    @property
-    def lane(self) -> str:
-        """The pipeline lane of the run named."""
-        return self.model_id or DEFAULT_RUN
-
-    def on_run(self, fn: Callable[[TrainingEngine], T]) -> tuple[T, RunVersion]:
-        """(fn(engine), the run's version after it), if the run is the version expected."""
-        return self.server.versions.apply(self.op, self.model_id, self.owner, self.expected, self.connection, fn)
-
-
-Handler = Callable[[Call, Req], Prepared[Resp]]
-
-
-@dataclass(frozen=True)
-class Operation(Generic[Req, Resp]):
-    """One operation of the service, as every door serves it."""
-
-    name: str  # "forward_backward": metrics label, log field, StreamRequest oneof field
-    method: str  # "ForwardBackward": the gRPC method
-    request: type[Req]
-    response: type[Resp]
-    handler: Handler[Req, Resp]
-    per_run: bool  # queued in its run's lane (else in the lane of the set of runs)
-    keyed: bool  # an idempotency key makes a retry apply once
-
-    def __post_init__(self) -> None:
-        fields = self.request.DESCRIPTOR.fields_by_name
-        if self.keyed != ("idempotency_key" in fields) or self.per_run != ("model_id" in fields):
-            raise ValueError(f"{self.name}: keyed and per_run must match {self.request.DESCRIPTOR.full_name}'s fields")
-
+from cispo.worker.runs import DEFAULT_RUN, RunVersion
 
 # -- the handlers ---------------------------------------------------------------------------------
 
@@ -307,56 +236,6 @@ def _unload_model(call: Call, request: pb.UnloadModelRequest) -> Prepared[pb.Unl
     return Prepared(unload, lambda _: (pb.UnloadModelResponse(model_id=model_id), {"model_id": model_id}))
 
 
-def _remove_export(call: Call, request: pb.RemoveExportRequest) -> Prepared[pb.RemoveExportResponse]:
-    """DeleteCheckpoint of sampler weights, by name."""
-    name = request.name
-    state_dir(call.server.runs.config.export.sampler_dir, name)  # a name only: reject a path or bad name
-    delete = _deletion(call, name, checkpoints.SAMPLER_WEIGHTS)
-    return Prepared(delete, lambda _: (pb.RemoveExportResponse(name=name), {"name": name}))
-
-
-def _delete_checkpoint(call: Call, request: pb.DeleteCheckpointRequest) -> Prepared[pb.DeleteCheckpointResponse]:
-    delete = _deletion(call, request.name, decode_kind(request.kind))
-
-    def encode(deleted: CheckpointInfo) -> tuple[pb.DeleteCheckpointResponse, dict[str, object]]:
-        response = pb.DeleteCheckpointResponse(checkpoint=encode_checkpoint(deleted))
-        return response, {"name": deleted.name, "kind": deleted.kind}
-
-    return Prepared(delete, encode)
-
-
-def _list_checkpoints(call: Call, request: pb.ListCheckpointsRequest) -> Prepared[pb.ListCheckpointsResponse]:
-    config, kind, run_id, prefix = (
-        call.server.runs.config,
-        decode_kind(request.kind),
-        request.run_id,
-        request.name_prefix,
-    )
-
-    def listed() -> list[CheckpointInfo]:
-        return [
-            c
-            for c in checkpoints.list_checkpoints(config, call.owner, kind)
-            if c.name.startswith(prefix) and (not run_id or c.run_id == run_id)
-        ]
-
-    def encode(found: list[CheckpointInfo]) -> tuple[pb.ListCheckpointsResponse, dict[str, object]]:
-        response = pb.ListCheckpointsResponse(checkpoints=[encode_checkpoint(c) for c in found])
-        return response, {"checkpoints": len(found)}
-
-    return Prepared(listed, encode)
-
-
-def _get_checkpoint(call: Call, request: pb.GetCheckpointRequest) -> Prepared[pb.GetCheckpointResponse]:
-    config = call.server.runs.config
-    kind, name = checkpoints.resolve(config, request.name, decode_kind(request.kind), call.owner)
-
-    def encode(found: CheckpointInfo) -> tuple[pb.GetCheckpointResponse, dict[str, object]]:
-        return pb.GetCheckpointResponse(checkpoint=encode_checkpoint(found)), {"name": name, "kind": kind}
-
-    return Prepared(lambda: checkpoints.get_checkpoint(config, kind, name, call.owner), encode)
-
-
 # -- what handlers share --------------------------------------------------------------------------
 
 
@@ -408,13 +287,6 @@ def _label(call: Call, request: pb.SaveStateRequest | pb.SaveWeightsForSamplerRe
     """What a save records beside its files (checked now: InvalidInput naming the field)."""
     ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
     return SaveLabel(dict(request.user_metadata), ttl, call.lane)
-
-
-def _deletion(call: Call, name_or_path: str, kind: str | None) -> Callable[[], CheckpointInfo]:
-    """The engine call that deletes the caller's checkpoint a request names (checked now)."""
-    runs = call.server.runs
-    found_kind, name = checkpoints.resolve(runs.config, name_or_path, kind, call.owner)
-    return lambda: runs.delete_checkpoint(found_kind, name, call.owner)
 
 
 def model_id_of(request: Message) -> str:
@@ -506,7 +378,7 @@ REMOVE_EXPORT = Operation(
     "RemoveExport",
     pb.RemoveExportRequest,
     pb.RemoveExportResponse,
-    _remove_export,
+    checkpoint_operations.remove_export,
     per_run=True,
     keyed=True,
 )
@@ -515,7 +387,7 @@ LIST_CHECKPOINTS = Operation(
     "ListCheckpoints",
     pb.ListCheckpointsRequest,
     pb.ListCheckpointsResponse,
-    _list_checkpoints,
+    checkpoint_operations.list_checkpoints,
     per_run=False,
     keyed=False,
 )
@@ -525,7 +397,7 @@ GET_CHECKPOINT = Operation(
     "GetCheckpoint",
     pb.GetCheckpointRequest,
     pb.GetCheckpointResponse,
-    _get_checkpoint,
+    checkpoint_operations.get_checkpoint,
     per_run=False,
     keyed=False,
 )
@@ -535,7 +407,7 @@ DELETE_CHECKPOINT = Operation(
     "DeleteCheckpoint",
     pb.DeleteCheckpointRequest,
     pb.DeleteCheckpointResponse,
-    _delete_checkpoint,
+    checkpoint_operations.delete_checkpoint,
     per_run=True,
     keyed=True,
 )

@@ -27,7 +27,8 @@ from grpc_status import rpc_status
 from cispo.service import convert
 from cispo.service.data_plane import Decoded, Operations
 from cispo.service.errors import clip
-from cispo.service.operations import OPERATIONS, Operation
+from cispo.service.operation import Operation
+from cispo.service.operations import OPERATIONS
 from cispo.service.versions import CONNECTION
 from cispo.v1 import training_pb2 as pb
 from cispo.worker import FieldViolation, InvalidInput, LimitExceeded

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from cispo.service.data_plane import Operations
 from cispo.service.errors import OperationFailed, to_status
-from cispo.service.operations import Operation, Req, Resp
+from cispo.service.operation import Operation, Req, Resp
 from cispo.service.tinker_errors import future_error, refused
 from cispo.service.tinker_futures import FutureTable
 from cispo.service.tinker_order import SeqOrder, take_turn

@@ -20,6 +20,7 @@ from cispo.service import tinker_wire as wire
 from cispo.service.auth import current_identity
 from cispo.service.data_plane import Operations
 from cispo.service.errors import clip
+from cispo.service.operation import Operation, Req, Resp
 from cispo.service.operations import (
     CREATE_MODEL,
     FORWARD,
@@ -32,9 +33,6 @@ from cispo.service.operations import (
     SAVE_STATE,
     SAVE_WEIGHTS_FOR_SAMPLER,
     UNLOAD_MODEL,
-    Operation,
-    Req,
-    Resp,
 )
 from cispo.service.tinker_body import read_body, read_json
 from cispo.service.tinker_checkpoints import ARCHIVE_ROUTE, DELETE_ROUTE, TinkerCheckpoints
