@@ -59,10 +59,13 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         try:
-            if mode == "overwrite":
+            if mode in ("overwrite", "remove"):
                 checkpoint.save_state(Path(root), "s", *old, 1, "tiny")
             calls = block_before_call(int(k))
-            checkpoint.save_state(Path(root), "s", *new, 2, "tiny")
+            if mode == "remove":
+                checkpoint.remove_directory(Path(root), "s", checkpoint.FORMAT)
+            else:
+                checkpoint.save_state(Path(root), "s", *new, 2, "tiny")
             print("done " + " ".join(calls), flush=True)
         except BaseException:
             print("failed " + traceback.format_exc().replace("\n", " | "), flush=True)
@@ -87,8 +90,8 @@ class Zygote:
         self.lines.put("exited")
 
     def save(self, mode: str, block_at: int, root: Path) -> str:
-        """Fork a save ("first" into an empty directory, or "overwrite" of step 1 by step 2) that
-        blocks before its `block_at`-th filesystem call, and SIGKILL it there. Returns the
+        """Fork a save ("first" into an empty directory, or "overwrite" of step 1 by step 2), or
+        the removal of a saved step 1 ("remove"), that blocks before its `block_at`-th filesystem call, and SIGKILL it there. Returns the
         child's report: "paused <pid> <call>" or "done <calls...>"."""
         self.proc.stdin.write(f"{mode} {block_at} {root}\n")
         self.proc.stdin.flush()
@@ -173,6 +176,27 @@ def test_a_kill_at_any_call_of_a_first_save_leaves_nothing_or_the_new_state(zygo
         assert hidden(root) == [], (k, call)
         outcomes.append(after or 0)
     assert outcomes == sorted(outcomes) and outcomes[0] == 0 and outcomes[-1] == 2, list(zip(calls, outcomes))
+
+
+def test_a_kill_at_any_call_of_a_removal_leaves_the_whole_state_or_nothing(zygote, tmp_path):
+    """Never half a state: a removal killed inside its rmtree leaves a copy without its
+    manifest, which recover removes rather than restores."""
+    calls = complete_save_calls(zygote, tmp_path, "remove")
+    assert {"rename", "unlink", "rmtree"} <= set(calls)
+    outcomes = []
+    for k, call in enumerate(calls):
+        root = tmp_path / f"remove-{k}"
+        assert zygote.save("remove", k, root).startswith("paused")
+        before = loaded_step(root)
+        recover(root)
+        after = loaded_step(root)  # loads every tensor of step 1 exactly, or finds no state
+        assert before in (None, after) and after in (None, 1), (k, call)
+        assert hidden(root) == [] and os.listdir(root) == ([] if after is None else ["s"]), (k, call)
+        outcomes.append(after or 0)
+    # The whole state (under its name, or put back by recover) until its manifest goes, nothing from then on.
+    assert outcomes == sorted(outcomes, reverse=True) and outcomes[0] == 1 and outcomes[-1] == 0, list(
+        zip(calls, outcomes)
+    )
 
 
 def save(root, name, step, owner=None):

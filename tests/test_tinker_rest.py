@@ -141,6 +141,10 @@ def test_bad_checkpoint_routes_answer_json_errors(server, base):
     assert bad_path.status_code == 400 and bad_path.json()["field_violations"][0]["field"] == "tinker_path"
     bad_page = requests.get(f"{api}/training_runs", params={"limit": "-1"}, headers=key)
     assert bad_page.status_code == 400
+    for metadata in ({"k": "\ud800"}, {f"k{i}": "v" for i in range(33)}):  # a lone surrogate; too many entries
+        session = {"tags": [], "user_metadata": metadata, "sdk_version": "0.38.0"}
+        refused = requests.post(f"{api}/create_session", json=session, headers=key)
+        assert refused.status_code == 400 and refused.json()["field_violations"][0]["field"] == "user_metadata"
     assert requests.get(f"{api}/checkpoint_archives/nonsense").status_code == 403
     assert requests.get(f"{api}/training_runs", headers={"X-API-Key": "tml-nobody-at-all-1234"}).status_code == 401
     publish = requests.post(f"{api}/training_runs/run-000000000000/checkpoints/weights/x/publish", headers=key)

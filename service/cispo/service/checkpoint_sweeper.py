@@ -58,6 +58,9 @@ class CheckpointSweeper:
                 self._runs.delete_checkpoint(kind, name, owner)
             except StateNotFound:  # gone meanwhile, or no longer readable: nothing to sweep
                 continue
+            except Exception as exc:  # one that cannot be deleted (EACCES, EBUSY) holds up no other
+                log.warning("could not sweep expired %s '%s' of %s: %s", kind, name, owner or "no identity", exc)
+                continue
             self.swept.labels(kind).inc()
             log.info("swept expired %s '%s' of %s", kind.replace("_", " "), name, owner or "no identity")
             done += 1

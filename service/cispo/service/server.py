@@ -152,7 +152,6 @@ class TrainingServer:
         http_socket = _listen(config.host, config.http_port, "HTTP") if config.http_port >= 0 else None
         self._loop = asyncio.get_running_loop()
         self.pipeline.start()
-        self.sweeper.start()
         await server.start()
         if http_socket is not None:
             from cispo.service.tinker_http import TinkerFront  # the HTTP stack only when asked for
@@ -177,6 +176,7 @@ class TrainingServer:
         if self._health_server is not None:
             await self._health_server.start()
             log.info("grpc.health.v1 (plaintext, health only) on %s:%d", config.host, self.health_port)
+        self.sweeper.start()  # last: a start that fails leaves no task behind
         await self.set_serving(True)
         mode = ("mTLS" if config.tls_client_ca_file else "TLS") if credentials else "plaintext"
         log.info(
@@ -212,10 +212,10 @@ class TrainingServer:
         log.info("draining: no new operations; finishing those accepted")
         await self.set_serving(False)
         self.operations.draining.set()
+        await self.sweeper.stop()  # queues nothing new while the drain runs
         deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
         http_drained = self._tinker.drain(deadline) if self._tinker is not None else asyncio.sleep(0)
         await asyncio.gather(self._started().stop(grace=self.config.drain_seconds), http_drained)
-        await self.sweeper.stop()
         await self.pipeline.close()
         if self._tinker is not None:
             await self._tinker.stop()

@@ -19,6 +19,7 @@ from cispo.service.limits import RequestLimits
 from cispo.v1 import training_pb2 as pb
 from cispo.v1.tensors import ADAM_DEFAULTS, DTYPE_CODES, LOSS_INPUT_KINDS, RAW_DTYPES, decode_tensor, encode_tensor
 from cispo.worker import FieldViolation, InvalidInput, LimitExceeded
+from cispo.worker.checkpoints import metadata_problem
 
 # Tinker tensor dtypes -> the little-endian numpy dtype of their bytes (cispo's of that name).
 _DTYPES: dict[int, np.dtype] = {
@@ -193,13 +194,16 @@ def field(
 
 def string_map(body: Mapping[str, Any], name: str, strict: bool = True) -> dict[str, str]:
     """body[name], a JSON object of strings (user metadata), or {} when absent; a value that is
-    not a string is refused (`strict`) or written as JSON."""
+    not a string is refused (`strict`) or written as JSON; the whole held to a checkpoint's
+    metadata limits (worker.checkpoints.metadata_problem)."""
     value = field(body, name, (dict,), required=False, default={})
     out = {}
     for key, item in value.items():
         if not isinstance(item, str) and strict:
             raise invalid(f"{name}.{clip(key, 40)}", f"must be a string, got {type(item).__name__}")
         out[key] = item if isinstance(item, str) else json.dumps(item)
+    if (problem := metadata_problem(out)) is not None:
+        raise invalid(name, problem)
     return out
 
 

@@ -330,8 +330,9 @@ def _opened(path: Path, name: str, format: str | tuple[str, ...]) -> dict:
 
 def remove_directory(root: Path, name: str, format: str | tuple[str, ...], owner: str | None = None) -> None:
     """Delete `owner`'s saved directory `name` of `format` from its home (StateNotFound if it has
-    none there; flat ones of earlier versions stay): renamed to a hidden copy first, so a crash
-    leaves a complete copy that `recover` puts back, never half a directory under its name."""
+    none there; flat ones of earlier versions stay): renamed to a hidden copy first, whose
+    manifest then goes before its other files, so a crash leaves the name gone and at most an
+    incomplete copy, which `recover` removes; never half a directory under its name."""
     directory = _real_home(root, owner)
     path = directory / check_name(name)
     if not _is_state(path, name, replacing=False):
@@ -340,6 +341,8 @@ def remove_directory(root: Path, name: str, format: str | tuple[str, ...], owner
     old = directory / f".old-{name}-{uuid.uuid4().hex}"
     os.rename(path, old)
     _fsync(directory)
+    os.unlink(old / MANIFEST_FILE)  # from here on the copy is incomplete: never restored
+    _fsync(old)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -46,7 +46,7 @@ class SaveLabel:
                     "to keep the checkpoint until it is deleted",
                 )
             )
-        problem = _metadata_problem(self.user_metadata)
+        problem = metadata_problem(self.user_metadata)
         if problem:
             problems.append(FieldViolation("user_metadata", problem))
         if problems:
@@ -59,7 +59,8 @@ class SaveLabel:
         return fields if lora is None else {**fields, "lora": lora}
 
 
-def _metadata_problem(metadata: Mapping[str, str]) -> str | None:
+def metadata_problem(metadata: Mapping[str, str]) -> str | None:
+    """What is wrong with a checkpoint's user metadata (too many entries, too long, not UTF-8), or None."""
     if len(metadata) > MAX_METADATA_ENTRIES:
         return f"it has {len(metadata)} entries, more than {MAX_METADATA_ENTRIES}"
     for key, value in metadata.items():
@@ -67,7 +68,10 @@ def _metadata_problem(metadata: Mapping[str, str]) -> str | None:
             return f"key {checkpoint.shown(key)} is {len(key)} characters long; give 1 to {MAX_METADATA_KEY_CHARS}"
         if len(value) > MAX_METADATA_VALUE_CHARS:
             return f"the value of {checkpoint.shown(key)} is {len(value)} characters long, more than {MAX_METADATA_VALUE_CHARS}"
-    size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+    try:
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
+        return "a key or value is not valid Unicode text (a lone surrogate)"
     if size > MAX_METADATA_BYTES:
         return f"its keys and values are {size} bytes (UTF-8), more than {MAX_METADATA_BYTES}"
     return None
