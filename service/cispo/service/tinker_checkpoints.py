@@ -226,9 +226,10 @@ class TinkerCheckpoints:
         except HttpError as exc:
             raise _not_found(exc) from None
         if kind == "sampler_weights":
-            self.sessions.forget_samplers([name])
+            owner = current_identity()
+            self.sessions.forget_samplers([name], owner)
             for model in self.sessions.models.values():
-                if name in model.ephemeral:
+                if model.owner == owner and name in model.ephemeral:
                     model.ephemeral.remove(name)
         return Response(status_code=204)
 

@@ -140,7 +140,7 @@ class TinkerRoutes:
 
     async def _remove_exports(self, model: TinkerModel, exports: list[str]) -> None:
         """Delete ephemeral exports (in the run's order, after its saves) and their samplers."""
-        self.sessions.forget_samplers(exports)
+        self.sessions.forget_samplers(exports, model.owner)
         for export in exports:
             try:
                 await self.dispatch.call(REMOVE_EXPORT, pb.RemoveExportRequest(name=export, model_id=model.run_id))

@@ -181,9 +181,9 @@ class Sessions:
     def sampler(self, sampler_id: str, what: str = "sampling session") -> Sampler:
         return owned(self.samplers, sampler_id, what)
 
-    def forget_samplers(self, exports: list[str]) -> None:
-        """Drop the samplers of `exports` (about to be removed)."""
-        for sampler_id in [k for k, v in self.samplers.items() if v.export in exports]:
+    def forget_samplers(self, exports: list[str], owner: str | None) -> None:
+        """Drop `owner`'s samplers of `exports` (about to be removed: names are per identity)."""
+        for sampler_id in [k for k, v in self.samplers.items() if v.export in exports and v.owner == owner]:
             del self.samplers[sampler_id]
 
     def forget_session(self, session: Session) -> None:
