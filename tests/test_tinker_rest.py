@@ -127,6 +127,10 @@ def test_checkpoints_are_listed_inspected_downloaded_and_deleted(server, base):
         with pytest.raises(urllib.error.HTTPError) as gone:
             urllib.request.urlopen(url)  # signed before the deletion
         assert gone.value.code == 404
+        assert training.save_state("kept").result().path == state  # a new checkpoint under the old name
+        with pytest.raises(urllib.error.HTTPError) as replaced:
+            urllib.request.urlopen(url)  # signed for the deleted one, not for this one
+        assert replaced.value.code == 404
 
 
 def test_bad_checkpoint_routes_answer_json_errors(server, base):

@@ -43,6 +43,7 @@ class Grant:
     owner: str | None  # the identity that asked for it
     kind: str  # "weights" (a state) or "sampler_weights" (an export)
     name: str  # the cispo name
+    created: float  # when that checkpoint was saved: a later one of the same name is another
     expires: float  # unix time
 
 
@@ -53,7 +54,7 @@ class ArchiveSigner:
         self._key = secrets.token_bytes(32)
 
     def sign(self, grant: Grant) -> str:
-        payload = _b64(json.dumps([grant.owner, grant.kind, grant.name, grant.expires]).encode())
+        payload = _b64(json.dumps([grant.owner, grant.kind, grant.name, grant.created, grant.expires]).encode())
         return f"{payload}.{_b64(self._mac(payload))}"
 
     def check(self, token: str) -> Grant:
@@ -63,12 +64,12 @@ class ArchiveSigner:
         try:  # binascii.Error is a ValueError
             if not hmac.compare_digest(_unb64(mac), self._mac(payload)):
                 raise ValueError("not signed here")
-            owner, kind, name, expires = json.loads(_unb64(payload))
+            owner, kind, name, created, expires = json.loads(_unb64(payload))
             if expires < time.time():
                 raise ValueError("expired")
         except (ValueError, TypeError):
             raise HttpError(403, "this archive URL is not valid (altered, or expired): ask for a new one") from None
-        return Grant(owner, kind, name, float(expires))
+        return Grant(owner, kind, name, float(created), float(expires))
 
     def _mac(self, payload: str) -> bytes:
         return hmac.new(self._key, payload.encode(), hashlib.sha256).digest()

@@ -239,9 +239,9 @@ class TinkerCheckpoints:
         """A 302 to a signed URL of the checkpoint's tar, good for ARCHIVE_SECONDS; its JSON
         body says the same ({url, expires})."""
         _, kind, name = self._named(request)
-        await self._get(kind, name)  # the caller's, or 404
+        found = await self._get(kind, name)  # the caller's, or 404
         expires = time.time() + ARCHIVE_SECONDS
-        token = self.signer.sign(Grant(current_identity(), kind, name, expires))
+        token = self.signer.sign(Grant(current_identity(), kind, name, found.created_time, expires))
         url = f"{str(request.base_url).rstrip('/')}/api/v1/checkpoint_archives/{token}"
         return JSONResponse(
             {"url": url, "expires": iso(expires)},
@@ -254,6 +254,8 @@ class TinkerCheckpoints:
         grant = self.signer.check(request.path_params["token"])
         set_identity(grant.owner)
         checkpoint = await self._get(grant.kind, grant.name)
+        if checkpoint.created_time != grant.created:  # deleted and saved again under its name
+            raise HttpError(404, f"checkpoint {grant.name!r} was replaced since this URL was made: ask for a new one")
         try:
             members = await asyncio.to_thread(open_members, Path(checkpoint.path))
         except FileNotFoundError:
